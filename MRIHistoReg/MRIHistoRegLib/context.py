@@ -1,0 +1,84 @@
+"""The MRML scene the logic works on: Slicer's own inside the application, an app-less one elsewhere.
+
+slicer-core (PyPI) provides MRML and the module logics but no application, so `slicer.mrmlScene` does not
+exist there. `createScene()` builds what the application would have set up (crosshair, application logic,
+default colour nodes, the module logics we use) so volumes, markups, transforms, tables and storage nodes
+behave as they do in Slicer.
+"""
+import logging
+
+import slicer
+import vtk
+
+# Module logics registered on the application logic, by the name Slicer registers them under.
+_MODULE_LOGICS = (
+    ("Volumes", "vtkSlicerVolumesLogic"),
+    ("Markups", "vtkSlicerMarkupsLogic"),
+    ("Transforms", "vtkSlicerTransformLogic"),
+    ("Tables", "vtkSlicerTablesLogic"),
+    ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+)
+
+
+def insideSlicerApplication() -> bool:
+    """True when running inside the 3D Slicer application (GUI or --no-main-window)."""
+    return hasattr(slicer, "app") and hasattr(slicer, "mrmlScene")
+
+
+class AppLessContext:
+    """A scene with application logic and module logics, for plain-Python use (slicer-core)."""
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        crosshair = slicer.vtkMRMLCrosshairNode()
+        crosshair.SetCrosshairName("default")
+        self.scene.AddNode(crosshair)
+
+        self.applicationLogic = slicer.vtkSlicerApplicationLogic()
+        self.applicationLogic.SetMRMLScene(self.scene)
+        self.applicationLogic.GetColorLogic().SetMRMLScene(self.scene)
+        self.applicationLogic.GetColorLogic().AddDefaultColorNodes()
+        self.applicationLogic.SetSliceLogics(vtk.vtkCollection())
+        self.applicationLogic.SetViewLogics(vtk.vtkCollection())
+
+        self.moduleLogics = {}
+        for moduleName, className in _MODULE_LOGICS:
+            logic = getattr(slicer, className)()
+            logic.SetMRMLApplicationLogic(self.applicationLogic)
+            logic.SetMRMLScene(self.scene)
+            self.applicationLogic.SetModuleLogic(moduleName, logic)
+            self.moduleLogics[moduleName] = logic
+        # Subject hierarchy keeps the scene's data tree consistent when nodes are added/removed.
+        self.subjectHierarchyLogic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+        self.subjectHierarchyLogic.SetMRMLScene(self.scene)
+        self.subjectHierarchyLogic.SetMRMLApplicationLogic(self.applicationLogic)
+
+
+_contexts = {}
+
+
+def createScene() -> "slicer.vtkMRMLScene":
+    """A new app-less scene with application and module logics set up (plain Python / tests)."""
+    context = AppLessContext()
+    _contexts[id(context.scene)] = context  # keep the logics alive as long as the scene is used
+    return context.scene
+
+
+def getScene(scene=None) -> "slicer.vtkMRMLScene":
+    """The scene to work on: the one given, Slicer's own inside the application, else a new app-less one."""
+    if scene is not None:
+        return scene
+    if insideSlicerApplication():
+        return slicer.mrmlScene
+    logging.debug("No Slicer application: creating an app-less MRML scene")
+    return createScene()
+
+
+def moduleLogic(scene, moduleName: str):
+    """The module logic (e.g. 'Volumes', 'Markups') serving `scene`."""
+    context = _contexts.get(id(scene))
+    if context is not None:
+        return context.moduleLogics[moduleName]
+    if insideSlicerApplication():
+        return getattr(slicer.modules, moduleName.lower()).logic()
+    raise ValueError(f"No {moduleName} logic for this scene: create it with MRIHistoRegLib.context.createScene().")
