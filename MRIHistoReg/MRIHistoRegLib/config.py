@@ -1,0 +1,136 @@
+"""The `run` configuration: a JSON file describing one subject, validated with messages naming the field.
+
+Relative paths resolve against the config file's folder. Example (the sample data writes one):
+
+    {"mri": "mri.nrrd", "histology": "histology.tif", "histology_spacing_um": [26, 26, 40],
+     "landmarks": {"mri": "landmarks_mri.mrk.json", "histology": "landmarks_histology.mrk.json"},
+     "model": "affine+tps", "refine": false, "working_spacing_mm": 0.1,
+     "labels": {"mri": "mri_tumour_label.nrrd", "histology": "histology_tumour_label.nrrd"},
+     "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
+
+`histology_spacing_um` is [x, y, z] = [i, j, k] (i the fastest, column axis); it may be omitted when the
+stack's metadata carries the true spacing.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+MODELS = ("rigid", "similarity", "affine", "affine+tps")
+_KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "working_spacing_mm",
+                 "labels", "evaluate_points", "name", "output_spacing_mm", "tps_regularization"}
+
+
+@dataclass
+class RunConfig:
+    path: str
+    name: str
+    mri: str
+    histology: str
+    landmarks: Dict[str, str]
+    histologySpacingUm: Optional[List[float]] = None
+    model: str = "affine+tps"
+    refine: bool = False
+    workingSpacingMm: float = 0.1
+    tpsRegularization: float = 0.0
+    labels: Dict[str, str] = field(default_factory=dict)
+    evaluatePoints: Dict[str, str] = field(default_factory=dict)
+
+    def inputFiles(self) -> Dict[str, str]:
+        """Every input path by role (for checksums in the report)."""
+        files = {"mri": self.mri, "histology": self.histology}
+        files.update({f"landmarks.{k}": v for k, v in self.landmarks.items()})
+        files.update({f"labels.{k}": v for k, v in self.labels.items()})
+        files.update({f"evaluate_points.{k}": v for k, v in self.evaluatePoints.items()})
+        return files
+
+
+def loadConfig(path) -> RunConfig:
+    """Read and validate a run configuration; ValueError names the offending field and the fix."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ValueError(f"Config file not found: {path}. Check the path.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Config {path} is not valid JSON ({error}). Fix the syntax at that line.") from None
+    return parseConfig(raw, path)
+
+
+def parseConfig(raw, path) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"Config {path}: the top level must be a JSON object with fields mri, histology, landmarks, ...")
+    folder = os.path.dirname(os.path.abspath(path))
+    unknown = sorted(set(raw) - _KNOWN_FIELDS)
+    if unknown:
+        raise ValueError(f"Config {path}: unknown field(s) {unknown}; known fields are {sorted(_KNOWN_FIELDS)}.")
+
+    def requireField(key):
+        if key not in raw:
+            raise ValueError(f"Config {path}: required field '{key}' is missing.")
+        return raw[key]
+
+    def existingPath(key, value, kind="file or folder"):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"Config {path}: field '{key}' must be a path string, got {value!r}.")
+        full = value if os.path.isabs(value) else os.path.join(folder, value)
+        if not os.path.exists(full):
+            raise ValueError(f"Config {path}: field '{key}' points to {full}, which does not exist. Fix the path "
+                             f"(relative paths resolve against the config's folder).")
+        return os.path.normpath(full)
+
+    def pair(key, required):
+        value = raw.get(key)
+        if value is None:
+            if required:
+                raise ValueError(f"Config {path}: required field '{key}' is missing; it needs {{\"mri\": ..., \"histology\": ...}}.")
+            return {}
+        if not isinstance(value, dict) or set(value) != {"mri", "histology"}:
+            raise ValueError(f"Config {path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
+        return {side: existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
+
+    spacing = raw.get("histology_spacing_um")
+    if spacing is not None:
+        if (not isinstance(spacing, list) or len(spacing) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing)
+                or not all(math.isfinite(v) and v > 0 for v in spacing)):
+            raise ValueError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
+                             f"micrometres (i, j, k order), got {spacing!r}.")
+        spacing = [float(v) for v in spacing]
+
+    model = raw.get("model", "affine+tps")
+    if model not in MODELS:
+        raise ValueError(f"Config {path}: field 'model' must be one of {list(MODELS)}, got {model!r}.")
+    refine = raw.get("refine", False)
+    if not isinstance(refine, bool):
+        raise ValueError(f"Config {path}: field 'refine' must be true or false, got {refine!r}.")
+    working = _positiveNumber(raw.get("working_spacing_mm", 0.1), "working_spacing_mm", path)
+    regularization = raw.get("tps_regularization", 0.0)
+    if not isinstance(regularization, (int, float)) or isinstance(regularization, bool) or not (regularization >= 0):
+        raise ValueError(f"Config {path}: field 'tps_regularization' must be a number >= 0, got {regularization!r}.")
+    name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
+    if not isinstance(name, str):
+        raise ValueError(f"Config {path}: field 'name' must be a string, got {name!r}.")
+
+    return RunConfig(
+        path=path,
+        name=name,
+        mri=existingPath("mri", requireField("mri")),
+        histology=existingPath("histology", requireField("histology")),
+        landmarks=pair("landmarks", required=True),
+        histologySpacingUm=spacing,
+        model=model,
+        refine=refine,
+        workingSpacingMm=working,
+        tpsRegularization=float(regularization),
+        labels=pair("labels", required=False),
+        evaluatePoints=pair("evaluate_points", required=False),
+    )
+
+
+def _positiveNumber(value, key, path):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Config {path}: field '{key}' must be a positive number (mm), got {value!r}.")
+    return float(value)

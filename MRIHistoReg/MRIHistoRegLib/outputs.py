@@ -1,0 +1,51 @@
+"""Atomic output folders: a failed or cancelled run leaves the destination exactly as it was.
+
+Results are written into a hidden sibling folder and moved into place only when complete. An existing
+destination is replaced only when it is empty or is itself an MRIHistoReg output (it carries the marker
+file); anything else is refused, so nobody's files are ever overwritten.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+
+MARKER = ".mrihistoreg-output"
+
+
+def checkDestination(outDir) -> str:
+    """Absolute path of `outDir` if results may be written there, else ValueError naming the fix."""
+    outDir = os.path.abspath(os.fspath(outDir))
+    if os.path.isfile(outDir):
+        raise ValueError(f"Output folder {outDir} is a file. Choose a folder path.")
+    if os.path.isdir(outDir) and os.listdir(outDir) and not os.path.exists(os.path.join(outDir, MARKER)):
+        raise ValueError(f"Output folder {outDir} is not empty and was not written by MRIHistoReg: choose a new or "
+                         f"empty folder (nothing there is overwritten).")
+    parent = os.path.dirname(outDir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Cannot create the output folder's parent {parent}: {error.strerror}. Choose a writable location.") from None
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"Output location {parent} is not writable. Choose a writable folder.")
+    return outDir
+
+
+@contextlib.contextmanager
+def atomicFolder(outDir):
+    """Yield a temporary folder; on success it replaces `outDir`, on any exception it is deleted."""
+    outDir = checkDestination(outDir)
+    temporary = tempfile.mkdtemp(prefix="." + os.path.basename(outDir) + ".partial-", dir=os.path.dirname(outDir))
+    try:
+        yield temporary
+        with open(os.path.join(temporary, MARKER), "w", encoding="utf-8") as f:
+            f.write("written by MRIHistoReg; this folder may be replaced by a new run\n")
+        if os.path.exists(outDir):
+            previous = outDir + ".previous-" + os.path.basename(temporary)
+            os.rename(outDir, previous)
+            os.rename(temporary, outDir)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(temporary, outDir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

@@ -1,0 +1,90 @@
+"""The run configuration refuses bad input with messages naming the field; output folders are atomic."""
+import json
+import os
+
+import pytest
+
+from MRIHistoRegLib import outputs
+from MRIHistoRegLib.config import loadConfig
+
+
+@pytest.fixture
+def subject(tmp_path):
+    for name in ("mri.nrrd", "hist.tif", "a.csv", "b.csv"):
+        (tmp_path / name).write_bytes(b"x")
+    raw = {"mri": "mri.nrrd", "histology": "hist.tif", "histology_spacing_um": [3.25, 3.25, 5],
+           "landmarks": {"mri": "a.csv", "histology": "b.csv"}}
+    return tmp_path, raw
+
+
+def write(folder, raw):
+    path = folder / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_folder(subject, monkeypatch, tmp_path_factory):
+    folder, raw = subject
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = loadConfig(write(folder, raw))
+    assert config.mri == str(folder / "mri.nrrd")
+    assert config.landmarks == {"mri": str(folder / "a.csv"), "histology": str(folder / "b.csv")}
+    assert config.histologySpacingUm == [3.25, 3.25, 5.0]
+    assert config.model == "affine+tps" and config.refine is False
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"mri": None}, "mri"),
+    ({"histology": "missing.tif"}, "histology"),
+    ({"histology_spacing_um": [3.25, 0, 5]}, "histology_spacing_um"),
+    ({"histology_spacing_um": [3.25, 5]}, "histology_spacing_um"),
+    ({"histology_spacing_um": "3.25"}, "histology_spacing_um"),
+    ({"model": "tps"}, "model"),
+    ({"refine": "yes"}, "refine"),
+    ({"working_spacing_mm": -1}, "working_spacing_mm"),
+    ({"landmarks": {"mri": "a.csv"}}, "landmarks"),
+    ({"labels": {"mri": "a.csv", "histology": "nope.nrrd"}}, "labels.histology"),
+    ({"spacing": [1, 1, 1]}, "spacing"),
+])
+def test_bad_fields_are_named(subject, change, field):
+    folder, raw = subject
+    for key, value in change.items():
+        if value is None:
+            del raw[key]
+        else:
+            raw[key] = value
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        loadConfig(write(folder, raw))
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        loadConfig(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        loadConfig(bad)
+
+
+def test_atomic_folder_leaves_nothing_on_failure_and_keeps_foreign_folders(tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(RuntimeError):
+        with outputs.atomicFolder(out) as work:
+            (open(os.path.join(work, "half.json"), "w")).close()
+            raise RuntimeError("step failed")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+    with outputs.atomicFolder(out) as work:
+        (open(os.path.join(work, "first.json"), "w")).close()
+    with outputs.atomicFolder(out) as work:  # a previous MRIHistoReg output is replaced whole
+        (open(os.path.join(work, "second.json"), "w")).close()
+    assert sorted(os.listdir(out)) == [outputs.MARKER, "second.json"]
+    assert sorted(os.listdir(tmp_path)) == ["report"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("precious")
+    with pytest.raises(ValueError, match="not empty"):
+        with outputs.atomicFolder(foreign):
+            pass
+    assert (foreign / "thesis.docx").read_text() == "precious"
