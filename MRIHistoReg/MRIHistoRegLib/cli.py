@@ -25,6 +25,47 @@ def _runSample(args):
     return 0
 
 
+def _addRegister(subparsers):
+    p = subparsers.add_parser("register", help="landmark registration from two point files (paired by label)")
+    p.add_argument("--fixed-points", required=True, help="MRI points: .mrk.json, .fcsv, Slicer markups CSV, plain CSV label,x,y,z or BigWarp CSV")
+    p.add_argument("--moving-points", required=True, help="histology points (same formats; a BigWarp file gives its moving columns)")
+    p.add_argument("--model", default="affine+tps", help="rigid, similarity, affine or affine+tps (default)")
+    p.add_argument("--regularization", type=float, default=0.0, help="TPS smoothing (mm, >= 0; 0 interpolates)")
+    p.add_argument("--out", default="output/landmarks", help="folder for landmark_transform.h5, landmark_errors.csv, landmark_registration.json")
+    p.set_defaults(func=_runRegister)
+
+
+def _runRegister(args):
+    from MRIHistoRegLib import transforms
+
+    result = transforms.registerPointFiles(args.fixed_points, args.moving_points, args.model, args.out, args.regularization)
+    logging.info("%s fit of %d pairs: residual RMS %.3f mm, leave-one-out RMS %.3f mm (max %.3f), shrinkage %.1f%% by volume",
+                 result["model"], result["count"], result["residual_rms_mm"], result["loo_rms_mm"], result["loo_max_mm"],
+                 result["shrinkage_volume_percent"])
+    if result["outliers"]:
+        logging.warning("possible outliers (leave-one-out > 3x median): %s", ", ".join(result["outliers"]))
+    logging.info("written to %s", args.out)
+    return 0
+
+
+def _addMapPoints(subparsers):
+    p = subparsers.add_parser("map-points", help="map points through a transform file (.h5), keeping labels")
+    p.add_argument("--transform", required=True, help="transform file written by register (.h5)")
+    p.add_argument("--points", required=True, help="point file (plain CSV label,x,y,z in RAS mm, or any format register reads)")
+    p.add_argument("--direction", default="fixed-to-moving", choices=("fixed-to-moving", "moving-to-fixed"))
+    p.add_argument("--out", required=True, help="output plain CSV label,x,y,z")
+    p.set_defaults(func=_runMapPoints)
+
+
+def _runMapPoints(args):
+    from MRIHistoRegLib import transforms
+
+    result = transforms.mapPointFile(args.transform, args.points, args.direction, args.out)
+    logging.info("%d points mapped %s (max inverse residual %.2g mm) -> %s", result["count"], args.direction,
+                 result["max_residual_mm"], args.out)
+    return 0
+
+
 def buildParser():
     parser = argparse.ArgumentParser(prog="python -m MRIHistoRegLib", description="MRI to light-sheet histology registration")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -36,6 +77,7 @@ def buildParser():
 
 # Subcommand registrations, in the order of the pipeline.
 _SUBCOMMANDS = [_addSample]
+_SUBCOMMANDS += [_addRegister, _addMapPoints]  # landmark registration (issue 4)
 
 
 def main(argv=None) -> int:
