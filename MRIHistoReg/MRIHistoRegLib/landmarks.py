@@ -72,6 +72,10 @@ class LandmarkPairs:
                 notes.append(f"Labels {title}: {', '.join(names)}")
         return notes
 
+    def warnings(self) -> List[str]:
+        """The notes that point at a problem (all of messages() except the user's own exclusions)."""
+        return [note for note in self.messages() if not note.startswith("Labels excluded")]
+
 
 def _controlPoints(node):
     """[(label, worldPosition, selected, defined)] for every control point of a markups node."""
@@ -144,9 +148,8 @@ def pairLandmarks(fixedNode, movingNode) -> LandmarkPairs:
     result.labels = labels
     result.fixed = np.array(fixed, float).reshape(-1, 3)
     result.moving = np.array(moving, float).reshape(-1, 3)
-    for message in result.messages():
-        if not message.startswith("Labels excluded"):
-            log.warning("Landmark pairing (%s / %s): %s", fixedNode.GetName(), movingNode.GetName(), message)
+    for message in result.warnings():
+        log.warning("Landmark pairing (%s / %s): %s", fixedNode.GetName(), movingNode.GetName(), message)
     return result
 
 
