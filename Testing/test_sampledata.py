@@ -1,0 +1,334 @@
+"""The sample data's ground truth is self-consistent (issue 2, item 5).
+
+Checks use independent readers (csv, pynrrd, tifffile, MRML storage nodes) and re-implement the mapping formula
+from truth.json's numbers, so the generator's own code is not trusted to check itself. Expected geometry is
+derived by hand in the tests.
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from MRIHistoRegLib import sampledata
+from MRIHistoRegLib.progress import Cancelled
+from MRIHistoRegLib.volumes import ijkToRas, loadVolume
+
+SMALL_SHAPE_IJK = (270, 320, 59)
+SMALL_SPACING_MM = np.array([0.026, 0.026, 0.040])
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sampledata") / "sample"
+    fractions = []
+    manifest = sampledata.generateSampleData(folder, seed=0, progress=lambda f, m="": fractions.append(f))
+    with open(folder / "truth.json", encoding="utf-8") as f:
+        truth = json.load(f)
+    return {"folder": folder, "manifest": manifest, "truth": truth, "fractions": fractions}
+
+
+def readCsv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["label"] for r in rows], np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in rows])
+
+
+def forwardFromTruth(truth, y):
+    """x = A y + t + sum a exp(-|y-c|^2 / 2s^2), written here from the formula in truth.json (independent code)."""
+    m = truth["mapping"]
+    x = y @ np.array(m["A"]).T + np.array(m["t_mm"])
+    for bump in m["bumps"]:
+        d2 = np.sum((y - np.array(bump["centre_mm"])) ** 2, axis=1)
+        x = x + np.exp(-d2 / (2 * bump["sigma_mm"] ** 2))[:, None] * np.array(bump["amplitude_mm"])
+    return x
+
+
+def insideTumour(truth, x):
+    t = truth["tumour"]
+    local = (x - np.array(t["centre_mri_ras_mm"])) @ np.array(t["rotation"])  # R^T d, row-wise
+    return np.sum((local / np.array(t["semi_axes_mm"])) ** 2, axis=1) <= 1.0
+
+
+def histologyBox(truth, margin=0.0):
+    """The stack's field of view in its true-spacing RAS frame, by hand: RAS = (-i*sx, -j*sy, k*sz)."""
+    ni, nj, nk = truth["histology"]["shape_ijk"]
+    sx, sy, sz = truth["histology"]["true_spacing_mm"]
+    low = np.array([-(ni - 1) * sx, -(nj - 1) * sy, 0.0]) + margin
+    high = np.array([0.0, 0.0, (nk - 1) * sz]) - margin
+    return low, high
+
+
+def test_folder_layout_and_config(sample):
+    folder, truth = sample["folder"], sample["truth"]
+    expected = {"mri.nrrd", "mri_tumour_label.nrrd", "histology.tif", "histology.nrrd", "histology_tumour_label.nrrd",
+                "landmarks_mri.mrk.json", "landmarks_histology.mrk.json", "landmarks_mri.csv", "landmarks_histology.csv",
+                "eval_points_mri.csv", "eval_points_histology.csv", "truth.json", "config.json"}
+    assert set(os.listdir(folder)) == expected
+    assert set(truth["files"]) == expected
+    assert sample["manifest"]["folder"] == os.path.abspath(folder)
+    assert not [n for n in os.listdir(folder.parent) if n.startswith(".")], "temporary folder left behind"
+    fractions = sample["fractions"]
+    assert fractions[-1] == 1.0 and all(b >= a for a, b in zip(fractions, fractions[1:]))
+    with open(folder / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["histology"] == "histology.tif" and config["model"] == "affine+tps" and config["refine"] is False
+    assert config["histology_spacing_um"] == pytest.approx([26.0, 26.0, 40.0])
+    for value in (config["mri"], config["histology"], *config["landmarks"].values(), *config["labels"].values(),
+                  *config["evaluate_points"].values()):
+        assert not os.path.isabs(value) and (folder / value).is_file()
+    assert truth["seed"] == 0 and truth["size"] == "small"
+    assert truth["shrinkage"]["volume_shrinkage_percent"] == pytest.approx(100 * (1 - 0.843 ** 3))
+
+
+def test_evaluation_points_follow_the_exact_mapping(sample):
+    folder, truth = sample["folder"], sample["truth"]
+    labelsMri, mri = readCsv(folder / "eval_points_mri.csv")
+    labelsHistology, histology = readCsv(folder / "eval_points_histology.csv")
+    assert labelsMri == labelsHistology == [f"E{n:02d}" for n in range(1, 31)]
+    # independent re-implementation of the forward formula (CSV holds 6 decimals)
+    assert np.abs(forwardFromTruth(truth, histology) - mri).max() < 5e-6
+    assert np.abs(sampledata.groundTruthHistologyToMri(truth, histology) - mri).max() < 5e-6
+    back = sampledata.groundTruthMriToHistology(truth, mri)
+    assert np.abs(back - histology).max() < 5e-6
+    assert np.abs(forwardFromTruth(truth, back) - mri).max() < 1e-6  # Newton residual
+    low, high = histologyBox(truth)
+    assert np.all((histology > low) & (histology < high)), "evaluation points must lie inside the stack"
+    assert np.ptp(histology, axis=0).min() > 1.0, "evaluation points should spread in 3-D"
+    # the mapping really shrinks ~40 % and is not a plain scaling: warp + rotation present
+    A = np.array(truth["mapping"]["A"])
+    assert np.linalg.det(A) * 0.843 ** 3 == pytest.approx(1.0, rel=1e-9)
+    angle = math.degrees(math.acos((np.trace(A * 0.843) - 1) / 2))
+    assert 10 <= angle <= 20
+    warp = forwardFromTruth(truth, histology) - (histology @ A.T + np.array(truth["mapping"]["t_mm"]))
+    assert 0.02 < np.linalg.norm(warp, axis=1).max() < 0.5
+
+
+def test_mapping_is_invertible_without_folding(sample):
+    truth = sample["truth"]
+    low, high = histologyBox(truth)
+    rng = np.random.default_rng(1)
+    y = rng.uniform(low - 1.0, high + 1.0, size=(4000, 3))
+    h = 1e-4
+    jac = np.stack([(forwardFromTruth(truth, y + h * e) - forwardFromTruth(truth, y - h * e)) / (2 * h) for e in np.eye(3)], axis=2)
+    det = np.linalg.det(jac)
+    assert det.min() > 0.3 * 0.843 ** -3, "the ground-truth warp must not fold"
+    mapping = sampledata.GroundTruthMapping(truth)
+    mri = forwardFromTruth(truth, y[:50])
+    assert np.abs(mapping.transformPoints(mri) - y[:50]).max() < 1e-6
+    numeric = np.stack([(mapping.transformPoints(mri + h * e) - mapping.transformPoints(mri - h * e)) / (2 * h) for e in np.eye(3)], axis=2)
+    assert np.abs(mapping.jacobian(mri) - numeric).max() < 1e-5
+
+
+def test_landmarks_agree_with_the_mapping_within_their_noise(sample, scene):
+    folder, truth = sample["folder"], sample["truth"]
+    labels, mri = readCsv(folder / "landmarks_mri.csv")
+    labelsH, histology = readCsv(folder / "landmarks_histology.csv")
+    assert labels == labelsH == [f"L{n:02d}" for n in range(1, 13)]
+    # the .mrk.json files hold the same points (read back through MRML's markups storage node, RAS)
+    for name, points in (("landmarks_mri.mrk.json", mri), ("landmarks_histology.mrk.json", histology)):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+        storage.SetFileName(str(folder / name))
+        assert storage.ReadData(node)
+        assert [node.GetNthControlPointLabel(n) for n in range(node.GetNumberOfControlPoints())] == labels
+        read = np.array([node.GetNthControlPointPosition(n) for n in range(node.GetNumberOfControlPoints())])
+        assert np.abs(read - points).max() < 1e-5
+    residual = sampledata.groundTruthMriToHistology(truth, mri) - histology
+    sdMri, sdHistology = truth["landmarks"]["mri_noise_sd_mm"], truth["landmarks"]["histology_noise_sd_mm"]
+    assert 0.03 <= sdMri <= 0.1 and 0.005 <= sdHistology <= 0.03
+    expectedRms = math.sqrt(3 * ((0.843 * sdMri) ** 2 + sdHistology ** 2))  # 3-D rms of the combined noise
+    rms = math.sqrt(np.mean(np.sum(residual ** 2, axis=1)))
+    assert 0.5 * expectedRms < rms < 1.5 * expectedRms, (rms, expectedRms)
+    assert np.linalg.norm(residual, axis=1).max() < 5 * expectedRms
+    low, high = histologyBox(truth, margin=0.1)
+    assert np.all((histology > low) & (histology < high)), "landmarks must lie inside the stack"
+    singular = np.linalg.svd(histology - histology.mean(axis=0), compute_uv=False)
+    assert singular.min() > 0.5, "landmarks must not be (nearly) coplanar"
+    assert len(set(truth["landmarks"]["names"].values())) == 12
+
+
+def test_tumour_label_volumes(sample):
+    import nrrd
+
+    folder, truth = sample["folder"], sample["truth"]
+    a, b, c = truth["tumour"]["semi_axes_mm"]
+    analytic = 4 / 3 * math.pi * a * b * c
+    assert 0.5 < 2 * max(a, b, c) * 1.0 < 1.6 and truth["tumour"]["mri_volume_mm3"] == pytest.approx(analytic)
+    mriLabel, header = nrrd.read(str(folder / "mri_tumour_label.nrrd"), index_order="C")
+    assert mriLabel.shape == (120, 200, 100) and set(np.unique(mriLabel)) == {0, 1}
+    assert np.count_nonzero(mriLabel) * 0.1 ** 3 == pytest.approx(analytic, rel=0.03)
+
+    histologyLabel, _ = nrrd.read(str(folder / "histology_tumour_label.nrrd"), index_order="C")
+    assert histologyLabel.shape == SMALL_SHAPE_IJK[::-1] and histologyLabel.dtype == np.uint8
+    voxelMm3 = float(np.prod(SMALL_SPACING_MM))  # the TRUE spacing, not the header's 1 mm
+    native = truth["tumour"]["histology_volume_mm3"]
+    assert np.count_nonzero(histologyLabel) * voxelMm3 == pytest.approx(native, rel=0.01)
+    # independent Monte-Carlo estimate of the native volume (test-side formula, not the generator's code)
+    rng = np.random.default_rng(7)
+    k, j, i = np.nonzero(histologyLabel)
+    centre = np.array([-i.mean() * 0.026, -j.mean() * 0.026, k.mean() * 0.040])
+    box = 0.8
+    y = centre + rng.uniform(-box, box, size=(300000, 3))
+    monteCarlo = np.mean(insideTumour(truth, forwardFromTruth(truth, y))) * (2 * box) ** 3
+    assert native == pytest.approx(monteCarlo, rel=0.02)
+    assert 0.45 < native / analytic < 0.75  # ~40 % shrinkage, modulated by the local warp
+    # the label sits where the mapping sends the tumour centre
+    expected = sampledata.groundTruthMriToHistology(truth, np.array(truth["tumour"]["centre_mri_ras_mm"]))[0]
+    assert np.linalg.norm(centre - expected) < 0.03
+
+
+def test_tiff_and_nrrd_hold_identical_voxels_with_the_wrong_1mm_header(sample):
+    import nrrd
+    import tifffile
+
+    folder, truth = sample["folder"], sample["truth"]
+    with tifffile.TiffFile(str(folder / "histology.tif")) as tif:
+        assert len(tif.pages) == 59
+        page = tif.pages[0]
+        assert page.tags["XResolution"].value == (1, 1) and page.tags["YResolution"].value == (1, 1)
+        assert page.tags["ResolutionUnit"].value == 1  # NONE: no physical unit at all
+        stack = tif.asarray()
+    volume, header = nrrd.read(str(folder / "histology.nrrd"), index_order="C")
+    assert stack.dtype == np.uint16 and stack.shape == (59, 320, 270)
+    assert np.array_equal(stack, volume)
+    assert header["encoding"] == "raw" and header["space"] == "left-posterior-superior"
+    assert np.array_equal(header["space directions"], np.eye(3))
+    assert np.array_equal(header["space origin"], np.zeros(3))
+    assert np.array_equal(nrrd.read_header(str(folder / "histology_tumour_label.nrrd"))["space directions"], np.eye(3))
+    assert truth["histology"]["header_spacing_mm"] == [1.0, 1.0, 1.0]
+    assert truth["histology"]["true_spacing_um"] == pytest.approx([26.0, 26.0, 40.0])
+    assert truth["histology"]["true_spacing_mm"] == pytest.approx([0.026, 0.026, 0.040])
+    # full size keeps the anisotropy: 3.25 x 3.25 x 5 um is the small spacing / 8
+    assert np.array(truth["histology"]["true_spacing_um"]) / 8 == pytest.approx([3.25, 3.25, 5.0])
+    # microscopy-like content: background ~100 counts, bright tumour, dark CSF
+    label, _ = nrrd.read(str(folder / "histology_tumour_label.nrrd"), index_order="C")
+    background = stack[:, :40, :40]  # anterior-right corner, outside the brain
+    assert 80 < np.median(background) < 120
+    tissue = stack[(label == 0) & (stack > 250)]
+    assert stack[label == 1].mean() > 1.5 * tissue.mean()
+
+
+def test_volumes_load_into_a_scene_with_hand_derived_geometry(sample, scene):
+    folder = sample["folder"]
+    mri = loadVolume(scene, folder / "mri.nrrd")
+    # LPS-aligned 0.1 mm voxels: IJK->RAS = diag(-0.1, -0.1, 0.1); the centre voxel (49.5, 99.5, 59.5) sits at RAS 0
+    expected = np.array([[-0.1, 0, 0, 0.1 * 49.5], [0, -0.1, 0, 0.1 * 99.5], [0, 0, 0.1, -0.1 * 59.5], [0, 0, 0, 1]])
+    assert np.allclose(ijkToRas(mri), expected, atol=1e-9)
+    assert mri.GetImageData().GetDimensions() == (100, 200, 120)
+    histology = loadVolume(scene, folder / "histology.nrrd")
+    assert np.allclose(ijkToRas(histology), np.diag([-1.0, -1.0, 1.0, 1.0]), atol=1e-12)  # the wrong 1 mm claim
+    assert histology.GetImageData().GetDimensions() == SMALL_SHAPE_IJK
+    label = loadVolume(scene, folder / "histology_tumour_label.nrrd", labelmap=True)
+    assert np.allclose(ijkToRas(label), np.diag([-1.0, -1.0, 1.0, 1.0]), atol=1e-12)
+    mriLabel = loadVolume(scene, folder / "mri_tumour_label.nrrd", labelmap=True)
+    assert np.allclose(ijkToRas(mriLabel), expected, atol=1e-9)
+    # T2-like MRI: the tumour is brighter than the brain around it, the air outside dark
+    from MRIHistoRegLib.volumes import arrayFromVolume
+
+    image, tumour = arrayFromVolume(mri), arrayFromVolume(mriLabel)
+    assert image[tumour == 1].mean() > 1.3 * np.median(image[image > 500])
+    assert np.median(image[:5, :5, :5]) < 150
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    import nrrd
+    import tifffile
+
+    def digest(folder):
+        stack = tifffile.imread(str(folder / "histology.tif"))
+        mri, _ = nrrd.read(str(folder / "mri.nrrd"), index_order="C")
+        return (hashlib.sha256(stack.tobytes()).hexdigest(), hashlib.sha256(mri.tobytes()).hexdigest(),
+                (folder / "landmarks_mri.csv").read_text(), (folder / "eval_points_histology.csv").read_text())
+
+    first = sampledata.generateSampleData(tmp_path / "a", size=20, seed=3)
+    again = sampledata.generateSampleData(tmp_path / "b", size="20", seed=3)
+    other = sampledata.generateSampleData(tmp_path / "c", size=20, seed=4)
+    assert first["truth"]["histology"]["shape_ijk"] == [108, 128, 24]
+    assert (tmp_path / "a" / "histology.nrrd").read_bytes() == (tmp_path / "b" / "histology.nrrd").read_bytes()
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    differs = [x != y for x, y in zip(digest(tmp_path / "a"), digest(tmp_path / "c"))]
+    assert all(differs)
+    assert first["truth"]["mapping"] == again["truth"]["mapping"] != other["truth"]["mapping"]
+
+
+def test_streamed_lattice_path_matches_exact_rendering(tmp_path):
+    """The full-size path (anatomy on a coarse lattice, interpolated per page) on a reduced grid."""
+    import nrrd
+    import tifffile
+
+    anatomy = sampledata.PhantomAnatomy()
+    forward = sampledata._buildMapping(0, anatomy)
+    grid = sampledata.HistologyGrid(10)  # 216 x 256 x 47 at 32.5 x 32.5 x 50 um
+    exactDir, latticeDir = tmp_path / "exact", tmp_path / "lattice"
+    exactDir.mkdir()
+    latticeDir.mkdir()
+    pages = []
+    exact = sampledata._writeHistology(str(exactDir), anatomy, forward, grid, 0, latticeStep=1)
+    lattice = sampledata._writeHistology(str(latticeDir), anatomy, forward, grid, 0, latticeStep=4,
+                                         progress=lambda f, m="": pages.append(f))
+    assert lattice["lattice_step"] == 4 and len(pages) == grid.shapeIjk[2]
+    a = tifffile.imread(str(exactDir / "histology.tif")).astype(float)
+    b = tifffile.imread(str(latticeDir / "histology.tif")).astype(float)
+    assert a.shape == b.shape == grid.shapeIjk[::-1]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+    volume = anatomy.tumourVolumeMm3()
+    native = sampledata._histologyVolumeByQuadrature(forward, anatomy)
+    voxel = float(np.prod(grid.spacingMm))
+    assert 0.4 < native / volume < 0.8
+    assert exact["label_voxels"] * voxel == pytest.approx(native, rel=0.02)
+    # the label is exact on both paths (the lattice only locates the tumour)
+    assert np.array_equal(nrrd.read(str(exactDir / "histology_tumour_label.nrrd"), index_order="C")[0],
+                          nrrd.read(str(latticeDir / "histology_tumour_label.nrrd"), index_order="C")[0])
+    assert tifffile.imread(str(latticeDir / "histology.tif")).tobytes() == \
+        (latticeDir / "histology.nrrd").read_bytes()[-a.size * 2:]
+    # page content does not depend on how pages are grouped: re-render single pages out of order
+    renderer = sampledata._StackRenderer(anatomy, forward, grid, 0, latticeStep=4)
+    for k in (30, 3, 17):
+        assert np.array_equal(renderer.page(k)[0], b[k].astype(np.uint16))
+
+
+@pytest.mark.parametrize("size, words", [("medium", "Unknown sample data size .medium."), (50, "too small"), (0.5, ">= 1"), ("nan", ">= 1")])
+def test_bad_size_is_refused_and_nothing_written(tmp_path, size, words):
+    with pytest.raises(ValueError, match=words):
+        sampledata.generateSampleData(tmp_path / "out", size=size)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_destinations_are_refused(tmp_path):
+    existing = tmp_path / "full"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        sampledata.generateSampleData(existing)
+    assert os.listdir(existing) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["full"]
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="afile"):
+        sampledata.generateSampleData(blocker / "sub" / "out")
+    with pytest.raises(ValueError, match="is a file"):
+        sampledata.generateSampleData(blocker)
+    with pytest.raises(ValueError, match="seed"):
+        sampledata.generateSampleData(tmp_path / "new", seed=-1)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "full"]
+    with pytest.raises(ValueError, match="not found"):
+        sampledata.loadTruth(tmp_path / "missing")
+
+
+def test_cancel_leaves_nothing_behind(tmp_path):
+    def cancelHalfWay(fraction, message=""):
+        return fraction > 0.5  # True = cancel, during the stack writing
+
+    with pytest.raises(Cancelled):
+        sampledata.generateSampleData(tmp_path / "new" / "deeper" / "out", size=16, progress=cancelHalfWay)
+    assert os.listdir(tmp_path) == [], "parents created for the output must be removed again"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Cancelled):
+        sampledata.generateSampleData(empty, size=16, progress=cancelHalfWay)
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(empty) == []
+    manifest = sampledata.generateSampleData(empty, size=16)  # an empty existing folder is fine
+    assert os.path.isfile(os.path.join(manifest["folder"], "truth.json"))
