@@ -304,3 +304,24 @@ def test_duplicatesNanMismatchUnknownNamed():
         fitting.fitLandmarks(fixed, fixed, "bspline")
     with pytest.raises(ValueError, match="labels"):
         fitting.fitLandmarks(fixed, fixed, "affine", labels=["x"])
+
+
+@pytest.mark.parametrize("model,regularization", [("affine", 0.0), ("affine+tps", 0.0), ("affine+tps", 3.0),
+                                                  ("similarity", 0.0)])
+def test_closedFormLeaveOneOutEqualsRefits(lung, model, regularization):
+    fixed, moving = lung
+    fast = fitting.leaveOneOutErrors(fixed, moving, model, regularization)
+    slow = fitting.leaveOneOutErrors(fixed, moving, model, regularization, refit=True)
+    np.testing.assert_allclose(fast, slow, rtol=1e-7, atol=1e-9)
+    assert np.isfinite(fast).all() and fast.min() > 0
+
+
+def test_leaveOneOutUndeterminedPairIsNan(caplog):
+    """Five points, four of them coplanar: without the fifth, an affine fit is undetermined."""
+    fixed = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1.5, 0], [0.3, 0.2, 1.0]]) * 10
+    moving = fixed * 0.9 + np.array([[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.1], [0.1, 0.1, 0], [0, 0, 0]])
+    with caplog.at_level("WARNING"):
+        loo = fitting.leaveOneOutErrors(fixed, moving, "affine", labels=list("abcde"))
+    assert np.isnan(loo[4]) and np.isfinite(loo[:4]).all() and "pair e" in caplog.text
+    evaluation = fitting.evaluateFit(fixed, moving, list("abcde"), "affine")
+    assert np.isfinite(evaluation["loo_rms_mm"])  # NaN pairs are left out of the summary figures
