@@ -1,0 +1,352 @@
+"""Tumour comparison: label transfer between the MRI and histology grids, volumes, Dice and HD95.
+
+Direction conventions (mapping.py): a mapping takes reference-grid RAS points to the space the labels live in
+(pull). To bring histology labels onto the MRI grid pass the MRI->histology mapping (the registration result);
+to bring MRI labels onto a histology grid pass a histology->MRI mapping (InverseMapping(registration)).
+
+Volumes: native (voxel count x voxel volume), transferred (on the reference grid), and Jacobian-integrated:
+the histology label's volume carried into MRI space as sum over native voxels of voxel volume x |det J_{H->M}|,
+with det J_{H->M}(y) = 1 / det J_{M->H}(x), x = inverse(y) (Newton, residuals checked).
+"""
+import logging
+
+import numpy as np
+
+from MRIHistoRegLib import progress as progressLib
+from MRIHistoRegLib.mapping import AffineMapping, asPoints, invertPoints, jacobianOf
+from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, _spacing, sampleNearest
+
+INVERSE_TOLERANCE_MM = 1e-3
+_SLAB_VOXELS = 1 << 18
+
+
+def _voxelVolume(ijkToRas):
+    return float(abs(np.linalg.det(np.asarray(ijkToRas, float)[:3, :3])))
+
+
+def _linearMatrix(mapping):
+    if hasattr(mapping, "linearMatrix") and callable(mapping.linearMatrix):
+        return np.asarray(mapping.linearMatrix(), float)
+    if getattr(mapping, "matrix", None) is not None:
+        return np.asarray(mapping.matrix, float)
+    if getattr(mapping, "affineMatrix", None) is not None:
+        return np.asarray(mapping.affineMatrix, float)
+    return None
+
+
+class InverseMapping:
+    """The inverse of a smooth, non-folding mapping by Newton iterations (mapping.invertPoints), started from the
+    inverse of its linear part; transformPoints raises ValueError when a residual exceeds `toleranceMm`."""
+
+    def __init__(self, mapping, toleranceMm=INVERSE_TOLERANCE_MM):
+        self.forward = mapping
+        self.toleranceMm = float(toleranceMm)
+        linear = _linearMatrix(mapping)
+        self._start = None if linear is None else AffineMapping(np.linalg.inv(linear))
+
+    def transformPoints(self, points):
+        points = asPoints(points)
+        guess = None if self._start is None else self._start.transformPoints(points)
+        x, residual = invertPoints(self.forward, points, initialGuess=guess, tolerance=self.toleranceMm * 1e-3)
+        worst = float(residual.max(initial=0.0))
+        if worst > self.toleranceMm:
+            raise ValueError(f"The transform could not be inverted at {int((residual > self.toleranceMm).sum())} of "
+                             f"{len(points)} points (residual up to {worst:.3g} mm): it folds or the points lie far "
+                             f"outside the landmarks. Use a smoother model (affine, or TPS regularization).")
+        return x
+
+    def jacobian(self, points):
+        return np.linalg.inv(jacobianOf(self.forward, self.transformPoints(points)))
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+def labelVolumesMm3(labelArray, ijkToRas):
+    """{label: volume in mm^3} for every non-zero label of `labelArray` ([k, j, i])."""
+    labelArray = np.asarray(labelArray)
+    counts = _labelCounts(labelArray)
+    volume = _voxelVolume(ijkToRas)
+    return {label: count * volume for label, count in counts.items() if label != 0}
+
+
+def _labelCounts(labelArray):
+    if labelArray.dtype.kind in "ub" and labelArray.dtype.itemsize <= 2:
+        counts = np.bincount(labelArray.ravel().astype(np.int64))
+        return {int(label): int(counts[label]) for label in np.nonzero(counts)[0]}
+    values, counts = np.unique(labelArray, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inverseMapping=None, blockVoxels=None,
+                                maxEvaluations=200000):
+    """Volume (mm^3) in MRI space of histology label `label`: sum over its native voxels y of
+    voxelVolume / |det J_{M->H}(x)| with x = inverse(y).
+
+    mapping: MRI RAS -> histology RAS (the registration result). inverseMapping: optional histology -> MRI
+    mapping; by default Newton iterations from the inverse of the mapping's linear part (residuals checked,
+    ValueError when they do not converge). Large labels are integrated over blocks of blockVoxels^3 voxels
+    (evaluated at the block's label centroid, weighted by its voxel count; det J is smooth so the error is
+    second order); blockVoxels defaults to the smallest block giving <= maxEvaluations evaluations."""
+    labelArray = np.asarray(labelArray)
+    geometry = _asMatrix(labelIjkToRas, "labelIjkToRas")
+    voxels = np.argwhere(labelArray == label)  # (n, 3) as (k, j, i)
+    if len(voxels) == 0:
+        raise ValueError(f"Label {label} is empty in the histology label map: check the label value.")
+    if blockVoxels is None:
+        blockVoxels = 1
+        while True:
+            blocks = np.unique(voxels // blockVoxels, axis=0).shape[0] if len(voxels) > maxEvaluations else len(voxels)
+            if blocks <= maxEvaluations:
+                break
+            blockVoxels *= 2
+    if blockVoxels > 1:
+        keys, inverse, counts = np.unique(voxels // blockVoxels, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.ravel()
+        centroid = np.zeros((len(keys), 3))
+        for axis in range(3):
+            centroid[:, axis] = np.bincount(inverse, weights=voxels[:, axis], minlength=len(keys)) / counts
+        voxels, weights = centroid, counts.astype(float)
+    else:
+        weights = np.ones(len(voxels))
+    ras = _applyMatrix(geometry, voxels[:, ::-1].astype(float))
+    inverter = inverseMapping if inverseMapping is not None else InverseMapping(mapping)
+    total = 0.0
+    for start in range(0, len(ras), 50000):
+        chunk = ras[start:start + 50000]
+        fixed = asPoints(inverter.transformPoints(chunk))
+        determinant = np.abs(np.linalg.det(jacobianOf(mapping, fixed)))
+        if np.any(determinant < 1e-12):
+            raise ValueError("The transform's Jacobian determinant vanishes inside the label (the mapping folds): "
+                             "use a smoother model.")
+        total += float(np.sum(weights[start:start + 50000] / determinant))
+    return total * _voxelVolume(geometry)
+
+
+# ------------------------------------------------------------------------------------------ label transfer
+def _compactLabels(labelArray):
+    values = np.unique(labelArray)
+    if values[0] != 0:
+        values = np.concatenate([[0], values])
+    return values
+
+
+def _outputDtype(labelArray):
+    dtype = np.asarray(labelArray).dtype
+    if dtype.kind == "u":
+        return dtype
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    high = int(np.max(labelArray)) if np.size(labelArray) else 0
+    if int(np.min(labelArray)) < 0:
+        raise ValueError("Label maps must hold non-negative label values.")
+    return np.dtype(np.uint8 if high < 256 else np.uint16 if high < 65536 else np.uint32)
+
+
+def _boundaryBand(labels):
+    """Voxels whose label differs from a 6-neighbour's, dilated by one voxel (6-neighbourhood)."""
+    edge = np.zeros(labels.shape, bool)
+    for axis in range(3):
+        differs = np.diff(labels, axis=axis) != 0
+        low = [slice(None)] * 3
+        high = [slice(None)] * 3
+        low[axis] = slice(0, -1)
+        high[axis] = slice(1, None)
+        edge[tuple(low)] |= differs
+        edge[tuple(high)] |= differs
+    return _dilate6(edge)
+
+
+def _dilate6(mask):
+    out = mask.copy()
+    for axis in range(3):
+        low = [slice(None)] * 3
+        high = [slice(None)] * 3
+        low[axis] = slice(0, -1)
+        high[axis] = slice(1, None)
+        out[tuple(low)] |= mask[tuple(high)]
+        out[tuple(high)] |= mask[tuple(low)]
+    return out
+
+
+def transferLabels(labelArray, labelIjkToRas, mapping, referenceShape, referenceIjkToRas, method="partial-volume",
+                   supersample=3, maxErrorVoxels=0.05, progress=None, sink=None, lattice=None):
+    """Labels of `labelArray` ([k, j, i], geometry labelIjkToRas) pulled onto a reference grid through `mapping`
+    (reference RAS -> label RAS): histology labels onto the MRI grid with the MRI->histology registration, or
+    MRI labels onto a histology grid with a histology->MRI mapping (InverseMapping(registration)).
+
+    method 'nearest': the label at each reference voxel's centre. 'partial-volume': each voxel near a label
+    boundary is sampled at supersample^3 sub-points (nearest lookup each) and takes the label covering most of it
+    (majority; ties go to the centre's label), so a label's volume is preserved (no blur of label values).
+
+    The mapping is evaluated through a verified coarse lattice (resample.LatticeMapping, maxErrorVoxels). Streamed
+    over slabs of the reference grid; with `sink` (callable sink(kStart, slab)) each finished slab is handed
+    over instead of assembling the whole output (full-resolution histology grids). Returns the uint label
+    array on the reference grid (or None with a sink).
+    """
+    if method not in ("partial-volume", "nearest"):
+        raise ValueError(f"method must be 'partial-volume' or 'nearest', got {method!r}.")
+    labelArray = np.asarray(labelArray)
+    if labelArray.ndim != 3:
+        raise ValueError(f"A label map must be 3-D [k, j, i], got shape {labelArray.shape}.")
+    shape = _asShape(referenceShape)
+    reference = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
+    labelGeometry = _asMatrix(labelIjkToRas, "labelIjkToRas")
+    dtype = _outputDtype(labelArray)
+    if lattice is None:
+        lattice = LatticeMapping(mapping, shape, reference, targetRasToIjk=np.linalg.inv(labelGeometry),
+                                 maxErrorVoxels=maxErrorVoxels)
+    nk, nj, ni = shape
+    output = None if sink is not None else np.zeros(shape, dtype)
+    js = np.arange(nj, dtype=float)
+    is_ = np.arange(ni, dtype=float)
+    slab = max(1, _SLAB_VOXELS // (nj * ni))
+    halo = 2 if method == "partial-volume" else 0
+    n = int(supersample)
+    offsets = (np.arange(n) + 0.5) / n - 0.5
+    for k0 in range(0, nk, slab):
+        k1 = min(nk, k0 + slab)
+        h0, h1 = max(0, k0 - halo), min(nk, k1 + halo)
+        c = lattice.evaluateGrid(np.arange(h0, h1, dtype=float), js, is_)
+        centre = sampleNearest(labelArray, c[0], c[1], c[2], fill=0)
+        if method == "partial-volume" and n > 1:
+            band = _boundaryBand(centre)[k0 - h0:k1 - h0]
+            centre = centre[k0 - h0:k1 - h0]
+            where = np.nonzero(band)
+            if len(where[0]):
+                centre[where] = _majority(labelArray, lattice, where, k0, offsets, centre[where])
+        else:
+            centre = centre[k0 - h0:k1 - h0]
+        result = centre.astype(dtype, copy=False)
+        if sink is not None:
+            sink(k0, result)
+        else:
+            output[k0:k1] = result
+        progressLib.report(progress, k1 / nk, "transferring labels")
+    return output
+
+
+def _majority(labelArray, lattice, where, k0, offsets, centreLabels):
+    """Majority label over sub-points of the voxels `where` (slab indices, k relative to k0)."""
+    base = np.stack([where[2], where[1], where[0] + k0], axis=1).astype(float)  # (i, j, k)
+    subs = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
+    values = _compactLabels(np.concatenate([np.unique(centreLabels), [0]]))
+    collected = []
+    for offset in subs:
+        c = lattice.interpolate(base + offset).T
+        collected.append(sampleNearest(labelArray, c[0], c[1], c[2], fill=0))
+    samples = np.stack(collected, axis=1)  # (voxels, sub-points)
+    values = np.unique(np.concatenate([values, np.unique(samples)]))
+    index = np.searchsorted(values, samples)
+    votes = np.zeros((len(base), len(values)))
+    rows = np.repeat(np.arange(len(base)), samples.shape[1])
+    np.add.at(votes, (rows, index.ravel()), 1.0)
+    votes[np.arange(len(base)), np.searchsorted(values, centreLabels)] += 0.5  # ties -> the centre's label
+    return values[np.argmax(votes, axis=1)]
+
+
+# ------------------------------------------------------------------------------------------- overlap measures
+def dice(a, b):
+    """Dice coefficient 2|A & B| / (|A| + |B|) of two boolean masks (non-zero = inside); NaN when both are empty."""
+    a = np.asarray(a) != 0
+    b = np.asarray(b) != 0
+    if a.shape != b.shape:
+        raise ValueError(f"Dice needs masks on the same grid, got shapes {a.shape} and {b.shape}.")
+    total = int(a.sum()) + int(b.sum())
+    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _surface(mask):
+    """Voxels of `mask` with a 6-neighbour outside it (the grid's border counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (-1, 1):
+            interior &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~interior
+
+
+def _distanceTo(mask, spacing):
+    """Euclidean distance (mm) from every voxel to the nearest voxel of `mask` (SimpleITK's exact Maurer EDT)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing([float(s) for s in spacing])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return np.maximum(sitk.GetArrayViewFromImage(distance), 0.0)
+
+
+def surfaceDistancesMm(a, b, ijkToRas):
+    """Distances (mm) from each surface voxel of A to the nearest surface voxel of B, and from B to A."""
+    a = np.asarray(a) != 0
+    b = np.asarray(b) != 0
+    if a.shape != b.shape:
+        raise ValueError(f"Surface distances need masks on the same grid, got shapes {a.shape} and {b.shape}.")
+    spacing = _spacing(_asMatrix(ijkToRas, "ijkToRas"))
+    surfaceA, surfaceB = _surface(a), _surface(b)
+    fromA = _distanceTo(surfaceB, spacing)[surfaceA]
+    fromB = _distanceTo(surfaceA, spacing)[surfaceB]
+    return fromA, fromB
+
+
+def hausdorffMm(a, b, ijkToRas, percentile=95.0):
+    """Symmetric Hausdorff distance between the surfaces of masks A and B in mm (spacing-aware): the larger of
+    the two directed `percentile`-th percentiles of surface-to-surface distances (100 = classic Hausdorff).
+    NaN when a mask is empty."""
+    fromA, fromB = surfaceDistancesMm(a, b, ijkToRas)
+    if len(fromA) == 0 or len(fromB) == 0:
+        return float("nan")
+    return float(max(np.percentile(fromA, percentile), np.percentile(fromB, percentile)))
+
+
+def hausdorff95Mm(a, b, ijkToRas):
+    """95% Hausdorff distance (mm) between masks A and B (see hausdorffMm)."""
+    return hausdorffMm(a, b, ijkToRas, 95.0)
+
+
+def compareLabels(mriLabels, histologyLabelsInMri, ijkToRas, labels=None):
+    """Per label (default: every non-zero label of either map): {mri_mm3, histology_in_mri_resampled_mm3, dice,
+    hd95_mm} between the MRI labels and the histology labels transferred onto the same (MRI) grid."""
+    mriLabels = np.asarray(mriLabels)
+    histologyLabelsInMri = np.asarray(histologyLabelsInMri)
+    if mriLabels.shape != histologyLabelsInMri.shape:
+        raise ValueError(f"The label maps must share the MRI grid: shapes {mriLabels.shape} and "
+                         f"{histologyLabelsInMri.shape}. Transfer the histology labels first (transferLabels).")
+    mriVolumes = labelVolumesMm3(mriLabels, ijkToRas)
+    histologyVolumes = labelVolumesMm3(histologyLabelsInMri, ijkToRas)
+    if labels is None:
+        labels = sorted(set(mriVolumes) | set(histologyVolumes))
+    result = {}
+    for label in labels:
+        a = mriLabels == label
+        b = histologyLabelsInMri == label
+        result[int(label)] = {
+            "mri_mm3": mriVolumes.get(label, 0.0),
+            "histology_in_mri_resampled_mm3": histologyVolumes.get(label, 0.0),
+            "dice": dice(a, b),
+            "hd95_mm": hausdorff95Mm(a, b, ijkToRas),
+        }
+    return result
+
+
+def compareTumours(mriLabels, mriIjkToRas, histologyLabels, histologyIjkToRas, mapping, inverseMapping=None,
+                   method="partial-volume", progress=None):
+    """The whole comparison in one call. Returns (per-label dict, histology labels on the MRI grid); each row:
+    mri_mm3, histology_native_mm3, histology_in_mri_resampled_mm3, histology_in_mri_jacobian_mm3,
+    resampled_over_jacobian (should be ~1), histology_in_mri_over_mri (shrinkage-corrected ratio), dice, hd95_mm."""
+    mriLabels = np.asarray(mriLabels)
+    transferred = transferLabels(histologyLabels, histologyIjkToRas, mapping, mriLabels.shape, mriIjkToRas,
+                                 method=method, progress=progressLib.scaled(progress, 0.0, 0.6))
+    rows = compareLabels(mriLabels, transferred, mriIjkToRas)
+    native = labelVolumesMm3(histologyLabels, histologyIjkToRas)
+    for label, row in rows.items():
+        row["histology_native_mm3"] = native.get(label, 0.0)
+        row["histology_in_mri_jacobian_mm3"] = (
+            jacobianIntegratedVolumeMm3(histologyLabels, histologyIjkToRas, mapping, label, inverseMapping)
+            if label in native else 0.0)
+        resampled = row["histology_in_mri_resampled_mm3"]
+        row["resampled_over_jacobian"] = (resampled / row["histology_in_mri_jacobian_mm3"]
+                                          if row["histology_in_mri_jacobian_mm3"] else None)
+        row["histology_in_mri_over_mri"] = (row["histology_in_mri_jacobian_mm3"] / row["mri_mm3"]
+                                            if row["mri_mm3"] else None)
+    progressLib.report(progress, 1.0, "labels compared")
+    return rows, transferred

@@ -1,0 +1,714 @@
+"""Resample the ORIGINAL histology once onto any reference grid through any mapping (DESIGN.md sections 2, 3, 5).
+
+The composite from a reference voxel to a source voxel is
+
+    reference ijk --referenceIjkToRas--> fixed RAS --mapping--> moving RAS --inv(sourceIjkToRas)--> source ijk
+
+where `mapping` is any object with transformPoints (fixed/MRI RAS -> moving/histology RAS; mapping.py).
+
+Speed: the mapping (e.g. a thin-plate spline, cost voxels x landmarks) is evaluated exactly only on a coarse
+lattice of reference positions and the resulting source coordinates are interpolated (tensor-product linear,
+separable, slab by slab). The lattice step is chosen from a target error and *verified at run time* against the
+exact mapping at random probe points (plus points next to any TPS centre, where the kernel's cone makes the
+error largest); the step is refined until the target holds. Interpolating the source coordinates instead of
+displacements is the same thing (trilinear interpolation reproduces the affine part exactly) and saves a step.
+
+Anti-aliasing: when one output voxel covers many source voxels (local scale from the lattice's Jacobian times
+the output spacing), the source is first area-averaged (exact box filter, streamed plane by plane) to an
+intermediate level whose spacing is close to the output voxel's footprint, and that level is interpolated ONCE.
+An interpolated image is never interpolated again.
+
+Memory: the output, the intermediate level (or, without one, the source planes one output slab needs) and one
+slab of coordinates.
+"""
+import logging
+import time
+
+import numpy as np
+
+from MRIHistoRegLib import progress as progressLib
+from MRIHistoRegLib.mapping import asPoints
+
+_SLAB_VOXELS = 1 << 18          # output voxels processed at a time (fits the CPU caches well)
+_MAX_REFINEMENTS = 8
+_INTERPOLATIONS = ("linear", "nearest")
+
+
+# --------------------------------------------------------------------------------------------------- geometry
+def _asMatrix(matrix, what):
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"{what} must be a 4x4 IJK->RAS matrix, got shape {matrix.shape}.")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise ValueError(f"{what} is singular (zero spacing?): fix the volume's spacing/directions.")
+    return matrix
+
+
+def _asShape(shape, what="referenceShape"):
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{what} must be three positive sizes (nk, nj, ni), got {shape}.")
+    return shape
+
+
+def _spacing(matrix):
+    return np.linalg.norm(np.asarray(matrix, float)[:3, :3], axis=0)
+
+
+def _applyMatrix(matrix, points):
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+# ------------------------------------------------------------------------------------------------- the source
+class _Source:
+    """Uniform access to a source: a StackSource-like object (streamed planes), a (array, ijkToRas) tuple or
+    a volume node. Arrays are [k, j, i]."""
+
+    def __init__(self, source):
+        self.stack = None
+        self.array = None
+        if isinstance(source, (tuple, list)) and len(source) == 2:
+            array = np.asarray(source[0])
+            if array.ndim != 3:
+                raise ValueError(f"A source array must be 3-D [k, j, i], got shape {array.shape}.")
+            self.array = array
+            self.shape = array.shape
+            self.ijkToRas = _asMatrix(source[1], "The source's ijkToRas")
+        elif hasattr(source, "readPlane"):
+            self.stack = source
+            self.shape = _asShape(source.shape, "the stack's shape")
+            geometry = source.ijkToRas() if callable(source.ijkToRas) else source.ijkToRas
+            self.ijkToRas = _asMatrix(geometry, "The stack's ijkToRas")
+        elif hasattr(source, "GetImageData"):
+            from MRIHistoRegLib import volumes
+
+            self.array = volumes.arrayFromVolume(source)
+            self.shape = self.array.shape
+            self.ijkToRas = volumes.ijkToRas(source)
+        else:
+            raise ValueError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) tuple "
+                             f"or a scalar volume node, got {type(source).__name__}.")
+        self.shape = tuple(int(n) for n in self.shape)
+
+    def planes(self, start, stop):
+        """float32 array of planes [start, stop) (copy for stacks, view cast for arrays)."""
+        if self.array is not None:
+            return np.asarray(self.array[start:stop], dtype=np.float32)
+        out = np.empty((stop - start,) + self.shape[1:], np.float32)
+        for index, k in enumerate(range(start, stop)):
+            out[index] = self.stack.readPlane(k)
+        return out
+
+    def iterPlanes(self, start, stop):
+        if self.array is not None:
+            for k in range(start, stop):
+                yield self.array[k]
+        elif hasattr(self.stack, "iterPlanes"):
+            yield from self.stack.iterPlanes(start, stop)
+        else:
+            for k in range(start, stop):
+                yield self.stack.readPlane(k)
+
+
+# ------------------------------------------------------------------------------------------- lattice mapping
+def _axisWeights(coordinates, origin, step, count):
+    """Cell index and fractional weight of 1-D `coordinates` on a lattice origin + m*step, m in [0, count)."""
+    u = (np.asarray(coordinates, dtype=np.float64) - origin) / step
+    if count < 2:
+        return np.zeros(len(u), np.intp), np.zeros(len(u))
+    cell = np.clip(np.floor(u), 0, count - 2).astype(np.intp)
+    return cell, u - cell  # outside the lattice: linear extrapolation
+
+
+def _tpsCentres(mapping):
+    """Fixed-space TPS centres of a mapping (or of the first step of a composed one), else None."""
+    for candidate in (mapping, (getattr(mapping, "steps", None) or [None])[0]):
+        centres = getattr(candidate, "tpsCentres", None)
+        if centres is not None:
+            return np.asarray(centres, float).reshape(-1, 3)
+    return None
+
+
+def evaluateExact(mapping, points, blockPoints=8192):
+    """mapping.transformPoints(points), with a fast exact path for thin-plate splines exposing tpsCentres,
+    tpsWeights and linearMatrix() (fitting.LandmarkModel: linear(x) + sum_i w_i |x - c_i|): distances through
+    |x|^2 + |c|^2 - 2 x.c (one matrix product per block of points), bounded memory."""
+    points = asPoints(points)
+    centres = getattr(mapping, "tpsCentres", None)
+    weights = getattr(mapping, "tpsWeights", None)
+    linear = getattr(mapping, "linearMatrix", None)
+    if centres is None or weights is None or not callable(linear):
+        return asPoints(mapping.transformPoints(points))
+    matrix = np.asarray(linear(), float)
+    centres = np.asarray(centres, float)
+    weights = np.asarray(weights, float)
+    shift = centres.mean(axis=0)  # centred coordinates keep the expansion's round-off small
+    c = centres - shift
+    cc = (c * c).sum(axis=1)
+    result = points @ matrix[:3, :3].T + matrix[:3, 3]
+    for start in range(0, len(points), blockPoints):
+        x = points[start:start + blockPoints] - shift
+        squared = (x * x).sum(axis=1)[:, None] + cc[None, :] - 2.0 * (x @ c.T)
+        np.maximum(squared, 0.0, out=squared)
+        np.sqrt(squared, out=squared)
+        result[start:start + blockPoints] += squared @ weights
+    return result
+
+
+class LatticeMapping:
+    """A smooth mapping approximated on a reference grid: exact on a coarse lattice, tensor-product linear
+    in between, verified against the exact mapping at probe points.
+
+    Positions are continuous reference indices p = (i, j, k) (voxel centres at integers); values are the
+    mapped points expressed through `targetRasToIjk` (default identity: moving RAS mm; resampleToGrid passes the
+    source's RAS->IJK so values are source voxel coordinates). The lattice covers [-0.5, n-0.5] on each axis
+    (whole voxels, so sub-voxel samples are covered too).
+
+    After construction: `step` (lattice step in reference voxels, (i, j, k)), `maxErrorMm`, `p99ErrorMm`
+    (moving space), `maxErrorVoxels`, `p99ErrorVoxels` (pulled back to the reference grid: output voxels),
+    `probeCount`, `refinements`, `evaluationSeconds`.
+    """
+
+    def __init__(self, mapping, referenceShape, referenceIjkToRas, targetRasToIjk=None, maxErrorVoxels=0.1,
+                 step=None, probes=4096, seed=0, progress=None):
+        self.mapping = mapping
+        self.shape = _asShape(referenceShape)
+        self.referenceIjkToRas = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
+        self.targetRasToIjk = np.eye(4) if targetRasToIjk is None else np.asarray(targetRasToIjk, float)
+        self.targetIjkToRas = np.linalg.inv(self.targetRasToIjk)
+        if not maxErrorVoxels > 0:
+            raise ValueError(f"maxErrorVoxels must be > 0 (e.g. 0.1 output voxel), got {maxErrorVoxels}.")
+        self.maxErrorTarget = float(maxErrorVoxels)
+        started = time.perf_counter()
+        sizes = np.array(self.shape[::-1], float)  # (ni, nj, nk)
+        if step is None:
+            # uniform in mm, 16 voxels along the finest axis to start with
+            spacing = _spacing(self.referenceIjkToRas)
+            step = 16.0 * spacing.min() / spacing
+            fixedStep = False
+        else:
+            fixedStep = True
+        step = np.minimum(np.broadcast_to(np.asarray(step, float), (3,)), np.maximum(sizes, 1.0))
+        self._probePositions = self._makeProbes(int(probes), seed)
+        self._probeExact = self._exactAt(self._probePositions)
+        self.refinements = 0
+        while True:
+            self._build(np.maximum(step, 1.0) if not fixedStep else step)
+            self._verify()
+            progressLib.report(progress, 0.5, f"lattice step {self.step.round(2).tolist()} voxels, "
+                                              f"max error {self.maxErrorVoxels:.3g} voxel")
+            if fixedStep or self.maxErrorVoxels <= self.maxErrorTarget or np.all(self.step <= 1.0) \
+                    or self.refinements >= _MAX_REFINEMENTS:
+                break
+            # interpolation error ~ step^2 for smooth maps (~step at a kernel's cone): aim at 70% of the target
+            factor = np.clip(np.sqrt(0.7 * self.maxErrorTarget / self.maxErrorVoxels), 0.25, 0.8)
+            step = np.maximum(self.step * factor, 1.0)
+            self.refinements += 1
+        if self.maxErrorVoxels > self.maxErrorTarget:
+            logging.warning("Lattice approximation misses its target: max error %.3g > %.3g output voxel at step %s "
+                            "(the mapping is not smooth at the voxel scale?)", self.maxErrorVoxels,
+                            self.maxErrorTarget, self.step.tolist())
+        self.evaluationSeconds = time.perf_counter() - started
+        logging.debug("LatticeMapping: step %s, %d nodes, max %.4f / p99 %.4f output voxel, %.3f s",
+                      self.step.tolist(), self.nodeCount, self.maxErrorVoxels, self.p99ErrorVoxels,
+                      self.evaluationSeconds)
+
+    # -- construction
+    def _exactAt(self, positions):
+        ras = _applyMatrix(self.referenceIjkToRas, positions)
+        moving = evaluateExact(self.mapping, ras)
+        return _applyMatrix(self.targetRasToIjk, moving)
+
+    def _makeProbes(self, count, seed):
+        rng = np.random.default_rng(seed)
+        sizes = np.array(self.shape[::-1], float)
+        positions = rng.uniform(-0.5, sizes - 0.5, size=(count, 3))
+        centres = _tpsCentres(self.mapping)
+        if centres is not None and len(centres):
+            # the worst places for a piecewise-linear approximation: at and right around the kernels' cones
+            index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), centres)
+            index = index[np.all((index >= -0.5) & (index <= sizes - 0.5), axis=1)]
+            near = np.concatenate([index, index + rng.uniform(-1.0, 1.0, size=index.shape)])
+            positions = np.concatenate([positions, np.clip(near, -0.5, sizes - 0.5)])
+        return positions
+
+    def _build(self, step):
+        sizes = np.array(self.shape[::-1], float)
+        counts = np.maximum(np.ceil(sizes / step).astype(int) + 1, 2)   # from -0.5 to >= n - 0.5
+        self.step = np.asarray(step, float)
+        self.origin = np.full(3, -0.5)
+        self.counts = counts  # (Li, Lj, Lk)
+        axes = [self.origin[a] + self.step[a] * np.arange(counts[a]) for a in range(3)]
+        kk, jj, ii = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+        nodes = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1)
+        values = self._exactAt(nodes)  # (Lk*Lj*Li, 3)
+        self.values64 = values.T.reshape(3, counts[2], counts[1], counts[0])
+        self.values = self.values64.astype(np.float32)
+        self.nodeCount = int(len(nodes))
+        # global linear part (reference index -> target index) for pulling errors back to output voxels
+        design = np.concatenate([nodes, np.ones((len(nodes), 1))], axis=1)
+        solution = np.linalg.lstsq(design, values, rcond=None)[0]
+        self.linearPart = solution[:3].T  # target = linearPart @ p + offset
+
+    def _verify(self):
+        approx = self.interpolate(self._probePositions, exactPrecision=True)
+        difference = approx - self._probeExact
+        errorMm = np.linalg.norm(difference @ self.targetIjkToRas[:3, :3].T, axis=1)
+        errorVoxels = np.linalg.norm(np.linalg.solve(self.linearPart, difference.T).T, axis=1)
+        self.probeCount = int(len(difference))
+        self.maxErrorMm = float(errorMm.max(initial=0.0))
+        self.p99ErrorMm = float(np.percentile(errorMm, 99)) if len(errorMm) else 0.0
+        self.maxErrorVoxels = float(errorVoxels.max(initial=0.0))
+        self.p99ErrorVoxels = float(np.percentile(errorVoxels, 99)) if len(errorVoxels) else 0.0
+
+    # -- evaluation
+    def interpolate(self, positions, exactPrecision=False):
+        """(N, 3) continuous reference indices (i, j, k) -> (N, 3) target coordinates (trilinear)."""
+        positions = asPoints(positions)
+        values = self.values64 if exactPrecision else self.values
+        cells, weights = [], []
+        for axis in range(3):
+            c, w = _axisWeights(positions[:, axis], self.origin[axis], self.step[axis], self.counts[axis])
+            cells.append(c)
+            weights.append(w.astype(values.dtype))
+        ci, cj, ck = cells
+        wi, wj, wk = weights  # float64 for the verification, float32 otherwise
+        result = np.zeros((3, len(positions)), values.dtype)
+        for dk, fk in ((0, 1 - wk), (1, wk)):
+            for dj, fj in ((0, 1 - wj), (1, wj)):
+                for di, fi in ((0, 1 - wi), (1, wi)):
+                    result += values[:, ck + dk, cj + dj, ci + di] * (fk * fj * fi)
+        return result.T.astype(np.float64)
+
+    def transformPoints(self, points):
+        """The mapping's protocol (fixed RAS -> target space), through the lattice."""
+        index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), asPoints(points))
+        return _applyMatrix(self.targetIjkToRas, self.interpolate(index))
+
+    def evaluateGrid(self, ks, js, is_):
+        """Target coordinates on the tensor grid ks x js x is_ (1-D continuous reference indices):
+        (3, len ks, len js, len is_) float32, separable (cost ~ 2 gathers per output value and component)."""
+        ck, wk = _axisWeights(ks, self.origin[2], self.step[2], self.counts[2])
+        cj, wj = _axisWeights(js, self.origin[1], self.step[1], self.counts[1])
+        ci, wi = _axisWeights(is_, self.origin[0], self.step[0], self.counts[0])
+        wk, wj, wi = (w.astype(np.float32) for w in (wk, wj, wi))
+        v = self.values
+        a = v[:, ck] * (1 - wk)[None, :, None, None] + v[:, ck + 1] * wk[None, :, None, None]
+        b = a[:, :, cj] * (1 - wj)[None, None, :, None] + a[:, :, cj + 1] * wj[None, None, :, None]
+        low = np.take(b, ci, axis=3)
+        slope = np.take(np.diff(b, axis=3), np.minimum(ci, b.shape[3] - 2), axis=3) if b.shape[3] > 1 else 0 * low
+        low += slope * wi
+        return low
+
+    def jacobians(self):
+        """Per lattice cell (forward differences) d target / d reference index: (cells, 3 targets, 3 axes)."""
+        v = self.values64
+        d = []
+        for axis, arrayAxis in ((0, 3), (1, 2), (2, 1)):
+            diff = np.diff(v, axis=arrayAxis) / self.step[axis]
+            slicer = [slice(None)] * 4
+            for other in (1, 2, 3):
+                if other != arrayAxis:
+                    slicer[other] = slice(0, v.shape[other] - 1)
+            d.append(diff[tuple(slicer)].reshape(3, -1))
+        return np.stack(d, axis=2).transpose(1, 0, 2)  # (cells, 3, 3)
+
+    def cellCentres(self):
+        """Target coordinates at the lattice cells' centres (same order as jacobians())."""
+        v = self.values64
+        centre = (v[:, :-1, :-1, :-1] + v[:, 1:, 1:, 1:]) / 2 if min(v.shape[1:]) > 1 else v
+        return centre.reshape(3, -1).T
+
+    def info(self):
+        return {"lattice_step_voxels": [round(float(s), 4) for s in self.step],
+                "lattice_nodes": self.nodeCount,
+                "lattice_refinements": self.refinements,
+                "probe_count": self.probeCount,
+                "probe_max_error_mm": self.maxErrorMm, "probe_p99_error_mm": self.p99ErrorMm,
+                "probe_max_error_voxels": self.maxErrorVoxels, "probe_p99_error_voxels": self.p99ErrorVoxels,
+                "target_max_error_voxels": self.maxErrorTarget}
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def sampleLinear(volume, ci, cj, ck, bounds=None, fill=0.0):
+    """Trilinear samples of `volume` [k, j, i] at continuous indices (ci, cj, ck) (same-shape float arrays).
+
+    A point is inside when it lies within the volume's voxels: -0.5 <= c <= n - 0.5 on each axis (or within
+    `bounds` ((lo_i, hi_i), (lo_j, hi_j), (lo_k, hi_k)) in these index units); within the outer half voxel the
+    edge value is used; outside -> `fill`."""
+    nk, nj, ni = volume.shape
+    flat = volume.reshape(-1)
+    if bounds is None:
+        bounds = ((-0.5, ni - 0.5), (-0.5, nj - 0.5), (-0.5, nk - 0.5))
+    inside = ((ci >= bounds[0][0]) & (ci <= bounds[0][1]) & (cj >= bounds[1][0]) & (cj <= bounds[1][1])
+              & (ck >= bounds[2][0]) & (ck <= bounds[2][1]))
+    ci = np.clip(ci, 0, ni - 1)
+    cj = np.clip(cj, 0, nj - 1)
+    ck = np.clip(ck, 0, nk - 1)
+    indexType = np.int32 if flat.size < 2 ** 31 - 1 else np.int64
+    i0 = np.minimum(ci.astype(indexType), max(ni - 2, 0))
+    j0 = np.minimum(cj.astype(indexType), max(nj - 2, 0))
+    k0 = np.minimum(ck.astype(indexType), max(nk - 2, 0))
+    fi = (ci - i0).astype(np.float32)
+    fj = (cj - j0).astype(np.float32)
+    fk = (ck - k0).astype(np.float32)
+    di = 1 if ni > 1 else 0
+    dj = ni if nj > 1 else 0
+    dk = ni * nj if nk > 1 else 0
+    base = (k0 * nj + j0) * ni + i0
+    def lerpI(offset):
+        low = np.take(flat, base + offset)
+        high = np.take(flat, base + (offset + di))
+        return low + (high - low) * fi
+    c00 = lerpI(0)
+    c01 = lerpI(dj)
+    c0 = c00 + (c01 - c00) * fj
+    c10 = lerpI(dk)
+    c11 = lerpI(dk + dj)
+    c1 = c10 + (c11 - c10) * fj
+    result = c0 + (c1 - c0) * fk
+    if not inside.all():
+        result[~inside] = fill
+    return result
+
+
+def sampleNearest(volume, ci, cj, ck, bounds=None, fill=0):
+    """Nearest-voxel samples of `volume` [k, j, i] (same inside rule as sampleLinear)."""
+    nk, nj, ni = volume.shape
+    if bounds is None:
+        bounds = ((-0.5, ni - 0.5), (-0.5, nj - 0.5), (-0.5, nk - 0.5))
+    inside = ((ci >= bounds[0][0]) & (ci <= bounds[0][1]) & (cj >= bounds[1][0]) & (cj <= bounds[1][1])
+              & (ck >= bounds[2][0]) & (ck <= bounds[2][1]))
+    indexType = np.int32 if volume.size < 2 ** 31 - 1 else np.int64
+    i = np.clip(np.floor(ci + 0.5), 0, ni - 1).astype(indexType)
+    j = np.clip(np.floor(cj + 0.5), 0, nj - 1).astype(indexType)
+    k = np.clip(np.floor(ck + 0.5), 0, nk - 1).astype(indexType)
+    result = np.take(volume.reshape(-1), (k * nj + j) * ni + i)
+    if not inside.all():
+        result = np.where(inside, result, np.asarray(fill, result.dtype))
+    return result
+
+
+# ------------------------------------------------------------------------------------- area-averaged levels
+def _boxEdges(count, factor):
+    """Edges (in input voxels, 0..count) of boxes of width `factor` and the number of boxes."""
+    boxes = int(np.ceil(count / factor - 1e-9))
+    edges = np.minimum(np.arange(boxes + 1) * factor, count)
+    return edges, boxes
+
+
+def _areaAverageAxis(array, axis, factor):
+    """Exact area-weighted average of boxes of width `factor` (any real >= 1) along `axis` (float64)."""
+    count = array.shape[axis]
+    edges, _ = _boxEdges(count, factor)
+    cumulative = np.cumsum(array, axis=axis, dtype=np.float64)
+    shape = list(array.shape)
+    shape[axis] = 1
+    cumulative = np.concatenate([np.zeros(shape), cumulative], axis=axis)  # S[n] = sum of the first n voxels
+    whole = np.minimum(np.floor(edges).astype(np.intp), count - 1)
+    part = edges - whole
+    integral = (np.take(cumulative, whole, axis=axis)
+                + np.take(array, whole, axis=axis).astype(np.float64) * _along(part, axis, array.ndim))
+    widths = np.diff(edges)
+    return np.diff(integral, axis=axis) / _along(widths, axis, array.ndim)
+
+
+def _along(vector, axis, ndim):
+    shape = [1] * ndim
+    shape[axis] = len(vector)
+    return np.asarray(vector).reshape(shape)
+
+
+def _kOverlaps(count, factor):
+    """For each input plane n: the boxes it touches along k and the overlap lengths."""
+    edges, boxes = _boxEdges(count, factor)
+    result = []
+    for n in range(count):
+        first = int(np.floor(n / factor))
+        touches = []
+        for m in range(first, min(boxes, first + int(np.ceil(1 / factor)) + 2)):
+            overlap = min(n + 1.0, edges[m + 1]) - max(float(n), edges[m])
+            if overlap > 1e-12:
+                touches.append((m, overlap))
+        result.append(touches)
+    return result, edges, boxes
+
+
+def areaAverage(source, factors, crop=None, progress=None):
+    """Exact box-filter (area-weighted) average of a source by real factors (fi, fj, fk) >= 1, streamed plane by
+    plane over the crop ((k0, k1), (j0, j1), (i0, i1)) (default: everything).
+
+    Returns (float32 level array [k, j, i], levelIjkToRas). Level voxel m along an axis averages source
+    voxels [c0 + m f, c0 + (m + 1) f) (edges in voxel units, partial boxes at the crop's end average what they
+    cover) and its centre is at source index c0 - 0.5 + (m + 0.5) f: the frame of the source is kept."""
+    src = source if isinstance(source, _Source) else _Source(source)
+    if crop is None:
+        crop = ((0, src.shape[0]), (0, src.shape[1]), (0, src.shape[2]))
+    (k0, k1), (j0, j1), (i0, i1) = [(int(a), int(b)) for a, b in crop]
+    fi, fj, fk = (max(float(f), 1.0) for f in factors)
+    overlaps, kEdges, nBoxesK = _kOverlaps(k1 - k0, fk)
+    _, nBoxesJ = _boxEdges(j1 - j0, fj)
+    _, nBoxesI = _boxEdges(i1 - i0, fi)
+    accumulator = np.zeros((nBoxesK, nBoxesJ, nBoxesI), np.float64)
+    for index, plane in enumerate(src.iterPlanes(k0, k1)):
+        plane = np.asarray(plane)[j0:j1, i0:i1]
+        reduced = _areaAverageAxis(_areaAverageAxis(plane, 1, fi), 0, fj)
+        for m, overlap in overlaps[index]:
+            accumulator[m] += overlap * reduced
+        if index % 16 == 0:
+            progressLib.report(progress, index / max(k1 - k0, 1), "area-averaging the source")
+    accumulator /= _along(np.diff(kEdges), 0, 3)
+    scaleOffset = np.eye(4)
+    scaleOffset[:3, :3] = np.diag([fi, fj, fk])
+    scaleOffset[:3, 3] = [i0 - 0.5 + 0.5 * fi, j0 - 0.5 + 0.5 * fj, k0 - 0.5 + 0.5 * fk]
+    return accumulator.astype(np.float32), src.ijkToRas @ scaleOffset
+
+
+def _levelFromDownsample(src, factors, crop, progress):
+    """The intermediate level through downsample.downsampleStack (the stacks' own exact streamed box filter)
+    when that module is present and the source is a stack; otherwise areaAverage."""
+    if src.stack is not None:
+        try:
+            from MRIHistoRegLib import downsample  # written with the stacks issue
+        except ImportError:
+            downsample = None
+        if downsample is not None and hasattr(downsample, "downsampleStack"):
+            target = _spacing(src.ijkToRas) * np.asarray(factors)
+            try:
+                cropIjk = tuple(crop[::-1])  # downsampleStack takes voxel ranges in (i, j, k) order
+                array, geometry = downsample.downsampleStack(src.stack, target, crop=cropIjk, progress=progress)
+                return np.asarray(array, np.float32), np.asarray(geometry, float), "downsample.downsampleStack"
+            except TypeError:
+                logging.debug("downsampleStack does not take this crop; using resample.areaAverage")
+    array, geometry = areaAverage(src, factors, crop=crop, progress=progress)
+    return array, geometry, "resample.areaAverage"
+
+
+# ---------------------------------------------------------------------------------------------- resampling
+def _antiAliasFactors(lattice, sourceShape, threshold):
+    """Per source axis (i, j, k): the smallest footprint (in source voxels) of one output voxel over the
+    lattice cells that land in the source; 1 where that is below `threshold`."""
+    jac = lattice.jacobians()                 # d source index / d reference index
+    centres = lattice.cellCentres()
+    sizes = np.array(sourceShape[::-1], float)
+    inside = np.all((centres >= -0.5) & (centres <= sizes - 0.5), axis=1)
+    if not inside.any():
+        return np.ones(3), np.ones(3)
+    extent = np.abs(jac[inside]).sum(axis=2)  # (cells, 3): footprint along each source axis
+    smallest = extent.min(axis=0)
+    factors = np.where(smallest >= threshold, smallest, 1.0)
+    return factors, np.median(extent, axis=0)
+
+
+def _footprintCrop(lattice, sourceShape, margin):
+    """Source index box ((k0, k1), (j0, j1), (i0, i1)) the mapped reference grid touches (+ margin voxels)."""
+    values = lattice.values64.reshape(3, -1)
+    lows = np.floor(values.min(axis=1) - margin)
+    highs = np.ceil(values.max(axis=1) + margin) + 1
+    crop = []
+    for axis in (2, 1, 0):
+        n = sourceShape[2 - axis]
+        low = int(np.clip(lows[axis], 0, n))
+        high = int(np.clip(highs[axis], 0, n))
+        crop.append((low, max(high, low)))
+    return tuple(crop)
+
+
+def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpolation="linear", antiAlias=True,
+                   progress=None, maxErrorVoxels=0.1, fill=0.0, antiAliasThreshold=1.5, lattice=None):
+    """Resample `source` ONCE onto the reference grid through `mapping` (fixed RAS -> moving RAS).
+
+    source: a StackSource (stacks.openStack: the ORIGINAL data, streamed), an (array [k, j, i], ijkToRas) tuple
+    or a volume node; its ijkToRas is the corrected geometry. referenceShape (nk, nj, ni), referenceIjkToRas 4x4.
+    interpolation: 'linear' or 'nearest'. antiAlias: area-average the source first to the output voxel's
+    footprint where it covers >= antiAliasThreshold source voxels along an axis. maxErrorVoxels: target of the
+    lattice approximation (output voxels, verified at probe points). `lattice`: a LatticeMapping built for this
+    grid and source to reuse (its target must be the source's RAS->IJK).
+
+    Returns (float32 array [k, j, i] on the reference grid, info dict: lattice step and probe errors, the
+    intermediate level's spacing and shape, timings in seconds). Outside the source: `fill`.
+    """
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}.")
+    if not hasattr(mapping, "transformPoints"):
+        raise ValueError("mapping must have transformPoints(points) (fixed RAS -> moving RAS); see mapping.py.")
+    shape = _asShape(referenceShape)
+    reference = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
+    started = time.perf_counter()
+    src = source if isinstance(source, _Source) else _Source(source)
+    sourceRasToIjk = np.linalg.inv(src.ijkToRas)
+    progressLib.report(progress, 0.0, "evaluating the mapping on a lattice")
+    if lattice is None:
+        lattice = LatticeMapping(mapping, shape, reference, targetRasToIjk=sourceRasToIjk,
+                                 maxErrorVoxels=maxErrorVoxels)
+    elif lattice.shape != shape or not np.allclose(lattice.targetRasToIjk, sourceRasToIjk):
+        raise ValueError("The lattice given was built for another grid or source: build it with "
+                         "LatticeMapping(mapping, referenceShape, referenceIjkToRas, inv(source ijkToRas)).")
+    timings = {"lattice": time.perf_counter() - started}
+
+    # ---- the image to interpolate once: the source itself or an area-averaged level of it
+    levelStart = time.perf_counter()
+    factors, medianFootprint = (_antiAliasFactors(lattice, src.shape, antiAliasThreshold) if antiAlias
+                                else (np.ones(3), None))
+    level, levelGeometry, levelBy = None, src.ijkToRas, None
+    if np.any(factors > 1.0):
+        crop = _footprintCrop(lattice, src.shape, margin=2 * float(factors.max()) + 2)
+        if min(b - a for a, b in crop) > 0:
+            level, levelGeometry, levelBy = _levelFromDownsample(src, factors, crop,
+                                                                progressLib.scaled(progress, 0.05, 0.5))
+    elif src.array is not None:
+        level = src.array
+    # continuous source index -> continuous level index (affine, applied to the lattice's coordinates)
+    toLevel = np.linalg.inv(levelGeometry) @ src.ijkToRas
+    if level is not None:
+        # the inside test uses the source's own footprint, expressed in level indices
+        corners = np.array([[-0.5, -0.5, -0.5], np.array(src.shape[::-1], float) - 0.5])
+        cornersLevel = _applyMatrix(toLevel, corners)
+        bounds = tuple((float(min(cornersLevel[:, a])), float(max(cornersLevel[:, a]))) for a in range(3))
+        if level.dtype.kind not in "fc" or level.dtype.itemsize > 4:
+            level = level.astype(np.float32) if interpolation == "linear" else level
+    timings["level"] = time.perf_counter() - levelStart
+
+    # ---- one interpolation, slab by slab over the output
+    sampleStart = time.perf_counter()
+    nk, nj, ni = shape
+    output = np.empty(shape, np.float32)
+    slab = max(1, _SLAB_VOXELS // (nj * ni))
+    js = np.arange(nj, dtype=float)
+    is_ = np.arange(ni, dtype=float)
+    identity = np.allclose(toLevel, np.eye(4))
+    sampler = sampleLinear if interpolation == "linear" else sampleNearest
+    planeCache = {}
+    for k0 in range(0, nk, slab):
+        k1 = min(nk, k0 + slab)
+        coords = lattice.evaluateGrid(np.arange(k0, k1, dtype=float), js, is_)  # (3, s, nj, ni) source index
+        if not identity:
+            flatCoords = coords.reshape(3, -1)
+            flatCoords[:] = (toLevel[:3, :3].astype(np.float32) @ flatCoords
+                             + toLevel[:3, 3].astype(np.float32)[:, None])
+        ci, cj, ck = coords[0], coords[1], coords[2]
+        if level is not None:
+            output[k0:k1] = sampler(level, ci, cj, ck, bounds=bounds, fill=fill)
+        else:
+            output[k0:k1] = _sampleFromStack(src, sampler, ci, cj, ck, planeCache, fill)
+        progressLib.report(progress, 0.5 + 0.5 * k1 / nk, "resampling")
+    timings["resample"] = time.perf_counter() - sampleStart
+    timings["total"] = time.perf_counter() - started
+
+    levelSpacing = _spacing(levelGeometry)
+    info = dict(lattice.info())
+    info.update({
+        "interpolation": interpolation,
+        "anti_alias": bool(antiAlias),
+        "anti_alias_factors": [round(float(f), 4) for f in factors],
+        "median_footprint_source_voxels": None if medianFootprint is None else [round(float(f), 3) for f in medianFootprint],
+        "level_spacing_mm": [round(float(s), 6) for s in levelSpacing],
+        "level_shape_kji": list(level.shape) if level is not None and level is not src.array else None,
+        "level_by": levelBy,
+        "source_spacing_mm": [round(float(s), 6) for s in _spacing(src.ijkToRas)],
+        "output_spacing_mm": [round(float(s), 6) for s in _spacing(reference)],
+        "timing_s": {key: round(value, 4) for key, value in timings.items()},
+    })
+    logging.info("Resampled onto %s: lattice step %s voxels (max error %.3g voxel), level spacing %s mm, %.2f s",
+                 shape[::-1], info["lattice_step_voxels"], lattice.maxErrorVoxels, info["level_spacing_mm"],
+                 timings["total"])
+    return output, info
+
+
+def _sampleFromStack(src, sampler, ci, cj, ck, planeCache, fill):
+    """Sample a stack without a level: read the planes this slab touches (kept for the next slab)."""
+    nk = src.shape[0]
+    inRange = (ck >= -0.5) & (ck <= nk - 0.5)
+    if not inRange.any():
+        return np.full(ci.shape, fill, np.float32)
+    low = int(np.clip(np.floor(ck[inRange].min()), 0, nk - 1))
+    high = int(np.clip(np.floor(ck[inRange].max()) + 2, 1, nk))
+    for k in list(planeCache):
+        if k < low or k >= high:
+            del planeCache[k]
+    block = np.empty((high - low,) + src.shape[1:], np.float32)
+    for index, k in enumerate(range(low, high)):
+        if k not in planeCache:
+            planeCache[k] = src.planes(k, k + 1)[0]
+        block[index] = planeCache[k]
+    bounds = ((-0.5, src.shape[2] - 0.5), (-0.5, src.shape[1] - 0.5), (-0.5 - low, nk - 0.5 - low))
+    return sampler(block, ci, cj, ck - low, bounds=bounds, fill=fill)
+
+
+def resampleToReference(scene, source, mapping, referenceNode, name, **options):
+    """Resample `source` onto `referenceNode`'s grid (see resampleToGrid) into a new scalar volume node with the
+    reference's geometry. Returns the node; the resampling info is stored as the node attribute
+    'MRIHistoReg.resampling' (JSON)."""
+    import json
+
+    from MRIHistoRegLib import volumes
+
+    imageData = referenceNode.GetImageData() if referenceNode is not None else None
+    if imageData is None:
+        raise ValueError("referenceNode has no image data: pick a loaded volume as the reference grid.")
+    dims = imageData.GetDimensions()
+    geometry = volumes.ijkToRas(referenceNode)
+    array, info = resampleToGrid(source, mapping, (dims[2], dims[1], dims[0]), geometry, **options)
+    node = volumes.createVolumeNode(scene, array, geometry, name)
+    node.SetAttribute("MRIHistoReg.resampling", json.dumps(info))
+    return node
+
+
+def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, referenceIjkToRas=None,
+                               inverseMapping=None, marginMm=0.0, samplesPerEdge=9, maxVoxels=2e9):
+    """A reference grid covering the source's (histology's) footprint mapped into fixed (MRI) space.
+
+    The source box's surface (samplesPerEdge^2 points per face) is carried histology -> MRI by `inverseMapping`
+    (histology RAS -> MRI RAS) or, without it, by inverting `mapping` (MRI -> histology) with Newton iterations
+    (mapping.invertPoints; residuals checked). The grid's axes are those of `referenceIjkToRas` (e.g. the MRI's;
+    default RAS axes), its spacing `spacingMm` (scalar or (i, j, k)). Returns (shape (nk, nj, ni), ijkToRas 4x4).
+    """
+    from MRIHistoRegLib.mapping import invertPoints
+
+    sourceShape = _asShape(sourceShape, "sourceShape")
+    sourceIjkToRas = _asMatrix(sourceIjkToRas, "sourceIjkToRas")
+    spacing = np.broadcast_to(np.asarray(spacingMm, float), (3,)).copy()
+    if np.any(spacing <= 0):
+        raise ValueError(f"spacingMm must be > 0, got {spacingMm}.")
+    directions = np.eye(3)
+    if referenceIjkToRas is not None:
+        matrix = _asMatrix(referenceIjkToRas, "referenceIjkToRas")[:3, :3]
+        directions = matrix / np.linalg.norm(matrix, axis=0)
+    sizes = np.array(sourceShape[::-1], float)
+    t = np.linspace(0.0, 1.0, int(samplesPerEdge))
+    faces = []
+    for axis in range(3):
+        others = [a for a in range(3) if a != axis]
+        u, v = np.meshgrid(t, t, indexing="ij")
+        for side in (0.0, 1.0):
+            points = np.empty((u.size, 3))
+            points[:, axis] = side
+            points[:, others[0]] = u.ravel()
+            points[:, others[1]] = v.ravel()
+            faces.append(points)
+    unit = np.concatenate(faces)
+    index = -0.5 + unit * sizes[None, :]
+    moving = _applyMatrix(sourceIjkToRas, index)
+    if inverseMapping is not None:
+        fixed = asPoints(inverseMapping.transformPoints(moving))
+    else:
+        initial = None
+        if hasattr(mapping, "linearMatrix"):
+            initial = _applyMatrix(np.linalg.inv(mapping.linearMatrix()), moving)
+        fixed, residual = invertPoints(mapping, moving, initialGuess=initial)
+        if residual.max(initial=0.0) > 1e-3:
+            raise ValueError(f"Could not carry the histology footprint into MRI space (inverse residual "
+                             f"{residual.max():.3g} mm): the transform folds near the stack's border; pass an "
+                             f"explicit reference grid instead.")
+    local = fixed @ directions  # coordinates along the grid's axes
+    low = local.min(axis=0) - marginMm
+    high = local.max(axis=0) + marginMm
+    counts = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
+    if float(np.prod(counts.astype(float))) > maxVoxels:
+        raise ValueError(f"The footprint grid would have {np.prod(counts.astype(float)):.3g} voxels at {spacing.tolist()} mm: "
+                         f"choose a coarser spacing.")
+    ijkToRas = np.eye(4)
+    ijkToRas[:3, :3] = directions * spacing[None, :]
+    firstCentre = low + 0.5 * spacing  # voxel boxes tile [low, low + counts * spacing]
+    ijkToRas[:3, 3] = directions @ firstCentre
+    return (int(counts[2]), int(counts[1]), int(counts[0])), ijkToRas
