@@ -1,0 +1,274 @@
+"""Stack sources on real files: every kind (multipage TIFF, BigTIFF compressed, TIFF series, NRRD raw/gzip,
+attached/detached), spacing metadata written with tifffile, the real brainreg series, and the bad inputs."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from MRIHistoRegLib import stacks
+
+
+def _stack(shape=(7, 11, 13), seed=0, dtype=np.uint16):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+
+
+def _assertPlanes(source, array):
+    assert source.shape == array.shape
+    assert source.dtype == array.dtype.newbyteorder("=")
+    for k in (0, array.shape[0] // 2, array.shape[0] - 1, 1):  # includes a backwards jump (gzip restarts)
+        np.testing.assert_array_equal(source.readPlane(k), array[k])
+    planes = [plane for _, plane in source.iterPlanes()]
+    np.testing.assert_array_equal(np.stack(planes), array)
+
+
+def _writeNrrd(path, array, header=None, detached=False, encoding="raw"):
+    import nrrd
+
+    header = dict(header or {})
+    header["encoding"] = encoding
+    nrrd.write(str(path), array, header, index_order="C", detached_header=detached)
+
+
+# ---- TIFF -----------------------------------------------------------------------------------------------------
+def test_multipage_tiff_uncompressed_and_bigtiff_compressed(tmp_path):
+    import tifffile
+
+    array = _stack()
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, array, photometric="minisblack")
+    source = stacks.openStack(plain)
+    assert source.kind == "tiff" and source.nbytes == array.nbytes
+    _assertPlanes(source, array)
+    assert source.pageOffset(3) is not None  # uncompressed: one positional read per plane
+
+    big = tmp_path / "big.tif"
+    tifffile.imwrite(big, array, bigtiff=True, compression="zlib", photometric="minisblack")
+    source = stacks.openStack(big)
+    assert source.pageOffset(0) is None  # compressed: through tifffile's decoder
+    _assertPlanes(source, array)
+
+    bigEndian = tmp_path / "be.tif"
+    tifffile.imwrite(bigEndian, array, byteorder=">", photometric="minisblack")
+    _assertPlanes(stacks.openStack(bigEndian), array)
+
+
+def test_tiff_opening_reads_no_voxels(tmp_path):
+    import tifffile
+
+    array = _stack((5, 40, 50))
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, array, photometric="minisblack")
+    # overwrite the voxel bytes of page 0 with garbage: opening must not notice, reading must see them
+    source = stacks.openStack(path)
+    offset = source.pageOffset(0)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff\xff" * 10)
+    reopened = stacks.openStack(path)
+    assert reopened.shape == array.shape
+    assert reopened.readPlane(0).ravel()[0] == 0xFFFF
+
+
+def test_ome_and_imagej_spacing_metadata(tmp_path):
+    import tifffile
+
+    array = _stack((3, 8, 9))
+    ome = tmp_path / "s.ome.tif"
+    tifffile.imwrite(ome, array, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 3.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 3.5,
+        "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 0.005, "PhysicalSizeZUnit": "mm"})
+    source = stacks.openStack(ome)
+    np.testing.assert_allclose(source.metadataSpacingMm, (0.00325, 0.0035, 0.005))
+    assert "OME" in source.metadataSpacingSource
+    np.testing.assert_allclose(source.spacingMm, (0.00325, 0.0035, 0.005))
+
+    imagej = tmp_path / "ij.tif"
+    tifffile.imwrite(imagej, array, imagej=True, resolution=(1 / 3.25, 1 / 3.25),
+                     metadata={"spacing": 5.0, "unit": "um", "axes": "ZYX"})
+    source = stacks.openStack(imagej)
+    np.testing.assert_allclose(source.metadataSpacingMm, (0.00325, 0.00325, 0.005))
+    assert "ImageJ" in source.metadataSpacingSource
+    # precedence: user > metadata; withSpacing(None) goes back to the file's
+    user = source.withSpacing((0.01, 0.02, 0.03))
+    assert user.spacingMm == (0.01, 0.02, 0.03) and user.spacingSource == "user"
+    np.testing.assert_allclose(user.withSpacing(None).spacingMm, (0.00325, 0.00325, 0.005))
+    # geometry: RAS = (-i*sx, -j*sy, k*sz), voxel 0 at the origin
+    np.testing.assert_allclose(user.ijkToRas() @ [2, 3, 4, 1], [-0.02, -0.06, 0.12, 1])
+
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, array, photometric="minisblack")
+    source = stacks.openStack(bare)
+    assert source.metadataSpacingMm is None and source.headerSpacingMm is None
+    assert source.spacingMm == (1.0, 1.0, 1.0)
+
+
+def test_tiff_series_natural_sort_and_one_file(tmp_path):
+    import tifffile
+
+    array = _stack((12, 6, 5))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(12):
+        tifffile.imwrite(folder / f"img_{k}.tif", array[k])  # img_10 sorts after img_9
+    source = stacks.openStack(folder, spacingMm=(0.04, 0.04, 0.05))
+    assert source.kind == "tiff-series"
+    _assertPlanes(source, array)
+    one = tmp_path / "one"
+    one.mkdir()
+    tifffile.imwrite(one / "only.tif", array[3])
+    source = stacks.openStack(one)
+    assert source.shape == (1, 6, 5)
+    np.testing.assert_array_equal(source.readPlane(0), array[3])
+
+
+def test_real_brainreg_series(sharedData):
+    import tifffile
+
+    folder = sharedData / "brainreg" / "brain"
+    # the user supplies 50 x 40 x 40 um for (z, y, x) = (k, j, i): (i, j, k) = (0.04, 0.04, 0.05) mm
+    source = stacks.openStack(folder, spacingMm=(0.04, 0.04, 0.05))
+    assert source.shape == (270, 193, 271) and source.dtype == np.uint16
+    assert source.metadataSpacingMm is None  # nothing stored in the files
+    np.testing.assert_allclose(source.spacingMm, (0.04, 0.04, 0.05))
+    np.testing.assert_array_equal(source.readPlane(100), tifffile.imread(folder / "image_0100.tif"))
+    np.testing.assert_allclose(source.ijkToRas() @ [270, 192, 269, 1], [-270 * 0.04, -192 * 0.04, 269 * 0.05, 1])
+
+
+def test_real_malformed_series(sharedData):
+    with pytest.raises(ValueError, match=r"half_MB_0001\.tif|image_0000\.tif") as error:
+        stacks.openStack(sharedData / "brainreg" / "exceptions" / "mismatched_dims")
+    assert "same size" in str(error.value)
+    source = stacks.openStack(sharedData / "brainreg" / "exceptions" / "one_tiff")
+    assert source.shape[0] == 1
+    assert source.readPlane(0).shape == source.shape[1:]
+
+
+def test_mismatched_series_names_first_offender(tmp_path):
+    import tifffile
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for k in range(4):
+        tifffile.imwrite(folder / f"s{k:02d}.tif", np.zeros((6, 5), np.uint16))
+    tifffile.imwrite(folder / "s02.tif", np.zeros((6, 5), np.uint8))
+    tifffile.imwrite(folder / "s03.tif", np.zeros((7, 5), np.uint16))
+    with pytest.raises(ValueError, match=r"s02\.tif.*uint8"):
+        stacks.openStack(folder)
+
+
+# ---- NRRD -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding,detached", [("raw", False), ("gzip", False), ("raw", True), ("gzip", True)])
+def test_nrrd_kinds(tmp_path, encoding, detached):
+    array = _stack((6, 9, 10), dtype=np.int16)
+    path = tmp_path / ("s.nhdr" if detached else "s.nrrd")
+    directions = np.array([[0.0, 0.002, 0.0], [-0.003, 0.0, 0.0], [0.0, 0.0, 0.005]])  # rows = axes i, j, k (LPS)
+    _writeNrrd(path, array, {"space": "left-posterior-superior", "space directions": directions,
+                             "space origin": [1.0, 2.0, 3.0]}, detached=detached, encoding=encoding)
+    if detached:
+        assert any(name.endswith(".raw.gz" if encoding == "gzip" else ".raw") for name in os.listdir(tmp_path))
+    source = stacks.openStack(path)
+    assert source.kind == "nrrd"
+    _assertPlanes(source, array)
+    np.testing.assert_allclose(source.headerSpacingMm, (0.002, 0.003, 0.005))
+    assert source.metadataSpacingSource == "NRRD space directions"
+    # LPS -> RAS: flip x and y of directions and origin
+    expected = np.eye(4)
+    expected[:3, :3] = (directions.T * [[-1], [-1], [1]])
+    expected[:3, 3] = [-1.0, -2.0, 3.0]
+    np.testing.assert_allclose(source.ijkToRas(), expected)
+    # a corrected spacing keeps directions and origin
+    fixed = source.withSpacing((0.02, 0.03, 0.05))
+    np.testing.assert_allclose(fixed.ijkToRas()[:3, :3], expected[:3, :3] * 10)
+    np.testing.assert_allclose(fixed.ijkToRas()[:3, 3], expected[:3, 3])
+    np.testing.assert_array_equal(fixed.readPlane(2), array[2])
+
+
+def test_nrrd_big_endian(tmp_path):
+    array = _stack((4, 5, 6)).astype(">u2")
+    path = tmp_path / "be.nrrd"
+    _writeNrrd(path, array)
+    source = stacks.openStack(path)
+    _assertPlanes(source, array.astype(np.uint16))
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def test_truncated_nrrd_raw_and_gzip(tmp_path):
+    array = _stack((6, 20, 30))
+    raw = tmp_path / "r.nrrd"
+    _writeNrrd(raw, array)
+    with open(raw, "r+b") as f:
+        f.truncate(os.path.getsize(raw) - 100)
+    with pytest.raises(ValueError, match=r"r\.nrrd is truncated"):
+        stacks.openStack(raw)
+
+    gz = tmp_path / "g.nrrd"
+    _writeNrrd(gz, array, encoding="gzip")
+    with open(gz, "r+b") as f:
+        f.truncate(os.path.getsize(gz) // 2)
+    source = stacks.openStack(gz)  # the header is intact; the data ends early
+    with pytest.raises(ValueError, match=r"g\.nrrd.*(truncated|corrupt)"):
+        for _ in source.iterPlanes():
+            pass
+
+
+def test_truncated_and_corrupt_tiff(tmp_path):
+    import tifffile
+
+    array = _stack((4, 64, 64))
+    plain = tmp_path / "t.tif"
+    tifffile.imwrite(plain, array, photometric="minisblack")
+    source = stacks.openStack(plain)
+    lastOffset = source.pageOffset(3)
+    with open(plain, "r+b") as f:  # cut into the last page's voxels (pages are written before their IFD? keep IFDs)
+        data = bytearray(f.read())
+    cut = tmp_path / "cut.tif"
+    with open(cut, "wb") as f:
+        f.write(bytes(data[: lastOffset + 100]))
+    with pytest.raises(ValueError, match=r"cut\.tif"):
+        opened = stacks.openStack(cut)
+        for _ in opened.iterPlanes():
+            pass
+
+    packed = tmp_path / "z.tif"
+    tifffile.imwrite(packed, array, compression="zlib", photometric="minisblack")
+    source = stacks.openStack(packed)
+    page = source._page(2)
+    offset, count = page.dataoffsets[0], page.databytecounts[0]
+    with open(packed, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00garbage!" * (count // 9))
+    source = stacks.openStack(packed)
+    np.testing.assert_array_equal(source.readPlane(1), array[1])
+    with pytest.raises(ValueError, match=r"z\.tif: page 2 is corrupt"):
+        source.readPlane(2)
+
+
+def test_unknown_and_missing_paths(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        stacks.openStack(tmp_path / "nope.tif")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="unknown stack format"):
+        stacks.openStack(junk)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no .tif"):
+        stacks.openStack(empty)
+
+
+def test_memory_guard(tmp_path):
+    import tifffile
+
+    with pytest.raises(ValueError, match="streamed downsampling"):
+        stacks.checkMemoryFor(10 ** 9, "a test stack", availableBytes=10 ** 6)
+    stacks.checkMemoryFor(10 ** 6, "a test stack", availableBytes=10 ** 9)
+    available = stacks.availableMemoryBytes()
+    assert available is None or available > 0
+    with pytest.raises(ValueError, match="streamed downsampling"):
+        stacks.checkMemoryFor(1 << 62, "the impossible stack")  # whatever this machine has
+    array = _stack((3, 4, 5))
+    path = tmp_path / "small.tif"
+    tifffile.imwrite(path, array, photometric="minisblack")
+    np.testing.assert_array_equal(stacks.openStack(path).readAll(), array)
