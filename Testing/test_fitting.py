@@ -325,3 +325,45 @@ def test_leaveOneOutUndeterminedPairIsNan(caplog):
     assert np.isnan(loo[4]) and np.isfinite(loo[:4]).all() and "pair e" in caplog.text
     evaluation = fitting.evaluateFit(fixed, moving, list("abcde"), "affine")
     assert np.isfinite(evaluation["loo_rms_mm"])  # NaN pairs are left out of the summary figures
+
+
+# --- the generated phantom (sampledata.py): landmarks with realistic noise, exact ground truth ------------------
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from MRIHistoRegLib import sampledata
+
+    folder = tmp_path_factory.mktemp("phantom") / "sample"
+    manifest = sampledata.generateSampleData(folder, size=20, seed=0)  # the coarsest stack: ~1 s, same landmarks
+    return folder, manifest["truth"]
+
+
+def test_phantomHeldOutPointsAndShrinkage(phantom):
+    from MRIHistoRegLib import landmarks, sampledata
+
+    folder, truth = phantom
+    labels, fixed = landmarks.readPoints(folder / "landmarks_mri.mrk.json")
+    movingLabels, moving = landmarks.readPoints(folder / "landmarks_histology.mrk.json")
+    assert labels == movingLabels and len(labels) >= 10
+    evalLabels, evalMri = landmarks.readPoints(folder / "eval_points_mri.csv")
+    _, evalHistology = landmarks.readPoints(folder / "eval_points_histology.csv")
+    errors = {}
+    for model in fitting.MODELS:
+        fitted, evaluation = fitting.evaluateAndFit(fixed, moving, labels, model)
+        errors[model] = np.linalg.norm(fitted.transformPoints(evalMri) - evalHistology, axis=1)
+        if model != "rigid":  # shrinkage readout near the truth (40.1 % by volume), from 12 noisy landmarks
+            assert evaluation["shrinkage_volume_percent"] == pytest.approx(truth["shrinkage"]["volume_shrinkage_percent"], abs=4.0)
+            assert evaluation["shrinkage_linear_percent"] == pytest.approx(100 * (1 - truth["shrinkage"]["linear_scale"]), abs=2.0)
+        if model == "affine+tps":
+            tps, tpsEvaluation = fitted, evaluation
+    # held-out accuracy: landmark noise is 0.05 mm (MRI) / 0.015 mm (histology) per axis
+    assert np.median(errors["affine+tps"]) < 0.1 and errors["affine+tps"].max() < 0.25
+    assert np.median(errors["affine+tps"]) < np.median(errors["rigid"]) / 3  # the rigid model cannot shrink
+    # LOO predicts the held-out error honestly (same order), the residual does not (TPS residual is 0)
+    heldOutRms = np.sqrt(np.mean(errors["affine+tps"] ** 2))
+    assert tpsEvaluation["residual_max_mm"] < 1e-9
+    assert heldOutRms / 3 < tpsEvaluation["loo_rms_mm"] < heldOutRms * 3
+    # the TPS Jacobian determinant (local volume ratio) against the true mapping's, at the held-out points
+    trueDet = np.linalg.det(sampledata.GroundTruthMapping(truth).jacobian(evalMri))
+    assert np.median(np.abs(np.linalg.det(tps.jacobian(evalMri)) - trueDet)) < 0.1
+    assert tpsEvaluation["jacobian"]["folded_fraction"] == 0.0

@@ -253,3 +253,24 @@ def test_cliRegisterAndMapPoints(tmp_path):
     assert cli.main(["register", "--fixed-points", str(tmp_path / "mri.mrk.json"), "--moving-points",
                      str(tmp_path / "histology.csv"), "--model", "cubic", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_phantomThroughMrml(scene, tmp_path):
+    """The whole chain on the generated phantom: markups files -> pairing -> TPS node -> MRML maps the held-out
+    points (MRI -> histology by the from-parent transform; histology -> MRI by hardening) near the truth."""
+    from MRIHistoRegLib import sampledata
+
+    folder = tmp_path / "sample"
+    sampledata.generateSampleData(folder, size=20, seed=0)
+    mri = landmarks.loadMarkups(scene, folder / "landmarks_mri.mrk.json")
+    histology = landmarks.loadMarkups(scene, folder / "landmarks_histology.mrk.json")
+    pairs = landmarks.pairLandmarks(mri, histology)
+    node = transforms.createTransformNode(scene, fitting.fitLandmarks(pairs.fixed, pairs.moving, "affine+tps"), "T")
+    labels, evalMri = landmarks.readPoints(folder / "eval_points_mri.csv")
+    _, evalHistology = landmarks.readPoints(folder / "eval_points_histology.csv")
+    toHistology = _transformBetween(None, node, evalMri)
+    assert np.median(np.linalg.norm(toHistology - evalHistology, axis=1)) < 0.1
+    points = landmarks.markupsFromPoints(scene, labels, evalHistology, "eval histology")
+    points.SetAndObserveTransformNodeID(node.GetID())
+    assert moduleLogic(scene, "Transforms").hardenTransform(points)
+    assert np.median(np.linalg.norm(_markupsWorldPoints(points) - evalMri, axis=1)) < 0.15
