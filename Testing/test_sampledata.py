@@ -212,6 +212,28 @@ def test_tiff_and_nrrd_hold_identical_voxels_with_the_wrong_1mm_header(sample):
     assert stack[label == 1].mean() > 1.5 * tissue.mean()
 
 
+def test_histology_image_shows_the_tumour_where_the_mapping_puts_it(sample):
+    """The bright tumour segmented from the image (not the label file) sits on the exact label."""
+    import nrrd
+    import tifffile
+    from scipy import ndimage
+
+    folder = sample["folder"]
+    stack = tifffile.imread(str(folder / "histology.tif")).astype(np.float32)
+    label, _ = nrrd.read(str(folder / "histology_tumour_label.nrrd"), index_order="C")
+    k, j, i = np.nonzero(label)
+    box = tuple(slice(max(int(v.min()) - 8, 0), int(v.max()) + 9) for v in (k, j, i))
+    smooth = ndimage.uniform_filter(stack, size=3)[box]
+    inside = label[box] == 1
+    threshold = 0.5 * (np.median(smooth[inside]) + np.median(smooth[~inside & (smooth > 250)]))
+    bright = smooth > threshold
+    dice = 2 * np.count_nonzero(bright & inside) / (np.count_nonzero(bright) + np.count_nonzero(inside))
+    assert dice > 0.85
+    spacing = SMALL_SPACING_MM[::-1]  # (k, j, i)
+    offset = (np.array(np.nonzero(bright)).mean(axis=1) - np.array(np.nonzero(inside)).mean(axis=1)) * spacing
+    assert np.linalg.norm(offset) < 0.01, offset
+
+
 def test_volumes_load_into_a_scene_with_hand_derived_geometry(sample, scene):
     folder = sample["folder"]
     mri = loadVolume(scene, folder / "mri.nrrd")
@@ -219,6 +241,13 @@ def test_volumes_load_into_a_scene_with_hand_derived_geometry(sample, scene):
     expected = np.array([[-0.1, 0, 0, 0.1 * 49.5], [0, -0.1, 0, 0.1 * 99.5], [0, 0, 0.1, -0.1 * 59.5], [0, 0, 0, 1]])
     assert np.allclose(ijkToRas(mri), expected, atol=1e-9)
     assert mri.GetImageData().GetDimensions() == (100, 200, 120)
+    # the same geometry through an independent reader (pynrrd, LPS): directions diag(0.1), origin LPS = (-x, -y, z)
+    import nrrd
+
+    header = nrrd.read_header(str(folder / "mri.nrrd"))
+    assert header["space"] == "left-posterior-superior" and header["type"] in ("short", "int16")
+    assert np.allclose(header["space directions"], 0.1 * np.eye(3))
+    assert np.allclose(header["space origin"], [-4.95, -9.95, -5.95])
     histology = loadVolume(scene, folder / "histology.nrrd")
     assert np.allclose(ijkToRas(histology), np.diag([-1.0, -1.0, 1.0, 1.0]), atol=1e-12)  # the wrong 1 mm claim
     assert histology.GetImageData().GetDimensions() == SMALL_SHAPE_IJK
