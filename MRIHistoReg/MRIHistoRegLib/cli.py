@@ -66,6 +66,92 @@ def _runMapPoints(args):
     return 0
 
 
+def _addSpacingArguments(p):
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--spacing-um", nargs="+", type=float, metavar="S",
+                       help="true voxel spacing in micrometres: one value or three (x y z = i j k); overrides the file")
+    group.add_argument("--spacing-mm", nargs="+", type=float, metavar="S", help="the same in millimetres")
+
+
+def _openFromArgs(args):
+    from MRIHistoRegLib.spacing import toMillimetres
+    from MRIHistoRegLib.stacks import openStack
+
+    spacing = None
+    if args.spacing_um is not None:
+        spacing = toMillimetres(args.spacing_um, "um")
+    elif args.spacing_mm is not None:
+        spacing = toMillimetres(args.spacing_mm, "mm")
+    if spacing is not None and len(spacing) == 1:
+        spacing = spacing * 3
+    return openStack(args.input, spacingMm=spacing)
+
+
+def _addInfo(subparsers):
+    p = subparsers.add_parser("info", help="describe a stack (TIFF file, TIFF folder or NRRD) without reading its voxels")
+    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
+    _addSpacingArguments(p)
+    p.add_argument("--reference", help="reference volume (e.g. the MRI) whose size the plausibility check compares with")
+    p.add_argument("--reference-mm", type=float, nargs="+", help="reference size in mm (one value or x y z) instead")
+    p.set_defaults(func=_runInfo)
+
+
+def _runInfo(args):
+    from MRIHistoRegLib.spacing import checkPlausibility
+
+    source = _openFromArgs(args)
+    reference = args.reference_mm
+    if args.reference:
+        from MRIHistoRegLib.context import createScene
+        from MRIHistoRegLib.volumes import loadVolume
+
+        reference = loadVolume(createScene(), args.reference)
+    for line in source.describe():
+        logging.info("%s", line)
+    verdict = checkPlausibility(source, referenceExtentMm=reference)
+    (logging.info if verdict.ok else logging.warning)("plausibility: %s", verdict.message)
+    return 0
+
+
+def _addDownsample(subparsers):
+    p = subparsers.add_parser("downsample", help="streamed, exact area-weighted downsampling of a huge stack to a NRRD")
+    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
+    _addSpacingArguments(p)
+    p.add_argument("--target-mm", nargs="+", type=float, required=True, metavar="T",
+                   help="output spacing in mm: one value (isotropic) or three (x y z)")
+    p.add_argument("--crop", nargs=6, type=int, metavar=("I0", "I1", "J0", "J1", "K0", "K1"),
+                   help="crop box in input voxels (half-open ranges), applied while streaming")
+    p.add_argument("--out", help="output .nrrd (default: <input>_<target>mm.nrrd in the current folder)")
+    p.set_defaults(func=_runDownsample)
+
+
+def _runDownsample(args):
+    from MRIHistoRegLib.downsample import downsampleToFile
+    from MRIHistoRegLib.progress import TerminalProgress
+    from MRIHistoRegLib.spacing import checkPlausibility
+
+    source = _openFromArgs(args)
+    target = args.target_mm if len(args.target_mm) != 1 else args.target_mm * 3
+    if len(target) != 3:
+        raise ValueError(f"--target-mm takes one value or three (x y z), got {args.target_mm}.")
+    verdict = checkPlausibility(source)
+    if not verdict.ok:
+        logging.warning("%s (spacing from %s; give --spacing-um if it is wrong)", verdict.message, source.spacingSource)
+    out = args.out
+    if out is None:
+        base = os.path.basename(os.path.normpath(args.input)).split(".")[0]
+        label = f"{target[0]:g}" if len(set(target)) == 1 else "x".join(f"{t:g}" for t in target)
+        out = f"{base}_{label}mm.nrrd"
+    crop = None
+    if args.crop:
+        c = args.crop
+        crop = ((c[0], c[1]), (c[2], c[3]), (c[4], c[5]))
+    logging.info("%s %s, spacing %s mm (%s) -> %s mm", source.kind, source.shape, source.spacingMm, source.spacingSource, target)
+    downsampleToFile(source, target, out, crop=crop, progress=TerminalProgress("downsample"))
+    logging.info("wrote %s", out)
+    return 0
+
+
 def buildParser():
     parser = argparse.ArgumentParser(prog="python -m MRIHistoRegLib", description="MRI to light-sheet histology registration")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -78,6 +164,7 @@ def buildParser():
 # Subcommand registrations, in the order of the pipeline.
 _SUBCOMMANDS = [_addSample]
 _SUBCOMMANDS += [_addRegister, _addMapPoints]  # landmark registration (issue 4)
+_SUBCOMMANDS += [_addInfo, _addDownsample]  # stacks: describe, streamed downsampling (issue 3)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,374 @@
+"""Streamed, exact, memory-bounded downsampling of a huge stack to a coarser spacing.
+
+The filter is the exact area (volume) average: every output voxel is the mean of the piecewise-constant input
+over its box, boxes of the target size tiled from the (cropped) stack's corner, input voxels cut by a box edge
+counted with the fraction inside. Non-integer factors (30.77 x 30.77 x 20) are exact; integer factors give the
+plain block mean. It is separable, so it runs plane by plane:
+
+- each input plane k is reduced along j first: rows are summed over "segments" (runs of rows wholly inside one
+  output box, or a single row cut by a box edge) - one pass over the plane, in float32 where that is exact
+  (integers up to 16 bits and short runs) else float64;
+- those row sums are accumulated (float64) into the one or two output planes plane k overlaps, with the
+  fraction of plane k inside each;
+- when an output plane is complete its row-segment sums are combined with the j fractions and reduced along i
+  by the exact per-column weights (a small matrix product), then divided by the box volume.
+
+Memory: two input plane buffers (one being read while the other is reduced, on two cores) plus the row sums of
+two output planes, plus the output - whatever the depth. Output voxel centres sit at the centres of the
+averaged boxes; the geometry stays in the stack's frame (see stacks.py).
+
+The last box along an axis is dropped when the stack does not fill it (at most one target voxel's worth of data,
+like ITK's BinShrink); an axis shorter than one target voxel gives one output voxel averaging all of it, centred
+on it.
+"""
+import logging
+import math
+import os
+import queue
+import threading
+
+import numpy as np
+
+from MRIHistoRegLib.progress import Cancelled, report
+
+LOG = logging.getLogger(__name__)
+
+_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plan: per-axis box edges and weights
+# --------------------------------------------------------------------------------------------------------------
+class _AxisPlan:
+    """Boxes of `factor` input voxels tiled over `length` input voxels (index units from the region start)."""
+
+    def __init__(self, length, factor):
+        self.length = int(length)
+        self.factor = float(factor)
+        if self.length < self.factor * (1 - _EPS):
+            edges = np.array([0.0, float(self.length)])
+        else:
+            count = max(1, int(math.floor(self.length / self.factor + _EPS)))
+            edges = np.arange(count + 1, dtype=float) * self.factor
+            edges[-1] = min(edges[-1], float(self.length))
+        rounded = np.round(edges)
+        edges = np.where(np.abs(edges - rounded) < 1e-7, rounded, edges)
+        self.edges = edges
+        self.count = len(edges) - 1
+        self.boxLength = np.diff(edges)
+        self.cover = int(math.ceil(edges[-1] - 1e-7))  # input cells touched
+        breaks = np.unique(np.concatenate([np.floor(edges), np.ceil(edges)]).astype(np.int64))
+        self.breaks = breaks[(breaks >= 0) & (breaks <= self.cover)]
+        lo, hi = self.breaks[:-1].astype(float), self.breaks[1:].astype(float)
+        overlap = np.clip(np.minimum(hi[None, :], edges[1:, None]) - np.maximum(lo[None, :], edges[:-1, None]), 0, None)
+        self.segmentWeights = overlap / (hi - lo)[None, :]  # (count, nSegments): weight of a segment's SUM
+        self.maxSegment = int(np.max(hi - lo)) if len(lo) else 1
+
+    def cellWeights(self):
+        """(count, cover) overlap of each input cell with each box."""
+        cells = np.arange(self.cover, dtype=float)
+        return np.clip(np.minimum(cells[None, :] + 1, self.edges[1:, None]) - np.maximum(cells[None, :], self.edges[:-1, None]), 0, None)
+
+    def centres(self):
+        """Box centres in voxel-centre index coordinates (voxel c spans [c - 0.5, c + 0.5])."""
+        return (self.edges[:-1] + self.edges[1:]) / 2.0 - 0.5
+
+
+def _factors(source, targetSpacingMm):
+    from MRIHistoRegLib.spacing import toMillimetres
+
+    target = np.broadcast_to(np.asarray(toMillimetres(targetSpacingMm, "mm")), (3,)).astype(float)
+    spacing = np.asarray(source.spacingMm, dtype=float)
+    factors = target / spacing
+    if np.any(factors < 1 - 1e-6):
+        axes = ", ".join(f"{'ijk'[a]}: {target[a]:.6g} < {spacing[a]:.6g} mm" for a in range(3) if factors[a] < 1 - 1e-6)
+        raise ValueError(f"Target spacing {tuple(target)} mm is finer than the stack's spacing {tuple(spacing)} mm ({axes}). "
+                         f"Downsampling only makes voxels bigger: choose a target of at least the stack's spacing "
+                         f"(or correct the stack's spacing first if it is wrong).")
+    return np.maximum(factors, 1.0), target
+
+
+def resolveCrop(source, crop):
+    """Crop box as voxel ranges ((i0, i1), (j0, j1), (k0, k1)), half-open, from None, voxel ranges, or
+    {"mm": ((x0, x1), (y0, y1), (z0, z1))} measured along i, j, k from the stack's corner (outer face of voxel 0),
+    rounded to the nearest voxel boundary."""
+    nk, nj, ni = source.shape
+    sizes = (ni, nj, nk)
+    if crop is None:
+        return tuple((0, n) for n in sizes)
+    if isinstance(crop, dict):
+        if set(crop) != {"mm"}:
+            raise ValueError("A crop dict must be {'mm': ((x0, x1), (y0, y1), (z0, z1))}; give voxel ranges as a plain tuple.")
+        ranges = []
+        for axis, pair in enumerate(crop["mm"]):
+            if pair is None:
+                ranges.append(None)
+                continue
+            s = source.spacingMm[axis]
+            ranges.append((int(round(float(pair[0]) / s)), int(round(float(pair[1]) / s))))
+        crop = ranges
+    if len(crop) != 3:
+        raise ValueError(f"Crop must have three ranges (i, j, k), got {crop!r}.")
+    result = []
+    for axis, (pair, n) in enumerate(zip(crop, sizes)):
+        if pair is None:
+            result.append((0, n))
+            continue
+        a, b = (int(pair[0]) if pair[0] is not None else 0), (int(pair[1]) if pair[1] is not None else n)
+        if not (0 <= a < b <= n):
+            raise ValueError(f"Crop range {'ijk'[axis]} = [{a}, {b}) is empty or outside the stack (0..{n}). "
+                             f"Give increasing ranges within the stack's size {sizes} (i, j, k).")
+        result.append((a, b))
+    return tuple(result)
+
+
+def outputGeometry(source, targetSpacingMm, crop=None):
+    """(shape [k, j, i], ijkToRas 4x4) of what downsampleStack would return, without reading voxels."""
+    factors, _ = _factors(source, targetSpacingMm)
+    box = resolveCrop(source, crop)
+    plans = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
+    return (plans[2].count, plans[1].count, plans[0].count), _geometry(source, plans, box, factors)
+
+
+def _geometry(source, plans, box, factors):
+    inMatrix = source.ijkToRas()
+    out = np.eye(4)
+    out[:3, :3] = inMatrix[:3, :3] * np.asarray(factors)[None, :]
+    firstCentre = np.array([box[a][0] + plans[a].centres()[0] for a in range(3)] + [1.0])
+    out[:3, 3] = (inMatrix @ firstCentre)[:3]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading planes on a second thread
+# --------------------------------------------------------------------------------------------------------------
+class _PlanePrefetcher:
+    """Reads planes `ks` in order on a background thread into two rotating buffers."""
+
+    def __init__(self, source, ks, buffers=2):
+        self.source = source
+        self.ks = list(ks)
+        self.free = queue.Queue()
+        self.full = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(np.empty(source.planeShape, source.dtype))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="plane-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        fh = None
+        try:
+            positional = getattr(self.source, "parallelReads", False) and hasattr(self.source, "readPlaneWith")
+            if positional and getattr(self.source, "kind", "") in ("tiff", "nrrd"):
+                path = getattr(self.source, "dataPath", self.source.path)
+                fh = open(path, "rb", buffering=0)
+            for k in self.ks:
+                buffer = self.free.get()
+                if self.stop.is_set() or buffer is None:
+                    return
+                if fh is not None:
+                    self.source.readPlaneWith(k, buffer, fh)
+                else:
+                    self.source.readPlane(k, out=buffer)
+                self.full.put((k, buffer))
+        except BaseException as error:  # handed to the consumer
+            self.full.put((None, error))
+        finally:
+            if fh is not None:
+                fh.close()
+
+    def __iter__(self):
+        for _ in self.ks:
+            k, item = self.full.get()
+            if k is None:
+                raise item
+            yield k, item
+
+    def release(self, buffer):
+        self.free.put(buffer)
+
+    def close(self):
+        self.stop.set()
+        self.free.put(None)
+        self.thread.join(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The downsampler
+# --------------------------------------------------------------------------------------------------------------
+def _segmentDtype(dtype, maxSegment):
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ub" and dtype.itemsize <= 2 or dtype.kind == "i" and dtype.itemsize <= 2:
+        maxAbs = float(max(abs(np.iinfo(dtype).min), np.iinfo(dtype).max)) if dtype.kind != "b" else 1.0
+        if maxAbs * maxSegment < 2 ** 24:
+            return np.float32
+    return np.float64
+
+
+def downsampleStack(source, targetSpacingMm, crop=None, progress=None):
+    """Exact area-weighted downsampling of `source` (a StackSource) to `targetSpacingMm` (one value or (i, j, k)).
+
+    crop: None, voxel ranges ((i0, i1), (j0, j1), (k0, k1)) (half-open, None = whole axis), or
+    {"mm": ((x0, x1), (y0, y1), (z0, z1))} along i, j, k from the stack's corner.
+    Returns (array float32 [k, j, i], ijkToRas 4x4). Cancel by raising progress.Cancelled (or returning True)
+    from the progress callback."""
+    factors, _ = _factors(source, targetSpacingMm)
+    box = resolveCrop(source, crop)
+    pi, pj, pk = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
+    (i0, _), (j0, _), (k0, _) = box
+    geometry = _geometry(source, (pi, pj, pk), box, factors)
+    output = np.empty((pk.count, pj.count, pi.count), np.float32)
+
+    segDtype = _segmentDtype(source.dtype, pj.maxSegment)
+    breaks = pj.breaks
+    segments = [(j0 + int(a), j0 + int(b)) for a, b in zip(breaks[:-1], breaks[1:])]
+    colSlice = slice(i0, i0 + pi.cover)
+    weightsI = pi.cellWeights().T.copy()  # (cover_i, count_i)
+    weightsJ = pj.segmentWeights  # (count_j, nSeg)
+    planeWeights = pk.cellWeights()  # (count_k, cover_k)
+    normI, normJ, normK = pi.boxLength, pj.boxLength, pk.boxLength
+    rowSums = np.empty((len(segments), pi.cover), segDtype)
+    scratch = np.empty((len(segments), pi.cover), np.float64)
+    accumulators = {}
+    finishing = {}  # local plane index -> output planes complete after it
+    for o in range(pk.count):
+        finishing.setdefault(int(np.flatnonzero(planeWeights[o]).max()), []).append(o)
+
+    def finish(o):
+        acc = accumulators.pop(o)
+        plane = weightsJ @ acc @ weightsI
+        plane /= normJ[:, None] * normI[None, :] * normK[o]
+        output[o] = plane
+
+    ks = list(range(k0, k0 + pk.cover))
+    total = len(ks)
+    LOG.debug("downsample %s -> %s (factors %s), %d planes", source.shape, output.shape, tuple(factors), total)
+    prefetch = _PlanePrefetcher(source, ks)
+    try:
+        for index, (k, plane) in enumerate(prefetch):
+            view = plane[:, colSlice]
+            for s, (a, b) in enumerate(segments):
+                if b - a == 1:
+                    rowSums[s] = view[a]
+                else:
+                    np.sum(view[a:b], axis=0, dtype=segDtype, out=rowSums[s])
+            prefetch.release(plane)
+            local = k - k0
+            column = planeWeights[:, local]
+            for o in np.flatnonzero(column):
+                w = column[o]
+                acc = accumulators.get(o)
+                if acc is None:
+                    acc = accumulators[o] = np.zeros((len(segments), pi.cover), np.float64)
+                if w == 1.0:
+                    np.add(acc, rowSums, out=acc)
+                else:
+                    np.multiply(rowSums, w, out=scratch)
+                    np.add(acc, scratch, out=acc)
+            for o in finishing.get(local, ()):
+                finish(o)
+            report(progress, (index + 1) / total, f"plane {index + 1}/{total}")
+    finally:
+        prefetch.close()
+    for o in list(accumulators):
+        finish(o)
+    return output, geometry
+
+
+def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None):
+    """downsampleStack into a new scalar volume node in `scene` (nothing is added when cancelled)."""
+    from MRIHistoRegLib.volumes import createVolumeNode
+
+    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress)
+    if name is None:
+        base = os.path.basename(os.path.normpath(source.path))
+        for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nrrd", ".nhdr"):
+            if base.lower().endswith(ext):
+                base = base[: -len(ext)]
+                break
+        name = f"{base}_{_spacingLabel(targetSpacingMm)}"
+    return createVolumeNode(scene, array, matrix, name)
+
+
+def _spacingLabel(targetSpacingMm):
+    values = np.atleast_1d(np.asarray(targetSpacingMm, float))
+    if np.allclose(values, values[0]):
+        return f"{values[0]:g}mm"
+    return "x".join(f"{v:g}" for v in values) + "mm"
+
+
+def checkWritable(outPath):
+    """ValueError (with the fix) when `outPath` cannot be created; nothing is left behind by the check."""
+    outPath = os.fspath(outPath)
+    folder = os.path.dirname(os.path.abspath(outPath))
+    if not os.path.isdir(folder):
+        raise ValueError(f"Cannot write {outPath}: folder {folder} does not exist. Create it or choose another --out.")
+    if os.path.isdir(outPath):
+        raise ValueError(f"Cannot write {outPath}: it is a folder. Give a file name such as {os.path.join(outPath, 'downsampled.nrrd')}.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write {outPath}: folder {folder} is not writable. Choose another output location.")
+    if os.path.exists(outPath) and not os.access(outPath, os.W_OK):
+        raise ValueError(f"Cannot write {outPath}: the file exists and is read-only. Remove it or choose another name.")
+
+
+def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
+    """Write [k, j, i] `array` with its geometry atomically (temporary file in the same folder, then rename).
+
+    .nrrd/.nhdr-free: .nrrd goes through pynrrd (LPS space directions); other extensions (.nii.gz, .mha, ...)
+    through SimpleITK."""
+    outPath = os.fspath(outPath)
+    checkWritable(outPath)
+    folder = os.path.dirname(os.path.abspath(outPath))
+    base = os.path.basename(outPath)
+    temp = os.path.join(folder, f".tmp{os.getpid()}_{threading.get_ident()}_{base}")
+    lps = np.asarray(ijkToRasMatrix, float).copy()
+    lps[:2, :] *= -1  # RAS -> LPS rows
+    try:
+        if outPath.lower().endswith(".nrrd"):
+            import nrrd
+
+            header = {
+                "space": "left-posterior-superior",
+                "space directions": lps[:3, :3].T,  # one row per axis i, j, k
+                "space origin": lps[:3, 3],
+                "kinds": ["domain", "domain", "domain"],
+                "encoding": "gzip" if compress else "raw",
+            }
+            nrrd.write(temp, np.ascontiguousarray(array), header, index_order="C")
+        else:
+            import SimpleITK as sitk
+
+            image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+            spacing = np.linalg.norm(lps[:3, :3], axis=0)
+            image.SetSpacing(tuple(float(s) for s in spacing))
+            image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
+            image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+            sitk.WriteImage(image, temp, useCompression=compress)
+        os.replace(temp, outPath)
+    except (OSError, RuntimeError) as error:
+        _silentRemove(temp)
+        raise ValueError(f"Cannot write {outPath} ({error}). Check the folder is writable and has free space.") from error
+    except BaseException:
+        _silentRemove(temp)
+        raise
+    return outPath
+
+
+def downsampleToFile(source, targetSpacingMm, outPath, crop=None, progress=None, compress=True):
+    """downsampleStack written to `outPath` (.nrrd, or any SimpleITK format), atomically: on error or cancel no
+    file (partial or temporary) is left. The folder is checked before the (long) streaming starts."""
+    checkWritable(outPath)
+    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress)
+    return writeVolumeFile(array, matrix, outPath, compress=compress)
+
+
+def _silentRemove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+__all__ = ["downsampleStack", "downsampleToNode", "downsampleToFile", "outputGeometry", "resolveCrop",
+           "writeVolumeFile", "checkWritable", "Cancelled"]

@@ -1,0 +1,273 @@
+"""Streamed downsampling: values against independent float64 references (rational factors by replicate-then-
+block-mean; irrational factors by brute-force box integration), exact block means for integer factors, every
+source kind, the real brainreg series, output geometry, crop, cancel and the bad inputs."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from MRIHistoRegLib import downsample, stacks
+from MRIHistoRegLib.progress import Cancelled
+from MRIHistoRegLib.volumes import arrayFromVolume, ijkToRas, loadVolume
+
+
+def _stack(shape, seed=0, dtype=np.uint16):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+
+
+def _tiff(path, array, **kwargs):
+    import tifffile
+
+    tifffile.imwrite(path, array, photometric="minisblack", **kwargs)
+    return path
+
+
+def _replicateBlockMean(array, repeat, block):
+    """Reference for rational factors repeat/block per axis (i, j, k): replicate each voxel `repeat` times, then
+    the float64 block mean of `block` (tail dropped) - exact by construction, shares nothing with the code."""
+    data = array.astype(np.float64)
+    for axis, r in zip((2, 1, 0), repeat):
+        data = np.repeat(data, r, axis=axis)
+    n = [data.shape[axis] // b for axis, b in zip((2, 1, 0), block)]
+    data = data[: n[2] * block[2], : n[1] * block[1], : n[0] * block[0]]
+    return data.reshape(n[2], block[2], n[1], block[1], n[0], block[0]).mean(axis=(1, 3, 5))
+
+
+def _bruteForce(array, factors):
+    """Integrate the piecewise-constant image over each output box, voxel by voxel, in float64."""
+    fi, fj, fk = factors
+    nk, nj, ni = array.shape
+    counts = [max(1, int(math.floor(n / f + 1e-9))) for n, f in ((ni, fi), (nj, fj), (nk, fk))]
+    out = np.zeros(counts[::-1])
+    for ok in range(counts[2]):
+        for oj in range(counts[1]):
+            for oi in range(counts[0]):
+                total = 0.0
+                lo = (oi * fi, oj * fj, ok * fk)
+                hi = ((oi + 1) * fi, (oj + 1) * fj, (ok + 1) * fk)
+                for k in range(int(lo[2]), min(nk, int(math.ceil(hi[2])))):
+                    wk = min(k + 1, hi[2]) - max(k, lo[2])
+                    for j in range(int(lo[1]), min(nj, int(math.ceil(hi[1])))):
+                        wj = min(j + 1, hi[1]) - max(j, lo[1])
+                        row = array[k, j]
+                        for i in range(int(lo[0]), min(ni, int(math.ceil(hi[0])))):
+                            wi = min(i + 1, hi[0]) - max(i, lo[0])
+                            total += wk * wj * wi * float(row[i])
+                out[ok, oj, oi] = total / (fi * fj * fk)
+    return out
+
+
+def test_rational_factors_match_replicate_block_mean(tmp_path):
+    array = _stack((23, 31, 37))
+    source = stacks.openStack(_tiff(tmp_path / "a.tif", array), spacingMm=(0.01, 0.01, 0.01))
+    # factors i = 5/2, j = 7/3, k = 3/2
+    out, _ = downsample.downsampleStack(source, (0.025, 0.07 / 3, 0.015))
+    reference = _replicateBlockMean(array, (2, 3, 2), (5, 7, 3))
+    assert out.shape == reference.shape == (15, 13, 14)
+    assert out.dtype == np.float32
+    assert np.max(np.abs(out - reference) / np.abs(reference).max()) <= 1e-6
+
+
+def test_awkward_factors_match_brute_force_integration(tmp_path):
+    array = _stack((17, 21, 26), seed=3)
+    spacing = (0.00325, 0.00325, 0.005)
+    factors = (3.077, 2.31, 1.93)
+    target = tuple(s * f for s, f in zip(spacing, factors))
+    source = stacks.openStack(_tiff(tmp_path / "b.tif", array), spacingMm=spacing)
+    out, _ = downsample.downsampleStack(source, target)
+    reference = _bruteForce(array, factors)
+    assert out.shape == reference.shape
+    assert np.max(np.abs(out - reference) / np.abs(reference)) <= 1e-4
+    assert np.max(np.abs(out - reference) / np.abs(reference)) <= 1e-6  # in practice float32 rounding only
+
+
+def test_integer_factors_equal_block_mean_for_every_source_kind(tmp_path):
+    import nrrd
+    import tifffile
+
+    array = _stack((12, 18, 20), seed=4)
+    reference = array.astype(np.float64).reshape(4, 3, 6, 3, 5, 4).mean(axis=(1, 3, 5)).astype(np.float32)
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(array.shape[0]):
+        tifffile.imwrite(series / f"p{k}.tif", array[k])
+    paths = [_tiff(tmp_path / "u.tif", array), _tiff(tmp_path / "z.tif", array, compression="zlib", bigtiff=True), series]
+    for name, encoding, detached in (("r.nrrd", "raw", False), ("g.nrrd", "gzip", False), ("d.nhdr", "gzip", True)):
+        nrrd.write(str(tmp_path / name), array, {"encoding": encoding, "spacings": [0.5, 0.5, 0.5]}, index_order="C",
+                   detached_header=detached)
+        paths.append(tmp_path / name)
+    for path in paths:
+        source = stacks.openStack(path, spacingMm=(0.5, 0.5, 0.5))
+        out, _ = downsample.downsampleStack(source, (2.0, 1.5, 1.5))
+        assert np.array_equal(out, reference), path
+
+
+def test_real_brainreg_series_to_100um(sharedData):
+    folder = sharedData / "brainreg" / "brain"
+    source = stacks.openStack(folder, spacingMm=(0.04, 0.04, 0.05))
+    out, matrix = downsample.downsampleStack(source, 0.1)
+    # factors 2.5 x 2.5 x 2: replicate 2x in i and j, block 5 x 5 x 2
+    whole = source.readAll()
+    reference = _replicateBlockMean(whole, (2, 2, 1), (5, 5, 2))
+    assert out.shape == reference.shape == (135, 77, 108)
+    assert np.max(np.abs(out - reference)) <= 1e-4 * reference.max()
+    np.testing.assert_allclose(np.linalg.norm(matrix[:3, :3], axis=0), (0.1, 0.1, 0.1))
+    # brainreg's own 100 um resampling of the same data has the same grid (its intensities are rescaled
+    # differently, so only the grid is compared)
+    import tifffile
+
+    assert tifffile.TiffFile(sharedData / "brainreg" / "registration_output" / "downsampled.tiff").series[0].shape == out.shape
+
+
+@pytest.mark.parametrize("kind", ["tiff", "nrrd"])
+def test_bright_block_lands_at_its_ras_position(tmp_path, kind):
+    import nrrd
+
+    array = np.zeros((40, 36, 50), np.uint16)
+    array[20:30, 12:24, 10:20] = 1000  # one whole output voxel of 10 x 12 x 10 input voxels
+    spacing = (0.00325, 0.004, 0.005)
+    if kind == "tiff":
+        source = stacks.openStack(_tiff(tmp_path / "g.tif", array), spacingMm=spacing)
+    else:
+        angle = 0.4
+        rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+        nrrd.write(str(tmp_path / "g.nrrd"), array, {"space": "left-posterior-superior",
+                                                    "space directions": (rotation * spacing).T,
+                                                    "space origin": [3.0, -2.0, 1.0]}, index_order="C")
+        source = stacks.openStack(tmp_path / "g.nrrd")
+    target = (10 * spacing[0], 12 * spacing[1], 10 * spacing[2])
+    out, matrix = downsample.downsampleStack(source, target)
+    assert out.shape == (4, 3, 5)
+    peak = np.unravel_index(np.argmax(out), out.shape)
+    assert peak == (2, 1, 1) and out[peak] == 1000.0 and np.count_nonzero(out) == 1
+    # the block's centre in input voxel-centre coordinates is (14.5, 17.5, 24.5) (i, j, k)
+    expectedRas = source.ijkToRas() @ [14.5, 17.5, 24.5, 1.0]
+    np.testing.assert_allclose(matrix @ [peak[2], peak[1], peak[0], 1.0], expectedRas, atol=1e-12)
+    if kind == "tiff":  # DESIGN section 3: voxel 0's centre at -sx/2 + T/2 along i (LPS i -> RAS -x)
+        np.testing.assert_allclose(matrix[:3, 3], [-(-spacing[0] / 2 + target[0] / 2), -(-spacing[1] / 2 + target[1] / 2),
+                                                   -spacing[2] / 2 + target[2] / 2])
+    assert np.allclose(outputGeometryShape := downsample.outputGeometry(source, target)[0], out.shape)
+    np.testing.assert_allclose(downsample.outputGeometry(source, target)[1], matrix)
+
+
+def test_crop_in_voxels_and_mm(tmp_path):
+    array = _stack((20, 24, 30), seed=5)
+    source = stacks.openStack(_tiff(tmp_path / "c.tif", array), spacingMm=(0.1, 0.1, 0.2))
+    crop = ((6, 26), (3, 21), (4, 16))
+    out, matrix = downsample.downsampleStack(source, (0.5, 0.3, 0.4), crop=crop)
+    reference = array[4:16, 3:21, 6:26].astype(np.float64).reshape(6, 2, 6, 3, 4, 5).mean(axis=(1, 3, 5))
+    assert np.array_equal(out, reference.astype(np.float32))
+    np.testing.assert_allclose(matrix @ [0, 0, 0, 1], source.ijkToRas() @ [6 + 2, 3 + 1, 4 + 0.5, 1])
+    outMm, matrixMm = downsample.downsampleStack(source, (0.5, 0.3, 0.4), crop={"mm": ((0.6, 2.6), (0.3, 2.1), (0.8, 3.2))})
+    assert np.array_equal(outMm, out)
+    np.testing.assert_allclose(matrixMm, matrix)
+    with pytest.raises(ValueError, match="outside the stack"):
+        downsample.downsampleStack(source, 0.5, crop=((0, 31), None, None))
+    with pytest.raises(ValueError, match="empty"):
+        downsample.downsampleStack(source, 0.5, crop=((5, 5), None, None))
+
+
+def test_axis_shorter_than_one_target_voxel(tmp_path):
+    array = _stack((1, 9, 12), seed=6)  # e.g. a one-file series
+    source = stacks.openStack(_tiff(tmp_path / "one.tif", array), spacingMm=(0.01, 0.01, 0.01))
+    out, matrix = downsample.downsampleStack(source, (0.03, 0.03, 0.03))
+    reference = array[0].astype(np.float64).reshape(3, 3, 4, 3).mean(axis=(1, 3))
+    assert np.array_equal(out[0], reference.astype(np.float32))
+    assert matrix[2, 3] == pytest.approx(0.0)  # centred on the single plane
+
+
+def test_to_node_and_to_file_round_trip(scene, tmp_path):
+    array = _stack((16, 20, 24), seed=7)
+    source = stacks.openStack(_tiff(tmp_path / "n.tif", array), spacingMm=(0.01, 0.01, 0.02))
+    node = downsample.downsampleToNode(scene, source, (0.04, 0.05, 0.08))
+    out, matrix = downsample.downsampleStack(source, (0.04, 0.05, 0.08))
+    np.testing.assert_array_equal(arrayFromVolume(node), out)
+    np.testing.assert_allclose(ijkToRas(node), matrix)
+    for name in ("out.nrrd", "out.nii.gz"):
+        path = downsample.downsampleToFile(source, (0.04, 0.05, 0.08), tmp_path / name)
+        loaded = loadVolume(scene, path)  # read back through MRML's own storage node (LPS handling included)
+        np.testing.assert_allclose(arrayFromVolume(loaded), out)
+        np.testing.assert_allclose(ijkToRas(loaded), matrix, atol=1e-6)
+
+
+def test_cancel_leaves_nothing(scene, tmp_path):
+    array = _stack((30, 8, 8), seed=8)
+    source = stacks.openStack(_tiff(tmp_path / "x.tif", array), spacingMm=(0.1, 0.1, 0.1))
+    seen = []
+
+    def cancelHalfway(fraction, message=""):
+        seen.append(fraction)
+        return fraction >= 0.5
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Cancelled):
+        downsample.downsampleToFile(source, 0.2, out / "d.nrrd", progress=cancelHalfway)
+    assert os.listdir(out) == [] and 0.5 <= max(seen) < 1.0
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(Cancelled):
+        downsample.downsampleToNode(scene, source, 0.2, progress=cancelHalfway)
+    assert scene.GetNumberOfNodes() == nodes
+    # the same source still works afterwards (the reader thread was stopped cleanly)
+    result, _ = downsample.downsampleStack(source, 0.2)
+    assert result.shape == (15, 4, 4)
+
+
+def test_bad_inputs(tmp_path):
+    import nrrd
+
+    array = _stack((10, 12, 14), seed=9)
+    source = stacks.openStack(_tiff(tmp_path / "b.tif", array), spacingMm=(0.01, 0.01, 0.02))
+    with pytest.raises(ValueError, match=r"finer than the stack's spacing.*k: 0.01 < 0.02"):
+        downsample.downsampleStack(source, 0.01)
+    with pytest.raises(ValueError, match="positive"):
+        downsample.downsampleStack(source, (0.05, -1, 0.05))
+    with pytest.raises(ValueError, match="positive"):
+        downsample.downsampleStack(source, float("nan"))
+    # unwritable output: no file (partial or temporary) left anywhere
+    with pytest.raises(ValueError, match="does not exist"):
+        downsample.downsampleToFile(source, 0.05, tmp_path / "missing" / "o.nrrd")
+    with pytest.raises(ValueError, match="Cannot write"):
+        downsample.downsampleToFile(source, 0.05, "/proc/o.nrrd")
+    with pytest.raises(ValueError, match="is a folder"):
+        downsample.downsampleToFile(source, 0.05, tmp_path)
+    # a truncated gzip NRRD fails mid-stream: the error names the file, no output is left
+    path = tmp_path / "t.nrrd"
+    nrrd.write(str(path), array, {"encoding": "gzip"}, index_order="C")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) * 2 // 3)
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"t\.nrrd"):
+        downsample.downsampleToFile(stacks.openStack(path, spacingMm=0.01), 0.02, out / "t_small.nrrd")
+    assert os.listdir(out) == []
+
+
+def test_cli_info_and_downsample(tmp_path, caplog):
+    import logging
+
+    import nrrd
+
+    from MRIHistoRegLib import cli
+
+    array = _stack((10, 12, 14), seed=10)
+    path = _tiff(tmp_path / "cli.tif", array)
+    wide = _tiff(tmp_path / "wide.tif", np.zeros((2, 3, 600), np.uint8))
+    caplog.set_level(logging.INFO)
+    assert cli.main(["info", str(wide)]) == 0
+    assert "(2, 3, 600)" in caplog.text and "uint8" in caplog.text
+    assert "600 px x 1 mm = 60 cm" in caplog.text and "did you mean um?" in caplog.text
+    caplog.clear()
+    assert cli.main(["info", str(wide), "--spacing-um", "10"]) == 0
+    assert "Plausible" in caplog.text and "(user)" in caplog.text
+    out = tmp_path / "small.nrrd"
+    assert cli.main(["downsample", str(path), "--spacing-um", "10", "10", "20", "--target-mm", "0.02", "0.02", "0.04",
+                     "--out", str(out)]) == 0
+    data, header = nrrd.read(str(out), index_order="C")
+    reference = array.astype(np.float64).reshape(5, 2, 6, 2, 7, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(data, reference)
+    caplog.clear()
+    assert cli.main(["downsample", str(path), "--spacing-um", "0", "10", "20", "--target-mm", "0.02"]) == 2
+    assert "positive" in caplog.text
