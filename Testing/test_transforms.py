@@ -274,3 +274,14 @@ def test_phantomThroughMrml(scene, tmp_path):
     points.SetAndObserveTransformNodeID(node.GetID())
     assert moduleLogic(scene, "Transforms").hardenTransform(points)
     assert np.median(np.linalg.norm(_markupsWorldPoints(points) - evalMri, axis=1)) < 0.15
+
+
+def test_createTransformNodeFailsWithoutTouchingScene(scene):
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="fitted LandmarkModel"):
+        transforms.createTransformNode(scene, np.eye(4), "T")
+    with pytest.raises(ValueError, match="non-finite"):
+        transforms.createTransformNode(scene, fitting.LandmarkModel("affine", np.full((4, 4), np.nan)), "T")
+    with pytest.raises(ValueError, match="Unknown landmark model"):
+        transforms.LiveLandmarkRegistration(scene, None, None, "spline")
+    assert scene.GetNumberOfNodes() == before

@@ -422,6 +422,17 @@ def jacobianSummary(model, shapeIjk, ijkToRas, step=None, maxSamples=250000) -> 
     }
 
 
+def jacobianSummaryForVolume(model, volumeNode, step=None, maxSamples=250000) -> dict:
+    """jacobianSummary over a volume node's voxel grid (its image dimensions are (ni, nj, nk), unlike a numpy
+    array's (nk, nj, ni) shape, which is an easy mistake to make with jacobianSummary)."""
+    from .volumes import ijkToRas
+
+    imageData = volumeNode.GetImageData()
+    if imageData is None:
+        raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels; load it before summarising the Jacobian.")
+    return jacobianSummary(model, imageData.GetDimensions(), ijkToRas(volumeNode), step, maxSamples)
+
+
 def evaluateFit(fixedPoints, movingPoints, labels, model, regularization=0.0, shapeIjk=None, ijkToRas=None,
                 outlierFactor=3.0) -> dict:
     """Fit `model` and measure it; returns a plain (JSON-ready) dict.
