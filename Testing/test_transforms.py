@@ -285,3 +285,33 @@ def test_createTransformNodeFailsWithoutTouchingScene(scene):
     with pytest.raises(ValueError, match="Unknown landmark model"):
         transforms.LiveLandmarkRegistration(scene, None, None, "spline")
     assert scene.GetNumberOfNodes() == before
+
+
+def test_sceneSaveAndReload(scene, tmp_path):
+    """Saving the scene (MRML + .h5 through the node's storage node) and reloading restores the TPS transform and
+    the histology points under it."""
+    from MRIHistoRegLib.context import createScene
+
+    labels, fixed, moving = _pairs(12)
+    fitted = fitting.fitLandmarks(fixed, moving, "affine+tps")
+    node = transforms.createTransformNode(scene, fitted, "MRI to histology")
+    histology = landmarks.markupsFromPoints(scene, labels, moving, "histology")
+    histology.SetAndObserveTransformNodeID(node.GetID())
+    for saved, fileName in ((node, "transform.h5"), (histology, "histology.mrk.json")):
+        saved.AddDefaultStorageNode()
+        saved.GetStorageNode().SetFileName(str(tmp_path / fileName))
+        assert saved.GetStorageNode().WriteData(saved)
+    scene.SetRootDirectory(str(tmp_path))
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    reloaded = createScene()
+    reloaded.SetRootDirectory(str(tmp_path))
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Connect()
+    node2 = reloaded.GetFirstNodeByName("MRI to histology")
+    histology2 = reloaded.GetFirstNodeByName("histology")
+    assert node2.GetTransformFromParent().IsA("vtkThinPlateSplineTransform")
+    assert histology2.GetParentTransformNode() is node2
+    probe = fixed.mean(axis=0) + np.random.default_rng(3).normal(size=(40, 3)) * 5
+    np.testing.assert_allclose(_transformBetween(None, node2, probe), fitted.transformPoints(probe), atol=1e-9)
+    np.testing.assert_allclose(_markupsWorldPoints(histology2), fixed, atol=1e-2)

@@ -145,9 +145,9 @@ class LandmarkModel:
     """A fitted landmark model: fixed (MRI) RAS mm -> moving (histology) RAS mm.
 
     Attributes: model (name), affineMatrix (4x4: the rigid/similarity/affine fit; for affine+tps the affine
-    least-squares part), tpsCentres (N,3) fixed points or None, tpsWeights (N,3) or None, tpsAffine (4x4, the TPS's
-    own polynomial part acting on the affine residual, zero linear part = identity-free: x -> B x + b, given as
-    the 4x4 [[B, b], [0, 0]]) or None, regularization. For affine+tps:
+    least-squares part), tpsCentres (N,3) fixed points or None, tpsWeights (N,3) or None, tpsAffine (the TPS's own
+    polynomial part, fitted to the affine residual: x -> B x + b stored as the 4x4 [[B, b], [0, 0]], so that
+    affineMatrix + tpsAffine is the whole model's affine part) or None, regularization. For affine+tps:
         transformPoints(x) = affineMatrix(x) + tpsAffine(x) + sum_i tpsWeights[i] |x - tpsCentres[i]|.
     """
 
@@ -213,7 +213,8 @@ class LandmarkModel:
             inverse = np.linalg.inv(self.affineMatrix)
             result = points @ inverse[:3, :3].T + inverse[:3, 3]
         else:
-            start = points @ np.linalg.inv(self.linearMatrix())[:3, :3].T + np.linalg.inv(self.linearMatrix())[:3, 3]
+            inverse = np.linalg.inv(self.linearMatrix())
+            start = points @ inverse[:3, :3].T + inverse[:3, 3]
             result, _ = invertPoints(self, points, initialGuess=start, tolerance=1e-9, maxIterations=100)
         residual = np.linalg.norm(self.transformPoints(result) - points, axis=1)
         bad = np.flatnonzero(~(residual < INVERSE_TOLERANCE_MM))
