@@ -193,6 +193,7 @@ def test_liveUpdate(scene):
         fixedNode.AddControlPoint(*fixed[i], labels[i])
         movingNode.AddControlPoint(*moving[i], labels[i])
     assert live.lastEvaluation["count"] == 8 and live.transformNode.GetTransformFromParent().GetSourceLandmarks().GetNumberOfPoints() == 8
+    assert live.lastEvaluation["jacobian_region"].startswith("landmark bounding box")
     # dragging a point: the transform follows (cheap refit), the table on end of interaction
     evaluations = live.evaluationCount
     movingNode.SetNthControlPointPositionWorld(2, *(moving[2] + [1.0, 0.0, 0.0]))
@@ -315,3 +316,19 @@ def test_sceneSaveAndReload(scene, tmp_path):
     probe = fixed.mean(axis=0) + np.random.default_rng(3).normal(size=(40, 3)) * 5
     np.testing.assert_allclose(_transformBetween(None, node2, probe), fitted.transformPoints(probe), atol=1e-9)
     np.testing.assert_allclose(_markupsWorldPoints(histology2), fixed, atol=1e-2)
+
+
+def test_liveUpdateJacobianOnReferenceGrid(scene):
+    from MRIHistoRegLib.volumes import createVolumeNode
+
+    labels, fixed, moving = _pairs(10)
+    geometry = np.diag([0.5, 0.5, 0.5, 1.0])
+    geometry[:3, 3] = fixed.min(axis=0)
+    mri = createVolumeNode(scene, np.zeros((40, 41, 42), np.float32), geometry, "mri")
+    live = transforms.LiveLandmarkRegistration(scene, landmarks.markupsFromPoints(scene, labels, fixed, "f"),
+                                               landmarks.markupsFromPoints(scene, labels, moving, "m"),
+                                               referenceVolume=mri, jacobianMaxSamples=5000).start()
+    evaluation = live.lastEvaluation
+    assert evaluation["jacobian_region"] == "fixed image grid (42, 41, 40) (ijk)"
+    assert evaluation["jacobian"]["samples"] <= 5000 and evaluation["jacobian"]["step"] == 3
+    live.stop()

@@ -435,7 +435,7 @@ def jacobianSummaryForVolume(model, volumeNode, step=None, maxSamples=250000) ->
 
 
 def evaluateFit(fixedPoints, movingPoints, labels, model, regularization=0.0, shapeIjk=None, ijkToRas=None,
-                outlierFactor=3.0) -> dict:
+                outlierFactor=3.0, jacobianMaxSamples=250000) -> dict:
     """Fit `model` and measure it; returns a plain (JSON-ready) dict.
 
     Keys: model, regularization, count, labels, residual_mm / loo_mm / outlier (lists, per pair),
@@ -443,15 +443,15 @@ def evaluateFit(fixedPoints, movingPoints, labels, model, regularization=0.0, sh
     outlierFactor x the median LOO error), scale, principal_scales, volume_ratio, shrinkage_linear_percent,
     shrinkage_volume_percent, affine_matrix (4x4 nested list), fit_ms, loo_ms, and for affine+tps `jacobian` (see
     jacobianSummary; over the given fixed-image grid, else over the landmarks' padded bounding box, stated in
-    `jacobian_region`). The fitted LandmarkModel is not in the dict: use fitLandmarks for it, or
+    `jacobian_region`; at most jacobianMaxSamples grid samples). The fitted LandmarkModel is not in the dict: use fitLandmarks for it, or
     evaluateAndFit to get both.
     """
     return evaluateAndFit(fixedPoints, movingPoints, labels, model, regularization, shapeIjk, ijkToRas,
-                          outlierFactor)[1]
+                          outlierFactor, jacobianMaxSamples)[1]
 
 
 def evaluateAndFit(fixedPoints, movingPoints, labels, model, regularization=0.0, shapeIjk=None, ijkToRas=None,
-                   outlierFactor=3.0):
+                   outlierFactor=3.0, jacobianMaxSamples=250000):
     """(LandmarkModel, evaluation dict): see evaluateFit."""
     fixed, moving, labels = validateLandmarks(fixedPoints, movingPoints, model, labels)
     started = time.perf_counter()
@@ -494,7 +494,7 @@ def evaluateAndFit(fixedPoints, movingPoints, labels, model, regularization=0.0,
             result["jacobian_region"] = "landmark bounding box (+10%), 20^3 samples"
         else:
             result["jacobian_region"] = f"fixed image grid {tuple(int(s) for s in shapeIjk)} (ijk)"
-        result["jacobian"] = jacobianSummary(fitted, shapeIjk, ijkToRas)
+        result["jacobian"] = jacobianSummary(fitted, shapeIjk, ijkToRas, maxSamples=jacobianMaxSamples)
     if len(result["outliers"]):
         log.info("Landmark pairs with leave-one-out error > %.1f x median (%.3g mm): %s", outlierFactor, median,
                  ", ".join(result["outliers"]))

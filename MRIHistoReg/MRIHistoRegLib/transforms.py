@@ -236,10 +236,12 @@ class LiveLandmarkRegistration:
     pairs); on PointEndInteraction/Added/Removed the leave-one-out evaluation and the table are refreshed too
     (~10-15 ms at 50 pairs). A failing fit (too few pairs, degenerate points) leaves the transform as it was and
     records the reason in `lastError` (observers must not raise). Call stop() (or removeObservers) to detach.
+    With `referenceVolume` (the MRI) the Jacobian summary covers its grid (subsampled to jacobianMaxSamples),
+    else the landmarks' bounding box.
     """
 
     def __init__(self, scene, fixedNode, movingNode, model="affine+tps", regularization=0.0, transformNode=None,
-                 tableNode=None, name="LandmarkTransform"):
+                 tableNode=None, name="LandmarkTransform", referenceVolume=None, jacobianMaxSamples=32768):
         from . import fitting
 
         if model not in fitting.MODELS:
@@ -252,6 +254,8 @@ class LiveLandmarkRegistration:
         self.transformNode = transformNode
         self.tableNode = tableNode
         self.name = name
+        self.referenceVolume = referenceVolume
+        self.jacobianMaxSamples = int(jacobianMaxSamples)
         self.lastPairs = None
         self.lastModel = None
         self.lastEvaluation = None
@@ -309,8 +313,15 @@ class LiveLandmarkRegistration:
         try:
             pairs = pairLandmarks(self.fixedNode, self.movingNode)
             if evaluate:
+                shapeIjk = ijkToRas = None
+                if self.referenceVolume is not None and self.referenceVolume.GetImageData() is not None:
+                    from .volumes import ijkToRas as ijkToRasOf
+
+                    shapeIjk = self.referenceVolume.GetImageData().GetDimensions()
+                    ijkToRas = ijkToRasOf(self.referenceVolume)
                 fitted, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, self.model,
-                                                           self.regularization)
+                                                           self.regularization, shapeIjk, ijkToRas,
+                                                           jacobianMaxSamples=self.jacobianMaxSamples)
             else:
                 fitted = fitting.fitLandmarks(pairs.fixed, pairs.moving, self.model, self.regularization, pairs.labels)
                 evaluation = None
