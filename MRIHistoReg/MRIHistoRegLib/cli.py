@@ -5,6 +5,7 @@ inside the command functions so `--help` is instant.
 """
 import argparse
 import logging
+import os
 import sys
 
 
@@ -23,6 +24,59 @@ def _runSample(args):
     manifest = sampledata.generateSampleData(args.out, size=args.size, seed=args.seed, progress=TerminalProgress("sample"))
     logging.info("sample data written to %s", manifest["folder"])
     return 0
+
+
+def _addRun(subparsers):
+    p = subparsers.add_parser("run", help="run the whole pipeline for one subject (CONFIG.json) or a cohort (several configs or folders)")
+    p.add_argument("configs", nargs="+", help="CONFIG.json file(s) or folder(s) of them")
+    p.add_argument("--out", required=True, help="report folder (replaced atomically if it holds a previous MRIHistoReg output)")
+    p.set_defaults(func=_runRun)
+
+
+def _runRun(args):
+    from MRIHistoRegLib import pipeline
+    from MRIHistoRegLib.config import loadConfig
+    from MRIHistoRegLib.progress import TerminalProgress
+
+    if len(args.configs) == 1 and not os.path.isdir(args.configs[0]):
+        report = pipeline.runPipeline(loadConfig(args.configs[0]), args.out, progress=TerminalProgress("run"))
+        _printSummary(report)
+    else:
+        rows = pipeline.runCohort(args.configs, args.out, progress=TerminalProgress("cohort"))
+        logging.info("cohort of %d subjects: summary in %s", len(rows), os.path.join(args.out, "summary.csv"))
+    return 0
+
+
+def _addDemo(subparsers):
+    p = subparsers.add_parser("demo", help="generate the sample data and run the whole pipeline on it (the main job)")
+    p.add_argument("--out", default="output/demo", help="folder for sample/ and report/ (default: output/demo)")
+    p.add_argument("--size", default="small", help="sample size: small (default) or full")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_runDemo)
+
+
+def _runDemo(args):
+    from MRIHistoRegLib import pipeline
+    from MRIHistoRegLib.progress import TerminalProgress
+
+    report = pipeline.runDemo(args.out, size=args.size, seed=args.seed, progress=TerminalProgress("demo"))
+    _printSummary(report)
+    logging.info("demo report: %s", os.path.join(os.path.abspath(args.out), "report", "report.json"))
+    return 0
+
+
+def _printSummary(report):
+    """The figures a user looks for first, on the log."""
+    summary = report["landmark_summary"]
+    logging.info("model %s: landmark residual RMS %.3f mm, leave-one-out RMS %.3f mm, shrinkage %.1f%% by volume",
+                 report["transform"]["model"], summary.get("residual_rms_mm", float("nan")),
+                 summary.get("loo_rms_mm", float("nan")), report["transform"]["shrinkage_volume_percent"])
+    if report.get("evaluation"):
+        logging.info("held-out TRE median %.3f mm (%d points)", report["evaluation"]["tre_median_mm"], report["evaluation"]["count"])
+    for label, row in (report.get("labels") or {}).items():
+        logging.info("label %s: MRI %.3f mm3, histology in MRI %.3f mm3 (Jacobian %.3f mm3), Dice %.3f, HD95 %.3f mm",
+                     label, row["mri_mm3"], row["histology_in_mri_resampled_mm3"], row["histology_in_mri_jacobian_mm3"],
+                     row["dice"], row["hd95_mm"])
 
 
 def _addRegister(subparsers):
@@ -162,7 +216,7 @@ def buildParser():
 
 
 # Subcommand registrations, in the order of the pipeline.
-_SUBCOMMANDS = [_addSample]
+_SUBCOMMANDS = [_addSample, _addRun, _addDemo]
 _SUBCOMMANDS += [_addRegister, _addMapPoints]  # landmark registration (issue 4)
 _SUBCOMMANDS += [_addInfo, _addDownsample]  # stacks: describe, streamed downsampling (issue 3)
 
