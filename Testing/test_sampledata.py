@@ -361,3 +361,22 @@ def test_cancel_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == ["empty"] and os.listdir(empty) == []
     manifest = sampledata.generateSampleData(empty, size=16)  # an empty existing folder is fine
     assert os.path.isfile(os.path.join(manifest["folder"], "truth.json"))
+
+
+def test_contrasts_csf_bright_in_mri_dark_in_microscopy(sample):
+    """T2-like MRI: CSF (lateral ventricle) brighter than tissue; light-sheet: ventricle darker than tissue."""
+    import nrrd
+    import tifffile
+
+    folder, truth = sample["folder"], sample["truth"]
+    centre = np.array(sampledata.PhantomAnatomy.ventricleCentres[0])  # right lateral ventricle, RAS mm
+    mri, _ = nrrd.read(str(folder / "mri.nrrd"), index_order="C")
+    # hand-inverted geometry: i = (4.95 - x) / 0.1, j = (9.95 - y) / 0.1, k = (z + 5.95) / 0.1
+    i, j, k = (int(round(v)) for v in ((4.95 - centre[0]) / 0.1, (9.95 - centre[1]) / 0.1, (centre[2] + 5.95) / 0.1))
+    brain = mri[mri > 400]
+    assert mri[k, j - 3:j + 4, i].mean() > 1.4 * np.median(brain)
+    stack = tifffile.imread(str(folder / "histology.tif"))
+    y = sampledata.groundTruthMriToHistology(truth, centre)[0]
+    i, j, k = (int(round(v)) for v in (-y[0] / 0.026, -y[1] / 0.026, y[2] / 0.040))
+    tissue = stack[stack > 250]
+    assert stack[k, j - 5:j + 6, i - 1:i + 2].mean() < 0.6 * np.median(tissue)
