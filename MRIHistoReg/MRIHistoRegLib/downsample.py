@@ -61,8 +61,24 @@ class _AxisPlan:
         self.breaks = breaks[(breaks >= 0) & (breaks <= self.cover)]
         lo, hi = self.breaks[:-1].astype(float), self.breaks[1:].astype(float)
         overlap = np.clip(np.minimum(hi[None, :], edges[1:, None]) - np.maximum(lo[None, :], edges[:-1, None]), 0, None)
+        overlap[overlap < 1e-9] = 0.0
         self.segmentWeights = overlap / (hi - lo)[None, :]  # (count, nSegments): weight of a segment's SUM
+        # the same as a sparse list, box by box: entry e adds weight[e] x segment[e] to its box
+        boxes, segs = np.nonzero(self.segmentWeights)
+        self.entrySegment = segs.astype(np.intp)
+        self.entryWeight = self.segmentWeights[boxes, segs]
+        self.entryStarts = np.searchsorted(boxes, np.arange(self.count)).astype(np.intp)
+        self.unitWeights = bool(np.all(self.entryWeight == 1.0))
         self.maxSegment = int(np.max(hi - lo)) if len(lo) else 1
+
+    def combine(self, sums, axis):
+        """Box sums from segment sums along `axis` (exact for integer-valued sums: no BLAS, fixed order)."""
+        taken = np.take(sums, self.entrySegment, axis=axis)
+        if not self.unitWeights:
+            shape = [1] * sums.ndim
+            shape[axis] = -1
+            taken *= self.entryWeight.reshape(shape)
+        return np.add.reduceat(taken, self.entryStarts, axis=axis)
 
     def cellWeights(self):
         """(count, cover) overlap of each input cell with each box."""
@@ -206,73 +222,180 @@ def _segmentDtype(dtype, maxSegment):
     return np.float64
 
 
-def downsampleStack(source, targetSpacingMm, crop=None, progress=None):
+class _Reduction:
+    """The per-plane work (row-segment sums along j, weighted accumulation over k) and the per-output-plane
+    finish (fractions along j, exact reduction along i, division by the box volume)."""
+
+    def __init__(self, source, plans, box):
+        pi, pj, pk = plans
+        (i0, _), (j0, _), (k0, _) = box
+        self.k0 = k0
+        self.segments = [(j0 + int(a), j0 + int(b)) for a, b in zip(pj.breaks[:-1], pj.breaks[1:])]
+        self.colSlice = slice(i0, i0 + pi.cover)
+        self.segDtype = _segmentDtype(source.dtype, pj.maxSegment)
+        self.rowShape = (len(self.segments), pi.cover)
+        self.breaksI = pi.breaks[:-1].astype(np.intp)  # reduceat starts; the last segment runs to the end
+        self.planI, self.planJ = pi, pj
+        self.norm = pj.boxLength[:, None] * pi.boxLength[None, :]
+        self.normK = pk.boxLength
+        planeWeights = pk.cellWeights()  # (count_k, cover_k)
+        self.planeOutputs = [[(int(o), float(planeWeights[o, local])) for o in np.flatnonzero(planeWeights[:, local])]
+                             for local in range(pk.cover)]
+        self.needed = [int(np.count_nonzero(planeWeights[o])) for o in range(pk.count)]
+
+    def rowSums(self, plane, out):
+        view = plane[:, self.colSlice]
+        dtype = self.segDtype
+        for s, (a, b) in enumerate(self.segments):
+            if b - a == 1:
+                out[s] = view[a]
+            else:
+                np.sum(view[a:b], axis=0, dtype=dtype, out=out[s])
+        return out
+
+    def accumulate(self, k, rowSums, accumulators, scratch):
+        for o, w in self.planeOutputs[k - self.k0]:
+            acc = accumulators.get(o)
+            if acc is None:
+                acc = accumulators[o] = np.zeros(self.rowShape, np.float64)
+            if w == 1.0:
+                np.add(acc, rowSums, out=acc)
+            else:
+                np.multiply(rowSums, w, out=scratch)
+                np.add(acc, scratch, out=acc)
+
+    def finish(self, o, partials):
+        acc = partials[0]
+        for other in partials[1:]:
+            acc += other
+        segmentSums = np.add.reduceat(acc, self.breaksI, axis=1)  # (nSegJ, nSegI), exact for integer data
+        plane = self.planI.combine(self.planJ.combine(segmentSums, axis=0), axis=1)
+        plane /= self.norm * self.normK[o]
+        return plane
+
+
+def _workerCount(source, workers):
+    if workers is not None:
+        return max(1, int(workers))
+    if not getattr(source, "parallelReads", False):
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=None):
     """Exact area-weighted downsampling of `source` (a StackSource) to `targetSpacingMm` (one value or (i, j, k)).
 
     crop: None, voxel ranges ((i0, i1), (j0, j1), (k0, k1)) (half-open, None = whole axis), or
     {"mm": ((x0, x1), (y0, y1), (z0, z1))} along i, j, k from the stack's corner.
+    workers: threads reading + reducing planes (default: 2 when the source allows positional reads, else one
+    reducer fed by a read-ahead thread).
     Returns (array float32 [k, j, i], ijkToRas 4x4). Cancel by raising progress.Cancelled (or returning True)
     from the progress callback."""
     factors, _ = _factors(source, targetSpacingMm)
     box = resolveCrop(source, crop)
-    pi, pj, pk = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
-    (i0, _), (j0, _), (k0, _) = box
-    geometry = _geometry(source, (pi, pj, pk), box, factors)
+    plans = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
+    pi, pj, pk = plans
+    geometry = _geometry(source, plans, box, factors)
     output = np.empty((pk.count, pj.count, pi.count), np.float32)
-
-    segDtype = _segmentDtype(source.dtype, pj.maxSegment)
-    breaks = pj.breaks
-    segments = [(j0 + int(a), j0 + int(b)) for a, b in zip(breaks[:-1], breaks[1:])]
-    colSlice = slice(i0, i0 + pi.cover)
-    weightsI = pi.cellWeights().T.copy()  # (cover_i, count_i)
-    weightsJ = pj.segmentWeights  # (count_j, nSeg)
-    planeWeights = pk.cellWeights()  # (count_k, cover_k)
-    normI, normJ, normK = pi.boxLength, pj.boxLength, pk.boxLength
-    rowSums = np.empty((len(segments), pi.cover), segDtype)
-    scratch = np.empty((len(segments), pi.cover), np.float64)
-    accumulators = {}
-    finishing = {}  # local plane index -> output planes complete after it
-    for o in range(pk.count):
-        finishing.setdefault(int(np.flatnonzero(planeWeights[o]).max()), []).append(o)
-
-    def finish(o):
-        acc = accumulators.pop(o)
-        plane = weightsJ @ acc @ weightsI
-        plane /= normJ[:, None] * normI[None, :] * normK[o]
-        output[o] = plane
-
+    reduction = _Reduction(source, plans, box)
+    k0 = box[2][0]
     ks = list(range(k0, k0 + pk.cover))
     total = len(ks)
-    LOG.debug("downsample %s -> %s (factors %s), %d planes", source.shape, output.shape, tuple(factors), total)
-    prefetch = _PlanePrefetcher(source, ks)
+    count = _workerCount(source, workers)
+    LOG.debug("downsample %s -> %s (factors %s), %d planes, %d worker(s)", source.shape, output.shape,
+              tuple(factors), total, count)
+
+    lock = threading.Lock()
+    stop = threading.Event()
+    events = queue.Queue()
+    remaining = list(reduction.needed)
+    partials = [dict() for _ in range(count)]
+    positional = count > 1 or getattr(source, "parallelReads", False)
+    prefetch = None if positional else _PlanePrefetcher(source, ks)
+    nextIndex = [0]
+
+    def fetch(fh, buffer):
+        if prefetch is not None:
+            item = next(prefetchIter, None)
+            return item if item is not None else (None, None)
+        with lock:
+            index = nextIndex[0]
+            nextIndex[0] += 1
+        if index >= total:
+            return None, None
+        k = ks[index]
+        if fh is not None:
+            source.readPlaneWith(k, buffer, fh)
+        else:
+            source.readPlane(k, out=buffer)
+        return k, buffer
+
+    def work(w):
+        fh = None
+        try:
+            if prefetch is None and source.kind in ("tiff", "nrrd") and hasattr(source, "readPlaneWith"):
+                fh = open(getattr(source, "dataPath", source.path), "rb", buffering=0)
+            buffer = None if prefetch is not None else np.empty(source.planeShape, source.dtype)
+            sums = np.empty(reduction.rowShape, reduction.segDtype)
+            scratch = np.empty(reduction.rowShape, np.float64)
+            while not stop.is_set():
+                k, plane = fetch(fh, buffer)
+                if k is None:
+                    break
+                reduction.rowSums(plane, sums)
+                if prefetch is not None:
+                    prefetch.release(plane)
+                reduction.accumulate(k, sums, partials[w], scratch)
+                done = []
+                with lock:
+                    for o, _ in reduction.planeOutputs[k - k0]:
+                        remaining[o] -= 1
+                        if remaining[o] == 0:
+                            done.append(o)
+                events.put(("plane", k, done))
+        except BaseException as error:  # handed to the caller's thread
+            events.put(("error", error, None))
+        finally:
+            if fh is not None:
+                fh.close()
+            events.put(("exit", w, None))
+
+    prefetchIter = iter(prefetch) if prefetch is not None else None
+    threads = [threading.Thread(target=work, args=(w,), name=f"downsample-{w}", daemon=True) for w in range(count)]
+    for thread in threads:
+        thread.start()
+    error = None
+    finished = 0
+    exits = 0
     try:
-        for index, (k, plane) in enumerate(prefetch):
-            view = plane[:, colSlice]
-            for s, (a, b) in enumerate(segments):
-                if b - a == 1:
-                    rowSums[s] = view[a]
-                else:
-                    np.sum(view[a:b], axis=0, dtype=segDtype, out=rowSums[s])
-            prefetch.release(plane)
-            local = k - k0
-            column = planeWeights[:, local]
-            for o in np.flatnonzero(column):
-                w = column[o]
-                acc = accumulators.get(o)
-                if acc is None:
-                    acc = accumulators[o] = np.zeros((len(segments), pi.cover), np.float64)
-                if w == 1.0:
-                    np.add(acc, rowSums, out=acc)
-                else:
-                    np.multiply(rowSums, w, out=scratch)
-                    np.add(acc, scratch, out=acc)
-            for o in finishing.get(local, ()):
-                finish(o)
-            report(progress, (index + 1) / total, f"plane {index + 1}/{total}")
+        while exits < count:
+            kind, a, b = events.get()
+            if kind == "exit":
+                exits += 1
+            elif kind == "error":
+                stop.set()
+                error = error or a
+            elif error is None:
+                finished += 1
+                for o in b:
+                    output[o] = reduction.finish(o, [p.pop(o) for p in partials if o in p])
+                report(progress, finished / total, f"plane {finished}/{total}")
+    except BaseException:
+        stop.set()
+        while exits < count:  # let the workers stop before returning
+            if events.get()[0] == "exit":
+                exits += 1
+        raise
     finally:
-        prefetch.close()
-    for o in list(accumulators):
-        finish(o)
+        stop.set()
+        if prefetch is not None:
+            prefetch.close()
+        for thread in threads:
+            thread.join(timeout=30)
+    if error is not None:
+        raise error
+    if finished != total:
+        raise RuntimeError(f"downsampling stopped after {finished} of {total} planes")
     return output, geometry
 
 
