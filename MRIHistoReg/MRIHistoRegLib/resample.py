@@ -104,7 +104,8 @@ class _Source:
             for k in range(start, stop):
                 yield self.array[k]
         elif hasattr(self.stack, "iterPlanes"):
-            yield from self.stack.iterPlanes(start, stop)
+            for item in self.stack.iterPlanes(start, stop):
+                yield item[1] if isinstance(item, tuple) else item  # StackSource yields (k, plane)
         else:
             for k in range(start, stop):
                 yield self.stack.readPlane(k)
@@ -129,10 +130,12 @@ def _tpsCentres(mapping):
     return None
 
 
-def evaluateExact(mapping, points, blockPoints=8192):
+def evaluateExact(mapping, points, blockPoints=4096, precision=np.float64):
     """mapping.transformPoints(points), with a fast exact path for thin-plate splines exposing tpsCentres,
     tpsWeights and linearMatrix() (fitting.LandmarkModel: linear(x) + sum_i w_i |x - c_i|): distances through
-    |x|^2 + |c|^2 - 2 x.c (one matrix product per block of points), bounded memory."""
+    |x|^2 + |c|^2 - 2 x.c on centred coordinates (one matrix product per block of points), bounded memory.
+    precision=np.float32 halves the cost (kernel round-off ~1e-5 mm; the lattice uses it, its verification
+    does not)."""
     points = asPoints(points)
     centres = getattr(mapping, "tpsCentres", None)
     weights = getattr(mapping, "tpsWeights", None)
@@ -141,14 +144,17 @@ def evaluateExact(mapping, points, blockPoints=8192):
         return asPoints(mapping.transformPoints(points))
     matrix = np.asarray(linear(), float)
     centres = np.asarray(centres, float)
-    weights = np.asarray(weights, float)
     shift = centres.mean(axis=0)  # centred coordinates keep the expansion's round-off small
-    c = centres - shift
+    c = (centres - shift).astype(precision)
+    minusTwoCt = (-2.0 * c.T).astype(precision)
     cc = (c * c).sum(axis=1)
+    weights = np.asarray(weights, float).astype(precision)
     result = points @ matrix[:3, :3].T + matrix[:3, 3]
     for start in range(0, len(points), blockPoints):
-        x = points[start:start + blockPoints] - shift
-        squared = (x * x).sum(axis=1)[:, None] + cc[None, :] - 2.0 * (x @ c.T)
+        x = (points[start:start + blockPoints] - shift).astype(precision)
+        squared = x @ minusTwoCt
+        squared += (x * x).sum(axis=1)[:, None]
+        squared += cc[None, :]
         np.maximum(squared, 0.0, out=squared)
         np.sqrt(squared, out=squared)
         result[start:start + blockPoints] += squared @ weights
@@ -170,7 +176,7 @@ class LatticeMapping:
     """
 
     def __init__(self, mapping, referenceShape, referenceIjkToRas, targetRasToIjk=None, maxErrorVoxels=0.1,
-                 step=None, probes=4096, seed=0, progress=None):
+                 step=None, probes=4096, seed=0, progress=None, p99ErrorVoxels=None):
         self.mapping = mapping
         self.shape = _asShape(referenceShape)
         self.referenceIjkToRas = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
@@ -179,12 +185,13 @@ class LatticeMapping:
         if not maxErrorVoxels > 0:
             raise ValueError(f"maxErrorVoxels must be > 0 (e.g. 0.1 output voxel), got {maxErrorVoxels}.")
         self.maxErrorTarget = float(maxErrorVoxels)
+        self.p99ErrorTarget = float(p99ErrorVoxels) if p99ErrorVoxels is not None else self.maxErrorTarget / 5.0
         started = time.perf_counter()
         sizes = np.array(self.shape[::-1], float)  # (ni, nj, nk)
         if step is None:
-            # uniform in mm, 16 voxels along the finest axis to start with
+            # uniform in mm, 8 voxels along the finest axis to start with
             spacing = _spacing(self.referenceIjkToRas)
-            step = 16.0 * spacing.min() / spacing
+            step = 8.0 * spacing.min() / spacing
             fixedStep = False
         else:
             fixedStep = True
@@ -193,30 +200,34 @@ class LatticeMapping:
         self._probeExact = self._exactAt(self._probePositions)
         self.refinements = 0
         while True:
-            self._build(np.maximum(step, 1.0) if not fixedStep else step)
+            self._build(np.maximum(np.round(step), 1.0))
             self._verify()
             progressLib.report(progress, 0.5, f"lattice step {self.step.round(2).tolist()} voxels, "
                                               f"max error {self.maxErrorVoxels:.3g} voxel")
-            if fixedStep or self.maxErrorVoxels <= self.maxErrorTarget or np.all(self.step <= 1.0) \
-                    or self.refinements >= _MAX_REFINEMENTS:
+            if fixedStep or self._targetMet() or np.all(self.step <= 1.0) or self.refinements >= _MAX_REFINEMENTS:
                 break
-            # interpolation error ~ step^2 for smooth maps (~step at a kernel's cone): aim at 70% of the target
-            factor = np.clip(np.sqrt(0.7 * self.maxErrorTarget / self.maxErrorVoxels), 0.25, 0.8)
-            step = np.maximum(self.step * factor, 1.0)
+            # interpolation error ~ step^2 for smooth maps (~step near a kernel's cone): aim at 80% of the target
+            ratio = max(self.maxErrorVoxels / self.maxErrorTarget, self.p99ErrorVoxels / self.p99ErrorTarget)
+            factor = np.clip(np.sqrt(0.7 / ratio), 0.25, 0.85)
+            step = np.maximum(np.minimum(np.round(self.step * factor), self.step - 1), 1.0)
             self.refinements += 1
-        if self.maxErrorVoxels > self.maxErrorTarget:
-            logging.warning("Lattice approximation misses its target: max error %.3g > %.3g output voxel at step %s "
-                            "(the mapping is not smooth at the voxel scale?)", self.maxErrorVoxels,
-                            self.maxErrorTarget, self.step.tolist())
+        if not self._targetMet():
+            logging.warning("Lattice approximation misses its target: max / p99 error %.3g / %.3g output voxel "
+                            "(target %.3g / %.3g) at step %s: the mapping is not smooth at the voxel scale?",
+                            self.maxErrorVoxels, self.p99ErrorVoxels, self.maxErrorTarget, self.p99ErrorTarget,
+                            self.step.tolist())
         self.evaluationSeconds = time.perf_counter() - started
         logging.debug("LatticeMapping: step %s, %d nodes, max %.4f / p99 %.4f output voxel, %.3f s",
                       self.step.tolist(), self.nodeCount, self.maxErrorVoxels, self.p99ErrorVoxels,
                       self.evaluationSeconds)
 
     # -- construction
-    def _exactAt(self, positions):
+    def _targetMet(self):
+        return self.maxErrorVoxels <= self.maxErrorTarget and self.p99ErrorVoxels <= self.p99ErrorTarget
+
+    def _exactAt(self, positions, precision=np.float64):
         ras = _applyMatrix(self.referenceIjkToRas, positions)
-        moving = evaluateExact(self.mapping, ras)
+        moving = evaluateExact(self.mapping, ras, precision=precision)
         return _applyMatrix(self.targetRasToIjk, moving)
 
     def _makeProbes(self, count, seed):
@@ -241,14 +252,178 @@ class LatticeMapping:
         axes = [self.origin[a] + self.step[a] * np.arange(counts[a]) for a in range(3)]
         kk, jj, ii = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
         nodes = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1)
-        values = self._exactAt(nodes)  # (Lk*Lj*Li, 3)
+        values = self._exactAt(nodes, precision=np.float32)  # (Lk*Lj*Li, 3); verified in float64 below
         self.values64 = values.T.reshape(3, counts[2], counts[1], counts[0])
         self.values = self.values64.astype(np.float32)
         self.nodeCount = int(len(nodes))
+        self._prepareCones()
         # global linear part (reference index -> target index) for pulling errors back to output voxels
         design = np.concatenate([nodes, np.ones((len(nodes), 1))], axis=1)
         solution = np.linalg.lstsq(design, values, rcond=None)[0]
         self.linearPart = solution[:3].T  # target = linearPart @ p + offset
+
+    # -- thin-plate spline cones
+    def _prepareCones(self):
+        """A TPS kernel |x - c| has a cone at its centre: piecewise-linear interpolation errs by ~|w| h there and
+        by ~|w| h^2 / (4 d) at distance d. Within the 2x2x2 lattice cells nearest to each centre the exact
+        correction w (|x - c| - I_h[|x - c|](x)) is added (I_h = the lattice's own trilinear interpolant), which
+        leaves an error <= ~|w| h / 2 right outside those cells and much less further out."""
+        self._cones = None
+        self._gridCorrections = None
+        centres = getattr(self.mapping, "tpsCentres", None)
+        weights = getattr(self.mapping, "tpsWeights", None)
+        if centres is None or weights is None or not callable(getattr(self.mapping, "linearMatrix", None)):
+            return
+        centres = np.asarray(centres, float).reshape(-1, 3)
+        if len(centres) == 0:
+            return
+        index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), centres)
+        cell = np.floor((index - self.origin) / self.step)
+        frac = (index - self.origin) / self.step - cell
+        boxStart = (cell - (frac < 0.5)).astype(np.int64)  # first of the two cells nearest to the centre
+        targetWeights = np.asarray(weights, float) @ self.targetRasToIjk[:3, :3].T  # (n, 3) in target units
+        self._cones = (centres, boxStart, targetWeights)
+
+    def _coneCorrectionPoints(self, positions, cells):
+        """Corrections (N, 3) at arbitrary positions whose lattice cells are `cells` (N, 3: i, j, k)."""
+        centres, boxStart, targetWeights = self._cones
+        correction = np.zeros((len(positions), 3))
+        ras = _applyMatrix(self.referenceIjkToRas, positions)
+        for di in (0, 1):
+            for dj in (0, 1):
+                for dk in (0, 1):
+                    key = boxStart + np.array([di, dj, dk])
+                    keyId = self._cellId(key)
+                    order = np.argsort(keyId, kind="stable")
+                    sortedIds = keyId[order]
+                    pointIds = self._cellId(cells)
+                    low = np.searchsorted(sortedIds, pointIds, "left")
+                    high = np.searchsorted(sortedIds, pointIds, "right")
+                    counts = high - low
+                    if not counts.any():
+                        continue
+                    point = np.repeat(np.arange(len(positions)), counts)
+                    starts = np.repeat(low, counts)
+                    within = np.arange(len(point)) - np.repeat(np.cumsum(counts) - counts, counts)
+                    centre = order[starts + within]
+                    exact = np.linalg.norm(ras[point] - centres[centre], axis=1)
+                    nodesAt = cells[point]
+                    u = (positions[point] - self.origin) / self.step - nodesAt
+                    interpolated = np.zeros(len(point))
+                    for ci in (0, 1):
+                        for cj in (0, 1):
+                            for ck in (0, 1):
+                                corner = self.origin + (nodesAt + np.array([ci, cj, ck])) * self.step
+                                value = np.linalg.norm(_applyMatrix(self.referenceIjkToRas, corner) - centres[centre], axis=1)
+                                weight = ((u[:, 0] if ci else 1 - u[:, 0]) * (u[:, 1] if cj else 1 - u[:, 1])
+                                          * (u[:, 2] if ck else 1 - u[:, 2]))
+                                interpolated += weight * value
+                    np.add.at(correction, point, targetWeights[centre] * (exact - interpolated)[:, None])
+        return correction
+
+    def _cellId(self, cells):
+        big = 1 << 20
+        cells = np.asarray(cells, np.int64) + 2  # boxes may start one cell before the lattice
+        return (cells[:, 2] * big + cells[:, 1]) * big + cells[:, 0]
+
+    def _gridConeCorrections(self):
+        """Corrections on the reference grid's voxels, per centre box: (centre k ranges, flat voxel indices,
+        (3, entries) float32 corrections), computed once (batched, separable over the boxes)."""
+        if self._gridCorrections is not None:
+            return self._gridCorrections
+        centres, boxStart, targetWeights = self._cones
+        h = self.step.astype(np.int64)
+        nk, nj, ni = self.shape
+        sizes = 2 * h  # voxels per box along i, j, k
+        # local trilinear weights from the box's 3 nodes to its 2h voxels (same for every box)
+        def localMatrix(count, step):
+            u = (np.arange(count) + 0.5) / step
+            cell = np.minimum(np.floor(u).astype(int), 1)
+            matrix = np.zeros((count, 3))
+            matrix[np.arange(count), cell] = 1 - (u - cell)
+            matrix[np.arange(count), cell + 1] = u - cell
+            return matrix
+        mi, mj, mk = (localMatrix(int(sizes[a]), float(h[a])) for a in range(3))
+        A = self.referenceIjkToRas[:3, :3]
+        t = [np.arange(int(sizes[a]), dtype=float) for a in range(3)]
+        nodeOffsets = np.stack(np.meshgrid(np.arange(3), np.arange(3), np.arange(3), indexing="ij"), -1)  # (k, j, i, 3)
+        voxelStart = boxStart * h  # first voxel of the box (nodes at -0.5 + m h)
+        entries = []
+        chunk = max(1, int(2e6 // np.prod(sizes)))
+        for first in range(0, len(centres), chunk):
+            sl = slice(first, first + chunk)
+            c = centres[sl]
+            start = boxStart[sl]
+            # cone values at the 27 local nodes
+            nodePos = self.origin + (start[:, None, None, None, :] + nodeOffsets[None, ..., ::-1]) * self.step
+            nodeRas = nodePos @ A.T + self.referenceIjkToRas[:3, 3]
+            nodeValues = np.linalg.norm(nodeRas - c[:, None, None, None, :], axis=-1)  # (n, 3k, 3j, 3i)
+            interpolated = np.einsum("nabc,ka,jb,ic->nkji", nodeValues, mk, mj, mi, optimize=True)
+            # exact cone on the box's voxels
+            d0 = (voxelStart[sl] @ A.T + self.referenceIjkToRas[:3, 3]) - c  # (n, 3)
+            squared = 0.0
+            for axis in range(3):
+                component = (d0[:, axis][:, None, None, None]
+                             + A[axis, 0] * t[0][None, None, None, :]
+                             + A[axis, 1] * t[1][None, None, :, None]
+                             + A[axis, 2] * t[2][None, :, None, None])
+                squared = squared + component * component
+            delta = (np.sqrt(squared) - interpolated).astype(np.float32)  # (n, Bk, Bj, Bi)
+            entries.append(delta)
+        self._gridCorrections = (voxelStart, np.concatenate(entries), targetWeights.astype(np.float32), sizes)
+        return self._gridCorrections
+        centres, boxStart, targetWeights = self._cones
+        h = self.step.astype(np.int64)
+        nk, nj, ni = self.shape
+        sizes = 2 * h  # voxels per box along i, j, k
+        # local trilinear weights from the box's 3 nodes to its 2h voxels (same for every box)
+        def localMatrix(count, step):
+            u = (np.arange(count) + 0.5) / step
+            cell = np.minimum(np.floor(u).astype(int), 1)
+            matrix = np.zeros((count, 3))
+            matrix[np.arange(count), cell] = 1 - (u - cell)
+            matrix[np.arange(count), cell + 1] = u - cell
+            return matrix
+        mi, mj, mk = (localMatrix(int(sizes[a]), float(h[a])) for a in range(3))
+        A = self.referenceIjkToRas[:3, :3]
+        t = [np.arange(int(sizes[a]), dtype=float) for a in range(3)]
+        nodeOffsets = np.stack(np.meshgrid(np.arange(3), np.arange(3), np.arange(3), indexing="ij"), -1)  # (k, j, i, 3)
+        voxelStart = boxStart * h  # first voxel of the box (nodes at -0.5 + m h)
+        entries = []
+        chunk = max(1, int(2e6 // np.prod(sizes)))
+        for first in range(0, len(centres), chunk):
+            sl = slice(first, first + chunk)
+            c = centres[sl]
+            start = boxStart[sl]
+            # cone values at the 27 local nodes
+            nodePos = self.origin + (start[:, None, None, None, :] + nodeOffsets[None, ..., ::-1]) * self.step
+            nodeRas = nodePos @ A.T + self.referenceIjkToRas[:3, 3]
+            nodeValues = np.linalg.norm(nodeRas - c[:, None, None, None, :], axis=-1)  # (n, 3k, 3j, 3i)
+            interpolated = np.einsum("nabc,ka,jb,ic->nkji", nodeValues, mk, mj, mi, optimize=True)
+            # exact cone on the box's voxels
+            d0 = (voxelStart[sl] @ A.T + self.referenceIjkToRas[:3, 3]) - c  # (n, 3)
+            squared = 0.0
+            for axis in range(3):
+                component = (d0[:, axis][:, None, None, None]
+                             + A[axis, 0] * t[0][None, None, None, :]
+                             + A[axis, 1] * t[1][None, None, :, None]
+                             + A[axis, 2] * t[2][None, :, None, None])
+                squared = squared + component * component
+            delta = (np.sqrt(squared) - interpolated).astype(np.float32)  # (n, Bk, Bj, Bi)
+            vi = voxelStart[sl, 0][:, None, None, None] + t[0].astype(np.int64)[None, None, None, :]
+            vj = voxelStart[sl, 1][:, None, None, None] + t[1].astype(np.int64)[None, None, :, None]
+            vk = voxelStart[sl, 2][:, None, None, None] + t[2].astype(np.int64)[None, :, None, None]
+            valid = (vi >= 0) & (vi < ni) & (vj >= 0) & (vj < nj) & (vk >= 0) & (vk < nk)
+            valid = np.broadcast_to(valid, delta.shape)
+            flat = np.broadcast_to((vk * nj + vj) * ni + vi, delta.shape)[valid]
+            owner = np.broadcast_to(np.arange(first, first + len(c))[:, None, None, None], delta.shape)[valid]
+            values = targetWeights[owner].T.astype(np.float32) * delta[valid][None, :]
+            entries.append((flat, values))
+        flat = np.concatenate([e[0] for e in entries])
+        values = np.concatenate([e[1] for e in entries], axis=1)
+        order = np.argsort(flat, kind="stable")
+        self._gridCorrections = (flat[order], values[:, order])
+        return self._gridCorrections
 
     def _verify(self):
         approx = self.interpolate(self._probePositions, exactPrecision=True)
@@ -278,7 +453,10 @@ class LatticeMapping:
             for dj, fj in ((0, 1 - wj), (1, wj)):
                 for di, fi in ((0, 1 - wi), (1, wi)):
                     result += values[:, ck + dk, cj + dj, ci + di] * (fk * fj * fi)
-        return result.T.astype(np.float64)
+        result = result.T.astype(np.float64)
+        if self._cones is not None:
+            result += self._coneCorrectionPoints(positions, np.stack([ci, cj, ck], axis=1))
+        return result
 
     def transformPoints(self, points):
         """The mapping's protocol (fixed RAS -> target space), through the lattice."""
@@ -298,7 +476,42 @@ class LatticeMapping:
         low = np.take(b, ci, axis=3)
         slope = np.take(np.diff(b, axis=3), np.minimum(ci, b.shape[3] - 2), axis=3) if b.shape[3] > 1 else 0 * low
         low += slope * wi
+        if self._cones is not None:
+            self._applyGridCorrections(low, ks, js, is_)
         return low
+
+    def _applyGridCorrections(self, out, ks, js, is_):
+        nk, nj, ni = self.shape
+        ks, js, is_ = (np.asarray(a, float) for a in (ks, js, is_))
+        standard = (len(js) == nj and len(is_) == ni and np.array_equal(js, np.arange(nj))
+                    and np.array_equal(is_, np.arange(ni)) and len(ks) > 0
+                    and np.array_equal(ks, np.arange(ks[0], ks[0] + len(ks))) and ks[0] >= 0 and ks[-1] < nk)
+        if standard:
+            voxelStart, delta, weights, sizes = self._gridConeCorrections()
+            k0, k1 = int(ks[0]), int(ks[0]) + len(ks)
+            hit = np.nonzero((voxelStart[:, 2] < k1) & (voxelStart[:, 2] + sizes[2] > k0))[0]
+            if len(hit):
+                ti, tj, tk = (np.arange(int(sizes[a])) for a in range(3))
+                vi = voxelStart[hit, 0][:, None, None, None] + ti[None, None, None, :]
+                vj = voxelStart[hit, 1][:, None, None, None] + tj[None, None, :, None]
+                vk = voxelStart[hit, 2][:, None, None, None] + tk[None, :, None, None]
+                valid = (vi >= 0) & (vi < ni) & (vj >= 0) & (vj < nj) & (vk >= k0) & (vk < k1)
+                local = ((vk - k0) * nj + vj) * ni + vi
+                valid = np.broadcast_to(valid, (len(hit),) + tuple(int(x) for x in sizes[::-1]))
+                local = np.broadcast_to(local, valid.shape)[valid]
+                part = delta[hit][valid]
+                owner = np.broadcast_to(np.arange(len(hit))[:, None, None, None], valid.shape)[valid]
+                size = len(ks) * nj * ni
+                view = out.reshape(3, -1)
+                for axis in range(3):
+                    view[axis] += np.bincount(local, weights=part * weights[hit, axis][owner],
+                                              minlength=size).astype(np.float32)
+        else:  # any other grid: the general per-point correction
+            kk, jj, ii = np.meshgrid(ks, js, is_, indexing="ij")
+            positions = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1)
+            cells = np.stack([_axisWeights(positions[:, a], self.origin[a], self.step[a], self.counts[a])[0]
+                              for a in range(3)], axis=1)
+            out += self._coneCorrectionPoints(positions, cells).T.reshape(out.shape).astype(np.float32)
 
     def jacobians(self):
         """Per lattice cell (forward differences) d target / d reference index: (cells, 3 targets, 3 axes)."""
@@ -326,7 +539,7 @@ class LatticeMapping:
                 "probe_count": self.probeCount,
                 "probe_max_error_mm": self.maxErrorMm, "probe_p99_error_mm": self.p99ErrorMm,
                 "probe_max_error_voxels": self.maxErrorVoxels, "probe_p99_error_voxels": self.p99ErrorVoxels,
-                "target_max_error_voxels": self.maxErrorTarget}
+                "target_max_error_voxels": self.maxErrorTarget, "target_p99_error_voxels": self.p99ErrorTarget}
 
 
 # ------------------------------------------------------------------------------------------------- sampling
