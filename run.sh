@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MRIHistoReg's two entry points on a fresh machine. Each creates .venv/ (pinned requirements) when missing.
 #   ./run.sh demo [OUT_DIR]    generate the sample data and run the whole headless pipeline, writing a report
-#   ./run.sh test [PYTEST_ARGS] run the whole test suite
+#   ./run.sh test [PYTEST_ARGS] run the whole test suite (or the files/options given, e.g. Testing/test_fitting.py -q)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 root=$PWD
@@ -40,7 +40,7 @@ case "$command" in
   test)
     ensure_venv
     export PYTHONPATH="$root/MRIHistoReg${PYTHONPATH:+:$PYTHONPATH}"
-    exec .venv/bin/python -m pytest Testing "$@"
+    exec .venv/bin/python -m pytest "$@"  # pytest.ini: testpaths = Testing
     ;;
   *)
     echo "usage: ./run.sh demo [OUT_DIR] | ./run.sh test [PYTEST_ARGS]" >&2

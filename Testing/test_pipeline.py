@@ -1,0 +1,154 @@
+"""The headless main job end to end on the generated sample, checked against its ground truth."""
+import csv
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MRIHistoRegLib import cli, pipeline, sampledata
+from MRIHistoRegLib.config import loadConfig
+
+
+def _checksums(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sample") / "data"
+    sampledata.generateSampleData(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demoRun(sample, tmp_path_factory):
+    before = _checksums(sample)
+    out = tmp_path_factory.mktemp("run") / "report"
+    assert cli.main(["run", str(sample / "config.json"), "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text()), sampledata.loadTruth(sample), before
+
+
+def test_report_figures_match_ground_truth(demoRun, sample):
+    out, report, truth, before = demoRun
+    voxel = 0.1  # MRI spacing (mm)
+    assert report["evaluation"]["count"] == len(truth["eval_points"]["labels"]) if "labels" in truth["eval_points"] else True
+    assert report["evaluation"]["tre_median_mm"] <= voxel, "held-out TRE median must be within one MRI voxel"
+    # shrinkage from the fit is near the construction's 40 % by volume
+    assert abs(report["transform"]["shrinkage_volume_percent"] - truth["shrinkage"]["volume_shrinkage_percent"]) < 5
+    assert report["jacobian"]["folded_fraction"] == 0.0
+    row = report["labels"]["1"]
+    trueMri = truth["tumour"]["mri_volume_mm3"]
+    # native histology volume with the corrected spacing, vs the analytic native volume
+    assert row["histology_native_mm3"] == pytest.approx(truth["tumour"]["histology_volume_mm3"], rel=0.02)
+    # two independent ways of carrying the histology tumour into MRI space agree
+    assert row["histology_in_mri_jacobian_mm3"] == pytest.approx(row["histology_in_mri_resampled_mm3"], rel=0.01)
+    # landmark-only registration: the volume is within the landmark fit's local scale error of the truth
+    assert row["histology_in_mri_resampled_mm3"] == pytest.approx(trueMri, rel=0.05)
+    assert row["dice"] > 0.85 and row["hd95_mm"] <= 2 * voxel
+    assert _checksums(sample) == before, "the pipeline must never modify its inputs"
+
+
+def test_report_folder_contents_and_consistency(demoRun):
+    out, report, truth, _ = demoRun
+    for name in ("report.json", "report.csv", "transform.h5", "histology_on_mri.nrrd", "histology_labels_on_mri.nrrd",
+                 "overlay_axial.png", "overlay_coronal.png", "overlay_sagittal.png", "landmark_errors.png", "jacobian.png"):
+        assert (out / name).stat().st_size > 0, name
+    labels = [row["label"] for row in report["landmarks"]]
+    assert labels == sorted(labels) and len(labels) == 12
+    assert all(row["loo_mm"] > row["residual_mm"] for row in report["landmarks"]), "TPS interpolates; LOO does not"
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    tre = [float(r["value"]) for r in rows if r["section"] == "evaluation" and r["quantity"] == "tre_mm"]
+    np.testing.assert_allclose(sorted(tre), sorted(report["evaluation"]["tre_mm"]))
+    # the resampled histology sits on the MRI grid (read back with SimpleITK, an independent reader)
+    mri = sitk.ReadImage(str(out / ".." / "report" / "histology_on_mri.nrrd"))
+    assert mri.GetSize() == (100, 200, 120)
+    np.testing.assert_allclose(mri.GetSpacing(), (0.1, 0.1, 0.1), atol=1e-6)
+
+
+def test_transform_file_maps_points_like_the_report(demoRun, sample, tmp_path):
+    out, report, truth, _ = demoRun
+    mapped = tmp_path / "mapped.csv"
+    assert cli.main(["map-points", "--transform", str(out / "transform.h5"), "--points", str(sample / "eval_points_mri.csv"),
+                     "--direction", "fixed-to-moving", "--out", str(mapped)]) == 0
+    from MRIHistoRegLib import landmarks
+
+    labels, points = landmarks.readPoints(mapped)
+    truthLabels, truthPoints = landmarks.readPoints(sample / "eval_points_histology.csv")
+    assert labels == truthLabels
+    error = np.linalg.norm(points - truthPoints, axis=1)
+    byLabel = {p["label"]: p["tre_histology_space_mm"] for p in report["evaluation"]["points"]}
+    np.testing.assert_allclose(error, [byLabel[label] for label in labels], atol=1e-3)
+
+
+def _configWith(sample, tmp_path, **changes):
+    raw = json.loads((sample / "config.json").read_text())
+    raw = {k: (os.path.join(sample, v) if isinstance(v, str) and os.path.exists(os.path.join(sample, v)) else v)
+           for k, v in raw.items()}
+    for key in ("landmarks", "labels", "evaluate_points"):
+        raw[key] = {side: os.path.join(sample, path) for side, path in raw[key].items()}
+    raw.update(changes)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return loadConfig(path)
+
+
+def _expectFailureLeavesNothing(config, tmp_path, match):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        pipeline.runPipeline(config, out)
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")], "no partial report folder may remain"
+
+
+def test_label_on_wrong_grid_is_refused(sample, tmp_path):
+    config = _configWith(sample, tmp_path, labels={"mri": str(sample / "histology_tumour_label.nrrd"),
+                                                   "histology": str(sample / "histology_tumour_label.nrrd")})
+    _expectFailureLeavesNothing(config, tmp_path, "MRI label map must be on the MRI's grid")
+
+
+def test_empty_label_is_refused(sample, tmp_path):
+    import nrrd
+
+    data, header = nrrd.read(str(sample / "mri_tumour_label.nrrd"))
+    nrrd.write(str(tmp_path / "empty.nrrd"), np.zeros_like(data), header)
+    config = _configWith(sample, tmp_path, labels={"mri": str(tmp_path / "empty.nrrd"),
+                                                   "histology": str(sample / "histology_tumour_label.nrrd")})
+    _expectFailureLeavesNothing(config, tmp_path, "labels.mri is empty")
+
+
+def test_landmarks_outside_the_image_are_refused(sample, tmp_path):
+    from MRIHistoRegLib import landmarks
+
+    labels, points = landmarks.readPoints(sample / "landmarks_histology.csv")
+    points = points * 1000.0  # the classic mm/um mix-up
+    landmarks.writePoints(tmp_path / "far.csv", labels, points)
+    config = _configWith(sample, tmp_path, landmarks={"mri": str(sample / "landmarks_mri.csv"),
+                                                      "histology": str(tmp_path / "far.csv")})
+    _expectFailureLeavesNothing(config, tmp_path, "outside the image")
+
+
+def test_cohort_mode_writes_one_summary(sample, tmp_path):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name in ("mouseA", "mouseB"):
+        raw = json.loads((sample / "config.json").read_text())
+        raw["name"] = name
+        raw["labels"] = None
+        raw.pop("labels")
+        for key in ("mri", "histology"):
+            raw[key] = str(sample / raw[key])
+        for key in ("landmarks", "evaluate_points"):
+            raw[key] = {side: str(sample / p) for side, p in raw[key].items()}
+        (folder / f"{name}.json").write_text(json.dumps(raw))
+    assert cli.main(["run", str(folder), "--out", str(tmp_path / "cohort")]) == 0
+    with open(tmp_path / "cohort" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["mouseA", "mouseB"]
+    assert rows[0]["tre_median_mm"] == rows[1]["tre_median_mm"]  # same inputs, deterministic result
+    assert (tmp_path / "cohort" / "mouseA" / "report.json").exists()
