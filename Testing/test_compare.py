@@ -1,0 +1,176 @@
+"""compare.py: label transfer, volumes (native, transferred, Jacobian-integrated), Dice and HD95.
+
+Ground truth from analytic shapes and known mappings; Dice/Hausdorff against SimpleITK's filters and a scipy
+KD-tree (independent implementations)."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MRIHistoRegLib import compare
+from MRIHistoRegLib.mapping import AffineMapping
+
+
+def grid(shape, spacing, origin=(0.0, 0.0, 0.0)):
+    m = np.diag(list(np.broadcast_to(np.asarray(spacing, float), (3,))) + [1.0])
+    m[:3, 3] = origin
+    return tuple(shape), m
+
+
+def ellipsoid(shape, ijkToRas, centre, radii, label=1, supersample=4):
+    """Label map of an ellipsoid, partial-volume exact to 1/supersample^3 (voxel covered >= 50% -> label)."""
+    nk, nj, ni = shape
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    covered = np.zeros(shape)
+    kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    for a in offsets:
+        for b in offsets:
+            for c in offsets:
+                index = np.stack([ii + a, jj + b, kk + c], -1)
+                ras = index @ ijkToRas[:3, :3].T + ijkToRas[:3, 3]
+                covered += (((ras - centre) / radii) ** 2).sum(-1) <= 1.0
+    return np.where(covered / supersample ** 3 >= 0.5, label, 0).astype(np.uint8)
+
+
+class SineWarp:
+    """x -> A x + t + a sin(k x[perm]): smooth, with analytic Jacobian."""
+
+    def __init__(self, matrix, amplitude, wavelength):
+        self.matrix = np.asarray(matrix, float)
+        self.affineMatrix = self.matrix
+        self.amplitude, self.k, self.perm = amplitude, 2 * np.pi / wavelength, [1, 2, 0]
+
+    def transformPoints(self, points):
+        points = np.atleast_2d(np.asarray(points, float))
+        return points @ self.matrix[:3, :3].T + self.matrix[:3, 3] + self.amplitude * np.sin(self.k * points[:, self.perm])
+
+    def jacobian(self, points):
+        points = np.atleast_2d(np.asarray(points, float))
+        jac = np.broadcast_to(self.matrix[:3, :3], (len(points), 3, 3)).copy()
+        for row, col in enumerate(self.perm):
+            jac[:, row, col] += self.amplitude * self.k * np.cos(self.k * points[:, col])
+        return jac
+
+
+def test_label_volumes_use_the_voxel_volume():
+    labels = np.zeros((4, 5, 6), np.uint16)
+    labels[0, 0, :3] = 1
+    labels[1:3, 1:3, 1:3] = 7
+    volumes = compare.labelVolumesMm3(labels, np.diag([0.1, 0.2, 0.5, 1.0]))
+    assert volumes == {1: pytest.approx(3 * 0.01), 7: pytest.approx(8 * 0.01)}
+
+
+def test_dice_agrees_with_simpleitk_label_overlap():
+    rng = np.random.default_rng(0)
+    a = np.zeros((30, 40, 50), np.uint8)
+    b = np.zeros_like(a)
+    a[5:20, 10:30, 10:40] = 1
+    b[8:24, 12:33, 5:35] = 1
+    b &= (rng.random(b.shape) > 0.1).astype(np.uint8)
+    measures = sitk.LabelOverlapMeasuresImageFilter()
+    measures.Execute(sitk.GetImageFromArray(a), sitk.GetImageFromArray(b))
+    assert compare.dice(a, b) == pytest.approx(measures.GetDiceCoefficient(), rel=1e-12)
+    assert compare.dice(a, a) == 1.0
+    assert compare.dice(a, np.zeros_like(a)) == 0.0
+
+
+def test_hausdorff_agrees_with_simpleitk_and_a_kdtree_on_anisotropic_grids():
+    spatial = pytest.importorskip("scipy.spatial")
+    shape, m = grid((24, 40, 36), (0.05, 0.08, 0.2))
+    a = ellipsoid(shape, m, np.array([0.9, 1.5, 2.3]), np.array([0.6, 0.9, 1.5]))
+    b = ellipsoid(shape, m, np.array([1.0, 1.4, 2.1]), np.array([0.5, 1.0, 1.3]))
+    b[18:21, 15:20, 5:9] = 1  # an outlying blob makes the 95% and 100% values differ
+    spacing = [0.05, 0.08, 0.2]
+    imageA, imageB = sitk.GetImageFromArray(a), sitk.GetImageFromArray(b)
+    imageA.SetSpacing(spacing)
+    imageB.SetSpacing(spacing)
+    hausdorff = sitk.HausdorffDistanceImageFilter()
+    hausdorff.Execute(imageA, imageB)
+    assert compare.hausdorffMm(a, b, m, percentile=100) == pytest.approx(hausdorff.GetHausdorffDistance(), rel=1e-6)
+
+    def surfacePoints(mask):
+        padded = np.pad(mask.astype(bool), 1)
+        inner = padded[1:-1, 1:-1, 1:-1].copy()
+        for axis in range(3):
+            for shift in (-1, 1):
+                inner &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+        return np.argwhere(mask.astype(bool) & ~inner)[:, ::-1] * np.array(spacing)
+
+    pa, pb = surfacePoints(a), surfacePoints(b)
+    dab = spatial.cKDTree(pb).query(pa)[0]
+    dba = spatial.cKDTree(pa).query(pb)[0]
+    expected = max(np.percentile(dab, 95), np.percentile(dba, 95))
+    assert compare.hausdorff95Mm(a, b, m) == pytest.approx(expected, rel=1e-6)
+    assert compare.hausdorff95Mm(a, b, m) < compare.hausdorffMm(a, b, m, percentile=100)
+    assert compare.hausdorff95Mm(a, a, m) == 0.0
+
+
+def test_ellipsoid_through_a_known_scaling_keeps_the_scaled_volume():
+    # histology: an ellipsoid at 0.04 mm; MRI->histology mapping = scaling by 0.8 (histology shrunk)
+    histShape, histM = grid((70, 80, 90), 0.04)
+    centre, radii = np.array([1.8, 1.6, 1.4]), np.array([1.1, 0.9, 0.7])
+    hist = ellipsoid(histShape, histM, centre, radii, label=3)
+    m = np.diag([0.8, 0.8, 0.8, 1.0])
+    mriShape, mriM = grid((60, 70, 80), 0.05)
+    transferred = compare.transferLabels(hist, histM, AffineMapping(m), mriShape, mriM)
+    assert transferred.dtype == np.uint8 and set(np.unique(transferred)) == {0, 3}
+    expected = 4 / 3 * np.pi * np.prod(radii) / 0.8 ** 3
+    volume = compare.labelVolumesMm3(transferred, mriM)[3]
+    assert volume == pytest.approx(expected, rel=0.01)
+    nearest = compare.transferLabels(hist, histM, AffineMapping(m), mriShape, mriM, method="nearest")
+    assert compare.labelVolumesMm3(nearest, mriM)[3] == pytest.approx(expected, rel=0.03)
+    # the transferred label coincides with the analytic ellipsoid on the MRI grid
+    truth = ellipsoid(mriShape, mriM, centre / 0.8, radii / 0.8, label=3, supersample=2)
+    assert compare.dice(transferred, truth) > 0.98
+    assert compare.hausdorff95Mm(transferred, truth, mriM) <= 0.05 + 1e-9
+
+
+def test_jacobian_integrated_volume_agrees_with_the_resampled_one_on_a_smooth_warp():
+    histShape, histM = grid((60, 70, 80), 0.05)
+    centre, radii = np.array([2.0, 1.7, 1.5]), np.array([1.2, 1.0, 0.8])
+    hist = ellipsoid(histShape, histM, centre, radii, label=2)
+    warp = SineWarp(np.diag([0.85, 0.85, 0.85, 1.0]) + np.diag([0, 0, 0, 0]), amplitude=0.08, wavelength=3.0)
+    warp.matrix[:3, 3] = [0.1, 0.05, 0.0]
+    mriShape, mriM = grid((54, 60, 70), 0.06)  # covers the label's preimage
+    transferred = compare.transferLabels(hist, histM, warp, mriShape, mriM)
+    resampled = compare.labelVolumesMm3(transferred, mriM)[2]
+    integrated = compare.jacobianIntegratedVolumeMm3(hist, histM, warp, 2)
+    assert integrated == pytest.approx(resampled, rel=0.01)
+    # and both match the analytic volume of the preimage: integral over the histology ellipsoid of 1/det J
+    native = compare.labelVolumesMm3(hist, histM)[2]
+    assert integrated / native == pytest.approx(1 / 0.85 ** 3, rel=0.05)  # sanity: mostly the affine shrinkage
+    blocked = compare.jacobianIntegratedVolumeMm3(hist, histM, warp, 2, blockVoxels=4)
+    assert blocked == pytest.approx(integrated, rel=1e-3)
+
+
+def test_mri_labels_to_histology_through_the_inverse_streamed_by_slab():
+    mriShape, mriM = grid((30, 32, 34), 0.1)
+    mri = ellipsoid(mriShape, mriM, np.array([1.7, 1.6, 1.5]), np.array([0.9, 0.8, 0.7]), label=5)
+    warp = SineWarp(np.diag([0.8, 0.8, 0.8, 1.0]), amplitude=0.04, wavelength=4.0)
+    inverse = compare.InverseMapping(warp)
+    histShape, histM = grid((40, 45, 50), 0.05)
+    slabs = {}
+    compare.transferLabels(mri, mriM, inverse, histShape, histM, sink=lambda k0, slab: slabs.__setitem__(k0, slab.copy()))
+    streamed = np.concatenate([slabs[k] for k in sorted(slabs)])
+    whole = compare.transferLabels(mri, mriM, inverse, histShape, histM)
+    assert streamed.shape == histShape and np.array_equal(streamed, whole)
+    # histology-space volume = MRI volume x det J of MRI->histology (~0.8^3)
+    ratio = compare.labelVolumesMm3(whole, histM)[5] / compare.labelVolumesMm3(mri, mriM)[5]
+    assert ratio == pytest.approx(0.8 ** 3, rel=0.03)
+
+
+def test_compare_labels_and_tumours_report_every_figure():
+    histShape, histM = grid((50, 50, 50), 0.05)
+    hist = ellipsoid(histShape, histM, np.array([1.2, 1.25, 1.3]), np.array([0.6, 0.5, 0.4]), label=1)
+    m = np.diag([0.8, 0.8, 0.8, 1.0])
+    mriShape, mriM = grid((32, 32, 32), 0.1)
+    mri = ellipsoid(mriShape, mriM, np.array([1.5, 1.56, 1.62]), np.array([0.75, 0.625, 0.5]), label=1)
+    rows, transferred = compare.compareTumours(mri, mriM, hist, histM, AffineMapping(m))
+    row = rows[1]
+    assert row["histology_native_mm3"] == pytest.approx(4 / 3 * np.pi * 0.6 * 0.5 * 0.4, rel=0.02)
+    assert row["histology_in_mri_jacobian_mm3"] == pytest.approx(row["histology_native_mm3"] / 0.512, rel=1e-9)
+    # 0.1 mm MRI voxels on a 5-7.5 voxel radius ellipsoid: a few % voxelisation error
+    assert row["histology_in_mri_resampled_mm3"] == pytest.approx(row["histology_in_mri_jacobian_mm3"], rel=0.04)
+    assert row["dice"] > 0.95 and row["hd95_mm"] <= 0.1 + 1e-9
+    assert row["mri_mm3"] == pytest.approx(compare.labelVolumesMm3(mri, mriM)[1])
+    with pytest.raises(ValueError, match="share the MRI grid"):
+        compare.compareLabels(mri, transferred[:-1], mriM)
