@@ -1,0 +1,695 @@
+"""The logic facade behind the module panel: one method per panel action, each a thin call into the Lib modules.
+
+`MRIHistoRegLogicCore` holds no GUI and no algorithm of its own: it resolves the scene (Slicer's own inside the
+application, an app-less one from `context.createScene()` elsewhere), calls the pipeline step modules and puts
+their results into MRML nodes (volumes, markups, transforms, tables). The Slicer module's
+`MRIHistoRegLogic(ScriptedLoadableModuleLogic, MRIHistoRegLogicCore)` adds only the parameter node, so the
+panel, the Python console, headless Slicer and the tests all drive the same calls.
+
+Conventions: lowerCamelCase methods; nodes in, nodes out; spacing in mm as (x, y, z) = (i, j, k); a ValueError
+whose message says how to fix the input; long work takes `progress=None`, a callable (fraction, message) that
+cancels by raising `progress.Cancelled` (see `MRIHistoRegLib.progress`). Step modules are imported inside the
+methods so importing this facade costs nothing and a missing optional package only fails the step that needs it.
+"""
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from . import context, volumes
+from .progress import report as reportProgress
+
+log = logging.getLogger(__name__)
+
+SPACING_UNITS = ("um", "mm")
+MODELS = ("rigid", "similarity", "affine", "affine+tps")
+REFERENCE_GRIDS = ("MRI", "custom spacing")
+# Intensity refinement presets: overrides of refine.DEFAULT_SETTINGS
+REFINE_PRESETS = {"affine + B-spline": {}, "affine": {"bspline": False}}
+PAIR_LABEL_PREFIX = "P"
+
+
+class MRIHistoRegLogicCore:
+    """Every action of the MRIHistoReg panel, usable without Qt (`MRIHistoRegLogicCore(scene)`)."""
+
+    def __init__(self, scene=None) -> None:
+        """`scene`: the MRML scene to work on; None = Slicer's scene in the application, else a new app-less one."""
+        self._scene = scene
+        self._liveRegistration = None
+        self._stackCache = {}
+
+    @property
+    def scene(self):
+        """The MRML scene this logic works on (resolved on first use)."""
+        if self._scene is None:
+            self._scene = context.getScene(None)
+        return self._scene
+
+    # --- sample data ------------------------------------------------------------------------------------------
+
+    def generateSampleData(self, folder: str, size: str = "small", seed: int = 0, progress=None) -> dict:
+        """Write the generated sample (MRI, light-sheet stack, landmarks, labels, truth.json) into `folder`;
+        returns its manifest (file paths and ground truth)."""
+        from . import sampledata
+
+        return sampledata.generateSampleData(folder, size=size, seed=seed, progress=progress)
+
+    def loadSampleData(self, folder: str, size: str = "small", seed: int = 0, progress=None) -> Dict[str, object]:
+        """Load the generated sample from `folder`, generating it there first unless its truth.json already matches
+        `size` and `seed`. Loads the MRI, the histology volume (histology.nrrd) with its TRUE spacing applied
+        (header only), both landmark lists and both tumour label maps (the histology one at the true spacing too).
+
+        Returns the nodes by role: 'mri', 'histology', 'mriLandmarks', 'histologyLandmarks', 'mriLabels',
+        'histologyLabels', plus 'folder', 'truth' (truth.json) and 'stackPath' (the TIFF stack, for the
+        stack-based steps: downsampling, resampling from the original).
+        """
+        from . import sampledata
+
+        folder = os.path.abspath(os.fspath(folder))
+        truth = None
+        if os.path.isfile(os.path.join(folder, "truth.json")):
+            truth = sampledata.loadTruth(folder)
+            if (truth.get("size"), truth.get("seed")) != (size, seed) or not all(
+                    os.path.isfile(os.path.join(folder, name)) for name in truth["files"]):
+                raise ValueError(f"{folder} holds a different or incomplete sample ({truth.get('size')}, seed "
+                                 f"{truth.get('seed')}): delete the folder or choose another one.")
+        if truth is None:
+            truth = sampledata.generateSampleData(folder, size=size, seed=seed, progress=progress)["truth"]
+
+        def path(name):
+            return os.path.join(folder, name)
+
+        trueSpacingMm = [float(v) for v in truth["histology"]["true_spacing_mm"]]
+        nodes = {"folder": folder, "truth": truth, "stackPath": path("histology.tif")}
+        nodes["mri"] = volumes.loadVolume(self.scene, path(truth["mri"]["file"]), "MRI")
+        nodes["histology"] = volumes.loadVolume(self.scene, path("histology.nrrd"), "Histology")
+        self.applySpacing(nodes["histology"], trueSpacingMm)
+        nodes["mriLandmarks"] = self.loadPointList(path("landmarks_mri.mrk.json"), "MRI landmarks")
+        nodes["histologyLandmarks"] = self.loadPointList(path("landmarks_histology.mrk.json"), "Histology landmarks")
+        nodes["mriLabels"] = volumes.loadVolume(self.scene, path(truth["mri"]["label_file"]), "MRI tumour", labelmap=True)
+        nodes["histologyLabels"] = volumes.loadVolume(self.scene, path(truth["histology"]["label_file"]), "Histology tumour",
+                                                      labelmap=True)
+        self.applySpacing(nodes["histologyLabels"], trueSpacingMm)
+        reportProgress(progress, 1.0, "sample data loaded")
+        return nodes
+
+    def selectSampleNodes(self, parameterNode, nodes: dict) -> None:
+        """Put loaded sample nodes (loadSampleData's dict) into the module's parameter node, stack path and true
+        spacing (in um) included, so the panel is ready for every step."""
+        parameterNode.mriVolume = nodes["mri"]
+        parameterNode.histologyVolume = nodes["histology"]
+        parameterNode.mriLandmarks = nodes["mriLandmarks"]
+        parameterNode.histologyLandmarks = nodes["histologyLandmarks"]
+        parameterNode.mriLabels = nodes["mriLabels"]
+        parameterNode.histologyLabels = nodes["histologyLabels"]
+        parameterNode.stackPath = type(parameterNode.stackPath)(nodes["stackPath"])
+        parameterNode.spacingUnit = "um"
+        self.setSpacingFields(parameterNode, nodes["truth"]["histology"]["true_spacing_mm"])
+
+    def setSpacingFields(self, parameterNode, spacingMm: Sequence[float]) -> None:
+        """Write `spacingMm` (x, y, z) into the parameter node's spacing fields, in its current unit."""
+        if spacingMm is None:
+            raise ValueError("No spacing to use: the stack's metadata holds none. Enter the true spacing by hand.")
+        factor = 1000.0 if parameterNode.spacingUnit == "um" else 1.0
+        parameterNode.spacingI, parameterNode.spacingJ, parameterNode.spacingK = [float(v) * factor for v in spacingMm]
+
+    @staticmethod
+    def pathOrNone(path) -> Optional[str]:
+        """`path` as a string, or None when it is empty ('' or '.', what an empty path field holds)."""
+        text = "" if path is None else os.fspath(path)
+        return None if text in ("", ".") else text
+
+    # --- inputs: stack, spacing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def spacingToMm(values: Sequence[float], unit: str) -> List[float]:
+        """(x, y, z) spacing given in `unit` ('um' or 'mm') as millimetres."""
+        if unit not in SPACING_UNITS:
+            raise ValueError(f"Unknown spacing unit '{unit}': use one of {', '.join(SPACING_UNITS)}.")
+        spacing = [float(v) for v in values]
+        if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+            raise ValueError(f"Spacing must be three positive numbers (x, y, z), got {list(values)}: enter the true voxel size.")
+        return [v / 1000.0 for v in spacing] if unit == "um" else spacing
+
+    @staticmethod
+    def physicalSizeMm(shapeIjk: Sequence[int], spacingMm: Sequence[float]) -> List[float]:
+        """Physical extent (x, y, z) in mm of `shapeIjk` voxels at `spacingMm` (what the panel shows live)."""
+        return [float(n) * float(s) for n, s in zip(shapeIjk, spacingMm)]
+
+    def openStack(self, path: str, spacingMm: Optional[Sequence[float]] = None, referenceVolume=None) -> dict:
+        """Open a TIFF file/folder or NRRD stack lazily (header and metadata only) and describe it.
+
+        Returns {'path', 'shapeIjk', 'dtype', 'headerSpacingMm', 'metadataSpacingMm', 'spacingMm' (in use: given >
+        metadata > header), 'spacingSource', 'physicalSizeMm', 'plausible', 'verdict'}; the verdict compares the
+        physical size at that spacing with `referenceVolume`'s (the MRI) or, without it, a mouse brain's.
+        """
+        from . import spacing as spacingLib
+
+        source = self._openSource(path, spacingMm)
+        verdict = spacingLib.checkPlausibility(source, source.spacingMm, referenceExtentMm=referenceVolume)
+        shapeIjk = [int(n) for n in source.shape[::-1]]
+        return {
+            "path": os.fspath(path),
+            "shapeIjk": shapeIjk,
+            "dtype": str(source.dtype),
+            "headerSpacingMm": _listOrNone(source.headerSpacingMm),
+            "metadataSpacingMm": _listOrNone(source.metadataSpacingMm),
+            "spacingMm": [float(v) for v in source.spacingMm],
+            "spacingSource": source.spacingSource,
+            "physicalSizeMm": self.physicalSizeMm(shapeIjk, source.spacingMm),
+            "plausible": bool(verdict.ok),
+            "verdict": verdict.message,
+        }
+
+    @staticmethod
+    def describeStack(info: dict) -> str:
+        """The stack summary shown under 'Inspect stack' (from openStack's dict)."""
+
+        def mm(values):
+            return "none" if values is None else " x ".join(f"{v:.6g}" for v in values) + " mm"
+
+        shape = " x ".join(str(n) for n in info["shapeIjk"])
+        size = " x ".join(f"{v:.3g}" for v in info["physicalSizeMm"])
+        return (f"{shape} voxels ({info['dtype']})\nheader spacing: {mm(info['headerSpacingMm'])}\n"
+                f"metadata spacing: {mm(info['metadataSpacingMm'])}\n"
+                f"in use ({info['spacingSource']}): {mm(info['spacingMm'])} -> {size} mm\n"
+                f"{'OK' if info['plausible'] else 'CHECK'}: {info['verdict']}")
+
+    def applySpacing(self, volumeNode, spacingMm: Sequence[float]) -> None:
+        """Give `volumeNode` the voxel size `spacingMm` (x, y, z): its IJK->RAS directions and origin are kept,
+        voxel values are not touched (the header-only fix of a wrong stack spacing)."""
+        from . import spacing as spacingLib
+
+        if volumeNode is None:
+            raise ValueError("Select the histology volume whose spacing should be set.")
+        spacingLib.setVolumeSpacing(volumeNode, self.spacingToMm(spacingMm, "mm"))
+
+    def loadFullResolution(self, path: str, spacingMm: Optional[Sequence[float]] = None, name: Optional[str] = None,
+                           progress=None):
+        """Load the whole stack as a volume node at its true spacing; refused (ValueError naming the streamed
+        downsampling) when it does not fit in the memory available now."""
+        from . import stacks
+
+        source = self._openSource(path, spacingMm)
+        stacks.checkMemoryFor(source.nbytes, f"the full stack {os.path.basename(os.fspath(path))}")
+        array = source.readAll(progress=progress)
+        return volumes.createVolumeNode(self.scene, array, source.ijkToRas(), name or _stackName(path))
+
+    # --- downsample ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def defaultTargetSpacingMm(mriVolume) -> float:
+        """The MRI's smallest voxel size (mm): the default downsampling target."""
+        if mriVolume is None:
+            raise ValueError("Select the MRI volume (its spacing is the default target) or untick 'use the MRI's spacing'.")
+        return float(volumes.spacingOf(volumes.ijkToRas(mriVolume)).min())
+
+    def downsampleStack(self, path: str, targetSpacingMm: float, spacingMm: Optional[Sequence[float]] = None,
+                        cropRoi=None, name: Optional[str] = None, progress=None):
+        """Stream the stack at `path` (true spacing `spacingMm`; None = the file's metadata/header) down to isotropic
+        `targetSpacingMm` by exact area averaging into a new volume node; `cropRoi` (a markups ROI placed in the
+        histology's physical space at that spacing) limits it to the voxels the ROI covers."""
+        from . import downsample
+
+        source = self._openSource(path, spacingMm)
+        if not targetSpacingMm or targetSpacingMm <= 0:
+            raise ValueError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
+        crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
+        return downsample.downsampleToNode(self.scene, source, float(targetSpacingMm), name=name, crop=crop,
+                                           progress=progress)
+
+    @staticmethod
+    def roiToCrop(roiNode, shapeKji: Sequence[int], ijkToRas) -> Tuple[Tuple[int, int], ...]:
+        """Voxel ranges ((i0, i1), (j0, j1), (k0, k1)) (half-open) of a grid covered by a markups ROI's box."""
+        bounds = [0.0] * 6
+        roiNode.GetRASBounds(bounds)
+        if bounds[0] > bounds[1]:
+            raise ValueError(f"ROI '{roiNode.GetName()}' is not placed: place it over the region to keep.")
+        corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+        ijk = corners @ np.linalg.inv(np.asarray(ijkToRas, float)).T
+        counts = list(shapeKji)[::-1]
+        crop = []
+        for axis in range(3):
+            low = int(np.clip(np.floor(ijk[:, axis].min() + 0.5), 0, counts[axis]))
+            high = int(np.clip(np.ceil(ijk[:, axis].max() + 0.5), 0, counts[axis]))
+            if high <= low:
+                raise ValueError(f"ROI '{roiNode.GetName()}' does not overlap the stack: place it over the histology "
+                                 f"(with the true spacing applied).")
+            crop.append((low, high))
+        return tuple(crop)
+
+    # --- landmarks -----------------------------------------------------------------------------------------
+
+    def createPointLists(self, mriName: str = "MRI landmarks", histologyName: str = "Histology landmarks") -> Tuple[object, object]:
+        """Two new, empty markups point lists (MRI, histology) whose new points are labelled by pair, not by list."""
+        nodes = []
+        for name in (mriName, histologyName):
+            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            node.CreateDefaultDisplayNodes()
+            nodes.append(node)
+        return nodes[0], nodes[1]
+
+    def loadPointList(self, path: str, name: Optional[str] = None, role: str = "fixed"):
+        """Read a point file (.mrk.json, .fcsv, Slicer CSV, plain 'label,x,y,z' CSV, BigWarp) into a new point list."""
+        from . import landmarks
+
+        return landmarks.loadMarkups(self.scene, path, name, role=role)
+
+    @staticmethod
+    def nextPairLabel(mriLandmarks, histologyLandmarks) -> str:
+        """The label for the next 'place pair' (P<n>, n one more than the largest used in either list)."""
+        largest = 0
+        for node in (mriLandmarks, histologyLandmarks):
+            if node is None:
+                continue
+            for i in range(node.GetNumberOfControlPoints()):
+                label = node.GetNthControlPointLabel(i)
+                if label.startswith(PAIR_LABEL_PREFIX) and label[len(PAIR_LABEL_PREFIX):].isdigit():
+                    largest = max(largest, int(label[len(PAIR_LABEL_PREFIX):]))
+        return f"{PAIR_LABEL_PREFIX}{largest + 1}"
+
+    @staticmethod
+    def labelLastPoint(pointList, label: str) -> None:
+        """Give the most recently added control point of `pointList` the pair label `label`."""
+        count = pointList.GetNumberOfControlPoints()
+        if count == 0:
+            raise ValueError(f"Point list '{pointList.GetName()}' has no point to label: place a point first.")
+        pointList.SetNthControlPointLabel(count - 1, label)
+
+    @staticmethod
+    def setPairIncluded(mriLandmarks, histologyLandmarks, label: str, included: bool) -> None:
+        """Include or exclude the pair `label` from the fit (the control points' 'selected' flag in both lists)."""
+        found = False
+        for node in (mriLandmarks, histologyLandmarks):
+            for i in range(node.GetNumberOfControlPoints()):
+                if node.GetNthControlPointLabel(i) == label:
+                    node.SetNthControlPointSelected(i, bool(included))
+                    found = True
+        if not found:
+            raise ValueError(f"No point labelled '{label}' in '{mriLandmarks.GetName()}' or '{histologyLandmarks.GetName()}'.")
+
+    def fitLandmarks(self, mriLandmarks, histologyLandmarks, model: str = "affine+tps", transformNode=None,
+                     tableNode=None, regularization: float = 0.0, referenceVolume=None) -> dict:
+        """Pair the lists by label, fit `model` (MRI -> histology) and store it in `transformNode` (created when None)
+        and the per-pair errors in `tableNode` (created when None). Returns the evaluation dict (residual and
+        leave-one-out errors, outliers, shrinkage %, Jacobian summary) with 'transformNode', 'tableNode' and
+        'messages' (unpaired/excluded labels) added."""
+        from . import fitting, landmarks, transforms
+
+        if model not in MODELS:
+            raise ValueError(f"Unknown model '{model}': choose one of {', '.join(MODELS)}.")
+        pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+        shapeIjk = ijkToRas = None
+        if referenceVolume is not None and referenceVolume.GetImageData() is not None:
+            shapeIjk, ijkToRas = referenceVolume.GetImageData().GetDimensions(), volumes.ijkToRas(referenceVolume)
+        fitted, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, model, regularization,
+                                                    shapeIjk=shapeIjk, ijkToRas=ijkToRas)
+        if transformNode is None:
+            transformNode = transforms.createTransformNode(self.scene, fitted, "MRI to histology", generic=True)
+        else:
+            transforms.updateTransformNode(transformNode, fitted)
+        tableNode = transforms.resultsTable(self.scene, evaluation, "Landmark errors", pairs=pairs, tableNode=tableNode)
+        evaluation = dict(evaluation, transformNode=transformNode, tableNode=tableNode, messages=pairs.messages())
+        return evaluation
+
+    @staticmethod
+    def describeFit(evaluation: dict) -> str:
+        """One-paragraph readout of a fit: errors and shrinkage (for the panel)."""
+        text = (f"{evaluation['model']}, {evaluation['count']} pairs: residual RMS {evaluation['residual_rms_mm']:.3f} mm, "
+                f"leave-one-out RMS {evaluation['loo_rms_mm']:.3f} mm. Shrinkage {evaluation['shrinkage_volume_percent']:.1f}% "
+                f"by volume ({evaluation['shrinkage_linear_percent']:.1f}% linear).")
+        if evaluation.get("outliers"):
+            text += f" Possible outliers: {', '.join(evaluation['outliers'])}."
+        if evaluation.get("jacobian"):
+            text += f" Folded fraction {100 * evaluation['jacobian']['folded_fraction']:.2f}%."
+        for message in evaluation.get("messages", []):
+            text += f"\n{message}"
+        return text
+
+    def setAutoUpdate(self, enabled: bool, mriLandmarks=None, histologyLandmarks=None, model: str = "affine+tps",
+                      transformNode=None, tableNode=None, regularization: float = 0.0) -> Optional[dict]:
+        """Start (refit whenever a point is added, moved or removed) or stop live landmark registration.
+
+        Returns {'transformNode', 'tableNode'} being updated (created when None; a linear transform node is
+        replaced by a general one, which can hold every model), or None when stopped."""
+        from . import transforms
+
+        if self._liveRegistration is not None:
+            self._liveRegistration.stop()
+            self._liveRegistration = None
+        if not enabled:
+            return None
+        if mriLandmarks is None or histologyLandmarks is None:
+            raise ValueError("Auto-update needs both point lists: select the MRI and the histology points.")
+        if transformNode is not None and transformNode.IsA("vtkMRMLLinearTransformNode"):
+            transformNode = None  # model switching needs a general transform node
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "Landmark errors")
+        live = transforms.LiveLandmarkRegistration(self.scene, mriLandmarks, histologyLandmarks, model, regularization,
+                                                   transformNode=transformNode, tableNode=tableNode,
+                                                   name="MRI to histology")
+        live.start()
+        if live.transformNode is None:  # the first fit failed (too few pairs yet): an empty node to be filled
+            live.transformNode = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology")
+        self._liveRegistration = live
+        return {"transformNode": live.transformNode, "tableNode": live.tableNode}
+
+    @property
+    def autoUpdateError(self) -> Optional[str]:
+        """Why the last live refit left the transform unchanged (None when it succeeded or is off)."""
+        return None if self._liveRegistration is None else self._liveRegistration.lastError
+
+    def importPointPairs(self, path: str, mriLandmarks, histologyLandmarks) -> int:
+        """Add the pairs of a pair file (BigWarp landmarks CSV) to the two lists, labels kept; returns the count."""
+        from . import landmarks
+
+        if mriLandmarks is None or histologyLandmarks is None:
+            raise ValueError("Select (or create) the MRI and histology point lists to import into.")
+        labels, fixed, moving, active = landmarks.readBigWarpLandmarks(path)
+        for node, points in ((mriLandmarks, fixed), (histologyLandmarks, moving)):
+            for label, point, on in zip(labels, points, active):
+                index = node.AddControlPoint(float(point[0]), float(point[1]), float(point[2]), label)
+                node.SetNthControlPointSelected(index, bool(on))
+        return len(labels)
+
+    def exportPointPairs(self, path: str, mriLandmarks, histologyLandmarks) -> str:
+        """Write the pairs (by label; excluded pairs marked inactive) as a BigWarp landmarks CSV; returns the path."""
+        from . import landmarks
+
+        pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+        if pairs.excluded:
+            # excluded pairs are written too (inactive) so nothing the user placed is lost
+            labels, fixed, moving, active = [], [], [], []
+            records = {node.GetID(): _pointsByLabel(node) for node in (mriLandmarks, histologyLandmarks)}
+            for label in list(pairs.labels) + list(pairs.excluded):
+                labels.append(label)
+                fixed.append(records[mriLandmarks.GetID()][label])
+                moving.append(records[histologyLandmarks.GetID()][label])
+                active.append(label in pairs.labels)
+            return landmarks.writeBigWarpLandmarks(path, labels, fixed, moving, active)
+        return landmarks.writeBigWarpLandmarks(path, pairs.labels, pairs.fixed, pairs.moving)
+
+    # --- refine -------------------------------------------------------------------------------------------------
+
+    def refineRegistration(self, mriVolume, histologyVolume, transformNode, preset: str = "affine + B-spline",
+                           outputTransform=None, mriLandmarks=None, histologyLandmarks=None, progress=None) -> dict:
+        """Refine the landmark transform by intensity registration (SimpleITK, Mattes MI) of the MRI and the
+        (downsampled) histology volume, started from `transformNode`.
+
+        With both point lists the result is also checked against the landmarks and rejected if it moves them away.
+        An accepted refinement is stored as 'Intensity refinement' (grid transform) and the whole chain
+        (refinement, then landmarks) in `outputTransform` (created when None); a rejected one leaves the landmark
+        result in use. Returns {'accepted', 'reason', 'summary', 'transformNode' (None when rejected),
+        'refinementNode', 'landmarks' (residuals before/after, or None)}."""
+        from . import landmarks, refine, transforms
+
+        if preset not in REFINE_PRESETS:
+            raise ValueError(f"Unknown refinement preset '{preset}': choose one of {', '.join(REFINE_PRESETS)}.")
+        if mriVolume is None or histologyVolume is None:
+            raise ValueError("Select the MRI and the (downsampled) histology volume to refine with.")
+        if transformNode is None:
+            raise ValueError("Fit the landmarks first: refinement starts from the landmark transform.")
+        initial = transforms.mappingFromWorldToNode(transformNode)
+        result = refine.refineRegistration(volumes.arrayFromVolume(mriVolume), volumes.ijkToRas(mriVolume),
+                                           volumes.arrayFromVolume(histologyVolume), volumes.ijkToRas(histologyVolume),
+                                           initial, settings=REFINE_PRESETS[preset], progress=progress)
+        check = None
+        if mriLandmarks is not None and histologyLandmarks is not None:
+            pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+            if pairs.count:
+                check = refine.evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
+        answer = {"accepted": result.accepted, "reason": result.reason, "summary": result.summary(),
+                  "transformNode": None, "refinementNode": None,
+                  "landmarks": None if check is None else {k: v for k, v in check.items() if not isinstance(v, np.ndarray)}}
+        if not result.accepted:
+            return answer
+        refinementNode = refine.refinementTransformNode(self.scene, result, "Intensity refinement")
+        if outputTransform is None:
+            outputTransform = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology (refined)")
+        # world -> histology = landmark(refinement(x)): a copy of the landmark transform under the refinement,
+        # hardened into one node (the landmark node itself is left as it was)
+        outputTransform.SetAndObserveTransformNodeID(None)
+        outputTransform.CopyContent(transformNode)
+        outputTransform.SetAndObserveTransformNodeID(refinementNode.GetID())
+        outputTransform.HardenTransform()
+        answer.update(transformNode=outputTransform, refinementNode=refinementNode)
+        return answer
+
+    # --- resample and compare -------------------------------------------------------------------------------
+
+    def resampleHistology(self, transformNode, referenceVolume, stackPath: Optional[str] = None,
+                          spacingMm: Optional[Sequence[float]] = None, histologyVolume=None,
+                          outputSpacingMm: Optional[float] = None, outputNode=None, progress=None):
+        """Resample the histology ONCE through `transformNode` (MRI -> histology, its whole parent chain) onto
+        `referenceVolume`'s grid, or with `outputSpacingMm` onto a grid of that spacing covering the histology's
+        footprint (axes of the reference). The source is the ORIGINAL stack at `stackPath` (true spacing
+        `spacingMm`, streamed) when given, else `histologyVolume`. Returns the output volume node (`outputNode`
+        reused when given); the resampling report is in its 'MRIHistoReg.resampling' attribute (JSON)."""
+        import json
+
+        from . import resample, transforms
+
+        if transformNode is None:
+            raise ValueError("Fit the landmarks first: resampling needs the MRI-to-histology transform.")
+        if referenceVolume is None or referenceVolume.GetImageData() is None:
+            raise ValueError("Select the MRI (reference grid) volume.")
+        source = self._openSource(stackPath, spacingMm) if stackPath else histologyVolume
+        if source is None:
+            raise ValueError("Nothing to resample: open the histology stack file or select the histology volume.")
+        mapping = transforms.mappingFromWorldToNode(transformNode)
+        referenceIjkToRas = volumes.ijkToRas(referenceVolume)
+        if outputSpacingMm:
+            sourceShape = source.shape if hasattr(source, "readPlane") else volumes.arrayFromVolume(source).shape
+            sourceIjkToRas = source.ijkToRas() if hasattr(source, "readPlane") else volumes.ijkToRas(source)
+            shape, ijkToRas = resample.referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm),
+                                                                  referenceIjkToRas=referenceIjkToRas)
+        else:
+            dims = referenceVolume.GetImageData().GetDimensions()
+            shape, ijkToRas = (dims[2], dims[1], dims[0]), referenceIjkToRas
+        array, info = resample.resampleToGrid(source, mapping, shape, ijkToRas, progress=progress)
+        if outputNode is None:
+            outputNode = volumes.createVolumeNode(self.scene, array, ijkToRas, "Histology resampled")
+        else:
+            volumes.updateVolumeFromArray(outputNode, array)
+            volumes.setIjkToRas(outputNode, ijkToRas)
+            if outputNode.GetDisplayNode() is None:
+                outputNode.CreateDefaultDisplayNodes()
+        outputNode.SetAttribute("MRIHistoReg.resampling", json.dumps(info, default=float))
+        return outputNode
+
+    def compareLabels(self, mriLabels, histologyLabels, transformNode, tableNode=None, progress=None) -> dict:
+        """Transfer the histology labels onto the MRI labels' grid through `transformNode` and compare per label:
+        MRI volume, histology volume (native, transferred, Jacobian-integrated), ratios, Dice, HD95.
+
+        Label maps or segmentations are accepted (a segmentation is exported to a label map on its own geometry,
+        segment i -> label i). Returns {'rows': {label: row}, 'tableNode', 'transferredNode'}."""
+        from . import compare, transforms
+
+        if transformNode is None:
+            raise ValueError("Fit the landmarks first: the comparison needs the MRI-to-histology transform.")
+        mriArray, mriIjkToRas = self._labelArray(mriLabels, "MRI labels")
+        histologyArray, histologyIjkToRas = self._labelArray(histologyLabels, "histology labels")
+        mapping = transforms.mappingFromWorldToNode(transformNode)
+        rows, transferred = compare.compareTumours(mriArray, mriIjkToRas, histologyArray, histologyIjkToRas, mapping,
+                                                   progress=progress)
+        transferredNode = volumes.createVolumeNode(self.scene, transferred, mriIjkToRas, "Histology labels on MRI",
+                                                   labelmap=True)
+        tableNode = self._rowsToTable(rows, tableNode, "Label comparison")
+        return {"rows": rows, "tableNode": tableNode, "transferredNode": transferredNode}
+
+    def exportReport(self, folder: str, transformNode=None, landmarkTable=None, resultsTable=None, resampledVolume=None,
+                     mriLandmarks=None, histologyLandmarks=None) -> str:
+        """Write what the panel produced into `folder` (atomically: complete or untouched; an existing folder is
+        replaced only if it is an earlier MRIHistoReg output): transform.h5, landmark_errors.csv,
+        label_comparison.csv, histology_resampled.nrrd, the two point lists (.mrk.json) and summary.json.
+        Returns the folder's absolute path."""
+        import json
+
+        from . import outputs, transforms
+
+        if not self.pathOrNone(folder):
+            raise ValueError("Choose a report folder first.")
+        written = {}
+        with outputs.atomicFolder(folder) as work:
+            if transformNode is not None:
+                written["transform"] = os.path.basename(transforms.saveTransform(transformNode, os.path.join(work, "transform.h5")))
+            for key, node, name in (("landmark_errors", landmarkTable, "landmark_errors.csv"),
+                                    ("label_comparison", resultsTable, "label_comparison.csv"),
+                                    ("histology_resampled", resampledVolume, "histology_resampled.nrrd"),
+                                    ("mri_landmarks", mriLandmarks, "landmarks_mri.mrk.json"),
+                                    ("histology_landmarks", histologyLandmarks, "landmarks_histology.mrk.json")):
+                if node is not None:
+                    _writeNode(self.scene, node, os.path.join(work, name))
+                    written[key] = name
+            if not written:
+                raise ValueError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
+            summary = {"files": written}
+            if landmarkTable is not None:
+                summary["landmark_fit"] = {key[len("MRIHistoReg."):]: landmarkTable.GetAttribute(key)
+                                           for key in landmarkTable.GetAttributeNames() if key.startswith("MRIHistoReg.")}
+            if transformNode is not None:
+                summary["transform"] = {"name": transformNode.GetName(), "class": transformNode.GetClassName(),
+                                        "model": transformNode.GetAttribute("MRIHistoReg.landmarkModel"),
+                                        "direction": "from parent = MRI RAS -> histology RAS"}
+            with open(os.path.join(work, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        return os.path.abspath(folder)
+
+    # --- display ----------------------------------------------------------------------------------------------
+
+    def setHistologyAligned(self, histologyVolume, transformNode, aligned: bool) -> None:
+        """Show the histology volume in MRI space (placed under `transformNode`) or in its own space."""
+        if histologyVolume is None:
+            raise ValueError("Select the histology volume to align.")
+        if aligned and transformNode is None:
+            raise ValueError("Fit the landmarks first (no transform selected).")
+        histologyVolume.SetAndObserveTransformNodeID(transformNode.GetID() if aligned else None)
+
+    def setSliceLayers(self, background=None, foreground=None, opacity: Optional[float] = None) -> int:
+        """Set background/foreground volumes and foreground opacity in every slice view; returns the view count
+        (0 without views, e.g. in an app-less scene)."""
+        compositeNodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        count = compositeNodes.GetNumberOfItems()
+        for i in range(count):
+            node = compositeNodes.GetItemAsObject(i)
+            if background is not None:
+                node.SetBackgroundVolumeID(background.GetID())
+            if foreground is not None:
+                node.SetForegroundVolumeID(foreground.GetID())
+            if opacity is not None:
+                node.SetForegroundOpacity(min(max(float(opacity), 0.0), 1.0))
+        return count
+
+    def createCheckerboardVolume(self, volumeA, volumeB, squareMm: float = 1.0, outputNode=None):
+        """A checkerboard of two volumes on the same grid (e.g. MRI and histology resampled onto it), squares of
+        `squareMm`, each intensity scaled to its 1-99% range so both show."""
+        if volumeA is None or volumeB is None:
+            raise ValueError("Select the MRI and the resampled histology (resample first) for the checkerboard.")
+        a, b = volumes.arrayFromVolume(volumeA), volumes.arrayFromVolume(volumeB)
+        if a.shape != b.shape or not np.allclose(volumes.ijkToRas(volumeA), volumes.ijkToRas(volumeB), atol=1e-6):
+            raise ValueError(f"'{volumeA.GetName()}' and '{volumeB.GetName()}' are not on the same grid: resample the "
+                             f"histology onto the MRI grid first.")
+        if squareMm <= 0:
+            raise ValueError(f"Checkerboard square size must be positive (mm), got {squareMm}.")
+        spacing = volumes.spacingOf(volumes.ijkToRas(volumeA))
+        k, j, i = np.indices(a.shape, sparse=True)
+        parity = ((i * spacing[0] // squareMm) + (j * spacing[1] // squareMm) + (k * spacing[2] // squareMm)).astype(int) % 2
+        board = np.where(parity == 0, _normalised(a), _normalised(b)).astype(np.float32)
+        if outputNode is None:
+            return volumes.createVolumeNode(self.scene, board, volumes.ijkToRas(volumeA), "Checkerboard")
+        volumes.updateVolumeFromArray(outputNode, board)
+        volumes.setIjkToRas(outputNode, volumes.ijkToRas(volumeA))
+        return outputNode
+
+    def createWarpMagnitudeVolume(self, transformNode, referenceVolume, outputNode=None):
+        """Displacement magnitude (mm) of `transformNode` sampled on `referenceVolume`'s grid, by Slicer's
+        transform logic (the same as Transforms module > Convert > displacement magnitude)."""
+        if transformNode is None or referenceVolume is None:
+            raise ValueError("Select a transform (fit the landmarks first) and the MRI as reference grid.")
+        transformLogic = context.moduleLogic(self.scene, "Transforms")
+        imageData = transformLogic.CreateDisplacementVolumeFromTransform(transformNode, referenceVolume, True)
+        if imageData is None:
+            raise ValueError(f"Could not sample transform '{transformNode.GetName()}' on '{referenceVolume.GetName()}'.")
+        array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())
+        array = array.reshape(imageData.GetDimensions()[::-1]).astype(np.float32)
+        if outputNode is None:
+            return volumes.createVolumeNode(self.scene, array, volumes.ijkToRas(referenceVolume), "Warp magnitude (mm)")
+        volumes.updateVolumeFromArray(outputNode, array)
+        volumes.setIjkToRas(outputNode, volumes.ijkToRas(referenceVolume))
+        return outputNode
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _labelArray(self, node, what):
+        """([k, j, i] integer labels, IJK->RAS) of a label map node or of a segmentation (exported on its geometry)."""
+        if node is None:
+            raise ValueError(f"Select the {what} (a label map or a segmentation).")
+        if node.IsA("vtkMRMLSegmentationNode"):
+            labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{node.GetName()} labels")
+            try:
+                segmentationLogic = context.moduleLogic(self.scene, "Segmentations")
+                if not segmentationLogic.ExportAllSegmentsToLabelmapNode(node, labelmap, 1):  # EXTENT_UNION_OF_SEGMENTS
+                    raise ValueError(f"Could not convert segmentation '{node.GetName()}' to a label map: does it have segments?")
+                return np.array(volumes.arrayFromVolume(labelmap)), volumes.ijkToRas(labelmap)
+            finally:
+                self.scene.RemoveNode(labelmap)
+        return volumes.arrayFromVolume(node), volumes.ijkToRas(node)
+
+    def _rowsToTable(self, rows: dict, tableNode, name):
+        """A table node with one row per label and one column per quantity of `rows` ({label: {key: value}})."""
+        if tableNode is None:
+            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        keys = []
+        for row in rows.values():
+            keys.extend(k for k in row if k not in keys)
+        table = vtk.vtkTable()
+        labelColumn = vtk.vtkStringArray()
+        labelColumn.SetName("label")
+        table.AddColumn(labelColumn)
+        for key in keys:
+            column = vtk.vtkDoubleArray()
+            column.SetName(key)
+            table.AddColumn(column)
+        table.SetNumberOfRows(len(rows))
+        for r, (label, row) in enumerate(rows.items()):
+            table.SetValue(r, 0, vtk.vtkVariant(str(label)))
+            for c, key in enumerate(keys, start=1):
+                value = row.get(key)
+                table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
+        tableNode.SetAndObserveTable(table)
+        return tableNode
+
+    def _openSource(self, path, spacingMm=None):
+        """A StackSource for `path` with `spacingMm` (cached per path and spacing: opening reads metadata only)."""
+        from . import stacks
+
+        if not path or not os.path.exists(os.fspath(path)):
+            raise ValueError(f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file.")
+        spacing = None if spacingMm is None else tuple(self.spacingToMm(spacingMm, "mm"))
+        key = (os.path.abspath(os.fspath(path)), spacing)
+        if key not in self._stackCache:
+            self._stackCache[key] = stacks.openStack(os.fspath(path), spacingMm=None if spacing is None else list(spacing))
+        return self._stackCache[key]
+
+
+def _listOrNone(values):
+    return None if values is None else [float(v) for v in values]
+
+
+def _stackName(path) -> str:
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nrrd", ".nhdr"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _pointsByLabel(node) -> dict:
+    points = {}
+    for i in range(node.GetNumberOfControlPoints()):
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(i, position)
+        points[node.GetNthControlPointLabel(i)] = position
+    return points
+
+
+def _normalised(array) -> np.ndarray:
+    low, high = np.percentile(array, [1, 99]) if array.size else (0.0, 1.0)
+    scale = float(high - low) or 1.0
+    return np.clip((array.astype(np.float32) - low) / scale, 0.0, 1.0)
+
+
+def _writeNode(scene, node, path) -> None:
+    """Write `node` to `path` with a temporary storage node (the node's own storage node and file name stay as
+    they are, so the scene still points at the user's files)."""
+    storage = node.CreateDefaultStorageNode()
+    scene.AddNode(storage)  # some writers read scene settings (e.g. the markups length unit)
+    try:
+        storage.SetFileName(os.fspath(path))
+        if not storage.WriteData(node):
+            raise ValueError(f"Could not write '{node.GetName()}' to {path}: is the folder writable?")
+    finally:
+        scene.RemoveNode(storage)
