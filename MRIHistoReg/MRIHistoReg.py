@@ -1,0 +1,668 @@
+"""MRIHistoReg: register a mouse-brain MRI to a cleared-tissue light-sheet (LSM) stack, in 3D Slicer.
+
+Sections (Slicer's scripted module layout): module metadata | sample data | parameter node | widget |
+logic (a thin facade over MRIHistoRegLib.logic) | self-test (the shared scenarios of MRIHistoRegLib.scenarios).
+All computation lives in MRIHistoRegLib (Qt-free, also used headless and by pytest); this file only wires it
+to the panel.
+"""
+import contextlib
+import logging
+import os
+import pathlib
+from typing import Annotated, Optional, Union
+
+import vtk
+
+import slicer
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+    vtkMRMLTransformNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, Decimals, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from MRIHistoRegLib import scenarios
+from MRIHistoRegLib.logic import MODELS, REFERENCE_GRIDS, REFINE_PRESETS, SPACING_UNITS, MRIHistoRegLogicCore
+from MRIHistoRegLib.progress import Cancelled
+
+SAMPLE_CATEGORY = "MRIHistoReg"
+SAMPLE_NAME = "MRIHistoRegSample"
+
+
+#
+# MRIHistoReg (module metadata only)
+#
+
+
+class MRIHistoReg(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MRI Histology Registration")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MRIHistoReg developers"]
+        self.parent.helpText = _("""
+Register a mouse-brain MRI to a cleared-tissue light-sheet microscopy stack of the same brain.
+Work down the panel: <b>Inputs</b> (MRI, histology volume or huge stack file, true spacing),
+<b>Downsample</b> (streamed exact area averaging), <b>Landmarks</b> (paired points, rigid / similarity /
+affine / affine + thin-plate spline, residual and leave-one-out errors, shrinkage),
+<b>Refine</b> (optional intensity registration), <b>Resample and compare</b> (one resampling of the original
+stack, label volumes, Dice, HD95, report) and <b>Display</b> (fade, flicker, checkerboard, warp magnitude).
+Try it with the generated sample data (Sample Data module or the Inputs section).
+See the <a href="https://github.com/MRIHistoReg/SlicerMRIHistoReg#readme">documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
+MRIHistoReg is built on 3D Slicer, VTK, ITK/SimpleITK, numpy and tifffile. The panel follows the Slicer
+scripted module template by Jean-Christophe Fillion-Robin (Kitware), Andras Lasso (PerkLab) and Steve Pieper
+(Isomics).
+""")
+        # Sample data can only be registered once the SampleData module exists
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: generated (seeded, with ground truth), not downloaded
+#
+
+
+def sampleDataFolder() -> str:
+    """Where the generated sample lives: a folder in Slicer's temporary path (generated once, then reused)."""
+    return os.path.join(slicer.app.temporaryPath, "MRIHistoRegSample")
+
+
+def loadGeneratedSampleData(source=None) -> dict:
+    """SampleData 'customDownloader': generate the sample (first time only) and load it into the scene.
+
+    Loads the MRI, the histology volume with its true spacing applied, both landmark lists and both tumour label
+    maps, and selects them in the module's parameter node. Returns the nodes by role.
+    """
+    logic = MRIHistoRegLogic()
+    with slicer.util.tryWithErrorDisplay(_("Failed to generate or load the MRIHistoReg sample data."), waitCursor=True):
+        nodes = logic.loadSampleData(sampleDataFolder())
+        logic.selectSampleNodes(logic.getParameterNode(), nodes)
+        slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5,
+                                          fit=True)
+        return nodes
+
+
+def registerSampleData():
+    """Add the generated sample to the Sample Data module (its button runs the generator, nothing is downloaded)."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
+    SampleData.SampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, title=_("MRI Histology Registration"))
+    # No URI: SampleData's button calls customDownloader(source), which generates the data locally.
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY,
+        sampleName=SAMPLE_NAME,
+        thumbnailFileName=os.path.join(iconsPath, "MRIHistoReg.png"),
+        uris=[],
+        fileNames=[],
+        nodeNames=[],
+        customDownloader=loadGeneratedSampleData,
+    )
+
+
+#
+# MRIHistoRegParameterNode
+#
+
+
+@parameterNodeWrapper
+class MRIHistoRegParameterNode:
+    """Every selector and setting of the panel (saved with the scene; reopening the scene restores the panel).
+
+    Spacing values are in `spacingUnit` (x, y, z = i, j, k); all other lengths are in mm.
+    """
+
+    # Inputs
+    mriVolume: vtkMRMLScalarVolumeNode
+    histologyVolume: vtkMRMLScalarVolumeNode
+    stackPath: pathlib.Path
+    spacingI: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
+    spacingJ: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
+    spacingK: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
+    spacingUnit: Annotated[str, Choice(list(SPACING_UNITS))] = "um"
+    # Downsample
+    targetSpacingFromMri: bool = True
+    targetSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.1
+    cropEnabled: bool = False
+    cropRoi: vtkMRMLMarkupsROINode
+    # Landmarks
+    mriLandmarks: vtkMRMLMarkupsFiducialNode
+    histologyLandmarks: vtkMRMLMarkupsFiducialNode
+    model: Annotated[str, Choice(list(MODELS))] = "affine+tps"
+    tpsRegularization: Annotated[float, WithinRange(0.0, 1000.0), Decimals(3)] = 0.0
+    autoUpdate: bool = False
+    landmarkTransform: vtkMRMLTransformNode
+    landmarkTable: vtkMRMLTableNode
+    pairsPath: pathlib.Path
+    # Refine
+    refineEnabled: bool = False
+    refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "affine + B-spline"
+    refinedTransform: vtkMRMLTransformNode
+    # Resample and compare
+    referenceGrid: Annotated[str, Choice(list(REFERENCE_GRIDS))] = "MRI"
+    outputSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.05
+    resampledVolume: vtkMRMLScalarVolumeNode
+    mriLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
+    histologyLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
+    resultsTable: vtkMRMLTableNode
+    reportFolder: pathlib.Path
+    # Display
+    histologyAligned: bool = False
+    fade: Annotated[float, WithinRange(0.0, 1.0), Decimals(2)] = 0.5
+    flicker: bool = False
+    checkerboardSquareMm: Annotated[float, WithinRange(0.01, 100.0), Decimals(2)] = 1.0
+
+
+#
+# MRIHistoRegWidget
+#
+
+
+class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: loads the .ui, binds it to the parameter node, turns each button into one logic call."""
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pendingPair = None  # (label, stage) while 'place pair' is active
+        self._flickerTimer = None
+        self._flickerOn = False
+        self._lastStackInfo = None
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+        import qt
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MRIHistoReg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # The .ui connects the top-level qMRMLWidget's mrmlSceneChanged(vtkMRMLScene*) to every MRML widget.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MRIHistoRegLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Inputs
+        self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
+        self.ui.openStackButton.connect("clicked(bool)", self.onOpenStack)
+        self.ui.useMetadataSpacingButton.connect("clicked(bool)", self.onUseMetadataSpacing)
+        self.ui.applySpacingButton.connect("clicked(bool)", self.onApplySpacing)
+        self.ui.loadFullResolutionButton.connect("clicked(bool)", self.onLoadFullResolution)
+        # Downsample
+        self.ui.downsampleButton.connect("clicked(bool)", self.onDownsample)
+        # Landmarks
+        self.ui.createPointListsButton.connect("clicked(bool)", self.onCreatePointLists)
+        self.ui.placePairButton.connect("toggled(bool)", self.onPlacePairToggled)
+        self.ui.fitButton.connect("clicked(bool)", self.onFit)
+        self.ui.importPairsButton.connect("clicked(bool)", self.onImportPairs)
+        self.ui.exportPairsButton.connect("clicked(bool)", self.onExportPairs)
+        # Refine
+        self.ui.refineButton.connect("clicked(bool)", self.onRefine)
+        # Resample and compare
+        self.ui.resampleButton.connect("clicked(bool)", self.onResample)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
+        # Display
+        self.ui.checkerboardButton.connect("clicked(bool)", self.onCheckerboard)
+        self.ui.warpMagnitudeButton.connect("clicked(bool)", self.onWarpMagnitude)
+        self._flickerTimer = qt.QTimer()
+        self._flickerTimer.setInterval(500)
+        self._flickerTimer.connect("timeout()", self.onFlickerTick)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self._stopPlacing()
+        if self._flickerTimer:
+            self._flickerTimer.stop()
+        if self.logic:
+            self.logic.setAutoUpdate(False)
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        self._stopPlacing()
+        if self._parameterNode and self._parameterNode.flicker:
+            self._parameterNode.flicker = False  # no flicker while another module is shown
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self._stopPlacing()
+        self.logic.setAutoUpdate(False)
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure the parameter node exists and is observed; preselect the first volume as MRI."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.mriVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.mriVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[MRIHistoRegParameterNode]) -> None:
+        """Set and observe the parameter node (the GUI follows it both ways through SlicerParameterName)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Keep enabled states, live readouts, tables and display settings in step with the parameter node."""
+        p = self._parameterNode
+        if p is None:
+            return
+        hasStack = self.logic.pathOrNone(p.stackPath) is not None
+        hasMri, hasHistology = p.mriVolume is not None, p.histologyVolume is not None
+        hasLists = p.mriLandmarks is not None and p.histologyLandmarks is not None
+        self.ui.openStackButton.enabled = hasStack
+        self.ui.loadFullResolutionButton.enabled = hasStack
+        self.ui.useMetadataSpacingButton.enabled = bool(self._lastStackInfo and self._lastStackInfo["metadataSpacingMm"])
+        self.ui.applySpacingButton.enabled = hasHistology
+        self.ui.downsampleButton.enabled = hasStack and (hasMri or not p.targetSpacingFromMri)
+        self.ui.targetSpacingSpinBox.enabled = not p.targetSpacingFromMri
+        self.ui.cropRoiSelector.enabled = p.cropEnabled
+        self.ui.placePairButton.enabled = hasLists
+        self.ui.fitButton.enabled = hasLists
+        self.ui.tpsRegularizationSpinBox.enabled = p.model == "affine+tps"
+        self.ui.exportPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
+        self.ui.importPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
+        self.ui.refineButton.enabled = p.refineEnabled and hasMri and p.landmarkTransform is not None
+        self.ui.resampleButton.enabled = hasMri and p.landmarkTransform is not None and (hasStack or hasHistology)
+        self.ui.outputSpacingSpinBox.enabled = p.referenceGrid != "MRI"
+        self.ui.compareButton.enabled = p.mriLabels is not None and p.histologyLabels is not None and p.landmarkTransform is not None
+        self.ui.exportReportButton.enabled = self.logic.pathOrNone(p.reportFolder) is not None
+        self.ui.checkerboardButton.enabled = hasMri and p.resampledVolume is not None
+        self.ui.warpMagnitudeButton.enabled = hasMri and p.landmarkTransform is not None
+        self.ui.physicalSizeLabel.text = self._physicalSizeText()
+        self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
+        self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
+        self._applyDisplay()
+        self._applyAutoUpdate()
+
+    def _physicalSizeText(self) -> str:
+        p = self._parameterNode
+        if not self._lastStackInfo:
+            return ""
+        with contextlib.suppress(ValueError):
+            spacingMm = self.logic.spacingToMm([p.spacingI, p.spacingJ, p.spacingK], p.spacingUnit)
+            size = self.logic.physicalSizeMm(self._lastStackInfo["shapeIjk"], spacingMm)
+            return _("Physical size at this spacing: {size} mm").format(size=" x ".join(f"{v:.3g}" for v in size))
+        return _("Enter three positive spacing values.")
+
+    # --- helpers: progress, errors ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _progressDialog(self, title: str):
+        """Slicer's progress dialog as a progress callback; Cancel raises progress.Cancelled inside the work."""
+        import qt
+
+        dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=title, maximum=1000, autoClose=False)
+
+        def progress(fraction, message=""):
+            dialog.value = int(round(1000 * fraction))
+            if message:
+                dialog.labelText = f"{title}: {message}"
+            slicer.app.processEvents(qt.QEventLoop.AllEvents)
+            if dialog.wasCanceled:
+                raise Cancelled(_("{title} cancelled").format(title=title))
+
+        try:
+            yield progress
+        finally:
+            dialog.close()
+
+    @contextlib.contextmanager
+    def _action(self, errorMessage: str, progressTitle: Optional[str] = None):
+        """Run a panel action: errors in Slicer's error display, Cancel quietly logged, optional progress dialog."""
+        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=progressTitle is None):
+            try:
+                if progressTitle:
+                    with self._progressDialog(progressTitle) as progress:
+                        yield progress
+                else:
+                    yield None
+            except Cancelled as cancelled:
+                logging.info("%s", cancelled)
+                slicer.util.showStatusMessage(str(cancelled), 3000)
+
+    def _spacingMm(self):
+        p = self._parameterNode
+        return self.logic.spacingToMm([p.spacingI, p.spacingJ, p.spacingK], p.spacingUnit)
+
+    def _stackSpacingMm(self):
+        """The spacing fields when the user has inspected a stack (None = the stack's own metadata/header)."""
+        return self._spacingMm() if self._lastStackInfo else None
+
+    # --- Inputs ------------------------------------------------------------------------------------------
+
+    def onLoadSample(self) -> None:
+        with self._action(_("Failed to generate or load the sample data."), _("Sample data")) as progress:
+            nodes = self.logic.loadSampleData(sampleDataFolder(), progress=progress)
+            self.logic.selectSampleNodes(self._parameterNode, nodes)
+            self._lastStackInfo = self.logic.openStack(nodes["stackPath"], self._spacingMm(), referenceVolume=nodes["mri"])
+            self.ui.stackInfoLabel.text = self.logic.describeStack(self._lastStackInfo)
+            slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5, fit=True)
+
+    def onOpenStack(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to open the histology stack.")):
+            self._lastStackInfo = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume)
+            self.ui.stackInfoLabel.text = self.logic.describeStack(self._lastStackInfo)
+            self.logic.setSpacingFields(p, self._lastStackInfo["spacingMm"])
+            self.onParameterNodeModified()
+
+    def onUseMetadataSpacing(self) -> None:
+        with self._action(_("Failed to use the metadata spacing.")):
+            self.logic.setSpacingFields(self._parameterNode, self._lastStackInfo["metadataSpacingMm"])
+
+    def onApplySpacing(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to apply the spacing.")):
+            self.logic.applySpacing(p.histologyVolume, self._spacingMm())
+            slicer.util.resetSliceViews()
+
+    def onLoadFullResolution(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to load the full-resolution stack."), _("Loading stack")) as progress:
+            node = self.logic.loadFullResolution(str(p.stackPath), self._stackSpacingMm(), progress=progress)
+            p.histologyVolume = node
+
+    # --- Downsample --------------------------------------------------------------------------------------
+
+    def onDownsample(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to downsample the stack."), _("Downsampling")) as progress:
+            target = self.logic.defaultTargetSpacingMm(p.mriVolume) if p.targetSpacingFromMri else p.targetSpacingMm
+            node = self.logic.downsampleStack(str(p.stackPath), target, self._stackSpacingMm(),
+                                              cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress)
+            p.histologyVolume = node
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=p.fade)
+
+    # --- Landmarks ---------------------------------------------------------------------------------------
+
+    def onCreatePointLists(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to create the point lists.")):
+            p.mriLandmarks, p.histologyLandmarks = self.logic.createPointLists()
+
+    def onPlacePairToggled(self, checked: bool) -> None:
+        """'Place pair': place the MRI point, then the histology point; both get the same new label."""
+        p = self._parameterNode
+        if not checked:
+            self._stopPlacing()
+            return
+        with self._action(_("Failed to start placing a pair.")):
+            label = self.logic.nextPairLabel(p.mriLandmarks, p.histologyLandmarks)
+            self._pendingPair = (label, p.mriLandmarks)
+            self._startPlacing(p.mriLandmarks)
+            slicer.util.showStatusMessage(_("Click the MRI point of pair {label}").format(label=label))
+
+    def _startPlacing(self, pointList) -> None:
+        self.addObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(pointList)
+        markupsLogic.StartPlaceMode(False)
+
+    def _stopPlacing(self) -> None:
+        if self._pendingPair is None:
+            return
+        _, pointList = self._pendingPair
+        self.removeObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
+        self._pendingPair = None
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        interactionNode.SetCurrentInteractionMode(interactionNode.ViewTransform)
+        self.ui.placePairButton.blockSignals(True)
+        self.ui.placePairButton.checked = False
+        self.ui.placePairButton.blockSignals(False)
+
+    def onPairPointPlaced(self, caller, event) -> None:
+        p = self._parameterNode
+        label, pointList = self._pendingPair
+        self.logic.labelLastPoint(pointList, label)
+        self.removeObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
+        if pointList is p.mriLandmarks:
+            self._pendingPair = (label, p.histologyLandmarks)
+            self._startPlacing(p.histologyLandmarks)
+            slicer.util.showStatusMessage(_("Click the histology point of pair {label}").format(label=label))
+        else:
+            self._stopPlacing()
+            slicer.util.showStatusMessage(_("Pair {label} placed").format(label=label), 3000)
+
+    def onFit(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Landmark fit failed.")):
+            result = self.logic.fitLandmarks(p.mriLandmarks, p.histologyLandmarks, p.model, p.landmarkTransform,
+                                             p.landmarkTable, p.tpsRegularization, referenceVolume=p.mriVolume)
+            p.landmarkTransform = result["transformNode"]
+            p.landmarkTable = result["tableNode"]
+            self.ui.shrinkageLabel.text = self.logic.describeFit(result)
+
+    def _applyAutoUpdate(self) -> None:
+        """Start/stop live refitting to follow the auto-update checkbox (and the chosen lists and model)."""
+        p = self._parameterNode
+        wanted = bool(p.autoUpdate and p.mriLandmarks and p.histologyLandmarks)
+        key = (wanted, p.mriLandmarks, p.histologyLandmarks, p.model, p.tpsRegularization) if wanted else (False,)
+        if key == getattr(self, "_autoUpdateKey", (False,)):
+            return
+        self._autoUpdateKey = key
+        with self._action(_("Failed to switch landmark auto-update.")):
+            nodes = self.logic.setAutoUpdate(wanted, p.mriLandmarks, p.histologyLandmarks, p.model, p.landmarkTransform,
+                                             p.landmarkTable, p.tpsRegularization)
+            if nodes is not None:
+                p.landmarkTransform, p.landmarkTable = nodes["transformNode"], nodes["tableNode"]
+
+    def onImportPairs(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to import point pairs.")):
+            count = self.logic.importPointPairs(str(p.pairsPath), p.mriLandmarks, p.histologyLandmarks)
+            slicer.util.showStatusMessage(_("{count} pairs imported").format(count=count), 3000)
+
+    def onExportPairs(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to export point pairs.")):
+            path = self.logic.exportPointPairs(str(p.pairsPath), p.mriLandmarks, p.histologyLandmarks)
+            slicer.util.showStatusMessage(_("Pairs written to {path}").format(path=path), 3000)
+
+    # --- Refine ------------------------------------------------------------------------------------------
+
+    def onRefine(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Intensity refinement failed."), _("Refining")) as progress:
+            result = self.logic.refineRegistration(p.mriVolume, p.histologyVolume, p.landmarkTransform, p.refinePreset,
+                                                   outputTransform=p.refinedTransform, mriLandmarks=p.mriLandmarks,
+                                                   histologyLandmarks=p.histologyLandmarks, progress=progress)
+            p.refinedTransform = result["transformNode"]
+            self.ui.refineResultLabel.text = result["summary"]
+
+    # --- Resample and compare ----------------------------------------------------------------------------
+
+    def _registrationTransform(self):
+        p = self._parameterNode
+        return p.refinedTransform if (p.refineEnabled and p.refinedTransform is not None) else p.landmarkTransform
+
+    def onResample(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Resampling failed."), _("Resampling histology")) as progress:
+            outputSpacing = None if p.referenceGrid == "MRI" else p.outputSpacingMm
+            node = self.logic.resampleHistology(self._registrationTransform(), p.mriVolume,
+                                                stackPath=self.logic.pathOrNone(p.stackPath),
+                                                spacingMm=self._stackSpacingMm(), histologyVolume=p.histologyVolume,
+                                                outputSpacingMm=outputSpacing, outputNode=p.resampledVolume,
+                                                progress=progress)
+            p.resampledVolume = node
+            slicer.util.setSliceViewerLayers(background=p.mriVolume, foreground=node, foregroundOpacity=p.fade)
+
+    def onCompare(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Label comparison failed."), _("Comparing labels")) as progress:
+            result = self.logic.compareLabels(p.mriLabels, p.histologyLabels, self._registrationTransform(),
+                                              tableNode=p.resultsTable, progress=progress)
+            p.resultsTable = result["tableNode"]
+
+    def onExportReport(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to export the report.")):
+            folder = self.logic.exportReport(str(p.reportFolder), transformNode=self._registrationTransform(),
+                                             landmarkTable=p.landmarkTable, resultsTable=p.resultsTable,
+                                             resampledVolume=p.resampledVolume,
+                                             mriLandmarks=p.mriLandmarks, histologyLandmarks=p.histologyLandmarks)
+            slicer.util.showStatusMessage(_("Report written to {folder}").format(folder=folder), 5000)
+
+    # --- Display -----------------------------------------------------------------------------------------
+
+    def _applyDisplay(self) -> None:
+        """Apply fade, flicker and alignment when they (or the nodes they act on) changed since last time."""
+        p = self._parameterNode
+        if p.flicker and not self._flickerTimer.isActive():
+            self._flickerTimer.start()
+        elif not p.flicker and self._flickerTimer.isActive():
+            self._flickerTimer.stop()
+        if not p.flicker and p.fade != getattr(self, "_appliedFade", None):
+            self._appliedFade = p.fade
+            self.logic.setSliceLayers(opacity=p.fade)
+        transform = self._registrationTransform()
+        alignment = (p.histologyAligned, p.histologyVolume, transform)
+        previous = getattr(self, "_appliedAlignment", (False, None, None))
+        if alignment != previous and p.histologyVolume is not None:
+            self._appliedAlignment = alignment
+            # only undo an alignment this panel made: a parent transform set elsewhere is left alone
+            if (p.histologyAligned and transform is not None) or previous[0]:
+                with self._action(_("Failed to align the histology display.")):
+                    self.logic.setHistologyAligned(p.histologyVolume, transform, p.histologyAligned and transform is not None)
+
+    def onFlickerTick(self) -> None:
+        self._flickerOn = not self._flickerOn
+        self.logic.setSliceLayers(opacity=1.0 if self._flickerOn else 0.0)
+
+    def onCheckerboard(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to create the checkerboard.")):
+            node = self.logic.createCheckerboardVolume(p.mriVolume, p.resampledVolume, p.checkerboardSquareMm)
+            slicer.util.setSliceViewerLayers(background=node, foreground=None)
+
+    def onWarpMagnitude(self) -> None:
+        p = self._parameterNode
+        with self._action(_("Failed to compute the warp magnitude.")):
+            node = self.logic.createWarpMagnitudeVolume(self._registrationTransform(), p.mriVolume)
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=p.fade)
+
+
+#
+# MRIHistoRegLogic
+#
+
+
+class MRIHistoRegLogic(ScriptedLoadableModuleLogic, MRIHistoRegLogicCore):
+    """Slicer's logic class: the Qt-free facade (MRIHistoRegLib.logic) plus the module's parameter node.
+
+    Usable from the Python console without the panel: `MRIHistoRegLogic().fitLandmarks(...)`.
+    """
+
+    def __init__(self) -> None:
+        """Works on slicer.mrmlScene."""
+        ScriptedLoadableModuleLogic.__init__(self)
+        MRIHistoRegLogicCore.__init__(self, slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return MRIHistoRegParameterNode(super().getParameterNode())
+
+
+#
+# MRIHistoRegTest
+#
+
+
+class MRIHistoRegTest(ScriptedLoadableModuleTest):
+    """Slicer's self-test ("Reload and Test", ctest): the scenarios pytest runs, on Slicer's own scene."""
+
+    def setUp(self):
+        """Each test starts from an empty scene."""
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Run every scenario, each on a cleared scene."""
+        for test in (self.test_LoadSample, self.test_FixSpacing, self.test_Downsample, self.test_LandmarkFit,
+                     self.test_Resample, self.test_Compare):
+            self.setUp()
+            test()
+
+    def _workFolder(self, name: str) -> str:
+        import shutil
+
+        folder = os.path.join(slicer.app.temporaryPath, "MRIHistoRegTest", name)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        return folder
+
+    def test_LoadSample(self):
+        self.delayDisplay("Scenario: load the sample data")
+        scenarios.loadSampleScenario(slicer.mrmlScene, self._workFolder("loadSample"))
+        self.delayDisplay("Test passed")
+
+    def test_FixSpacing(self):
+        self.delayDisplay("Scenario: fix the stack's spacing")
+        scenarios.fixSpacingScenario(slicer.mrmlScene, self._workFolder("fixSpacing"))
+        self.delayDisplay("Test passed")
+
+    def test_Downsample(self):
+        self.delayDisplay("Scenario: downsample the stack")
+        scenarios.downsampleScenario(slicer.mrmlScene, self._workFolder("downsample"))
+        self.delayDisplay("Test passed")
+
+    def test_LandmarkFit(self):
+        self.delayDisplay("Scenario: landmark fit")
+        scenarios.landmarkFitScenario(slicer.mrmlScene, self._workFolder("landmarkFit"))
+        self.delayDisplay("Test passed")
+
+    def test_Resample(self):
+        self.delayDisplay("Scenario: resample the original stack onto the MRI")
+        scenarios.resampleScenario(slicer.mrmlScene, self._workFolder("resample"))
+        self.delayDisplay("Test passed")
+
+    def test_Compare(self):
+        self.delayDisplay("Scenario: compare tumour labels")
+        scenarios.compareScenario(slicer.mrmlScene, self._workFolder("compare"))
+        self.delayDisplay("Test passed")
