@@ -295,13 +295,15 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         hasStack = self.logic.pathOrNone(p.stackPath) is not None
+        # stack steps use the spacing fields, which hold the stack's spacing once it has been inspected
+        inspected = bool(self._lastStackInfo) and self._lastStackInfo["path"] == str(p.stackPath)
         hasMri, hasHistology = p.mriVolume is not None, p.histologyVolume is not None
         hasLists = p.mriLandmarks is not None and p.histologyLandmarks is not None
         self.ui.openStackButton.enabled = hasStack
-        self.ui.loadFullResolutionButton.enabled = hasStack
-        self.ui.useMetadataSpacingButton.enabled = bool(self._lastStackInfo and self._lastStackInfo["metadataSpacingMm"])
+        self.ui.loadFullResolutionButton.enabled = inspected
+        self.ui.useMetadataSpacingButton.enabled = inspected and self._lastStackInfo["metadataSpacingMm"] is not None
         self.ui.applySpacingButton.enabled = hasHistology
-        self.ui.downsampleButton.enabled = hasStack and (hasMri or not p.targetSpacingFromMri)
+        self.ui.downsampleButton.enabled = inspected and (hasMri or not p.targetSpacingFromMri)
         self.ui.targetSpacingSpinBox.enabled = not p.targetSpacingFromMri
         self.ui.cropRoiSelector.enabled = p.cropEnabled
         self.ui.placePairButton.enabled = hasLists
@@ -310,7 +312,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
         self.ui.importPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
         self.ui.refineButton.enabled = p.refineEnabled and hasMri and p.landmarkTransform is not None
-        self.ui.resampleButton.enabled = hasMri and p.landmarkTransform is not None and (hasStack or hasHistology)
+        self.ui.resampleButton.enabled = hasMri and p.landmarkTransform is not None and (inspected or hasHistology)
         self.ui.outputSpacingSpinBox.enabled = p.referenceGrid != "MRI"
         self.ui.compareButton.enabled = p.mriLabels is not None and p.histologyLabels is not None and p.landmarkTransform is not None
         self.ui.exportReportButton.enabled = self.logic.pathOrNone(p.reportFolder) is not None
@@ -372,9 +374,12 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         return self.logic.spacingToMm([p.spacingI, p.spacingJ, p.spacingK], p.spacingUnit)
 
-    def _stackSpacingMm(self):
-        """The spacing fields when the user has inspected a stack (None = the stack's own metadata/header)."""
-        return self._spacingMm() if self._lastStackInfo else None
+    def _stackPath(self):
+        """The stack file to read from, once inspected (its spacing is then in the spacing fields), else None."""
+        p = self._parameterNode
+        if self._lastStackInfo and self._lastStackInfo["path"] == str(p.stackPath):
+            return str(p.stackPath)
+        return None
 
     # --- Inputs ------------------------------------------------------------------------------------------
 
@@ -407,7 +412,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLoadFullResolution(self) -> None:
         p = self._parameterNode
         with self._action(_("Failed to load the full-resolution stack."), _("Loading stack")) as progress:
-            node = self.logic.loadFullResolution(str(p.stackPath), self._stackSpacingMm(), progress=progress)
+            node = self.logic.loadFullResolution(self._stackPath(), self._spacingMm(), progress=progress)
             p.histologyVolume = node
 
     # --- Downsample --------------------------------------------------------------------------------------
@@ -416,7 +421,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with self._action(_("Failed to downsample the stack."), _("Downsampling")) as progress:
             target = self.logic.defaultTargetSpacingMm(p.mriVolume) if p.targetSpacingFromMri else p.targetSpacingMm
-            node = self.logic.downsampleStack(str(p.stackPath), target, self._stackSpacingMm(),
+            node = self.logic.downsampleStack(self._stackPath(), target, self._spacingMm(),
                                               cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress)
             p.histologyVolume = node
             slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=p.fade)
@@ -528,8 +533,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Resampling failed."), _("Resampling histology")) as progress:
             outputSpacing = None if p.referenceGrid == "MRI" else p.outputSpacingMm
             node = self.logic.resampleHistology(self._registrationTransform(), p.mriVolume,
-                                                stackPath=self.logic.pathOrNone(p.stackPath),
-                                                spacingMm=self._stackSpacingMm(), histologyVolume=p.histologyVolume,
+                                                stackPath=self._stackPath(), spacingMm=self._spacingMm(),
+                                                histologyVolume=p.histologyVolume,
                                                 outputSpacingMm=outputSpacing, outputNode=p.resampledVolume,
                                                 progress=progress)
             p.resampledVolume = node

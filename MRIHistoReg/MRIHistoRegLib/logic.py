@@ -590,16 +590,12 @@ class MRIHistoRegLogicCore:
         if transformNode is None or referenceVolume is None:
             raise ValueError("Select a transform (fit the landmarks first) and the MRI as reference grid.")
         transformLogic = context.moduleLogic(self.scene, "Transforms")
-        imageData = transformLogic.CreateDisplacementVolumeFromTransform(transformNode, referenceVolume, True)
-        if imageData is None:
+        node = transformLogic.CreateDisplacementVolumeFromTransform(transformNode, referenceVolume, True, outputNode)
+        if node is None:
             raise ValueError(f"Could not sample transform '{transformNode.GetName()}' on '{referenceVolume.GetName()}'.")
-        array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())
-        array = array.reshape(imageData.GetDimensions()[::-1]).astype(np.float32)
         if outputNode is None:
-            return volumes.createVolumeNode(self.scene, array, volumes.ijkToRas(referenceVolume), "Warp magnitude (mm)")
-        volumes.updateVolumeFromArray(outputNode, array)
-        volumes.setIjkToRas(outputNode, volumes.ijkToRas(referenceVolume))
-        return outputNode
+            node.SetName(self.scene.GenerateUniqueName("Warp magnitude (mm)"))
+        return node
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
