@@ -239,6 +239,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._stopPlacing()
+        self._observeLandmarkTable(None)
         if self._flickerTimer:
             self._flickerTimer.stop()
         if self.logic:
@@ -320,6 +321,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.warpMagnitudeButton.enabled = hasMri and p.landmarkTransform is not None
         self.ui.physicalSizeLabel.text = self._physicalSizeText()
         self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
+        self._observeLandmarkTable(p.landmarkTable)
         self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
         self._applyDisplay()
         self._applyAutoUpdate()
@@ -498,6 +500,30 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              p.landmarkTable, p.tpsRegularization)
             if nodes is not None:
                 p.landmarkTransform, p.landmarkTable = nodes["transformNode"], nodes["tableNode"]
+
+    def _observeLandmarkTable(self, tableNode) -> None:
+        """Follow edits of the table's 'included' column (the include checkbox of each pair)."""
+        observed = getattr(self, "_observedTable", None)
+        if observed is tableNode:
+            return
+        if observed is not None:
+            self.removeObserver(observed, vtk.vtkCommand.ModifiedEvent, self.onLandmarkTableModified)
+        self._observedTable = tableNode
+        if tableNode is not None:
+            self.addObserver(tableNode, vtk.vtkCommand.ModifiedEvent, self.onLandmarkTableModified)
+
+    def onLandmarkTableModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None or getattr(self, "_syncingTable", False):
+            return
+        self._syncingTable = True  # a refit rewrites the table: do not react to our own change
+        try:
+            with self._action(_("Failed to include or exclude a landmark pair.")):
+                changed = self.logic.applyIncludedFromTable(p.landmarkTable, p.mriLandmarks, p.histologyLandmarks)
+                if changed and not p.autoUpdate:  # auto-update refits by itself when the points change
+                    self.onFit()
+        finally:
+            self._syncingTable = False
 
     def onImportPairs(self) -> None:
         p = self._parameterNode

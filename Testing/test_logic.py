@@ -65,6 +65,20 @@ def test_place_pair_labels_and_inclusion(logic, scene):
         logic.setPairIncluded(mri, histology, "P99", True)
 
 
+def test_include_column_of_the_table_drives_the_fit(logic, scene):
+    mri, histology, fixed, moving = _pairs(scene, np.diag([0.8, 0.8, 0.8, 1.0]))
+    result = logic.fitLandmarks(mri, histology, "affine")
+    table = result["tableNode"]
+    assert logic.applyIncludedFromTable(table, mri, histology) == 0  # table and lists agree after a fit
+    labels = [table.GetTable().GetValueByName(r, "label").ToString() for r in range(table.GetNumberOfRows())]
+    row = labels.index("P2")
+    table.GetTable().SetValueByName(row, "included", vtk.vtkVariant(0))  # the user unticks P2
+    assert logic.applyIncludedFromTable(table, mri, histology) == 1
+    refit = logic.fitLandmarks(mri, histology, "affine", result["transformNode"], table)
+    assert "P2" not in refit["labels"] and refit["count"] == len(fixed) - 1
+    assert logic.applyIncludedFromTable(table, mri, histology) == 0  # the excluded row stays, unticked
+
+
 def test_fit_recovers_a_known_similarity_and_its_shrinkage(logic, scene):
     angle = np.radians(20)
     scale = 0.8  # histology 20% smaller per axis: volume ratio 0.512, shrinkage 48.8%

@@ -291,6 +291,26 @@ class MRIHistoRegLogicCore:
         if not found:
             raise ValueError(f"No point labelled '{label}' in '{mriLandmarks.GetName()}' or '{histologyLandmarks.GetName()}'.")
 
+    def applyIncludedFromTable(self, tableNode, mriLandmarks, histologyLandmarks) -> int:
+        """Make the point lists follow the landmark table's 'included' column (the panel's include checkbox):
+        each pair whose flag differs from its control points' 'selected' state is switched. Returns how many."""
+        if tableNode is None or mriLandmarks is None or histologyLandmarks is None or tableNode.GetTable() is None:
+            return 0
+        table = tableNode.GetTable()
+        labels, flags = table.GetColumnByName("label"), table.GetColumnByName("included")
+        if labels is None or flags is None:
+            return 0
+        selected = {mriLandmarks.GetNthControlPointLabel(i): bool(mriLandmarks.GetNthControlPointSelected(i))
+                    for i in range(mriLandmarks.GetNumberOfControlPoints())}
+        changed = 0
+        for row in range(table.GetNumberOfRows()):
+            label = labels.GetValue(row)
+            wanted = bool(float(flags.GetVariantValue(row).ToDouble()))
+            if label in selected and selected[label] != wanted:
+                self.setPairIncluded(mriLandmarks, histologyLandmarks, label, wanted)
+                changed += 1
+        return changed
+
     def fitLandmarks(self, mriLandmarks, histologyLandmarks, model: str = "affine+tps", transformNode=None,
                      tableNode=None, regularization: float = 0.0, referenceVolume=None) -> dict:
         """Pair the lists by label, fit `model` (MRI -> histology) and store it in `transformNode` (created when None)
