@@ -34,6 +34,7 @@ from MRIHistoRegLib.progress import Cancelled, report
 LOG = logging.getLogger(__name__)
 
 _EPS = 1e-9
+_CHUNK_BYTES = 256 << 10
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,6 +243,16 @@ class _Reduction:
         self.planeOutputs = [[(int(o), float(planeWeights[o, local])) for o in np.flatnonzero(planeWeights[:, local])]
                              for local in range(pk.cover)]
         self.needed = [int(np.count_nonzero(planeWeights[o])) for o in range(pk.count)]
+        # runs of whole segments of ~256 KB of input rows, read and summed while they sit in the CPU cache
+        rowBytes = source.planeShape[1] * source.dtype.itemsize
+        self.rowChunks = []
+        first = 0
+        for s in range(len(self.segments)):
+            row0 = self.segments[first][0]
+            if s + 1 == len(self.segments) or (self.segments[s + 1][1] - row0) * rowBytes > _CHUNK_BYTES:
+                self.rowChunks.append((row0, self.segments[s][1], first, s + 1))
+                first = s + 1
+        self.chunkRows = max(b - a for a, b, _, _ in self.rowChunks)
 
     def rowSums(self, plane, out):
         view = plane[:, self.colSlice]
@@ -250,7 +261,21 @@ class _Reduction:
             if b - a == 1:
                 out[s] = view[a]
             else:
-                np.sum(view[a:b], axis=0, dtype=dtype, out=out[s])
+                np.add.reduce(view[a:b], axis=0, dtype=dtype, out=out[s])
+        return out
+
+    def rowSumsStreamed(self, source, fd, offset, chunkBuffer, out):
+        """rowSums reading the plane in cache-sized runs of rows (each summed while it is still in cache)."""
+        dtype = self.segDtype
+        cols = self.colSlice
+        for row0, row1, first, end in self.rowChunks:
+            rows = source.readRowsAt(fd, offset, row0, row1, chunkBuffer)
+            for s in range(first, end):
+                a, b = self.segments[s]
+                if b - a == 1:
+                    out[s] = rows[a - row0, cols]
+                else:
+                    np.add.reduce(rows[a - row0:b - row0, cols], axis=0, dtype=dtype, out=out[s])
         return out
 
     def accumulate(self, k, rowSums, accumulators, scratch):
@@ -314,6 +339,9 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     prefetch = None if positional else _PlanePrefetcher(source, ks)
     nextIndex = [0]
 
+    streamed = count > 1 or getattr(source, "parallelReads", False)
+    streamed = streamed and hasattr(os, "preadv") and source.rawPlaneOffset(k0) is not None
+
     def fetch(fh, buffer):
         if prefetch is not None:
             item = next(prefetchIter, None)
@@ -335,14 +363,28 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
         try:
             if prefetch is None and source.kind in ("tiff", "nrrd") and hasattr(source, "readPlaneWith"):
                 fh = open(getattr(source, "dataPath", source.path), "rb", buffering=0)
-            buffer = None if prefetch is not None else np.empty(source.planeShape, source.dtype)
             sums = np.empty(reduction.rowShape, reduction.segDtype)
             scratch = np.empty(reduction.rowShape, np.float64)
+            chunk = np.empty((reduction.chunkRows, source.planeShape[1]), source.dtype) if streamed else None
+            buffer = None if prefetch is not None or streamed else np.empty(source.planeShape, source.dtype)
             while not stop.is_set():
-                k, plane = fetch(fh, buffer)
-                if k is None:
-                    break
-                reduction.rowSums(plane, sums)
+                if chunk is not None:
+                    with lock:
+                        index = nextIndex[0]
+                        nextIndex[0] += 1
+                    if index >= total:
+                        break
+                    k = ks[index]
+                    offset = source.rawPlaneOffset(k)
+                    if offset is not None:
+                        reduction.rowSumsStreamed(source, fh.fileno(), offset, chunk, sums)
+                    else:  # e.g. one compressed page in an otherwise raw TIFF
+                        reduction.rowSums(source.readPlane(k), sums)
+                else:
+                    k, plane = fetch(fh, buffer)
+                    if k is None:
+                        break
+                    reduction.rowSums(plane, sums)
                 if prefetch is not None:
                     prefetch.release(plane)
                 reduction.accumulate(k, sums, partials[w], scratch)

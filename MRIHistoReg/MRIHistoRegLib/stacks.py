@@ -174,6 +174,28 @@ class StackSource:
         """True when planes can be read concurrently from several threads (positional reads)."""
         return False
 
+    def rawPlaneOffset(self, k):
+        """Byte offset of plane k's voxels in `dataPath` when they are stored uncompressed, contiguous and in
+        native byte order (so any run of rows can be read with one positional read), else None."""
+        return None
+
+    def readRowsAt(self, fd, offset, j0, j1, out):
+        """Rows [j0, j1) of the plane stored raw at `offset` (see rawPlaneOffset) into out[:j1 - j0], one pread."""
+        rows = out[: j1 - j0]
+        rowBytes = rows.shape[1] * rows.itemsize
+        view = memoryview(rows.reshape(-1).view(np.uint8))
+        start = offset + j0 * rowBytes
+        got = os.preadv(fd, [view], start)
+        while 0 < got < len(view):
+            more = os.preadv(fd, [view[got:]], start + got)
+            if more <= 0:
+                break
+            got += more
+        if got != len(view):
+            raise ValueError(f"{getattr(self, 'dataPath', self.path)} is truncated: rows {j0}..{j1} need {len(view)} bytes "
+                             f"at offset {start} but the file has only {max(got, 0)} there. Re-copy or re-export the file.")
+        return rows
+
     def close(self):
         pass
 
@@ -351,6 +373,15 @@ class TiffStack(StackSource):
     def pageOffset(self, k):
         """File offset of plane k's data when it can be read with one positional read, else None."""
         return self._reader.fastLayout(self._page(k), self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize)
+
+    def rawPlaneOffset(self, k):
+        if self._reader.byteorder == ">" and self.dtype.itemsize > 1:
+            return None
+        return self.pageOffset(k)
+
+    @property
+    def dataPath(self):
+        return self.path
 
     @property
     def parallelReads(self):
@@ -683,6 +714,11 @@ class NrrdStack(StackSource):
     @property
     def parallelReads(self):
         return self.encoding == "raw"
+
+    def rawPlaneOffset(self, k):
+        if self.encoding != "raw" or not self.fileDtype.isnative and self.fileDtype.itemsize > 1:
+            return None
+        return self.dataOffset + int(k) * self.planeBytes
 
     def _readPlaneInto(self, k, out):
         view = memoryview(out.reshape(-1).view(np.uint8))
