@@ -579,7 +579,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder = self.logic.exportReport(str(p.reportFolder), transformNode=self._registrationTransform(),
                                              landmarkTable=p.landmarkTable, resultsTable=p.resultsTable,
                                              resampledVolume=p.resampledVolume,
-                                             mriLandmarks=p.mriLandmarks, histologyLandmarks=p.histologyLandmarks)
+                                             mriLandmarks=p.mriLandmarks, histologyLandmarks=p.histologyLandmarks,
+                                             mriVolume=p.mriVolume if p.referenceGrid == "MRI" else None)
             slicer.util.showStatusMessage(_("Report written to {folder}").format(folder=folder), 5000)
 
     # --- Display -----------------------------------------------------------------------------------------

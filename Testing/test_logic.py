@@ -198,12 +198,14 @@ def test_roi_crop_covers_the_voxels_inside_the_box(logic, scene):
 def test_report_folder_holds_the_results_and_refuses_foreign_folders(logic, scene, tmp_path):
     mri, histology, _, _ = _pairs(scene, np.diag([0.8, 0.8, 0.8, 1.0]))
     result = logic.fitLandmarks(mri, histology, "affine+tps")
-    resampled = volumes.createVolumeNode(scene, np.ones((3, 3, 3), np.float32), np.eye(4), "resampled")
+    grid = np.diag([0.5, 0.5, 0.5, 1.0])
+    mriVolume = volumes.createVolumeNode(scene, np.random.default_rng(1).uniform(0, 1, (12, 12, 12)), grid, "mri")
+    resampled = volumes.createVolumeNode(scene, np.random.default_rng(2).uniform(0, 1, (12, 12, 12)), grid, "resampled")
     folder = logic.exportReport(str(tmp_path / "report"), result["transformNode"], result["tableNode"], None, resampled,
-                                mri, histology)
+                                mri, histology, mriVolume)
     names = set(os.listdir(folder))
     assert {"transform.h5", "landmark_errors.csv", "histology_resampled.nrrd", "landmarks_mri.mrk.json",
-            "landmarks_histology.mrk.json", "summary.json"} <= names
+            "landmarks_histology.mrk.json", "summary.json", "landmark_errors.png", "overlay_axial.png"} <= names
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["transform"]["model"] == "affine+tps"
     assert float(summary["landmark_fit"]["shrinkage_volume_percent"]) == pytest.approx(100 * (1 - 0.8 ** 3), abs=1e-6)

@@ -521,14 +521,15 @@ class MRIHistoRegLogicCore:
         return {"rows": rows, "tableNode": tableNode, "transferredNode": transferredNode}
 
     def exportReport(self, folder: str, transformNode=None, landmarkTable=None, resultsTable=None, resampledVolume=None,
-                     mriLandmarks=None, histologyLandmarks=None) -> str:
+                     mriLandmarks=None, histologyLandmarks=None, mriVolume=None) -> str:
         """Write what the panel produced into `folder` (atomically: complete or untouched; an existing folder is
-        replaced only if it is an earlier MRIHistoReg output): transform.h5, landmark_errors.csv,
-        label_comparison.csv, histology_resampled.nrrd, the two point lists (.mrk.json) and summary.json.
+        replaced only if it is an earlier MRIHistoReg output): transform.h5, landmark_errors.csv (+ chart),
+        label_comparison.csv, histology_resampled.nrrd, the two point lists (.mrk.json), overlay figures of the
+        MRI and the resampled histology (with `mriVolume`, on the same grid) and summary.json.
         Returns the folder's absolute path."""
         import json
 
-        from . import outputs, transforms
+        from . import figures, outputs, transforms
 
         if not self.pathOrNone(folder):
             raise ValueError("Choose a report folder first.")
@@ -546,6 +547,24 @@ class MRIHistoRegLogicCore:
                     written[key] = name
             if not written:
                 raise ValueError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
+            figurePaths = []
+            if landmarkTable is not None and landmarkTable.GetNumberOfRows():
+                rows = [{"label": row["label"], "residual_mm": float(row["residual_mm"]), "loo_mm": float(row["loo_mm"]),
+                         "outlier": row.get("outlier") == "1"} for row in transforms.tableToRows(landmarkTable)]
+                figurePaths.append(figures.landmarkErrorChart(rows, os.path.join(work, "landmark_errors.png")))
+            if mriVolume is not None and resampledVolume is not None:
+                mriArray, histologyArray = volumes.arrayFromVolume(mriVolume), volumes.arrayFromVolume(resampledVolume)
+                if mriArray.shape != histologyArray.shape or not np.allclose(volumes.ijkToRas(mriVolume),
+                                                                             volumes.ijkToRas(resampledVolume), atol=1e-6):
+                    raise ValueError("The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
+                                     "for the overlay figures (or export without the MRI).")
+                points = None
+                if mriLandmarks is not None:
+                    points = np.array([mriLandmarks.GetNthControlPointPositionWorld(i)
+                                       for i in range(mriLandmarks.GetNumberOfControlPoints())]).reshape(-1, 3)
+                figurePaths.extend(figures.overlayFigures(mriArray, histologyArray, volumes.ijkToRas(mriVolume), work,
+                                                          landmarksRas=points))
+            written["figures"] = [os.path.basename(path) for path in figurePaths]
             summary = {"files": written}
             if landmarkTable is not None:
                 summary["landmark_fit"] = {key[len("MRIHistoReg."):]: landmarkTable.GetAttribute(key)
