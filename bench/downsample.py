@@ -1,0 +1,264 @@
+"""Benchmark: streamed downsampling of huge stacks against the read floor and SimpleITK (run by hand).
+
+    .venv/bin/python bench/downsample.py                 # mid size (2160 x 2560 x 118 and 2x depth), ~3 GB disk
+    .venv/bin/python bench/downsample.py --full          # adds the seed's full 2160 x 2560 x 472 stack (5.2 GB)
+
+Stacks are generated (noisy uint16, streamed to disk plane by plane) into --dir. Every contender runs in its own
+subprocess; wall time is measured inside the child after its imports, peak RSS is the child's ru_maxrss (from
+os.wait4), and "RSS over base" subtracts the child's resident size after imports. The SimpleITK smoothing
+pipeline runs under RLIMIT_AS so that its failure to allocate is reported, not fatal. All runs are warm-cache
+(the floor is read once before anything is timed). Ratios are to the read floor of the same file: sequential
+readinto into a reused 16 MiB buffer (for gzip NRRD: streaming decompression alone, ISA-L igzip, into the same
+buffer).
+
+Peak RSS is the child's own VmHWM (ru_maxrss would also count the forked parent's pages); "over base" is
+the peak during the timed work (VmHWM reset after the imports) minus the resident size after the imports.
+
+Target spacing: 0.1 mm isotropic from 3.25 x 3.25 x 5 um (factors 30.77 x 30.77 x 20).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "MRIHistoReg"))
+
+SPACING_MM = (0.00325, 0.00325, 0.005)
+TARGET_MM = 0.1
+PLANE = (2160, 2560)
+BUFFER = 16 << 20
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+def _planes(depth, seed=0):
+    """Noisy, structured uint16 planes (like autofluorescence): smooth pattern + Poisson-ish noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:PLANE[0], 0:PLANE[1]].astype(np.float32)
+    base = 1500 + 800 * np.sin(x / 97.0) * np.cos(y / 131.0)
+    for k in range(depth):
+        noise = rng.integers(0, 400, PLANE, dtype=np.uint16)
+        yield (base + 300 * np.sin(k / 17.0)).astype(np.uint16) + noise
+
+
+def _writeTiff(path, depth):
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        for plane in _planes(depth):
+            writer.write(plane, contiguous=True, photometric="minisblack")
+
+
+def _nrrdHeader(depth, encoding):
+    return {"type": "uint16", "dimension": 3, "sizes": [PLANE[1], PLANE[0], depth], "encoding": encoding,
+            "endian": "little", "space": "left-posterior-superior",
+            "space directions": np.diag(SPACING_MM), "space origin": np.zeros(3)}
+
+
+def _writeNrrd(path, depth, encoding):
+    import nrrd
+
+    with open(path, "wb") as f:
+        nrrd.writer._write_header(f, _nrrdHeader(depth, encoding))
+        if encoding == "raw":
+            for plane in _planes(depth):
+                f.write(plane.tobytes())
+        else:
+            from isal import igzip
+
+            with igzip.IGzipFile(fileobj=f, mode="wb", compresslevel=1) as gz:
+                for plane in _planes(depth):
+                    gz.write(plane.tobytes())
+
+
+def generate(folder, full):
+    os.makedirs(folder, exist_ok=True)
+    specs = [("mid.tif", 118, "tiff"), ("mid2x.tif", 236, "tiff"), ("mid.nrrd", 118, "raw"), ("mid_gz.nrrd", 60, "gzip")]
+    if full:
+        specs.append(("full.tif", 472, "tiff"))
+    for name, depth, kind in specs:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            continue
+        t = time.perf_counter()
+        temp = path + ".part"
+        if kind == "tiff":
+            _writeTiff(temp, depth)
+        else:
+            _writeNrrd(temp, depth, kind)
+        os.replace(temp, path)
+        print(f"generated {name} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+    return specs
+
+
+# ---- contenders (run in a child process) ----------------------------------------------------------------------
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _resetPeak():
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(name, path, extra):
+    import SimpleITK as sitk  # imported by every child so the baselines compare
+
+    from MRIHistoRegLib import downsample, stacks
+
+    if name.startswith("sitk"):
+        cap = int(extra)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    importPeak = _status("VmHWM")
+    reset = _resetPeak()
+    base = _status("VmRSS")
+    t = time.perf_counter()
+    result = {}
+    if name == "floor-read":
+        buffer = bytearray(BUFFER)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    elif name in ("floor-igzip", "floor-zlib"):
+        source = stacks.openStack(path)
+        buffer = bytearray(BUFFER)
+        view = memoryview(buffer)
+        with open(path, "rb") as raw:
+            raw.seek(source.dataOffset)
+            if name == "floor-igzip":
+                from isal import igzip
+
+                stream = igzip.IGzipFile(fileobj=raw, mode="rb")
+            else:
+                import gzip
+
+                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+            while stream.readinto(view):
+                pass
+    elif name == "ours":
+        source = stacks.openStack(path, spacingMm=SPACING_MM)
+        array, _ = downsample.downsampleStack(source, TARGET_MM)
+        result["output_shape"] = array.shape
+        result["output_mb"] = array.nbytes / 1e6
+    elif name == "sitk-binshrink":
+        try:
+            image = sitk.ReadImage(path)
+            shrunk = sitk.BinShrink(image, [31, 31, 20])
+            result["output_shape"] = sitk.GetArrayViewFromImage(shrunk).shape
+        except (RuntimeError, MemoryError) as error:
+            result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
+    elif name.startswith("sitk-smooth"):
+        try:
+            image = sitk.Cast(sitk.ReadImage(path), sitk.sitkFloat32)
+            image.SetSpacing(SPACING_MM)
+            smooth = sitk.SmoothingRecursiveGaussian(image, TARGET_MM / 2.0)
+            size = [int(n * s / TARGET_MM) for n, s in zip(image.GetSize(), SPACING_MM)]
+            out = sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                                (TARGET_MM,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
+            result["output_shape"] = sitk.GetArrayViewFromImage(out).shape
+        except (RuntimeError, MemoryError) as error:
+            result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
+    result["seconds"] = time.perf_counter() - t
+    result["base_rss"] = base
+    result["work_peak_rss"] = _status("VmHWM") if reset else None
+    result["import_peak_rss"] = importPeak
+    print(json.dumps(result))
+
+
+def run(name, path, extra="0", timeout=900):
+    command = [sys.executable, os.path.abspath(__file__), "--child", name, path, str(extra)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    started = time.perf_counter()
+    _, status, usage = os.wait4(process.pid, 0)
+    out = process.stdout.read()
+    err = process.stderr.read()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    result = {"peak_rss": usage.ru_maxrss * 1024, "wall_total": time.perf_counter() - started}
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if lines:
+        result.update(json.loads(lines[-1]))
+        if result.get("work_peak_rss"):
+            # ru_maxrss also counts the forked parent's pages before exec: use the child's own high-water marks
+            result["peak_rss"] = max(result["work_peak_rss"], result["import_peak_rss"])
+    else:
+        result["failed"] = f"exit {process.returncode}: {(err.strip().splitlines() or ['?'])[-1][:90]}"
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=os.path.join(ROOT, "bench", "output"), help="where the stacks are written")
+    parser.add_argument("--full", action="store_true", help="also the seed's full 5.2 GB stack")
+    parser.add_argument("--sitk-cap-gb", type=float, default=6.0, help="address-space cap for the SimpleITK smoothing run")
+    parser.add_argument("--binshrink-cap-gb", type=float, default=8.0,
+                        help="address-space cap for SimpleITK ReadImage+BinShrink (the machine is shared)")
+    parser.add_argument("--skip-sitk", action="store_true")
+    parser.add_argument("--only", help="comma-separated stack names to run (e.g. mid.tif,full.tif)")
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    specs = generate(args.dir, args.full)
+    cap = int(args.sitk_cap_gb * (1 << 30))
+    binCap = int(args.binshrink_cap_gb * (1 << 30))
+    rows = []
+    for name, depth, kind in specs:
+        if args.only and name not in args.only.split(","):
+            continue
+        path = os.path.join(args.dir, name)
+        floorName = "floor-igzip" if kind == "gzip" else "floor-read"
+        run(floorName, path)  # warm the cache
+        contenders = [floorName, "ours", "ours"]
+        if kind == "gzip":
+            contenders.insert(1, "floor-zlib")
+        if not args.skip_sitk and name in ("mid.tif", "mid.nrrd", "full.tif", "mid_gz.nrrd"):
+            contenders += ["sitk-binshrink", "sitk-smooth-resample"]
+        results = {}
+        for contender in contenders:
+            result = run(contender, path, (cap if contender.startswith("sitk-smooth") else binCap) if contender.startswith("sitk") else 0)
+            if contender in results and "seconds" in result and "seconds" in results[contender]:
+                if result["seconds"] >= results[contender]["seconds"]:
+                    continue  # best of the repeats
+            results[contender] = result
+        floor = results[floorName].get("seconds")
+        for contender, result in results.items():
+            rows.append((name, depth, kind, contender, result, floor))
+            _printRow(rows[-1])
+    print()
+    print(f"{'stack':<12} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>11} {'over base MB':>12}  note")
+    for row in rows:
+        _printRow(row)
+
+
+def _printRow(row):
+    name, depth, kind, contender, result, floor = row
+    seconds = result.get("seconds")
+    ratio = f"{seconds / floor:8.2f}" if seconds is not None and floor else f"{'-':>8}"
+    note = result.get("failed", "")
+    if "output_mb" in result:
+        note = f"output {tuple(result['output_shape'])} {result['output_mb']:.2f} MB float32 " + note
+    over = ((result.get("work_peak_rss") or result["peak_rss"]) - result.get("base_rss", 0)) / 1e6
+    secondsText = f"{seconds:8.3f}" if seconds is not None else f"{'-':>8}"
+    print(f"{name:<12} {depth:>6} {contender:<22} {secondsText} {ratio} {result['peak_rss'] / 1e6:11.1f} {over:12.1f}  {note}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
