@@ -80,7 +80,6 @@ def test_phantom_through_analytic_warp_matches_the_analytic_image():
     # trilinear error of this image at 0.1 mm is <= sum h^2 |f''| / 8 ~ 0.02
     assert np.abs(out - expected)[inside].max() < 0.025
     assert info["probe_max_error_voxels"] <= 0.1 and info["probe_p99_error_voxels"] <= 0.02
-    assert np.all(out[~inside & (np.abs(out) > 0)] == out[~inside & (np.abs(out) > 0)])  # no NaN anywhere
     assert np.isfinite(out).all()
 
 
@@ -230,8 +229,9 @@ def test_stack_source_is_streamed_and_matches_the_array_path(tmp_path):
     viaStack, infoStack = resample.resampleToGrid(stack, warp, refShape, refM)
     viaArray, infoArray = resample.resampleToGrid((array, srcM), warp, refShape, refM)
     assert infoStack["anti_alias_factors"][0] > 3
-    assert np.abs(viaStack - viaArray).max() < 0.05 * 1000 / 100  # same level up to the box tiling's edge
-    assert np.abs(viaStack - viaArray).mean() < 1.0
+    # downsample.downsampleStack (streamed) and resample.areaAverage are independent exact box filters
+    assert infoStack["level_by"] == "downsample.downsampleStack" and infoArray["level_by"] == "resample.areaAverage"
+    assert np.abs(viaStack - viaArray).max() < 0.01
     plain, _ = resample.resampleToGrid(stack, warp, refShape, refM, antiAlias=False)
     plainArray, _ = resample.resampleToGrid((array, srcM), warp, refShape, refM, antiAlias=False)
     assert np.abs(plain - plainArray).max() < 1e-3

@@ -130,7 +130,7 @@ def _tpsCentres(mapping):
     return None
 
 
-def evaluateExact(mapping, points, blockPoints=4096, precision=np.float64):
+def evaluateExact(mapping, points, blockPoints=256, precision=np.float64):
     """mapping.transformPoints(points), with a fast exact path for thin-plate splines exposing tpsCentres,
     tpsWeights and linearMatrix() (fitting.LandmarkModel: linear(x) + sum_i w_i |x - c_i|): distances through
     |x|^2 + |c|^2 - 2 x.c on centred coordinates (one matrix product per block of points), bounded memory.
