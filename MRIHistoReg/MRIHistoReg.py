@@ -592,6 +592,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._flickerTimer.start()
         elif not p.flicker and self._flickerTimer.isActive():
             self._flickerTimer.stop()
+            self._appliedFade = None  # restore the fade the flicker overrode
         if not p.flicker and p.fade != getattr(self, "_appliedFade", None):
             self._appliedFade = p.fade
             self.logic.setSliceLayers(opacity=p.fade)
