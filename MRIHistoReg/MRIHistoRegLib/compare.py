@@ -77,7 +77,7 @@ def _labelCounts(labelArray):
 
 
 def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inverseMapping=None, blockVoxels=None,
-                                maxEvaluations=200000):
+                                maxEvaluations=100000):
     """Volume (mm^3) in MRI space of histology label `label`: sum over its native voxels y of
     voxelVolume / |det J_{M->H}(x)| with x = inverse(y).
 
@@ -91,15 +91,17 @@ def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inver
     voxels = np.argwhere(labelArray == label)  # (n, 3) as (k, j, i)
     if len(voxels) == 0:
         raise ValueError(f"Label {label} is empty in the histology label map: check the label value.")
+    def blocksOf(size):
+        key = voxels // size
+        key = (key[:, 0] * (1 << 21) + key[:, 1]) * (1 << 21) + key[:, 2]
+        return np.unique(key, return_inverse=True, return_counts=True)
+
     if blockVoxels is None:
-        blockVoxels = 1
-        while True:
-            blocks = np.unique(voxels // blockVoxels, axis=0).shape[0] if len(voxels) > maxEvaluations else len(voxels)
-            if blocks <= maxEvaluations:
-                break
-            blockVoxels *= 2
+        blockVoxels = 1 if len(voxels) <= maxEvaluations else max(2, int(np.ceil((len(voxels) / maxEvaluations) ** (1 / 3))))
+        while blockVoxels > 1 and len(blocksOf(blockVoxels)[0]) > maxEvaluations:
+            blockVoxels += 1
     if blockVoxels > 1:
-        keys, inverse, counts = np.unique(voxels // blockVoxels, axis=0, return_inverse=True, return_counts=True)
+        keys, inverse, counts = blocksOf(int(blockVoxels))
         inverse = inverse.ravel()
         centroid = np.zeros((len(keys), 3))
         for axis in range(3):
