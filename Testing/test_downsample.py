@@ -271,3 +271,53 @@ def test_cli_info_and_downsample(tmp_path, caplog):
     caplog.clear()
     assert cli.main(["downsample", str(path), "--spacing-um", "0", "10", "20", "--target-mm", "0.02"]) == 2
     assert "positive" in caplog.text
+
+
+def test_gzip_cancel_and_worker_counts_agree(tmp_path):
+    import nrrd
+
+    array = _stack((24, 30, 28), seed=11)
+    nrrd.write(str(tmp_path / "c.nrrd"), array, {"encoding": "gzip"}, index_order="C")
+    gz = stacks.openStack(tmp_path / "c.nrrd", spacingMm=0.01)
+    with pytest.raises(Cancelled):
+        downsample.downsampleStack(gz, 0.025, progress=lambda fraction, message="": fraction > 0.3)
+    reference, _ = downsample.downsampleStack(gz, 0.025)  # the stream restarts cleanly after a cancel
+    tif = stacks.openStack(_tiff(tmp_path / "c.tif", array), spacingMm=0.01)
+    for workers in (1, 2, 3):
+        out, _ = downsample.downsampleStack(tif, 0.025, workers=workers)
+        assert np.array_equal(out, reference)
+
+
+def test_memory_does_not_grow_with_depth(tmp_path):
+    """numpy reports its buffers to tracemalloc: the peak must stay a few planes' worth, for 2x the depth too."""
+    import tracemalloc
+
+    import tifffile
+
+    peaks = []
+    for depth in (40, 80):
+        path = tmp_path / f"d{depth}.tif"
+        with tifffile.TiffWriter(path) as writer:
+            for plane in _stack((depth, 256, 320), seed=depth):
+                writer.write(plane, contiguous=True, photometric="minisblack")
+        for kind in ("raw", "gzip"):
+            if kind == "gzip":
+                import nrrd
+
+                nrrd.write(str(tmp_path / f"d{depth}.nrrd"), tifffile.imread(path), {"encoding": "gzip"}, index_order="C")
+                source = stacks.openStack(tmp_path / f"d{depth}.nrrd", spacingMm=0.001)
+            else:
+                source = stacks.openStack(path, spacingMm=0.001)
+            downsample.downsampleStack(source, 0.0101, crop=((0, 320), (0, 256), (0, 11)))  # imports, caches
+            tracemalloc.start()
+            out, _ = downsample.downsampleStack(source, 0.0101)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            peaks.append((kind, depth, peak, source.nbytes))
+    planeBytes = 256 * 320 * 2
+    for kind, depth, peak, stackBytes in peaks:
+        # two workers, each: a run of rows, its row sums, the open output planes (the stack is 40 or 80 planes)
+        assert peak < 12 * planeBytes, (kind, depth, peak)
+    for kind in ("raw", "gzip"):
+        small, large = [peak for k, _, peak, _ in peaks if k == kind]
+        assert large < small * 1.25 + planeBytes, peaks

@@ -10,12 +10,20 @@ plain block mean. It is separable, so it runs plane by plane:
   (integers up to 16 bits and short runs) else float64;
 - those row sums are accumulated (float64) into the one or two output planes plane k overlaps, with the
   fraction of plane k inside each;
-- when an output plane is complete its row-segment sums are combined with the j fractions and reduced along i
-  by the exact per-column weights (a small matrix product), then divided by the box volume.
+- when an output plane is complete its row sums are summed over column segments (reduceat), the j and i
+  fractions applied as sparse weighted sums (no BLAS: exact and in a fixed order), then divided by the box
+  volume.
 
-Memory: two input plane buffers (one being read while the other is reduced, on two cores) plus the row sums of
-two output planes, plus the output - whatever the depth. Output voxel centres sit at the centres of the
-averaged boxes; the geometry stays in the stack's frame (see stacks.py).
+Both cores are used: for sources with positional reads (uncompressed TIFF pages, raw NRRD, TIFF series) two
+workers each take whole planes; raw planes are read in ~1 MB runs of rows with `pread` and each run is summed
+while it is still in the CPU cache (compressed TIFF pages are decoded one at a time by tifffile and reduced in
+parallel). For gzip NRRD (one decompression stream) one thread decompresses ahead into two rotating plane
+buffers while another reduces.
+
+Memory, whatever the depth: per worker one run of rows (or one plane buffer; two for gzip), the row sums of
+the current plane and of the few open output planes (float64, n_segments_j x n_i each), plus the
+float32 output. Output voxel centres sit at the centres of the averaged boxes; the geometry stays in the
+stack's frame (see stacks.py).
 
 The last box along an axis is dropped when the stack does not fill it (at most one target voxel's worth of data,
 like ITK's BinShrink); an axis shorter than one target voxel gives one output voxel averaging all of it, centred
@@ -34,7 +42,7 @@ from MRIHistoRegLib.progress import Cancelled, report
 LOG = logging.getLogger(__name__)
 
 _EPS = 1e-9
-_CHUNK_BYTES = 256 << 10
+_CHUNK_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,7 +251,7 @@ class _Reduction:
         self.planeOutputs = [[(int(o), float(planeWeights[o, local])) for o in np.flatnonzero(planeWeights[:, local])]
                              for local in range(pk.cover)]
         self.needed = [int(np.count_nonzero(planeWeights[o])) for o in range(pk.count)]
-        # runs of whole segments of ~256 KB of input rows, read and summed while they sit in the CPU cache
+        # runs of whole segments of ~1 MB of input rows, read and summed while they sit in the CPU cache
         rowBytes = source.planeShape[1] * source.dtype.itemsize
         self.rowChunks = []
         first = 0
