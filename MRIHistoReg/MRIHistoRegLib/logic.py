@@ -11,13 +11,14 @@ whose message says how to fix the input; long work takes `progress=None`, a call
 cancels by raising `progress.Cancelled` (see `MRIHistoRegLib.progress`). Step modules are imported inside the
 methods so importing this facade costs nothing and a missing optional package only fails the step that needs it.
 """
+
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import slicer
 import vtk
-from vtk.util import numpy_support
 
 from . import context, volumes
 from .progress import report as reportProgress
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 SPACING_UNITS = ("um", "mm")
 MODELS = ("rigid", "similarity", "affine", "affine+tps")
 REFERENCE_GRIDS = ("MRI", "custom spacing")
+
+# The MRML node types the methods take (annotations).
+VolumeNode = slicer.vtkMRMLScalarVolumeNode
+PointListNode = slicer.vtkMRMLMarkupsFiducialNode
+TransformNode = slicer.vtkMRMLTransformNode
+TableNode = slicer.vtkMRMLTableNode
+RoiNode = slicer.vtkMRMLMarkupsROINode
+LabelsNode = Union[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode]
+ProgressCallback = Callable[[float, str], Optional[bool]]  # raises progress.Cancelled (or returns True) to cancel
 # Intensity refinement presets: overrides of refine.DEFAULT_SETTINGS
 REFINE_PRESETS = {"affine + B-spline": {}, "affine": {"bspline": False}}
 PAIR_LABEL_PREFIX = "P"
@@ -50,14 +60,18 @@ class MRIHistoRegLogicCore:
 
     # --- sample data ------------------------------------------------------------------------------------------
 
-    def generateSampleData(self, folder: str, size: str = "small", seed: int = 0, progress=None) -> dict:
+    def generateSampleData(
+        self, folder: str, size: str = "small", seed: int = 0, progress: Optional[ProgressCallback] = None
+    ) -> dict:
         """Write the generated sample (MRI, light-sheet stack, landmarks, labels, truth.json) into `folder`;
         returns its manifest (file paths and ground truth)."""
         from . import sampledata
 
         return sampledata.generateSampleData(folder, size=size, seed=seed, progress=progress)
 
-    def loadSampleData(self, folder: str, size: str = "small", seed: int = 0, progress=None) -> Dict[str, object]:
+    def loadSampleData(
+        self, folder: str, size: str = "small", seed: int = 0, progress: Optional[ProgressCallback] = None
+    ) -> Dict[str, object]:
         """Load the generated sample from `folder`, generating it there first unless its truth.json already matches
         `size` and `seed`. Loads the MRI, the histology volume (histology.nrrd) with its TRUE spacing applied
         (header only), both landmark lists and both tumour label maps (the histology one at the true spacing too).
@@ -73,9 +87,12 @@ class MRIHistoRegLogicCore:
         if os.path.isfile(os.path.join(folder, "truth.json")):
             truth = sampledata.loadTruth(folder)
             if (truth.get("size"), truth.get("seed")) != (size, seed) or not all(
-                    os.path.isfile(os.path.join(folder, name)) for name in truth["files"]):
-                raise ValueError(f"{folder} holds a different or incomplete sample ({truth.get('size')}, seed "
-                                 f"{truth.get('seed')}): delete the folder or choose another one.")
+                os.path.isfile(os.path.join(folder, name)) for name in truth["files"]
+            ):
+                raise ValueError(
+                    f"{folder} holds a different or incomplete sample ({truth.get('size')}, seed "
+                    f"{truth.get('seed')}): delete the folder or choose another one."
+                )
         if truth is None:
             truth = sampledata.generateSampleData(folder, size=size, seed=seed, progress=progress)["truth"]
 
@@ -89,14 +106,17 @@ class MRIHistoRegLogicCore:
         self.applySpacing(nodes["histology"], trueSpacingMm)
         nodes["mriLandmarks"] = self.loadPointList(path("landmarks_mri.mrk.json"), "MRI landmarks")
         nodes["histologyLandmarks"] = self.loadPointList(path("landmarks_histology.mrk.json"), "Histology landmarks")
-        nodes["mriLabels"] = volumes.loadVolume(self.scene, path(truth["mri"]["label_file"]), "MRI tumour", labelmap=True)
-        nodes["histologyLabels"] = volumes.loadVolume(self.scene, path(truth["histology"]["label_file"]), "Histology tumour",
-                                                      labelmap=True)
+        nodes["mriLabels"] = volumes.loadVolume(
+            self.scene, path(truth["mri"]["label_file"]), "MRI tumour", labelmap=True
+        )
+        nodes["histologyLabels"] = volumes.loadVolume(
+            self.scene, path(truth["histology"]["label_file"]), "Histology tumour", labelmap=True
+        )
         self.applySpacing(nodes["histologyLabels"], trueSpacingMm)
         reportProgress(progress, 1.0, "sample data loaded")
         return nodes
 
-    def selectSampleNodes(self, parameterNode, nodes: dict) -> None:
+    def selectSampleNodes(self, parameterNode: object, nodes: dict) -> None:
         """Put loaded sample nodes (loadSampleData's dict) into the module's parameter node, stack path and true
         spacing (in um) included, so the panel is ready for every step."""
         parameterNode.mriVolume = nodes["mri"]
@@ -109,7 +129,7 @@ class MRIHistoRegLogicCore:
         parameterNode.spacingUnit = "um"
         self.setSpacingFields(parameterNode, nodes["truth"]["histology"]["true_spacing_mm"])
 
-    def setSpacingFields(self, parameterNode, spacingMm: Sequence[float]) -> None:
+    def setSpacingFields(self, parameterNode: object, spacingMm: Sequence[float]) -> None:
         """Write `spacingMm` (x, y, z) into the parameter node's spacing fields, in its current unit."""
         if spacingMm is None:
             raise ValueError("No spacing to use: the stack's metadata holds none. Enter the true spacing by hand.")
@@ -131,7 +151,9 @@ class MRIHistoRegLogicCore:
             raise ValueError(f"Unknown spacing unit '{unit}': use one of {', '.join(SPACING_UNITS)}.")
         spacing = [float(v) for v in values]
         if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
-            raise ValueError(f"Spacing must be three positive numbers (x, y, z), got {list(values)}: enter the true voxel size.")
+            raise ValueError(
+                f"Spacing must be three positive numbers (x, y, z), got {list(values)}: enter the true voxel size."
+            )
         return [v / 1000.0 for v in spacing] if unit == "um" else spacing
 
     @staticmethod
@@ -139,7 +161,9 @@ class MRIHistoRegLogicCore:
         """Physical extent (x, y, z) in mm of `shapeIjk` voxels at `spacingMm` (what the panel shows live)."""
         return [float(n) * float(s) for n, s in zip(shapeIjk, spacingMm)]
 
-    def openStack(self, path: str, spacingMm: Optional[Sequence[float]] = None, referenceVolume=None) -> dict:
+    def openStack(
+        self, path: str, spacingMm: Optional[Sequence[float]] = None, referenceVolume: Optional[VolumeNode] = None
+    ) -> dict:
         """Open a TIFF file/folder or NRRD stack lazily (header and metadata only) and describe it.
 
         Returns {'path', 'shapeIjk', 'dtype', 'headerSpacingMm', 'metadataSpacingMm', 'spacingMm' (in use: given >
@@ -173,12 +197,14 @@ class MRIHistoRegLogicCore:
 
         shape = " x ".join(str(n) for n in info["shapeIjk"])
         size = " x ".join(f"{v:.3g}" for v in info["physicalSizeMm"])
-        return (f"{shape} voxels ({info['dtype']})\nheader spacing: {mm(info['headerSpacingMm'])}\n"
-                f"metadata spacing: {mm(info['metadataSpacingMm'])}\n"
-                f"in use ({info['spacingSource']}): {mm(info['spacingMm'])} -> {size} mm\n"
-                f"{'OK' if info['plausible'] else 'CHECK'}: {info['verdict']}")
+        return (
+            f"{shape} voxels ({info['dtype']})\nheader spacing: {mm(info['headerSpacingMm'])}\n"
+            f"metadata spacing: {mm(info['metadataSpacingMm'])}\n"
+            f"in use ({info['spacingSource']}): {mm(info['spacingMm'])} -> {size} mm\n"
+            f"{'OK' if info['plausible'] else 'CHECK'}: {info['verdict']}"
+        )
 
-    def applySpacing(self, volumeNode, spacingMm: Sequence[float]) -> None:
+    def applySpacing(self, volumeNode: VolumeNode, spacingMm: Sequence[float]) -> None:
         """Give `volumeNode` the voxel size `spacingMm` (x, y, z): its IJK->RAS directions and origin are kept,
         voxel values are not touched (the header-only fix of a wrong stack spacing)."""
         from . import spacing as spacingLib
@@ -187,8 +213,13 @@ class MRIHistoRegLogicCore:
             raise ValueError("Select the histology volume whose spacing should be set.")
         spacingLib.setVolumeSpacing(volumeNode, self.spacingToMm(spacingMm, "mm"))
 
-    def loadFullResolution(self, path: str, spacingMm: Optional[Sequence[float]] = None, name: Optional[str] = None,
-                           progress=None):
+    def loadFullResolution(
+        self,
+        path: str,
+        spacingMm: Optional[Sequence[float]] = None,
+        name: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> VolumeNode:
         """Load the whole stack as a volume node at its true spacing; refused (ValueError naming the streamed
         downsampling) when it does not fit in the memory available now."""
         from . import stacks
@@ -201,14 +232,23 @@ class MRIHistoRegLogicCore:
     # --- downsample ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def defaultTargetSpacingMm(mriVolume) -> float:
+    def defaultTargetSpacingMm(mriVolume: VolumeNode) -> float:
         """The MRI's smallest voxel size (mm): the default downsampling target."""
         if mriVolume is None:
-            raise ValueError("Select the MRI volume (its spacing is the default target) or untick 'use the MRI's spacing'.")
+            raise ValueError(
+                "Select the MRI volume (its spacing is the default target) or untick 'use the MRI's spacing'."
+            )
         return float(volumes.spacingOf(volumes.ijkToRas(mriVolume)).min())
 
-    def downsampleStack(self, path: str, targetSpacingMm: float, spacingMm: Optional[Sequence[float]] = None,
-                        cropRoi=None, name: Optional[str] = None, progress=None):
+    def downsampleStack(
+        self,
+        path: str,
+        targetSpacingMm: float,
+        spacingMm: Optional[Sequence[float]] = None,
+        cropRoi: Optional[RoiNode] = None,
+        name: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> VolumeNode:
         """Stream the stack at `path` (true spacing `spacingMm`; None = the file's metadata/header) down to isotropic
         `targetSpacingMm` by exact area averaging into a new volume node; `cropRoi` (a markups ROI placed in the
         histology's physical space at that spacing) limits it to the voxels the ROI covers."""
@@ -218,11 +258,14 @@ class MRIHistoRegLogicCore:
         if not targetSpacingMm or targetSpacingMm <= 0:
             raise ValueError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
         crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
-        return downsample.downsampleToNode(self.scene, source, float(targetSpacingMm), name=name, crop=crop,
-                                           progress=progress)
+        return downsample.downsampleToNode(
+            self.scene, source, float(targetSpacingMm), name=name, crop=crop, progress=progress
+        )
 
     @staticmethod
-    def roiToCrop(roiNode, shapeKji: Sequence[int], ijkToRas) -> Tuple[Tuple[int, int], ...]:
+    def roiToCrop(
+        roiNode: RoiNode, shapeKji: Sequence[int], ijkToRas: Sequence[Sequence[float]]
+    ) -> Tuple[Tuple[int, int], ...]:
         """Voxel ranges ((i0, i1), (j0, j1), (k0, k1)) (half-open) of a grid covered by a markups ROI's box."""
         bounds = [0.0] * 6
         roiNode.GetRASBounds(bounds)
@@ -236,14 +279,18 @@ class MRIHistoRegLogicCore:
             low = int(np.clip(np.floor(ijk[:, axis].min() + 0.5), 0, counts[axis]))
             high = int(np.clip(np.ceil(ijk[:, axis].max() + 0.5), 0, counts[axis]))
             if high <= low:
-                raise ValueError(f"ROI '{roiNode.GetName()}' does not overlap the stack: place it over the histology "
-                                 f"(with the true spacing applied).")
+                raise ValueError(
+                    f"ROI '{roiNode.GetName()}' does not overlap the stack: place it over the histology "
+                    f"(with the true spacing applied)."
+                )
             crop.append((low, high))
         return tuple(crop)
 
     # --- landmarks -----------------------------------------------------------------------------------------
 
-    def createPointLists(self, mriName: str = "MRI landmarks", histologyName: str = "Histology landmarks") -> Tuple[object, object]:
+    def createPointLists(
+        self, mriName: str = "MRI landmarks", histologyName: str = "Histology landmarks"
+    ) -> Tuple[PointListNode, PointListNode]:
         """Two new, empty markups point lists (MRI, histology) whose new points are labelled by pair, not by list."""
         nodes = []
         for name in (mriName, histologyName):
@@ -252,14 +299,14 @@ class MRIHistoRegLogicCore:
             nodes.append(node)
         return nodes[0], nodes[1]
 
-    def loadPointList(self, path: str, name: Optional[str] = None, role: str = "fixed"):
+    def loadPointList(self, path: str, name: Optional[str] = None, role: str = "fixed") -> PointListNode:
         """Read a point file (.mrk.json, .fcsv, Slicer CSV, plain 'label,x,y,z' CSV, BigWarp) into a new point list."""
         from . import landmarks
 
         return landmarks.loadMarkups(self.scene, path, name, role=role)
 
     @staticmethod
-    def nextPairLabel(mriLandmarks, histologyLandmarks) -> str:
+    def nextPairLabel(mriLandmarks: PointListNode, histologyLandmarks: PointListNode) -> str:
         """The label for the next 'place pair' (P<n>, n one more than the largest used in either list)."""
         largest = 0
         for node in (mriLandmarks, histologyLandmarks):
@@ -267,12 +314,12 @@ class MRIHistoRegLogicCore:
                 continue
             for i in range(node.GetNumberOfControlPoints()):
                 label = node.GetNthControlPointLabel(i)
-                if label.startswith(PAIR_LABEL_PREFIX) and label[len(PAIR_LABEL_PREFIX):].isdigit():
-                    largest = max(largest, int(label[len(PAIR_LABEL_PREFIX):]))
+                if label.startswith(PAIR_LABEL_PREFIX) and label[len(PAIR_LABEL_PREFIX) :].isdigit():
+                    largest = max(largest, int(label[len(PAIR_LABEL_PREFIX) :]))
         return f"{PAIR_LABEL_PREFIX}{largest + 1}"
 
     @staticmethod
-    def labelLastPoint(pointList, label: str) -> None:
+    def labelLastPoint(pointList: PointListNode, label: str) -> None:
         """Give the most recently added control point of `pointList` the pair label `label`."""
         count = pointList.GetNumberOfControlPoints()
         if count == 0:
@@ -280,7 +327,9 @@ class MRIHistoRegLogicCore:
         pointList.SetNthControlPointLabel(count - 1, label)
 
     @staticmethod
-    def setPairIncluded(mriLandmarks, histologyLandmarks, label: str, included: bool) -> None:
+    def setPairIncluded(
+        mriLandmarks: PointListNode, histologyLandmarks: PointListNode, label: str, included: bool
+    ) -> None:
         """Include or exclude the pair `label` from the fit (the control points' 'selected' flag in both lists)."""
         found = False
         for node in (mriLandmarks, histologyLandmarks):
@@ -289,9 +338,13 @@ class MRIHistoRegLogicCore:
                     node.SetNthControlPointSelected(i, bool(included))
                     found = True
         if not found:
-            raise ValueError(f"No point labelled '{label}' in '{mriLandmarks.GetName()}' or '{histologyLandmarks.GetName()}'.")
+            raise ValueError(
+                f"No point labelled '{label}' in '{mriLandmarks.GetName()}' or '{histologyLandmarks.GetName()}'."
+            )
 
-    def applyIncludedFromTable(self, tableNode, mriLandmarks, histologyLandmarks) -> int:
+    def applyIncludedFromTable(
+        self, tableNode: TableNode, mriLandmarks: PointListNode, histologyLandmarks: PointListNode
+    ) -> int:
         """Make the point lists follow the landmark table's 'included' column (the panel's include checkbox):
         each pair whose flag differs from its control points' 'selected' state is switched. Returns how many."""
         if tableNode is None or mriLandmarks is None or histologyLandmarks is None or tableNode.GetTable() is None:
@@ -300,8 +353,10 @@ class MRIHistoRegLogicCore:
         labels, flags = table.GetColumnByName("label"), table.GetColumnByName("included")
         if labels is None or flags is None:
             return 0
-        selected = {mriLandmarks.GetNthControlPointLabel(i): bool(mriLandmarks.GetNthControlPointSelected(i))
-                    for i in range(mriLandmarks.GetNumberOfControlPoints())}
+        selected = {
+            mriLandmarks.GetNthControlPointLabel(i): bool(mriLandmarks.GetNthControlPointSelected(i))
+            for i in range(mriLandmarks.GetNumberOfControlPoints())
+        }
         changed = 0
         for row in range(table.GetNumberOfRows()):
             label = labels.GetValue(row)
@@ -311,8 +366,16 @@ class MRIHistoRegLogicCore:
                 changed += 1
         return changed
 
-    def fitLandmarks(self, mriLandmarks, histologyLandmarks, model: str = "affine+tps", transformNode=None,
-                     tableNode=None, regularization: float = 0.0, referenceVolume=None) -> dict:
+    def fitLandmarks(
+        self,
+        mriLandmarks: PointListNode,
+        histologyLandmarks: PointListNode,
+        model: str = "affine+tps",
+        transformNode: Optional[TransformNode] = None,
+        tableNode: Optional[TableNode] = None,
+        regularization: float = 0.0,
+        referenceVolume: Optional[VolumeNode] = None,
+    ) -> dict:
         """Pair the lists by label, fit `model` (MRI -> histology) and store it in `transformNode` (created when None)
         and the per-pair errors in `tableNode` (created when None). Returns the evaluation dict (residual and
         leave-one-out errors, outliers, shrinkage %, Jacobian summary) with 'transformNode', 'tableNode' and
@@ -325,8 +388,9 @@ class MRIHistoRegLogicCore:
         shapeIjk = ijkToRas = None
         if referenceVolume is not None and referenceVolume.GetImageData() is not None:
             shapeIjk, ijkToRas = referenceVolume.GetImageData().GetDimensions(), volumes.ijkToRas(referenceVolume)
-        fitted, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, model, regularization,
-                                                    shapeIjk=shapeIjk, ijkToRas=ijkToRas)
+        fitted, evaluation = fitting.evaluateAndFit(
+            pairs.fixed, pairs.moving, pairs.labels, model, regularization, shapeIjk=shapeIjk, ijkToRas=ijkToRas
+        )
         if transformNode is None:
             transformNode = transforms.createTransformNode(self.scene, fitted, "MRI to histology", generic=True)
         else:
@@ -338,9 +402,11 @@ class MRIHistoRegLogicCore:
     @staticmethod
     def describeFit(evaluation: dict) -> str:
         """One-paragraph readout of a fit: errors and shrinkage (for the panel)."""
-        text = (f"{evaluation['model']}, {evaluation['count']} pairs: residual RMS {evaluation['residual_rms_mm']:.3f} mm, "
-                f"leave-one-out RMS {evaluation['loo_rms_mm']:.3f} mm. Shrinkage {evaluation['shrinkage_volume_percent']:.1f}% "
-                f"by volume ({evaluation['shrinkage_linear_percent']:.1f}% linear).")
+        text = (
+            f"{evaluation['model']}, {evaluation['count']} pairs: residual RMS {evaluation['residual_rms_mm']:.3f} mm, "
+            f"leave-one-out RMS {evaluation['loo_rms_mm']:.3f} mm. Shrinkage {evaluation['shrinkage_volume_percent']:.1f}% "
+            f"by volume ({evaluation['shrinkage_linear_percent']:.1f}% linear)."
+        )
         if evaluation.get("outliers"):
             text += f" Possible outliers: {', '.join(evaluation['outliers'])}."
         if evaluation.get("jacobian"):
@@ -349,8 +415,16 @@ class MRIHistoRegLogicCore:
             text += f"\n{message}"
         return text
 
-    def setAutoUpdate(self, enabled: bool, mriLandmarks=None, histologyLandmarks=None, model: str = "affine+tps",
-                      transformNode=None, tableNode=None, regularization: float = 0.0) -> Optional[dict]:
+    def setAutoUpdate(
+        self,
+        enabled: bool,
+        mriLandmarks: Optional[PointListNode] = None,
+        histologyLandmarks: Optional[PointListNode] = None,
+        model: str = "affine+tps",
+        transformNode: Optional[TransformNode] = None,
+        tableNode: Optional[TableNode] = None,
+        regularization: float = 0.0,
+    ) -> Optional[dict]:
         """Start (refit whenever a point is added, moved or removed) or stop live landmark registration.
 
         Returns {'transformNode', 'tableNode'} being updated (created when None; a linear transform node is
@@ -368,9 +442,16 @@ class MRIHistoRegLogicCore:
             transformNode = None  # model switching needs a general transform node
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", "Landmark errors")
-        live = transforms.LiveLandmarkRegistration(self.scene, mriLandmarks, histologyLandmarks, model, regularization,
-                                                   transformNode=transformNode, tableNode=tableNode,
-                                                   name="MRI to histology")
+        live = transforms.LiveLandmarkRegistration(
+            self.scene,
+            mriLandmarks,
+            histologyLandmarks,
+            model,
+            regularization,
+            transformNode=transformNode,
+            tableNode=tableNode,
+            name="MRI to histology",
+        )
         live.start()
         if live.transformNode is None:  # the first fit failed (too few pairs yet): an empty node to be filled
             live.transformNode = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology")
@@ -382,7 +463,7 @@ class MRIHistoRegLogicCore:
         """Why the last live refit left the transform unchanged (None when it succeeded or is off)."""
         return None if self._liveRegistration is None else self._liveRegistration.lastError
 
-    def importPointPairs(self, path: str, mriLandmarks, histologyLandmarks) -> int:
+    def importPointPairs(self, path: str, mriLandmarks: PointListNode, histologyLandmarks: PointListNode) -> int:
         """Add the pairs of a pair file (BigWarp landmarks CSV) to the two lists, labels kept; returns the count."""
         from . import landmarks
 
@@ -395,7 +476,7 @@ class MRIHistoRegLogicCore:
                 node.SetNthControlPointSelected(index, bool(on))
         return len(labels)
 
-    def exportPointPairs(self, path: str, mriLandmarks, histologyLandmarks) -> str:
+    def exportPointPairs(self, path: str, mriLandmarks: PointListNode, histologyLandmarks: PointListNode) -> str:
         """Write the pairs (by label; excluded pairs marked inactive) as a BigWarp landmarks CSV; returns the path."""
         from . import landmarks
 
@@ -414,8 +495,17 @@ class MRIHistoRegLogicCore:
 
     # --- refine -------------------------------------------------------------------------------------------------
 
-    def refineRegistration(self, mriVolume, histologyVolume, transformNode, preset: str = "affine + B-spline",
-                           outputTransform=None, mriLandmarks=None, histologyLandmarks=None, progress=None) -> dict:
+    def refineRegistration(
+        self,
+        mriVolume: VolumeNode,
+        histologyVolume: VolumeNode,
+        transformNode: TransformNode,
+        preset: str = "affine + B-spline",
+        outputTransform: Optional[TransformNode] = None,
+        mriLandmarks: Optional[PointListNode] = None,
+        histologyLandmarks: Optional[PointListNode] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> dict:
         """Refine the landmark transform by intensity registration (SimpleITK, Mattes MI) of the MRI and the
         (downsampled) histology volume, started from `transformNode`.
 
@@ -433,17 +523,28 @@ class MRIHistoRegLogicCore:
         if transformNode is None:
             raise ValueError("Fit the landmarks first: refinement starts from the landmark transform.")
         initial = transforms.mappingFromWorldToNode(transformNode)
-        result = refine.refineRegistration(volumes.arrayFromVolume(mriVolume), volumes.ijkToRas(mriVolume),
-                                           volumes.arrayFromVolume(histologyVolume), volumes.ijkToRas(histologyVolume),
-                                           initial, settings=REFINE_PRESETS[preset], progress=progress)
+        result = refine.refineRegistration(
+            volumes.arrayFromVolume(mriVolume),
+            volumes.ijkToRas(mriVolume),
+            volumes.arrayFromVolume(histologyVolume),
+            volumes.ijkToRas(histologyVolume),
+            initial,
+            settings=REFINE_PRESETS[preset],
+            progress=progress,
+        )
         check = None
         if mriLandmarks is not None and histologyLandmarks is not None:
             pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
             if pairs.count:
                 check = refine.evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
-        answer = {"accepted": result.accepted, "reason": result.reason, "summary": result.summary(),
-                  "transformNode": None, "refinementNode": None,
-                  "landmarks": None if check is None else {k: v for k, v in check.items() if not isinstance(v, np.ndarray)}}
+        answer = {
+            "accepted": result.accepted,
+            "reason": result.reason,
+            "summary": result.summary(),
+            "transformNode": None,
+            "refinementNode": None,
+            "landmarks": None if check is None else {k: v for k, v in check.items() if not isinstance(v, np.ndarray)},
+        }
         if not result.accepted:
             return answer
         refinementNode = refine.refinementTransformNode(self.scene, result, "Intensity refinement")
@@ -460,9 +561,17 @@ class MRIHistoRegLogicCore:
 
     # --- resample and compare -------------------------------------------------------------------------------
 
-    def resampleHistology(self, transformNode, referenceVolume, stackPath: Optional[str] = None,
-                          spacingMm: Optional[Sequence[float]] = None, histologyVolume=None,
-                          outputSpacingMm: Optional[float] = None, outputNode=None, progress=None):
+    def resampleHistology(
+        self,
+        transformNode: TransformNode,
+        referenceVolume: VolumeNode,
+        stackPath: Optional[str] = None,
+        spacingMm: Optional[Sequence[float]] = None,
+        histologyVolume: Optional[VolumeNode] = None,
+        outputSpacingMm: Optional[float] = None,
+        outputNode: Optional[VolumeNode] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> VolumeNode:
         """Resample the histology ONCE through `transformNode` (MRI -> histology, its whole parent chain) onto
         `referenceVolume`'s grid, or with `outputSpacingMm` onto a grid of that spacing covering the histology's
         footprint (axes of the reference). The source is the ORIGINAL stack at `stackPath` (true spacing
@@ -484,8 +593,9 @@ class MRIHistoRegLogicCore:
         if outputSpacingMm:
             sourceShape = source.shape if hasattr(source, "readPlane") else volumes.arrayFromVolume(source).shape
             sourceIjkToRas = source.ijkToRas() if hasattr(source, "readPlane") else volumes.ijkToRas(source)
-            shape, ijkToRas = resample.referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm),
-                                                                  referenceIjkToRas=referenceIjkToRas)
+            shape, ijkToRas = resample.referenceGridFromFootprint(
+                sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm), referenceIjkToRas=referenceIjkToRas
+            )
         else:
             dims = referenceVolume.GetImageData().GetDimensions()
             shape, ijkToRas = (dims[2], dims[1], dims[0]), referenceIjkToRas
@@ -500,7 +610,14 @@ class MRIHistoRegLogicCore:
         outputNode.SetAttribute("MRIHistoReg.resampling", json.dumps(info, default=float))
         return outputNode
 
-    def compareLabels(self, mriLabels, histologyLabels, transformNode, tableNode=None, progress=None) -> dict:
+    def compareLabels(
+        self,
+        mriLabels: LabelsNode,
+        histologyLabels: LabelsNode,
+        transformNode: TransformNode,
+        tableNode: Optional[TableNode] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> dict:
         """Transfer the histology labels onto the MRI labels' grid through `transformNode` and compare per label:
         MRI volume, histology volume (native, transferred, Jacobian-integrated), ratios, Dice, HD95.
 
@@ -513,15 +630,26 @@ class MRIHistoRegLogicCore:
         mriArray, mriIjkToRas = self._labelArray(mriLabels, "MRI labels")
         histologyArray, histologyIjkToRas = self._labelArray(histologyLabels, "histology labels")
         mapping = transforms.mappingFromWorldToNode(transformNode)
-        rows, transferred = compare.compareTumours(mriArray, mriIjkToRas, histologyArray, histologyIjkToRas, mapping,
-                                                   progress=progress)
-        transferredNode = volumes.createVolumeNode(self.scene, transferred, mriIjkToRas, "Histology labels on MRI",
-                                                   labelmap=True)
+        rows, transferred = compare.compareTumours(
+            mriArray, mriIjkToRas, histologyArray, histologyIjkToRas, mapping, progress=progress
+        )
+        transferredNode = volumes.createVolumeNode(
+            self.scene, transferred, mriIjkToRas, "Histology labels on MRI", labelmap=True
+        )
         tableNode = self._rowsToTable(rows, tableNode, "Label comparison")
         return {"rows": rows, "tableNode": tableNode, "transferredNode": transferredNode}
 
-    def exportReport(self, folder: str, transformNode=None, landmarkTable=None, resultsTable=None, resampledVolume=None,
-                     mriLandmarks=None, histologyLandmarks=None, mriVolume=None) -> str:
+    def exportReport(
+        self,
+        folder: str,
+        transformNode: Optional[TransformNode] = None,
+        landmarkTable: Optional[TableNode] = None,
+        resultsTable: Optional[TableNode] = None,
+        resampledVolume: Optional[VolumeNode] = None,
+        mriLandmarks: Optional[PointListNode] = None,
+        histologyLandmarks: Optional[PointListNode] = None,
+        mriVolume: Optional[VolumeNode] = None,
+    ) -> str:
         """Write what the panel produced into `folder` (atomically: complete or untouched; an existing folder is
         replaced only if it is an earlier MRIHistoReg output): transform.h5, landmark_errors.csv (+ chart),
         label_comparison.csv, histology_resampled.nrrd, the two point lists (.mrk.json), overlay figures of the
@@ -536,12 +664,16 @@ class MRIHistoRegLogicCore:
         written = {}
         with outputs.atomicFolder(folder) as work:
             if transformNode is not None:
-                written["transform"] = os.path.basename(transforms.saveTransform(transformNode, os.path.join(work, "transform.h5")))
-            for key, node, name in (("landmark_errors", landmarkTable, "landmark_errors.csv"),
-                                    ("label_comparison", resultsTable, "label_comparison.csv"),
-                                    ("histology_resampled", resampledVolume, "histology_resampled.nrrd"),
-                                    ("mri_landmarks", mriLandmarks, "landmarks_mri.mrk.json"),
-                                    ("histology_landmarks", histologyLandmarks, "landmarks_histology.mrk.json")):
+                written["transform"] = os.path.basename(
+                    transforms.saveTransform(transformNode, os.path.join(work, "transform.h5"))
+                )
+            for key, node, name in (
+                ("landmark_errors", landmarkTable, "landmark_errors.csv"),
+                ("label_comparison", resultsTable, "label_comparison.csv"),
+                ("histology_resampled", resampledVolume, "histology_resampled.nrrd"),
+                ("mri_landmarks", mriLandmarks, "landmarks_mri.mrk.json"),
+                ("histology_landmarks", histologyLandmarks, "landmarks_histology.mrk.json"),
+            ):
                 if node is not None:
                     _writeNode(self.scene, node, os.path.join(work, name))
                     written[key] = name
@@ -549,37 +681,60 @@ class MRIHistoRegLogicCore:
                 raise ValueError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
             figurePaths = []
             if landmarkTable is not None and landmarkTable.GetNumberOfRows():
-                rows = [{"label": row["label"], "residual_mm": float(row["residual_mm"]), "loo_mm": float(row["loo_mm"]),
-                         "outlier": row.get("outlier") == "1"} for row in transforms.tableToRows(landmarkTable)]
+                rows = [
+                    {
+                        "label": row["label"],
+                        "residual_mm": float(row["residual_mm"]),
+                        "loo_mm": float(row["loo_mm"]),
+                        "outlier": row.get("outlier") == "1",
+                    }
+                    for row in transforms.tableToRows(landmarkTable)
+                ]
                 figurePaths.append(figures.landmarkErrorChart(rows, os.path.join(work, "landmark_errors.png")))
             if mriVolume is not None and resampledVolume is not None:
                 mriArray, histologyArray = volumes.arrayFromVolume(mriVolume), volumes.arrayFromVolume(resampledVolume)
-                if mriArray.shape != histologyArray.shape or not np.allclose(volumes.ijkToRas(mriVolume),
-                                                                             volumes.ijkToRas(resampledVolume), atol=1e-6):
-                    raise ValueError("The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
-                                     "for the overlay figures (or export without the MRI).")
+                if mriArray.shape != histologyArray.shape or not np.allclose(
+                    volumes.ijkToRas(mriVolume), volumes.ijkToRas(resampledVolume), atol=1e-6
+                ):
+                    raise ValueError(
+                        "The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
+                        "for the overlay figures (or export without the MRI)."
+                    )
                 points = None
                 if mriLandmarks is not None:
-                    points = np.array([mriLandmarks.GetNthControlPointPositionWorld(i)
-                                       for i in range(mriLandmarks.GetNumberOfControlPoints())]).reshape(-1, 3)
-                figurePaths.extend(figures.overlayFigures(mriArray, histologyArray, volumes.ijkToRas(mriVolume), work,
-                                                          landmarksRas=points))
+                    points = np.array(
+                        [
+                            mriLandmarks.GetNthControlPointPositionWorld(i)
+                            for i in range(mriLandmarks.GetNumberOfControlPoints())
+                        ]
+                    ).reshape(-1, 3)
+                figurePaths.extend(
+                    figures.overlayFigures(
+                        mriArray, histologyArray, volumes.ijkToRas(mriVolume), work, landmarksRas=points
+                    )
+                )
             written["figures"] = [os.path.basename(path) for path in figurePaths]
             summary = {"files": written}
             if landmarkTable is not None:
-                summary["landmark_fit"] = {key[len("MRIHistoReg."):]: landmarkTable.GetAttribute(key)
-                                           for key in landmarkTable.GetAttributeNames() if key.startswith("MRIHistoReg.")}
+                summary["landmark_fit"] = {
+                    key[len("MRIHistoReg.") :]: landmarkTable.GetAttribute(key)
+                    for key in landmarkTable.GetAttributeNames()
+                    if key.startswith("MRIHistoReg.")
+                }
             if transformNode is not None:
-                summary["transform"] = {"name": transformNode.GetName(), "class": transformNode.GetClassName(),
-                                        "model": transformNode.GetAttribute("MRIHistoReg.landmarkModel"),
-                                        "direction": "from parent = MRI RAS -> histology RAS"}
+                summary["transform"] = {
+                    "name": transformNode.GetName(),
+                    "class": transformNode.GetClassName(),
+                    "model": transformNode.GetAttribute("MRIHistoReg.landmarkModel"),
+                    "direction": "from parent = MRI RAS -> histology RAS",
+                }
             with open(os.path.join(work, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
         return os.path.abspath(folder)
 
     # --- display ----------------------------------------------------------------------------------------------
 
-    def setHistologyAligned(self, histologyVolume, transformNode, aligned: bool) -> None:
+    def setHistologyAligned(self, histologyVolume: VolumeNode, transformNode: TransformNode, aligned: bool) -> None:
         """Show the histology volume in MRI space (placed under `transformNode`) or in its own space."""
         if histologyVolume is None:
             raise ValueError("Select the histology volume to align.")
@@ -587,7 +742,12 @@ class MRIHistoRegLogicCore:
             raise ValueError("Fit the landmarks first (no transform selected).")
         histologyVolume.SetAndObserveTransformNodeID(transformNode.GetID() if aligned else None)
 
-    def setSliceLayers(self, background=None, foreground=None, opacity: Optional[float] = None) -> int:
+    def setSliceLayers(
+        self,
+        background: Optional[VolumeNode] = None,
+        foreground: Optional[VolumeNode] = None,
+        opacity: Optional[float] = None,
+    ) -> int:
         """Set background/foreground volumes and foreground opacity in every slice view; returns the view count
         (0 without views, e.g. in an app-less scene)."""
         compositeNodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
@@ -602,20 +762,26 @@ class MRIHistoRegLogicCore:
                 node.SetForegroundOpacity(min(max(float(opacity), 0.0), 1.0))
         return count
 
-    def createCheckerboardVolume(self, volumeA, volumeB, squareMm: float = 1.0, outputNode=None):
+    def createCheckerboardVolume(
+        self, volumeA: VolumeNode, volumeB: VolumeNode, squareMm: float = 1.0, outputNode: Optional[VolumeNode] = None
+    ) -> VolumeNode:
         """A checkerboard of two volumes on the same grid (e.g. MRI and histology resampled onto it), squares of
         `squareMm`, each intensity scaled to its 1-99% range so both show."""
         if volumeA is None or volumeB is None:
             raise ValueError("Select the MRI and the resampled histology (resample first) for the checkerboard.")
         a, b = volumes.arrayFromVolume(volumeA), volumes.arrayFromVolume(volumeB)
         if a.shape != b.shape or not np.allclose(volumes.ijkToRas(volumeA), volumes.ijkToRas(volumeB), atol=1e-6):
-            raise ValueError(f"'{volumeA.GetName()}' and '{volumeB.GetName()}' are not on the same grid: resample the "
-                             f"histology onto the MRI grid first.")
+            raise ValueError(
+                f"'{volumeA.GetName()}' and '{volumeB.GetName()}' are not on the same grid: resample the "
+                f"histology onto the MRI grid first."
+            )
         if squareMm <= 0:
             raise ValueError(f"Checkerboard square size must be positive (mm), got {squareMm}.")
         spacing = volumes.spacingOf(volumes.ijkToRas(volumeA))
         k, j, i = np.indices(a.shape, sparse=True)
-        parity = ((i * spacing[0] // squareMm) + (j * spacing[1] // squareMm) + (k * spacing[2] // squareMm)).astype(int) % 2
+        parity = ((i * spacing[0] // squareMm) + (j * spacing[1] // squareMm) + (k * spacing[2] // squareMm)).astype(
+            int
+        ) % 2
         board = np.where(parity == 0, _normalised(a), _normalised(b)).astype(np.float32)
         if outputNode is None:
             return volumes.createVolumeNode(self.scene, board, volumes.ijkToRas(volumeA), "Checkerboard")
@@ -623,7 +789,9 @@ class MRIHistoRegLogicCore:
         volumes.setIjkToRas(outputNode, volumes.ijkToRas(volumeA))
         return outputNode
 
-    def createWarpMagnitudeVolume(self, transformNode, referenceVolume, outputNode=None):
+    def createWarpMagnitudeVolume(
+        self, transformNode: TransformNode, referenceVolume: VolumeNode, outputNode: Optional[VolumeNode] = None
+    ) -> VolumeNode:
         """Displacement magnitude (mm) of `transformNode` sampled on `referenceVolume`'s grid, by Slicer's
         transform logic (the same as Transforms module > Convert > displacement magnitude)."""
         if transformNode is None or referenceVolume is None:
@@ -631,7 +799,9 @@ class MRIHistoRegLogicCore:
         transformLogic = context.moduleLogic(self.scene, "Transforms")
         node = transformLogic.CreateDisplacementVolumeFromTransform(transformNode, referenceVolume, True, outputNode)
         if node is None:
-            raise ValueError(f"Could not sample transform '{transformNode.GetName()}' on '{referenceVolume.GetName()}'.")
+            raise ValueError(
+                f"Could not sample transform '{transformNode.GetName()}' on '{referenceVolume.GetName()}'."
+            )
         if outputNode is None:
             node.SetName(self.scene.GenerateUniqueName("Warp magnitude (mm)"))
         return node
@@ -647,13 +817,15 @@ class MRIHistoRegLogicCore:
             try:
                 segmentationLogic = context.moduleLogic(self.scene, "Segmentations")
                 if not segmentationLogic.ExportAllSegmentsToLabelmapNode(node, labelmap, 1):  # EXTENT_UNION_OF_SEGMENTS
-                    raise ValueError(f"Could not convert segmentation '{node.GetName()}' to a label map: does it have segments?")
+                    raise ValueError(
+                        f"Could not convert segmentation '{node.GetName()}' to a label map: does it have segments?"
+                    )
                 return np.array(volumes.arrayFromVolume(labelmap)), volumes.ijkToRas(labelmap)
             finally:
                 self.scene.RemoveNode(labelmap)
         return volumes.arrayFromVolume(node), volumes.ijkToRas(node)
 
-    def _rowsToTable(self, rows: dict, tableNode, name):
+    def _rowsToTable(self, rows: dict, tableNode: TableNode, name):
         """A table node with one row per label and one column per quantity of `rows` ({label: {key: value}})."""
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
@@ -682,11 +854,15 @@ class MRIHistoRegLogicCore:
         from . import stacks
 
         if not path or not os.path.exists(os.fspath(path)):
-            raise ValueError(f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file.")
+            raise ValueError(
+                f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file."
+            )
         spacing = None if spacingMm is None else tuple(self.spacingToMm(spacingMm, "mm"))
         key = (os.path.abspath(os.fspath(path)), spacing)
         if key not in self._stackCache:
-            self._stackCache[key] = stacks.openStack(os.fspath(path), spacingMm=None if spacing is None else list(spacing))
+            self._stackCache[key] = stacks.openStack(
+                os.fspath(path), spacingMm=None if spacing is None else list(spacing)
+            )
         return self._stackCache[key]
 
 
