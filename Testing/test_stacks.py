@@ -272,3 +272,21 @@ def test_memory_guard(tmp_path):
     path = tmp_path / "small.tif"
     tifffile.imwrite(path, array, photometric="minisblack")
     np.testing.assert_array_equal(stacks.openStack(path).readAll(), array)
+
+
+def test_memory_guard_refuses_a_stack_bigger_than_memory(tmp_path):
+    """A real gzip NRRD whose header promises 80 TB: opening reads no voxels, loading it whole is refused."""
+    import gzip
+
+    import nrrd
+
+    path = tmp_path / "huge.nrrd"
+    header = {"type": "uint16", "dimension": 3, "sizes": [200000, 200000, 1000], "encoding": "gzip",
+              "endian": "little", "space": "left-posterior-superior", "space directions": np.diag([0.001] * 3)}
+    with open(path, "wb") as f:
+        nrrd.writer._write_header(f, header)
+        f.write(gzip.compress(bytes(1 << 16)))
+    source = stacks.openStack(path)
+    assert source.shape == (1000, 200000, 200000) and source.nbytes == 8 * 10 ** 13
+    with pytest.raises(ValueError, match=r"needs 80\.0 TB.*streamed downsampling"):
+        source.readAll()

@@ -199,6 +199,13 @@ class StackSource:
     def close(self):
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def _resetReader(self):
         pass
 
