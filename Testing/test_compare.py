@@ -116,6 +116,10 @@ def test_ellipsoid_through_a_known_scaling_keeps_the_scaled_volume():
     expected = 4 / 3 * np.pi * np.prod(radii) / 0.8 ** 3
     volume = compare.labelVolumesMm3(transferred, mriM)[3]
     assert volume == pytest.approx(expected, rel=0.01)
+    partial = {}
+    compare.transferLabels(hist, histM, AffineMapping(m), mriShape, mriM, volumesMm3=partial)
+    native = compare.labelVolumesMm3(hist, histM)[3]  # the partial volume carries the native voxelisation
+    assert partial[3] == pytest.approx(native / 0.8 ** 3, rel=0.003)
     nearest = compare.transferLabels(hist, histM, AffineMapping(m), mriShape, mriM, method="nearest")
     assert compare.labelVolumesMm3(nearest, mriM)[3] == pytest.approx(expected, rel=0.03)
     # the transferred label coincides with the analytic ellipsoid on the MRI grid
@@ -131,10 +135,12 @@ def test_jacobian_integrated_volume_agrees_with_the_resampled_one_on_a_smooth_wa
     warp = SineWarp(np.diag([0.85, 0.85, 0.85, 1.0]) + np.diag([0, 0, 0, 0]), amplitude=0.08, wavelength=3.0)
     warp.matrix[:3, 3] = [0.1, 0.05, 0.0]
     mriShape, mriM = grid((54, 60, 70), 0.06)  # covers the label's preimage
-    transferred = compare.transferLabels(hist, histM, warp, mriShape, mriM)
+    partial = {}
+    transferred = compare.transferLabels(hist, histM, warp, mriShape, mriM, volumesMm3=partial)
     resampled = compare.labelVolumesMm3(transferred, mriM)[2]
     integrated = compare.jacobianIntegratedVolumeMm3(hist, histM, warp, 2)
     assert integrated == pytest.approx(resampled, rel=0.01)
+    assert integrated == pytest.approx(partial[2], rel=0.005)
     # and both match the analytic volume of the preimage: integral over the histology ellipsoid of 1/det J
     native = compare.labelVolumesMm3(hist, histM)[2]
     assert integrated / native == pytest.approx(1 / 0.85 ** 3, rel=0.05)  # sanity: mostly the affine shrinkage
@@ -169,8 +175,45 @@ def test_compare_labels_and_tumours_report_every_figure():
     assert row["histology_native_mm3"] == pytest.approx(4 / 3 * np.pi * 0.6 * 0.5 * 0.4, rel=0.02)
     assert row["histology_in_mri_jacobian_mm3"] == pytest.approx(row["histology_native_mm3"] / 0.512, rel=1e-9)
     # 0.1 mm MRI voxels on a 5-7.5 voxel radius ellipsoid: a few % voxelisation error
-    assert row["histology_in_mri_resampled_mm3"] == pytest.approx(row["histology_in_mri_jacobian_mm3"], rel=0.04)
+    assert row["histology_in_mri_label_voxels_mm3"] == pytest.approx(row["histology_in_mri_jacobian_mm3"], rel=0.04)
+    assert row["histology_in_mri_resampled_mm3"] == pytest.approx(row["histology_in_mri_jacobian_mm3"], rel=0.01)
     assert row["dice"] > 0.95 and row["hd95_mm"] <= 0.1 + 1e-9
     assert row["mri_mm3"] == pytest.approx(compare.labelVolumesMm3(mri, mriM)[1])
     with pytest.raises(ValueError, match="share the MRI grid"):
         compare.compareLabels(mri, transferred[:-1], mriM)
+
+
+def test_sample_data_tumour_through_the_true_mapping_recovers_the_true_volume(scene, tmp_path):
+    """End to end on the generated sample data: the histology tumour label carried onto the MRI grid through
+    the exact (ground-truth) mapping has the true MRI-space volume, by resampling and by the Jacobian."""
+    from MRIHistoRegLib import resample, sampledata, volumes
+
+    manifest = sampledata.generateSampleData(str(tmp_path / "sample"), size="small", seed=0)
+    truth = manifest["truth"]
+    folder = manifest["folder"]
+    histM = np.array(truth["histology"]["true_ijk_to_ras"])
+    mriM = np.array(truth["mri"]["ijk_to_ras"])
+    mriShape = tuple(truth["mri"]["array_shape_kji"])
+    hist = volumes.arrayFromVolume(volumes.loadVolume(scene, f"{folder}/{truth['histology']['label_file']}", labelmap=True)).copy()
+    mriLabels = volumes.arrayFromVolume(volumes.loadVolume(scene, f"{folder}/{truth['mri']['label_file']}", labelmap=True)).copy()
+    exact = sampledata.GroundTruthMapping(truth)
+    trueVolume = truth["tumour"]["mri_volume_mm3"]
+    partial = {}
+    transferred = compare.transferLabels(hist, histM, exact, mriShape, mriM, volumesMm3=partial)
+    resampled = partial[1]
+    inverse = type("Forward", (), {"transformPoints": staticmethod(exact.histologyToMri)})()
+    integrated = compare.jacobianIntegratedVolumeMm3(hist, histM, exact, 1, inverseMapping=inverse)
+    assert resampled == pytest.approx(trueVolume, rel=0.01)
+    assert compare.labelVolumesMm3(transferred, mriM)[1] == pytest.approx(trueVolume, rel=0.02)  # hard labels
+    assert integrated == pytest.approx(trueVolume, rel=0.005)
+    assert integrated == pytest.approx(resampled, rel=0.01)
+    rows = compare.compareLabels(mriLabels, transferred, mriM)
+    assert rows[1]["dice"] > 0.9 and rows[1]["hd95_mm"] <= 0.1 + 1e-6
+    # and the light-sheet stack itself, resampled once through the same mapping, lands inside the MRI grid
+    from MRIHistoRegLib import stacks
+
+    stack = stacks.openStack(f"{folder}/histology.tif", spacingMm=truth["histology"]["true_spacing_mm"])
+    image, info = resample.resampleToGrid(stack, exact, mriShape, mriM)
+    assert info["level_by"] == "downsample.downsampleStack" and info["probe_max_error_voxels"] <= 0.1
+    tumour = transferred == 1
+    assert image[tumour].mean() > truth["histology"]["background_counts"]

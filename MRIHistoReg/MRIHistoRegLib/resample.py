@@ -189,9 +189,10 @@ class LatticeMapping:
         started = time.perf_counter()
         sizes = np.array(self.shape[::-1], float)  # (ni, nj, nk)
         if step is None:
-            # uniform in mm, 8 voxels along the finest axis to start with
+            # uniform in mm, 8 voxels along the finest axis to start with (coarser on huge grids: <= ~250 k nodes)
             spacing = _spacing(self.referenceIjkToRas)
-            step = 8.0 * spacing.min() / spacing
+            first = max(8.0, (float(np.prod(sizes)) / 250000.0) ** (1.0 / 3.0))
+            step = first * spacing.min() / spacing
             fixedStep = False
         else:
             fixedStep = True
