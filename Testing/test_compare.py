@@ -217,3 +217,24 @@ def test_sample_data_tumour_through_the_true_mapping_recovers_the_true_volume(sc
     assert info["level_by"] == "downsample.downsampleStack" and info["probe_max_error_voxels"] <= 0.1
     tumour = transferred == 1
     assert image[tumour].mean() > truth["histology"]["background_counts"]
+
+
+def test_segmentation_and_label_map_nodes_give_the_same_labels(scene):
+    import slicer
+
+    from MRIHistoRegLib import volumes
+
+    shape, m = grid((20, 24, 28), (0.1, 0.1, 0.2), origin=(1.0, 2.0, 3.0))
+    labels = np.zeros(shape, np.uint8)
+    labels[5:12, 6:15, 4:20] = 1
+    labels[14:18, 3:9, 10:14] = 2
+    labelNode = volumes.createVolumeNode(scene, labels, m, "labels", labelmap=True)
+    reference = volumes.createVolumeNode(scene, np.zeros(shape, np.float32), m, "image")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tumours")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation)
+    fromLabel, geometryLabel = compare.labelArrayFromNode(labelNode)
+    fromSegmentation, geometrySegmentation = compare.labelArrayFromNode(segmentation, referenceNode=reference)
+    assert np.allclose(geometryLabel, m) and np.allclose(geometrySegmentation, m)
+    assert np.array_equal(fromLabel, labels) and np.array_equal(fromSegmentation, labels)
+    with pytest.raises(ValueError, match="label map volume or a segmentation"):
+        compare.labelArrayFromNode(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points"))

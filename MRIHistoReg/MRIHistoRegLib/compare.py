@@ -385,3 +385,45 @@ def compareTumours(mriLabels, mriIjkToRas, histologyLabels, histologyIjkToRas, m
                                             if row["mri_mm3"] else None)
     progressLib.report(progress, 1.0, "labels compared")
     return rows, transferred
+
+
+def labelArrayFromNode(node, referenceNode=None, scene=None):
+    """(uint label array [k, j, i], ijkToRas) from a label map volume node or a segmentation node.
+
+    A segmentation is exported with vtkSlicerSegmentationsModuleLogic onto `referenceNode`'s grid (the image the
+    labels belong to; default: the segmentation's own geometry); label values follow the segment order (1, 2,
+    ...), or the segments' "label value" where the segmentation was imported from a label map."""
+    from MRIHistoRegLib import volumes
+
+    if node is None:
+        raise ValueError("No label node given: pick a label map volume or a segmentation.")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        import slicer
+
+        scene = scene or node.GetScene()
+        labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", node.GetName() + " labels")
+        try:
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(node, labelNode, 0) \
+                if referenceNode is None else \
+                slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(node, labelNode, referenceNode)
+            if not ok or labelNode.GetImageData() is None:
+                raise ValueError(f"Segmentation '{node.GetName()}' could not be exported to a label map: does it have "
+                                 f"segments with a binary labelmap representation?")
+            array = np.array(volumes.arrayFromVolume(labelNode))
+            geometry = volumes.ijkToRas(labelNode)
+        finally:
+            scene.RemoveNode(labelNode)
+    elif node.IsA("vtkMRMLVolumeNode"):
+        if node.GetImageData() is None:
+            raise ValueError(f"Label map '{node.GetName()}' has no voxels: load it first.")
+        array = np.array(volumes.arrayFromVolume(node))
+        geometry = volumes.ijkToRas(node)
+    else:
+        raise ValueError(f"'{node.GetName()}' is a {node.GetClassName()}: labels must be a label map volume or a "
+                         f"segmentation node.")
+    if array.dtype.kind not in "ub":
+        if np.any(array < 0) or np.any(array != np.round(array)):
+            raise ValueError(f"Label map '{node.GetName()}' holds negative or fractional values: labels must be "
+                             f"non-negative integers.")
+        array = array.astype(_outputDtype(array.astype(np.int64)))
+    return array, geometry
