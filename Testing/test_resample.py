@@ -265,3 +265,18 @@ def test_reference_grid_from_footprint_covers_the_mapped_stack():
     assert np.all(gridLow <= low + 1e-9) and np.all(gridHigh >= high - 1e-9)
     assert np.all(gridHigh - high < 0.03 + 1e-9)
     assert np.allclose(np.diag(ijkToRas)[:3], 0.03)
+
+
+def test_nearest_interpolation_and_fill_outside_the_source():
+    srcShape, srcM = grid((10, 12, 14), 0.1)
+    rng = np.random.default_rng(8)
+    source = rng.integers(0, 5, srcShape).astype(np.uint8)
+    shift = np.eye(4)
+    shift[:3, 3] = [0.2, 0.1, 0.3]  # whole voxels: output (i, j, k) <- source (i + 2, j + 1, k + 3)
+    refShape, refM = grid((10, 12, 14), 0.1)
+    out, info = resample.resampleToGrid((source, srcM), AffineMapping(shift), refShape, refM,
+                                        interpolation="nearest", antiAlias=False, fill=-1.0)
+    assert np.array_equal(out[:7, :11, :12], source[3:, 1:, 2:])
+    assert np.all(out[7:] == -1.0) and np.all(out[:, 11:] == -1.0) and np.all(out[:, :, 12:] == -1.0)
+    with pytest.raises(ValueError, match="interpolation"):
+        resample.resampleToGrid((source, srcM), AffineMapping(shift), refShape, refM, interpolation="cubic")

@@ -8,10 +8,13 @@ where `mapping` is any object with transformPoints (fixed/MRI RAS -> moving/hist
 
 Speed: the mapping (e.g. a thin-plate spline, cost voxels x landmarks) is evaluated exactly only on a coarse
 lattice of reference positions and the resulting source coordinates are interpolated (tensor-product linear,
-separable, slab by slab). The lattice step is chosen from a target error and *verified at run time* against the
-exact mapping at random probe points (plus points next to any TPS centre, where the kernel's cone makes the
-error largest); the step is refined until the target holds. Interpolating the source coordinates instead of
-displacements is the same thing (trilinear interpolation reproduces the affine part exactly) and saves a step.
+separable, slab by slab). The lattice step is chosen from a target error (max and p99, in output voxels) and
+*verified at run time* against the exact mapping at random probe points (plus points at and next to every TPS
+centre, where the kernel's cone |x - c| makes the error largest); the step is refined until the target holds.
+For a thin-plate spline (fitting.LandmarkModel) the cone inside the 2x2x2 lattice cells nearest to each centre
+is corrected exactly (w (|x - c| - its trilinear interpolant)), which is what lets the lattice stay coarse.
+Interpolating the source coordinates instead of displacements is the same thing (trilinear interpolation
+reproduces the affine part exactly) and saves a step.
 
 Anti-aliasing: when one output voxel covers many source voxels (local scale from the lattice's Jacobian times
 the output spacing), the source is first area-averaged (exact box filter, streamed plane by plane) to an
@@ -599,6 +602,10 @@ def sampleNearest(volume, ci, cj, ck, bounds=None, fill=0):
     k = np.clip(np.floor(ck + 0.5), 0, nk - 1).astype(indexType)
     result = np.take(volume.reshape(-1), (k * nj + j) * ni + i)
     if not inside.all():
+        fits = result.dtype.kind == "f" or (result.dtype.kind in "iu" and float(fill) == int(fill)
+                                              and np.iinfo(result.dtype).min <= int(fill) <= np.iinfo(result.dtype).max)
+        if not fits:
+            result = result.astype(np.float32)
         result = np.where(inside, result, np.asarray(fill, result.dtype))
     return result
 
