@@ -309,15 +309,16 @@ def test_memory_does_not_grow_with_depth(tmp_path):
             else:
                 source = stacks.openStack(path, spacingMm=0.001)
             downsample.downsampleStack(source, 0.0101, crop=((0, 320), (0, 256), (0, 11)))  # imports, caches
-            tracemalloc.start()
-            out, _ = downsample.downsampleStack(source, 0.0101)
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-            peaks.append((kind, depth, peak, source.nbytes))
+            for workers in (1, None):  # one worker: deterministic, for the growth check; default: the bound
+                tracemalloc.start()
+                out, _ = downsample.downsampleStack(source, 0.0101, workers=workers)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                peaks.append((kind, depth, peak, workers))
     planeBytes = 256 * 320 * 2
-    for kind, depth, peak, stackBytes in peaks:
+    for kind, depth, peak, _ in peaks:
         # two workers, each: a run of rows, its row sums, the open output planes (the stack is 40 or 80 planes)
-        assert peak < 12 * planeBytes, (kind, depth, peak)
+        assert peak < 16 * planeBytes, (kind, depth, peak)
     for kind in ("raw", "gzip"):
-        small, large = [peak for k, _, peak, _ in peaks if k == kind]
+        small, large = [peak for k, _, peak, workers in peaks if k == kind and workers == 1]
         assert large < small * 1.25 + planeBytes, peaks

@@ -346,6 +346,27 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     positional = count > 1 or getattr(source, "parallelReads", False)
     prefetch = None if positional else _PlanePrefetcher(source, ks)
     nextIndex = [0]
+    inFlight = set()
+    # a worker may not run ahead of the oldest plane still being reduced by more than `window` planes, which
+    # bounds the number of open output planes (and so the memory) even when the other worker stalls
+    window = max(2, int(math.ceil(factors[2])))
+    slot = threading.Condition(lock)
+
+    def takeIndex():
+        with slot:
+            while inFlight and nextIndex[0] - min(inFlight) >= window and not stop.is_set():
+                slot.wait(0.1)
+            index = nextIndex[0]
+            if index >= total or stop.is_set():
+                return None
+            nextIndex[0] += 1
+            inFlight.add(index)
+            return index
+
+    def releaseIndex(index):
+        with slot:
+            inFlight.discard(index)
+            slot.notify_all()
 
     streamed = count > 1 or getattr(source, "parallelReads", False)
     streamed = streamed and hasattr(os, "preadv") and source.rawPlaneOffset(k0) is not None
@@ -354,10 +375,8 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
         if prefetch is not None:
             item = next(prefetchIter, None)
             return item if item is not None else (None, None)
-        with lock:
-            index = nextIndex[0]
-            nextIndex[0] += 1
-        if index >= total:
+        index = takeIndex()
+        if index is None:
             return None, None
         k = ks[index]
         if fh is not None:
@@ -377,10 +396,8 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
             buffer = None if prefetch is not None or streamed else np.empty(source.planeShape, source.dtype)
             while not stop.is_set():
                 if chunk is not None:
-                    with lock:
-                        index = nextIndex[0]
-                        nextIndex[0] += 1
-                    if index >= total:
+                    index = takeIndex()
+                    if index is None:
                         break
                     k = ks[index]
                     offset = source.rawPlaneOffset(k)
@@ -396,6 +413,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
                 if prefetch is not None:
                     prefetch.release(plane)
                 reduction.accumulate(k, sums, partials[w], scratch)
+                releaseIndex(k - k0)
                 done = []
                 with lock:
                     for o, _ in reduction.planeOutputs[k - k0]:

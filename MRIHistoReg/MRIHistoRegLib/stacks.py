@@ -359,6 +359,19 @@ class TiffStack(StackSource):
         super().__init__(path, (count,) + planeShape, dtype, metadataSpacingMm=metadata, metadataSpacingSource=source,
                          spacingMm=spacingMm)
         self._fh = None
+        # tifffile/ImageJ-written stacks store all planes as one contiguous run: plane k is at offset + k x plane
+        self._contiguousOffset = None
+        try:
+            series = tif.series[0]
+            offset = series.dataoffset
+            if (offset is not None and int(np.prod(series.shape)) == count * planeShape[0] * planeShape[1]
+                    and np.dtype(series.dtype) == dtype and self._reader.fastLayout(first, 0) is not None):
+                self._contiguousOffset = int(offset)
+        except Exception:  # no usable series description: pages are located one by one
+            self._contiguousOffset = None
+        if self._contiguousOffset is not None and self._contiguousOffset + self.nbytes > self._reader.size:
+            raise ValueError(f"{path} is truncated: its {count} planes need {self.nbytes} bytes from offset "
+                             f"{self._contiguousOffset} but the file has {self._reader.size} bytes. Re-copy or re-export it.")
 
     def _page(self, k):
         page = self._pages[k]
@@ -384,6 +397,8 @@ class TiffStack(StackSource):
     def rawPlaneOffset(self, k):
         if self._reader.byteorder == ">" and self.dtype.itemsize > 1:
             return None
+        if self._contiguousOffset is not None:
+            return self._contiguousOffset + int(k) * self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize
         return self.pageOffset(k)
 
     @property
