@@ -570,7 +570,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with self._action(_("Label comparison failed."), _("Comparing labels")) as progress:
             result = self.logic.compareLabels(p.mriLabels, p.histologyLabels, self._registrationTransform(),
-                                              tableNode=p.resultsTable, progress=progress)
+                                              tableNode=p.resultsTable, mriVolume=p.mriVolume, progress=progress)
             p.resultsTable = result["tableNode"]
 
     def onExportReport(self) -> None:

@@ -616,19 +616,24 @@ class MRIHistoRegLogicCore:
         histologyLabels: LabelsNode,
         transformNode: TransformNode,
         tableNode: Optional[TableNode] = None,
+        mriVolume: Optional[VolumeNode] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> dict:
         """Transfer the histology labels onto the MRI labels' grid through `transformNode` and compare per label:
         MRI volume, histology volume (native, transferred, Jacobian-integrated), ratios, Dice, HD95.
 
-        Label maps or segmentations are accepted (a segmentation is exported to a label map on its own geometry,
-        segment i -> label i). Returns {'rows': {label: row}, 'tableNode', 'transferredNode'}."""
+        Label maps or segmentations are accepted (compare.labelArrayFromNode: an MRI segmentation is exported on
+        `mriVolume`'s grid when given, a histology segmentation on its own geometry).
+        Returns {'rows': {label: row}, 'tableNode', 'transferredNode'}."""
         from . import compare, transforms
 
         if transformNode is None:
             raise ValueError("Fit the landmarks first: the comparison needs the MRI-to-histology transform.")
-        mriArray, mriIjkToRas = self._labelArray(mriLabels, "MRI labels")
-        histologyArray, histologyIjkToRas = self._labelArray(histologyLabels, "histology labels")
+        for node, what in ((mriLabels, "MRI labels"), (histologyLabels, "histology labels")):
+            if node is None:
+                raise ValueError(f"Select the {what} (a label map or a segmentation).")
+        mriArray, mriIjkToRas = compare.labelArrayFromNode(mriLabels, mriVolume, self.scene)
+        histologyArray, histologyIjkToRas = compare.labelArrayFromNode(histologyLabels, None, self.scene)
         mapping = transforms.mappingFromWorldToNode(transformNode)
         rows, transferred = compare.compareTumours(
             mriArray, mriIjkToRas, histologyArray, histologyIjkToRas, mapping, progress=progress
@@ -807,23 +812,6 @@ class MRIHistoRegLogicCore:
         return node
 
     # --- helpers ----------------------------------------------------------------------------------------------
-
-    def _labelArray(self, node, what):
-        """([k, j, i] integer labels, IJK->RAS) of a label map node or of a segmentation (exported on its geometry)."""
-        if node is None:
-            raise ValueError(f"Select the {what} (a label map or a segmentation).")
-        if node.IsA("vtkMRMLSegmentationNode"):
-            labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{node.GetName()} labels")
-            try:
-                segmentationLogic = context.moduleLogic(self.scene, "Segmentations")
-                if not segmentationLogic.ExportAllSegmentsToLabelmapNode(node, labelmap, 1):  # EXTENT_UNION_OF_SEGMENTS
-                    raise ValueError(
-                        f"Could not convert segmentation '{node.GetName()}' to a label map: does it have segments?"
-                    )
-                return np.array(volumes.arrayFromVolume(labelmap)), volumes.ijkToRas(labelmap)
-            finally:
-                self.scene.RemoveNode(labelmap)
-        return volumes.arrayFromVolume(node), volumes.ijkToRas(node)
 
     def _rowsToTable(self, rows: dict, tableNode: TableNode, name):
         """A table node with one row per label and one column per quantity of `rows` ({label: {key: value}})."""
