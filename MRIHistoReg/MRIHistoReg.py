@@ -456,7 +456,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _stopPlacing(self) -> None:
         if self._pendingPair is None:
             return
-        _, pointList = self._pendingPair
+        pointList = self._pendingPair[1]
         self.removeObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
         self._pendingPair = None
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()

@@ -353,6 +353,11 @@ def checkContract(moduleDir, logicClass, scenarioNames, libScripts=None):
     if not re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", cmake["text"], re.S):
         problems.append("CMakeLists.txt: no slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py) under BUILD_TESTING")
 
+    # 6a. `_` is slicer.i18n.tr in the module: assigning it anywhere would break the translations of that scope
+    for node in ast.walk(module["tree"]):
+        if isinstance(node, ast.Name) and node.id == "_" and isinstance(node.ctx, ast.Store):
+            problems.append(f"line {node.lineno}: '_' is assigned, shadowing slicer.i18n.tr (use another name)")
+
     # 6. the test class calls exactly the scenarios, one per test_*, and runTest runs every test_*
     testClass = module["testClass"]
     if testClass is None:
@@ -452,6 +457,8 @@ DRIFTS = [
     ("CMakeLists.txt", "  MRIHistoRegLib/volumes.py\n", "", "script MRIHistoRegLib/volumes.py is not listed"),
     ("CMakeLists.txt", "  Resources/UI/${MODULE_NAME}.ui\n", "", "resource Resources/UI/MRIHistoReg.ui is not listed"),
     ("MRIHistoReg.py", "scenarios.landmarkFitScenario(", "scenarios.loadSampleScenario(", "does not call scenarios.landmarkFitScenario"),
+    ("MRIHistoReg.py", "        pointList = self._pendingPair[1]", "        _, pointList = self._pendingPair",
+     "shadowing slicer.i18n.tr"),
 ]
 
 
