@@ -289,13 +289,7 @@ def _compareLabels(scene, config, source, mapping, mriShape, mriIjkToRas):
     for name, array in (("labels.mri", mriLabels), ("labels.histology", histLabels)):
         if not np.any(array):
             raise ValueError(f"{name} is empty (no labelled voxel). Check the label file.")
-    transferred = compare.transferLabels(histLabels, histIjkToRas, mapping, mriShape, mriIjkToRas)
-    perLabel = compare.compareLabels(mriLabels, transferred, mriIjkToRas)
-    native = compare.labelVolumesMm3(histLabels, histIjkToRas)
-    for label, row in perLabel.items():
-        row["histology_native_mm3"] = native.get(label, 0.0)
-        row["histology_in_mri_jacobian_mm3"] = compare.jacobianIntegratedVolumeMm3(histLabels, histIjkToRas, mapping, label)
-        row["mri_over_histology_in_mri"] = row["mri_mm3"] / row["histology_in_mri_resampled_mm3"] if row["histology_in_mri_resampled_mm3"] else None
+    perLabel, transferred = compare.compareTumours(mriLabels, mriIjkToRas, histLabels, histIjkToRas, mapping)
     return perLabel, transferred
 
 
