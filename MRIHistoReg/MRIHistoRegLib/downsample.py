@@ -344,7 +344,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     remaining = list(reduction.needed)
     partials = [dict() for _ in range(count)]
     positional = count > 1 or getattr(source, "parallelReads", False)
-    prefetch = None if positional else _PlanePrefetcher(source, ks)
+    prefetch = None if positional else _PlanePrefetcher(source, ks, buffers=3)
     nextIndex = [0]
     inFlight = set()
     # a worker may not run ahead of the oldest plane still being reduced by more than `window` planes, which

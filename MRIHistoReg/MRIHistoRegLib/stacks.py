@@ -293,9 +293,8 @@ class _TiffPlaneReader:
         for a, n, b in zip(offsets[:-1], counts[:-1], offsets[1:]):
             if a + n != b:
                 return None
-        if sum(counts) < nbytes:
-            # a truncated strip table: let the short read report it
-            return offsets[0]
+        if sum(counts) != nbytes:
+            return None  # strips that do not hold exactly one plane: let tifffile decode (and complain)
         return offsets[0]
 
     def read(self, page, out, fh=None, pageIndex=0):
@@ -365,7 +364,8 @@ class TiffStack(StackSource):
             series = tif.series[0]
             offset = series.dataoffset
             if (offset is not None and int(np.prod(series.shape)) == count * planeShape[0] * planeShape[1]
-                    and np.dtype(series.dtype) == dtype and self._reader.fastLayout(first, 0) is not None):
+                    and np.dtype(series.dtype) == dtype
+                    and self._reader.fastLayout(first, planeShape[0] * planeShape[1] * dtype.itemsize) is not None):
                 self._contiguousOffset = int(offset)
         except Exception:  # no usable series description: pages are located one by one
             self._contiguousOffset = None
