@@ -119,7 +119,7 @@ def checkPlausibility(shapeOrSource, spacingMm=None, referenceExtentMm=None):
     described = "the reference"
     if reference is None:
         reference = np.array([10.0, 10.0, 10.0])
-        described = "a mouse brain (~10 mm)"
+        described = "a mouse brain"
     ratio = float(extent.max() / reference.max())
     axis = int(np.argmax(extent))
     detail = f"{int(shape[axis])} px x {_length(spacing[axis])} = {_length(extent[axis])}"
