@@ -353,6 +353,7 @@ class TiffStack(StackSource):
             raise ValueError(f"{path} has no image pages.")
         first = pages.first if hasattr(pages, "first") else pages[0]
         planeShape, dtype = self._reader.pageInfo(first)
+        _refuseMultiChannel(tif, path)
         self._pages = [first] + [None] * (count - 1)
         metadata, source = _tiffMetadataSpacing(tif, first)
         super().__init__(path, (count,) + planeShape, dtype, metadataSpacingMm=metadata, metadataSpacingSource=source,
@@ -481,6 +482,20 @@ class TiffSeries(StackSource):
 
     def readPlaneWith(self, k, out, fh):
         return self.readPlane(k, out=out)
+
+
+def _refuseMultiChannel(tif, path):
+    """Pages of a multi-channel (or multi-time-point) OME/ImageJ file are not one z stack: refuse, naming the axes."""
+    try:
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+    except Exception:
+        return
+    extra = [f"{axis}={size}" for axis, size in zip(axes, shape) if axis in "CTS" and size > 1]
+    if extra:
+        raise ValueError(f"{path} holds a {axes} {tuple(shape)} image with {', '.join(extra)}: its pages are not one "
+                         f"z stack. Export a single channel and time point (e.g. in Fiji: Image > Duplicate, one "
+                         f"channel) and open that.")
 
 
 class _TiffLogCapture(logging.Handler):
