@@ -1,0 +1,776 @@
+"""Automatic intensity refinement started from the landmark transform (issue 5).
+
+The landmark fit (affine+TPS) is a guaranteed but coarse start: few points, placed by hand. This module refines
+it with SimpleITK (bundled in Slicer): Mattes mutual information (multi-modal: MRI T2 contrast vs light-sheet
+autofluorescence), multi-resolution, an affine stage and then a cubic B-spline stage.
+
+Directions (DESIGN.md section 3). Every mapping here goes from the fixed (MRI) space to the moving (histology)
+space in RAS mm, the resampling direction. The refinement R acts *before* the landmark mapping L:
+
+    result.transformPoints(x) = L(R(x))          R(x) = affine(bspline(x)),  both found by the optimiser
+
+which is exactly how ITK's registration composes a moving initial transform with the optimised one
+(CompositeTransform [L, R] applies R first). L is given to SimpleITK as its *moving initial transform*, so it is
+never dropped (the SlicerANTsPy bug): any mapping object is sampled once on a padded lattice over the fixed grid
+and handed over as "least-squares affine of L" o "DisplacementFieldTransform of the residual", so points that
+the optimiser pushes beyond the lattice still follow L's affine part instead of snapping to identity.
+In Slicer, R becomes a grid transform node that is the *parent* of the landmark transform node; the world->
+histology (from-parent) chain is then L_fromParent(R_fromParent(x)), see `refinementTransformNode`.
+
+Regularisation of the B-spline stage (no bending-energy term exists in SimpleITK's registration framework):
+- the control-point spacing (default 1 mm on a ~10 mm mouse brain) limits the deformation to smooth, low-
+  frequency corrections of the landmark transform; the TPS already handles the large-scale shape;
+- every B-spline coefficient is bounded by L-BFGS-B to |c| <= 0.4 x control spacing. For a uniform cubic
+  B-spline this is the sufficient injectivity condition of Choi & Lee (2000, K ~ 2.48 in 3-D, used by Rueckert
+  et al. 2006 for diffeomorphic FFDs): the B-spline stage cannot fold, by construction, whatever the data say;
+- the multi-resolution pyramid (shrink + Gaussian smoothing) keeps the early iterations on coarse structure.
+Guard rails then check the result (Jacobian determinant on the fixed grid, metric change, landmark residuals
+through the full composite) and mark it `accepted=False` with a reason when it should not replace the
+landmark-only result. Callers keep the landmark-only mapping in that case.
+"""
+import logging
+import math
+import time
+
+import numpy as np
+import SimpleITK as sitk
+
+from MRIHistoRegLib.mapping import ComposedMapping, asPoints, jacobianOf
+from MRIHistoRegLib.progress import Cancelled, report
+
+_FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
+
+# Default settings. Smoothing sigmas are in voxels of each pyramid level's input (scale-free).
+DEFAULT_SETTINGS = {
+    "affine": True,  # run the affine stage
+    "affineShrinkFactors": (4, 2),
+    "affineSmoothingSigmas": (2.0, 1.0),
+    "affineIterations": 100,
+    "affineStepVoxels": 1.0,  # largest first affine step, in fixed voxels of physical shift
+    "bspline": True,  # run the B-spline stage
+    "controlPointSpacingMm": 1.0,
+    "bsplineShrinkFactors": (1,),
+    "bsplineSmoothingSigmas": (0.5,),
+    "bsplineIterations": 40,  # metric evaluations per level (L-BFGS-B function evaluations)
+    "maxCoefficientFraction": 0.4,  # |B-spline coefficient| <= this x control spacing (0.4: fold-free)
+    "histogramBins": 32,
+    "samplingPercentage": 0.1,  # random fraction of fixed voxels used per metric evaluation ...
+    "maxSamples": 10000,  # ... but at most this many per level
+    "seed": 0,  # sampling seed: same input + settings = same result
+    "intensityPercentiles": (0.5, 99.5),  # clip intensities (saturation, hot pixels) before the histogram
+    "footprintErosionVoxels": 2,  # automatic histology footprint erosion (partial-volume edges)
+    "minOverlapFraction": 0.05,  # fraction of the MRI (mask) the start must map into the footprint
+    "maxFieldPoints": 3_000_000,  # lattice size cap for the sampled initial / refinement displacement fields
+    "initialFieldMarginMm": 1.0,  # lattice margin around the fixed grid for the initial transform
+    "jacobianSubsample": 2,  # fold check on every n-th fixed voxel
+    "landmarkToleranceMm": 0.2,  # median landmark residual may grow by at most this much
+    "metricTolerance": 0.05,  # reject when the full-grid metric worsens by more than this fraction
+}
+
+
+def refinementSettings(settings=None) -> dict:
+    """DEFAULT_SETTINGS updated with `settings` (a dict); unknown keys are an error with the valid names."""
+    merged = dict(DEFAULT_SETTINGS)
+    if settings:
+        unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+        if unknown:
+            raise ValueError(f"Unknown refinement setting(s) {unknown}; valid names: {sorted(DEFAULT_SETTINGS)}.")
+        merged.update(settings)
+    if len(merged["affineShrinkFactors"]) != len(merged["affineSmoothingSigmas"]):
+        raise ValueError("affineShrinkFactors and affineSmoothingSigmas need one entry per level each.")
+    if len(merged["bsplineShrinkFactors"]) != len(merged["bsplineSmoothingSigmas"]):
+        raise ValueError("bsplineShrinkFactors and bsplineSmoothingSigmas need one entry per level each.")
+    if not merged["controlPointSpacingMm"] > 0:
+        raise ValueError("controlPointSpacingMm must be > 0 (about 1 mm suits a mouse brain).")
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _geometry(ijkToRas):
+    m = np.asarray(ijkToRas, dtype=float)
+    if m.shape != (4, 4):
+        raise ValueError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
+    return m, spacing
+
+
+def _sitkImage(array, ijkToRas, pixelType=np.float32):
+    """A SimpleITK image (LPS) with the voxels of `array` [k, j, i] and the RAS geometry `ijkToRas`."""
+    m, spacing = _geometry(ijkToRas)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=pixelType))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
+    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    return image
+
+
+def _coarsenedGrid(shape, ijkToRas, maxPoints, margin=0.0):
+    """(shape, ijkToRas) of a lattice covering the grid (+ margin mm), spacing an integer multiple, <= maxPoints."""
+    m, spacing = _geometry(ijkToRas)
+    shape = np.asarray(shape[::-1], dtype=float)  # i, j, k
+    padVoxels = np.ceil(margin / spacing)
+    factor = 1
+    while True:
+        step = spacing * factor
+        pad = np.ceil(padVoxels / factor)
+        count = np.ceil((shape - 1) / factor) + 1 + 2 * pad  # covers the last voxel
+        if np.prod(count) <= maxPoints or factor > 64:
+            break
+        factor += 1
+    newMatrix = m.copy()
+    newMatrix[:3, :3] = m[:3, :3] * factor
+    newMatrix[:3, 3] = m[:3, 3] - m[:3, :3] @ (pad * factor)
+    countKji = tuple(int(c) for c in count[::-1])
+    return countKji, newMatrix
+
+
+def _gridPoints(shape, ijkToRas):
+    """RAS points of every voxel of a [k, j, i] grid, in C order, (N, 3)."""
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
+    m = np.asarray(ijkToRas, float)
+    return ijk @ m[:3, :3].T + m[:3, 3]
+
+
+def _trilinear(field, ijk):
+    """Trilinear interpolation of field [k, j, i, C] at continuous (i, j, k), clamped to the grid (as VTK's grid
+    transform does outside its grid)."""
+    nk, nj, ni = field.shape[:3]
+    upper = np.array([ni - 1, nj - 1, nk - 1], dtype=float)
+    ijk = np.clip(ijk, 0.0, upper)
+    base = np.minimum(np.floor(ijk).astype(np.int64), np.maximum(upper.astype(np.int64) - 1, 0))
+    frac = ijk - base
+    out = np.zeros((len(ijk), field.shape[3]))
+    for dk in (0, 1):
+        wk = frac[:, 2] if dk else 1 - frac[:, 2]
+        kk = np.minimum(base[:, 2] + dk, nk - 1)
+        for dj in (0, 1):
+            wj = frac[:, 1] if dj else 1 - frac[:, 1]
+            jj = np.minimum(base[:, 1] + dj, nj - 1)
+            for di in (0, 1):
+                wi = frac[:, 0] if di else 1 - frac[:, 0]
+                ii = np.minimum(base[:, 0] + di, ni - 1)
+                out += (wk * wj * wi)[:, None] * field[kk, jj, ii]
+    return out
+
+
+class DisplacementFieldMapping:
+    """x -> x + d(x), d sampled on a grid ([k, j, i, 3] RAS mm, IJK->RAS geometry), trilinear, clamped outside.
+
+    The same function as a Slicer grid transform node holding this field (linear interpolation)."""
+
+    def __init__(self, displacement, ijkToRas):
+        self.displacement = np.asarray(displacement, dtype=float)
+        if self.displacement.ndim != 4 or self.displacement.shape[3] != 3:
+            raise ValueError(f"A displacement field is a [k, j, i, 3] array, got shape {self.displacement.shape}.")
+        self.ijkToRas, _ = _geometry(ijkToRas)
+        self._rasToIjk = np.linalg.inv(self.ijkToRas)
+
+    def displacementAt(self, points):
+        points = asPoints(points)
+        ijk = points @ self._rasToIjk[:3, :3].T + self._rasToIjk[:3, 3]
+        return _trilinear(self.displacement, ijk)
+
+    def transformPoints(self, points):
+        points = asPoints(points)
+        return points + self.displacementAt(points)
+
+
+def jacobianDeterminants(displacement, ijkToRas, subsample=1) -> np.ndarray:
+    """det(I + grad d) of a displacement field [k, j, i, 3] (RAS mm) on every `subsample`-th voxel.
+
+    Values <= 0 mean the mapping x -> x + d(x) folds there."""
+    field = np.asarray(displacement, dtype=float)[::subsample, ::subsample, ::subsample]
+    m, _ = _geometry(ijkToRas)
+    step = m[:3, :3] * subsample
+    # d d / d(i, j, k): np.gradient along axes (k, j, i)
+    jac = np.empty(field.shape[:3] + (3, 3))
+    for comp in range(3):
+        gk, gj, gi = (np.gradient(field[..., comp], axis=a) if field.shape[a] > 1 else np.zeros(field.shape[:3])
+                      for a in (0, 1, 2))
+        jac[..., comp, 0], jac[..., comp, 1], jac[..., comp, 2] = gi, gj, gk
+    jac = jac @ np.linalg.inv(step)  # d d / d x (RAS)
+    jac += np.eye(3)
+    return np.linalg.det(jac)
+
+
+def histologyFootprint(movingArray, erosionVoxels=2) -> np.ndarray:
+    """uint8 mask [k, j, i] of the acquired part of a (partial-coverage) histology stack.
+
+    A stack that was cropped or padded holds a constant fill value (its minimum, usually 0) where nothing was
+    imaged. When that value covers more than 1% of the voxels, the footprint is everything above it with its
+    holes filled (dark structures inside the tissue stay in); otherwise the whole field of view counts. The
+    footprint is then eroded by `erosionVoxels` (the box borders too): downsampled voxels at the edges of the
+    imaged region are partial averages with the fill value and would pull the MRI toward empty space."""
+    array = np.asarray(movingArray)
+    low = array.min()
+    support = array > low
+    if not 0.0 < support.mean() < 0.99:  # no fill value (or a constant stack): the whole field of view
+        support = np.ones(array.shape, dtype=bool)
+    image = sitk.GetImageFromArray(support.astype(np.uint8))
+    if not support.all():
+        image = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
+    if erosionVoxels > 0:
+        padded = sitk.ConstantPad(image, [1, 1, 1], [1, 1, 1], 0)  # erode from the box borders as well
+        eroded = sitk.BinaryErode(padded, [int(erosionVoxels)] * 3, sitk.sitkBall, 0, 1, False)
+        image = sitk.Crop(eroded, [1, 1, 1], [1, 1, 1])
+    return sitk.GetArrayFromImage(image).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------------------------
+
+class RefinementResult:
+    """A mapping fixed (MRI) RAS -> moving (histology) RAS: transformPoints(x) = initial(refinement(x)).
+
+    Attributes:
+      initialMapping      the landmark mapping the refinement started from (kept as-is)
+      refinement          DisplacementFieldMapping: the refinement alone, x -> x + d(x)
+      displacement, fieldIjkToRas   that displacement field [k, j, i, 3] in RAS mm and its grid geometry
+                          (a Slicer grid transform's from-parent transform; see refinementTransformNode)
+      metricBefore, metricAfter     Mattes mutual information over the whole fixed grid/mask (negative MI:
+                          lower is better) with the landmark mapping alone and with the refinement
+      iterations          optimiser iterations over all stages and levels
+      seconds             wall time of refineRegistration
+      accepted, reason    whether the refinement should replace the landmark-only result, and why (not)
+      minJacobianDeterminant        of the refinement on the (subsampled) fixed grid
+      overlapFraction     fraction of the fixed (mask) voxels the landmark mapping puts in the histology footprint
+      landmarkResiduals   filled by evaluateAgainstLandmarks: dict of before/after residuals
+    """
+
+    def __init__(self, initialMapping, displacement, fieldIjkToRas, metricBefore=float("nan"),
+                 metricAfter=float("nan"), iterations=0, seconds=0.0, accepted=False, reason="",
+                 refinementAffine=None, settings=None):
+        self.initialMapping = initialMapping
+        self.refinement = DisplacementFieldMapping(displacement, fieldIjkToRas)
+        self.metricBefore = float(metricBefore)
+        self.metricAfter = float(metricAfter)
+        self.iterations = int(iterations)
+        self.seconds = float(seconds)
+        self.accepted = bool(accepted)
+        self.reason = str(reason)
+        self.refinementAffine = np.eye(4) if refinementAffine is None else np.asarray(refinementAffine, float)
+        self.settings = settings
+        self.minJacobianDeterminant = float("nan")
+        self.overlapFraction = float("nan")
+        self.landmarkResiduals = None
+        self.region = None  # [k, j, i] (lo, hi) fixed-index box of the B-spline stage
+        self._composed = ComposedMapping([self.refinement, initialMapping])
+
+    @property
+    def displacement(self):
+        return self.refinement.displacement
+
+    @property
+    def fieldIjkToRas(self):
+        return self.refinement.ijkToRas
+
+    @property
+    def affineMatrix(self):
+        """The affine part (initial's affine after the refinement's affine stage), for inverse initial guesses."""
+        initialAffine = getattr(self.initialMapping, "affineMatrix", None)
+        if initialAffine is None:
+            return None
+        return np.asarray(initialAffine, float) @ self.refinementAffine
+
+    def transformPoints(self, points):
+        return self._composed.transformPoints(points)
+
+    def jacobian(self, points):
+        points = asPoints(points)
+        refined = self.refinement.transformPoints(points)
+        return jacobianOf(self.initialMapping, refined) @ jacobianOf(self.refinement, points)
+
+    def reject(self, reason):
+        self.accepted = False
+        self.reason = reason
+        logging.warning("refinement not accepted: %s (keeping the landmark-only result)", reason)
+
+    def summary(self) -> str:
+        state = "accepted" if self.accepted else "NOT accepted (landmark-only result kept)"
+        return (f"refinement {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
+                f"{self.iterations} iterations, {self.seconds:.1f} s, min Jacobian det {self.minJacobianDeterminant:.3f}")
+
+
+def _identityResult(initialMapping, fixedShape, fixedIjkToRas, settings, reason, start, metricBefore=float("nan")):
+    shape, matrix = _coarsenedGrid(fixedShape, fixedIjkToRas, 8)  # tiny zero field: identity refinement
+    result = RefinementResult(initialMapping, np.zeros(shape + (3,)), matrix, metricBefore=metricBefore,
+                              seconds=time.perf_counter() - start, settings=settings)
+    result.minJacobianDeterminant = 1.0
+    result.reject(reason)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversions between mappings and SimpleITK transforms
+# ----------------------------------------------------------------------------------------------------------
+
+def _evaluateChunked(mapping, points, chunk=200_000):
+    out = np.empty_like(points)
+    for start in range(0, len(points), chunk):
+        out[start:start + chunk] = mapping.transformPoints(points[start:start + chunk])
+    return out
+
+
+def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
+    """SimpleITK transform (LPS, fixed -> moving) equal to `mapping` on the fixed grid (+ margin).
+
+    A least-squares affine A of the mapping composed with the residual r sampled on a lattice,
+    T(p) = A(p + r(p)); outside the lattice r = 0, so T falls back to A (not to identity)."""
+    settings = refinementSettings(settings)
+    shape, lattice = _coarsenedGrid(fixedShape, fixedIjkToRas, settings["maxFieldPoints"],
+                                    margin=settings["initialFieldMarginMm"])
+    ras = _gridPoints(shape, lattice)
+    mapped = _evaluateChunked(mapping, ras)
+    if not np.all(np.isfinite(mapped)):
+        raise ValueError("The initial (landmark) mapping gives non-finite points on the MRI grid: refit the landmarks.")
+    lps, mappedLps = ras @ _FLIP, mapped @ _FLIP
+    design = np.hstack([lps, np.ones((len(lps), 1))])
+    solution, *_ = np.linalg.lstsq(design[::7], mappedLps[::7], rcond=None)
+    affineLps = np.eye(4)
+    affineLps[:3, :3], affineLps[:3, 3] = solution[:3].T, solution[3]
+    if abs(np.linalg.det(affineLps[:3, :3])) < 1e-9:
+        raise ValueError("The initial (landmark) mapping is degenerate (collapses the MRI): refit the landmarks.")
+    inverse = np.linalg.inv(affineLps)
+    residual = (mappedLps @ inverse[:3, :3].T + inverse[:3, 3]) - lps
+    fieldImage = sitk.GetImageFromArray(residual.reshape(shape + (3,)).astype(np.float64), isVector=True)
+    m, spacing = _geometry(lattice)
+    fieldImage.SetSpacing([float(s) for s in spacing])
+    fieldImage.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
+    fieldImage.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix([float(v) for v in affineLps[:3, :3].ravel()])
+    affine.SetTranslation([float(v) for v in affineLps[:3, 3]])
+    return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(fieldImage)])
+
+
+def _fieldTransform(displacement, ijkToRas):
+    """SimpleITK DisplacementFieldTransform (LPS) of a RAS displacement field [k, j, i, 3] on a grid."""
+    m, spacing = _geometry(ijkToRas)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(displacement @ _FLIP, dtype=np.float64), isVector=True)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
+    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    return sitk.DisplacementFieldTransform(image)
+
+
+def _affineToRas(affine):
+    """4x4 RAS matrix of a SimpleITK AffineTransform (LPS)."""
+    matrix = np.array(affine.GetMatrix()).reshape(3, 3)
+    center, translation = np.array(affine.GetCenter()), np.array(affine.GetTranslation())
+    lps = np.eye(4)
+    lps[:3, :3] = matrix
+    lps[:3, 3] = translation + center - matrix @ center
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
+
+
+def _transformToField(transform, shape, ijkToRas):
+    """Displacement field [k, j, i, 3] in RAS of a SimpleITK (LPS) transform on a grid."""
+    reference = _sitkImage(np.zeros(shape, np.uint8), ijkToRas, np.uint8)
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
+                                              reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+    return sitk.GetArrayFromImage(field) @ _FLIP  # flip x, y components back to RAS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------------------
+
+def _checkMask(mask, shape, ijkToRas, which):
+    if mask is None:
+        return None
+    geometry = None
+    if isinstance(mask, (tuple, list)) and len(mask) == 2:
+        mask, geometry = mask
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape) or (geometry is not None and not np.allclose(geometry, ijkToRas, atol=1e-6)):
+        raise ValueError(
+            f"The {which} mask is on a different grid (shape {mask.shape}) than the {which} image (shape "
+            f"{tuple(shape)}): resample the mask onto the {which} image grid (nearest neighbour) first.")
+    if not mask.any():
+        raise ValueError(f"The {which} mask is empty: give a mask with the region to register, or none.")
+    return (mask > 0).astype(np.uint8)
+
+
+def _normalized(array, mask, percentiles):
+    array = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(array)
+    values = array[(mask > 0) & finite] if mask is not None else array[finite]
+    if values.size == 0:
+        return array
+    low, high = np.percentile(values, percentiles)
+    if high <= low:
+        return array
+    return np.clip(array, low, high)
+
+
+def _overlap(initialMapping, fixedShape, fixedIjkToRas, fixedMask, movingShape, movingIjkToRas, footprint):
+    """(fraction, box) over (masked) fixed voxels, subsampled: the fraction the initial mapping puts inside the
+    moving footprint, and the [k, j, i] index box (lo, hi inclusive) of those voxels (None when none)."""
+    step = max(1, int(round((np.prod(fixedShape) / 50_000) ** (1 / 3))))
+    k, j, i = np.meshgrid(*(np.arange(0, n, step) for n in fixedShape), indexing="ij")
+    keep = np.ones(k.shape, bool) if fixedMask is None else fixedMask[k, j, i] > 0
+    ijk = np.stack([i[keep], j[keep], k[keep]], axis=1).astype(float)
+    if len(ijk) == 0:
+        return 0.0, None
+    m = np.asarray(fixedIjkToRas, float)
+    mapped = _evaluateChunked(initialMapping, ijk @ m[:3, :3].T + m[:3, 3])
+    toIjk = np.linalg.inv(movingIjkToRas)
+    with np.errstate(invalid="ignore"):
+        mijk = np.rint(np.nan_to_num(mapped @ toIjk[:3, :3].T + toIjk[:3, 3], nan=-1.0, posinf=-1.0, neginf=-1.0))
+    mijk = mijk.astype(np.int64)
+    upper = np.array(movingShape[::-1])
+    inside = np.all((mijk >= 0) & (mijk < upper), axis=1)
+    hits = np.zeros(len(mijk), bool)
+    idx = mijk[inside]
+    hits[inside] = footprint[idx[:, 2], idx[:, 1], idx[:, 0]] > 0
+    if not hits.any():
+        return 0.0, None
+    kji = ijk[hits][:, ::-1].astype(np.int64)
+    lo = np.maximum(kji.min(axis=0) - step, 0)
+    hi = np.minimum(kji.max(axis=0) + step, np.array(fixedShape) - 1)
+    return float(hits.mean()), (lo, hi)
+
+
+def _taper(shape, ijkToRas, fixedIjkToRas, box, rampMm):
+    """Weights on a [k, j, i] lattice: 1 inside the fixed-index box, smoothly (cubic smoothstep) down to 0 at
+    `rampMm` outside it."""
+    m = np.asarray(ijkToRas, float)
+    toFixed = np.linalg.inv(fixedIjkToRas) @ m  # lattice ijk -> fixed ijk
+    spacing = np.linalg.norm(np.asarray(fixedIjkToRas, float)[:3, :3], axis=0)[::-1]  # k, j, i
+    weight = np.ones(shape)
+    lo, hi = box
+    for axis in range(3):  # axis in [k, j, i]; lattice axes are aligned with the fixed axes
+        ijkAxis = 2 - axis
+        index = np.arange(shape[axis], dtype=float)
+        fixedIndex = toFixed[ijkAxis, ijkAxis] * index + toFixed[ijkAxis, 3]
+        distance = np.maximum(lo[axis] - fixedIndex, 0) + np.maximum(fixedIndex - hi[axis], 0)
+        t = np.clip(1 - distance * spacing[axis] / max(rampMm, 1e-9), 0, 1)
+        w = t * t * (3 - 2 * t)
+        weight *= w.reshape([-1 if a == axis else 1 for a in range(3)])
+    return weight
+
+
+class _Observer:
+    """Iteration observer: progress, cancel, NaN detection (SimpleITK command callbacks)."""
+
+    def __init__(self, method, progress, start, stop, levels, iterationsPerLevel, stage):
+        self.method, self.progress, self.start, self.stop = method, progress, start, stop
+        self.levels, self.iterationsPerLevel, self.stage = levels, iterationsPerLevel, stage
+        self.count = 0
+        self.cancelled = None
+        self.nan = False
+        self.last = start
+
+    def __call__(self):
+        self.count += 1
+        if self.cancelled is not None or self.nan:
+            return
+        value = self.method.GetMetricValue()
+        if not math.isfinite(value):
+            self.nan = True
+            self.method.StopRegistration()
+            return
+        level = self.method.GetCurrentLevel()
+        within = min(self.method.GetOptimizerIteration() / max(self.iterationsPerLevel, 1), 1.0)
+        fraction = max(self.last, self.start + (self.stop - self.start) * (level + within) / self.levels)
+        self.last = fraction
+        try:
+            report(self.progress, fraction, f"{self.stage} level {level + 1}/{self.levels}, metric {value:.4f}")
+        except Cancelled as error:
+            self.cancelled = error
+            self.method.StopRegistration()
+
+
+def _method(settings, fixedMask, movingMask, shrink, sigmas, shape):
+    """A registration method with Mattes MI sampled randomly: samplingPercentage of the voxels of each level,
+    at least 2000 (small images, coarse levels) and at most maxSamples (the B-spline metric costs samples x
+    parameters per evaluation)."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogramBins"]))
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    voxels = float(np.prod(shape))
+    percentages = []
+    for factor in shrink:
+        levelVoxels = voxels / factor**3
+        samples = min(max(settings["samplingPercentage"] * levelVoxels, 2000.0), settings["maxSamples"])
+        percentages.append(min(samples / levelVoxels, 1.0))
+    method.SetMetricSamplingPercentagePerLevel(percentages, int(settings["seed"]))
+    if fixedMask is not None:
+        method.SetMetricFixedMask(fixedMask)
+    if movingMask is not None:
+        method.SetMetricMovingMask(movingMask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetShrinkFactorsPerLevel([int(s) for s in shrink])
+    method.SetSmoothingSigmasPerLevel([float(s) for s in sigmas])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return method
+
+
+def _run(method, fixed, moving, progress, start, stop, levels, iterations, stage):
+    observer = _Observer(method, progress, start, stop, levels, iterations, stage)
+    method.AddCommand(sitk.sitkIterationEvent, observer)
+    began = time.perf_counter()
+    method.Execute(fixed, moving)
+    observer.seconds = time.perf_counter() - began
+    if observer.cancelled is not None:
+        raise observer.cancelled
+    logging.info("refine %s: %d iterations in %.1f s, %s", stage, observer.count, observer.seconds,
+                 method.GetOptimizerStopConditionDescription())
+    return observer
+
+
+def _metric(settings, fixed, moving, fixedMask, movingMask, movingInitial, transform):
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogramBins"]))
+    if fixedMask is not None:
+        method.SetMetricFixedMask(fixedMask)
+    if movingMask is not None:
+        method.SetMetricMovingMask(movingMask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetMovingInitialTransform(movingInitial)
+    method.SetInitialTransform(transform)
+    return method.MetricEvaluate(fixed, moving)
+
+
+def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, initialMapping, fixedMask=None,
+                       movingMask=None, settings=None, progress=None) -> RefinementResult:
+    """Refine `initialMapping` (fixed/MRI RAS -> moving/histology RAS) by intensity registration.
+
+    fixedArray [k, j, i] with fixedIjkToRas: the MRI (or any reference grid). movingArray/movingIjkToRas: the
+    downsampled histology. fixedMask: optional MRI brain mask on the fixed grid. movingMask: optional; when
+    None the histology footprint is computed (`histologyFootprint`). Masks may also be (array, ijkToRas)
+    pairs; a mask on another grid is a ValueError (the caller still holds the landmark result).
+    settings: dict overriding DEFAULT_SETTINGS. progress: callable(fraction, message), may cancel.
+
+    Returns a RefinementResult. Failures during the optimisation (empty overlap, NaN metric, divergence,
+    folding, no improvement) do not raise: the result has accepted=False, a reason, and callers keep the
+    landmark-only mapping. Cancelling raises progress.Cancelled.
+    """
+    start = time.perf_counter()
+    settings = refinementSettings(settings)
+    fixedArray, movingArray = np.asarray(fixedArray), np.asarray(movingArray)
+    if fixedArray.ndim != 3 or movingArray.ndim != 3:
+        raise ValueError(f"Refinement needs 3-D [k, j, i] volumes, got {fixedArray.shape} and {movingArray.shape}.")
+    if min(fixedArray.shape) < 4 or min(movingArray.shape) < 4:
+        raise ValueError("Refinement needs volumes at least 4 voxels along every axis.")
+    fixedIjkToRas, _ = _geometry(fixedIjkToRas)
+    movingIjkToRas, _ = _geometry(movingIjkToRas)
+    fixedMask = _checkMask(fixedMask, fixedArray.shape, fixedIjkToRas, "fixed (MRI)")
+    movingMask = _checkMask(movingMask, movingArray.shape, movingIjkToRas, "moving (histology)")
+    for label, array in (("MRI", fixedArray), ("histology", movingArray)):
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                                   f"the {label} volume has voxels that are not a number (NaN/inf): the metric "
+                                   f"would be NaN; fix or mask them", start)
+    if movingMask is None:
+        movingMask = histologyFootprint(movingArray, settings["footprintErosionVoxels"])
+        if not movingMask.any():
+            return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                                   "the histology footprint is empty (stack blank or too small to erode)", start)
+
+    report(progress, 0.0, "refinement: preparing")
+    overlap, box = _overlap(initialMapping, fixedArray.shape, fixedIjkToRas, fixedMask, movingArray.shape,
+                            movingIjkToRas, movingMask)
+    if overlap < settings["minOverlapFraction"]:
+        result = _identityResult(
+            initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+            f"empty overlap: the landmark transform maps only {100 * overlap:.1f}% of the MRI into the histology "
+            f"footprint (needs {100 * settings['minOverlapFraction']:.0f}%); check landmarks and stack spacing", start)
+        result.overlapFraction = overlap
+        return result
+
+    fixed = _sitkImage(_normalized(fixedArray, fixedMask, settings["intensityPercentiles"]), fixedIjkToRas)
+    moving = _sitkImage(_normalized(movingArray, movingMask, settings["intensityPercentiles"]), movingIjkToRas)
+    fixedMaskImage = None if fixedMask is None else _sitkImage(fixedMask, fixedIjkToRas, np.uint8)
+    movingMaskImage = _sitkImage(movingMask, movingIjkToRas, np.uint8)
+    initial = initialTransform(initialMapping, fixedArray.shape, fixedIjkToRas, settings)
+    report(progress, 0.05, "refinement: landmark transform sampled")
+
+    identity = sitk.TranslationTransform(3)
+    metricBefore = _metric(settings, fixed, moving, fixedMaskImage, movingMaskImage, initial, identity)
+    if not math.isfinite(metricBefore):
+        return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                               "the similarity metric is not a number at the start (constant or NaN images?)", start)
+
+    # The fixed-image centre is the affine's centre of rotation/scaling.
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(centre)
+    stages = [s for s in ("affine", "bspline") if settings[s]]
+    iterations = 0
+    ranges = {s: (0.05 + 0.85 * n / len(stages), 0.05 + 0.85 * (n + 1) / len(stages)) for n, s in enumerate(stages)}
+    bspline = region = None
+    spacingMm = float(settings["controlPointSpacingMm"])
+    try:
+        if settings["affine"]:
+            method = _method(settings, fixedMaskImage, movingMaskImage, settings["affineShrinkFactors"],
+                             settings["affineSmoothingSigmas"], fixedArray.shape)
+            # Conjugate gradient with a golden-section line search on [0, 2] x (a step of affineStepVoxels fixed
+            # voxels): the line search may take no step at all, so a start that is already at the optimum (the
+            # landmark fit) stays there, unlike fixed- or estimated-step gradient descent that oscillates around it.
+            step = float(settings["affineStepVoxels"] * min(fixed.GetSpacing()))
+            method.SetOptimizerAsConjugateGradientLineSearch(
+                learningRate=1.0, numberOfIterations=int(settings["affineIterations"]), convergenceMinimumValue=1e-6,
+                convergenceWindowSize=5, lineSearchLowerLimit=0.0, lineSearchUpperLimit=2.0, lineSearchEpsilon=0.02,
+                lineSearchMaximumIterations=12, estimateLearningRate=method.EachIteration,
+                maximumStepSizeInPhysicalUnits=step)
+            method.SetOptimizerScalesFromPhysicalShift()
+            method.SetMovingInitialTransform(initial)
+            method.SetInitialTransform(affine, inPlace=True)
+            observer = _run(method, fixed, moving, progress, *ranges["affine"],
+                            len(settings["affineShrinkFactors"]), settings["affineIterations"], "affine")
+            iterations += observer.count
+            if observer.nan:
+                return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                                       "the affine stage diverged (metric became NaN)", start, metricBefore)
+        if settings["bspline"]:
+            # The B-spline lives on the part of the MRI that sees histology (+ one control spacing): control points
+            # elsewhere would get no image force, and their count sets the cost of every metric evaluation.
+            spacing = np.array(fixed.GetSpacing())[::-1]  # k, j, i
+            pad = np.ceil(spacingMm / spacing).astype(int)
+            lo = np.maximum(box[0] - pad, 0)
+            hi = np.minimum(box[1] + pad, np.array(fixedArray.shape) - 1)
+            region = (lo, hi)
+            croppedFixed = sitk.RegionOfInterest(fixed, [int(v) for v in (hi - lo + 1)[::-1]], [int(v) for v in lo[::-1]])
+            croppedMask = None if fixedMaskImage is None else sitk.RegionOfInterest(
+                fixedMaskImage, croppedFixed.GetSize(), [int(v) for v in lo[::-1]])
+            physicalSize = np.array(croppedFixed.GetSpacing()) * (np.array(croppedFixed.GetSize()) - 1)
+            meshSize = [max(1, int(round(size / spacingMm))) for size in physicalSize]
+            bspline = sitk.BSplineTransformInitializer(croppedFixed, meshSize, order=3)
+            controlSpacing = np.maximum(physicalSize, 1e-6) / np.array(meshSize)
+            bound = float(settings["maxCoefficientFraction"] * controlSpacing.min())
+            method = _method(settings, croppedMask, movingMaskImage, settings["bsplineShrinkFactors"],
+                             settings["bsplineSmoothingSigmas"], tuple(hi - lo + 1))
+            iterationsPerLevel = int(settings["bsplineIterations"])
+            method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterationsPerLevel,
+                                        maximumNumberOfCorrections=5,
+                                        maximumNumberOfFunctionEvaluations=iterationsPerLevel,
+                                        costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
+            method.SetMovingInitialTransform(sitk.CompositeTransform([initial, affine]))
+            method.SetInitialTransform(bspline, inPlace=True)
+            observer = _run(method, croppedFixed, moving, progress, *ranges["bspline"],
+                            len(settings["bsplineShrinkFactors"]), iterationsPerLevel, "B-spline")
+            iterations += observer.count
+            if observer.nan:
+                return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                                       "the B-spline stage diverged (metric became NaN)", start, metricBefore)
+    except RuntimeError as error:  # ITK exceptions: e.g. all samples map outside the moving image
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
+                               f"SimpleITK registration failed: {message}", start, metricBefore)
+
+    report(progress, 0.9, "refinement: sampling the displacement field")
+    fieldShape, fieldMatrix = _coarsenedGrid(fixedArray.shape, fixedIjkToRas, settings["maxFieldPoints"])
+    points = _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
+    if bspline is not None:
+        # ITK's B-spline is zero outside its domain: taper it to zero over the control spacing beyond the
+        # histology region so the refinement stays continuous (landmark-only + affine where there is no data).
+        taper = _taper(fieldShape, fieldMatrix, fixedIjkToRas, box, spacingMm)
+        points = points + taper[..., None] * _transformToField(bspline, fieldShape, fieldMatrix)
+    affineRas = _affineToRas(affine)
+    displacement = points @ affineRas[:3, :3].T + affineRas[:3, 3] - _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
+    del points
+    metricAfter = _metric(settings, fixed, moving, fixedMaskImage, movingMaskImage, initial,
+                          _fieldTransform(displacement, fieldMatrix))
+    result = RefinementResult(initialMapping, displacement, fieldMatrix, metricBefore, metricAfter, iterations,
+                              time.perf_counter() - start, accepted=True, reason="", settings=settings,
+                              refinementAffine=affineRas)
+    result.overlapFraction = overlap
+    result.region = region
+    determinants = jacobianDeterminants(displacement, fieldMatrix, settings["jacobianSubsample"])
+    result.minJacobianDeterminant = float(determinants.min())
+    if not (math.isfinite(metricAfter) and np.all(np.isfinite(displacement))):
+        result.reject("the refinement diverged (metric or displacement not finite)")
+    elif result.minJacobianDeterminant <= 0:
+        result.reject(f"the refinement folds: Jacobian determinant down to {result.minJacobianDeterminant:.3f} "
+                      f"on {int((determinants <= 0).sum())} grid points")
+    elif metricAfter > metricBefore + settings["metricTolerance"] * abs(metricBefore):
+        result.reject(f"the similarity got worse (metric {metricBefore:.4f} -> {metricAfter:.4f}; lower is better)")
+    elif metricAfter < metricBefore:
+        result.reason = f"similarity improved ({metricBefore:.4f} -> {metricAfter:.4f})"
+    else:  # a start at the optimum: tiny changes of a sharply peaked full-resolution metric
+        result.reason = f"similarity unchanged within tolerance ({metricBefore:.4f} -> {metricAfter:.4f})"
+    result.seconds = time.perf_counter() - start
+    report(progress, 1.0, "refinement: done")
+    logging.info("%s", result.summary())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guard rail: landmarks through the full composite
+# ----------------------------------------------------------------------------------------------------------
+
+def evaluateAgainstLandmarks(result, fixedPoints, movingPoints, toleranceMm=None) -> dict:
+    """Landmark residuals (mm) before (initial mapping) and after (full composite); may reject the result.
+
+    fixedPoints/movingPoints: (N, 3) paired RAS points (MRI, histology). The refinement is rejected
+    (accepted=False, reason) when the median residual grows by more than `toleranceMm` (default: the
+    `landmarkToleranceMm` setting). The same call measures held-out points (TRE) without rejecting when
+    toleranceMm=float('inf'). Returns and stores (result.landmarkResiduals) a dict with per-point arrays and
+    summary numbers."""
+    fixedPoints, movingPoints = asPoints(fixedPoints), asPoints(movingPoints)
+    if len(fixedPoints) != len(movingPoints):
+        raise ValueError(f"Landmark lists differ in length ({len(fixedPoints)} vs {len(movingPoints)}): pair them by label first.")
+    if toleranceMm is None:
+        toleranceMm = (result.settings or DEFAULT_SETTINGS)["landmarkToleranceMm"]
+    before = np.linalg.norm(result.initialMapping.transformPoints(fixedPoints) - movingPoints, axis=1)
+    after = np.linalg.norm(result.transformPoints(fixedPoints) - movingPoints, axis=1)
+    summary = {
+        "before": before, "after": after,
+        "medianBefore": float(np.median(before)), "medianAfter": float(np.median(after)),
+        "meanBefore": float(before.mean()), "meanAfter": float(after.mean()),
+        "maxBefore": float(before.max()), "maxAfter": float(after.max()),
+        "toleranceMm": float(toleranceMm),
+    }
+    result.landmarkResiduals = summary
+    if result.accepted and summary["medianAfter"] > summary["medianBefore"] + toleranceMm:
+        result.reject(f"landmark agreement worsened: median residual {summary['medianBefore']:.3f} -> "
+                      f"{summary['medianAfter']:.3f} mm (tolerance +{toleranceMm:.2f} mm)")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MRML
+# ----------------------------------------------------------------------------------------------------------
+
+def refinementTransformNode(scene, result, name="Refinement"):
+    """A vtkMRMLGridTransformNode holding result's refinement displacement as its FROM-PARENT transform (RAS).
+
+    Put it as the parent of the landmark transform node (landmarkNode.SetAndObserveTransformNodeID(node.GetID()))
+    and the world -> histology chain is landmark_fromParent(refinement_fromParent(x)) = result.transformPoints(x);
+    hardening or the single-resampling step then use the composite without a second resampling."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    from MRIHistoRegLib.volumes import numpyToMatrix
+
+    m, spacing = _geometry(result.fieldIjkToRas)
+    field = np.ascontiguousarray(result.displacement, dtype=np.float64)
+    image = vtk.vtkImageData()
+    image.SetDimensions(field.shape[2], field.shape[1], field.shape[0])
+    image.SetOrigin(*m[:3, 3])
+    image.SetSpacing(*spacing)
+    vectors = numpy_support.numpy_to_vtk(field.reshape(-1, 3), deep=True)
+    vectors.SetNumberOfComponents(3)
+    vectors.SetName("DisplacementField")
+    image.GetPointData().SetScalars(vectors)
+    direction = np.eye(4)
+    direction[:3, :3] = m[:3, :3] / spacing
+    grid = slicer.vtkOrientedGridTransform()
+    grid.SetDisplacementGridData(image)
+    grid.SetGridDirectionMatrix(numpyToMatrix(direction))
+    grid.SetInterpolationModeToLinear()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(grid)
+    node.SetAttribute("MRIHistoReg.refinementAccepted", "true" if result.accepted else "false")
+    node.SetAttribute("MRIHistoReg.refinementReason", result.reason)
+    return node

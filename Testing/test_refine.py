@@ -1,0 +1,275 @@
+"""Intensity refinement (refine.py): ground truth by construction (known warps), real MRML transform chains.
+
+Synthetic volumes are small smooth phantoms so the suite stays fast; the real-tissue test warps brainreg's
+downsampled two-photon volume with a known smooth field and checks the warp is recovered (< 1 voxel)."""
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from MRIHistoRegLib import refine
+from MRIHistoRegLib.mapping import AffineMapping
+from MRIHistoRegLib.progress import Cancelled
+
+FAST = {"bsplineIterations": 20, "maxSamples": 4000, "affineIterations": 60}
+
+
+def _phantom(shape=(40, 48, 44), seed=0):
+    """Smooth blobs inside an ellipsoidal body, [k, j, i] float32."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=float)
+    centre = (np.array(shape) - 1) / 2
+    body = (((grid - centre[:, None, None, None]) / (0.42 * np.array(shape))[:, None, None, None]) ** 2).sum(0) < 1
+    image = 100.0 * body
+    for _ in range(14):
+        c = centre + rng.uniform(-0.3, 0.3, 3) * np.array(shape)
+        sigma = rng.uniform(2.0, 4.5)
+        image += rng.uniform(-80, 120) * np.exp(-((grid - c[:, None, None, None]) ** 2).sum(0) / (2 * sigma**2))
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 1.0)  # tissue-like fine texture
+    image += 40.0 * texture / texture.std()
+    return (image * body + 5.0).astype(np.float32)
+
+
+def _geometry(spacing=0.1, origin=(3.0, -2.0, 1.0)):
+    """The TIFF-like geometry of DESIGN.md: LPS axes along i, j, k, i.e. RAS = (-i s, -j s, k s) + origin."""
+    m = np.diag([-spacing, -spacing, spacing, 1.0])
+    m[:3, 3] = origin
+    return m
+
+
+def _warp(image, ijkToRas, movingToFixed, shape=None, ijkToRasOut=None, order=1):
+    """moving(y) = image(movingToFixed(y)) sampled on the output grid (default: the same grid)."""
+    shape = image.shape if shape is None else shape
+    ijkToRasOut = ijkToRas if ijkToRasOut is None else ijkToRasOut
+    points = refine._gridPoints(shape, ijkToRasOut)
+    source = movingToFixed(points)
+    toIjk = np.linalg.inv(ijkToRas)
+    ijk = source @ toIjk[:3, :3].T + toIjk[:3, 3]
+    values = ndimage.map_coordinates(image, [ijk[:, 2], ijk[:, 1], ijk[:, 0]], order=order, mode="constant", cval=0.0)
+    return values.reshape(shape).astype(np.float32)
+
+
+def _rotationAffine(degrees, axis, translation, centre):
+    angle = math.radians(degrees)
+    c, s = math.cos(angle), math.sin(angle)
+    rotation = np.eye(3)
+    a, b = [x for x in range(3) if x != axis]
+    rotation[a, a], rotation[a, b], rotation[b, a], rotation[b, b] = c, -s, s, c
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    m[:3, 3] = centre - rotation @ centre + np.asarray(translation)
+    return m
+
+
+def _centre(shape, ijkToRas):
+    return (ijkToRas @ np.r_[(np.array(shape[::-1]) - 1) / 2, 1.0])[:3]
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_landmarkStartIsKeptAndMultiModalRefinementStaysPut():
+    """The initial mapping is the moving initial transform (not dropped): started at the truth (a large affine),
+    the refinement stays there; with contrast inverted (multi-modal) and partial coverage."""
+    big = _phantom((60, 68, 64))  # anatomy beyond the MRI field of view, as in a real scan
+    mBig = _geometry()
+    fixed = np.ascontiguousarray(big[10:50, 10:58, 10:54])
+    m = mBig.copy()
+    m[:3, 3] = (mBig @ np.array([10.0, 10.0, 10.0, 1.0]))[:3]
+    truth = _rotationAffine(8.0, 2, (1.2, -0.8, 0.5), _centre(fixed.shape, m))
+    mm = mBig.copy()  # the histology grid: the moved anatomy, padded with zeros where it is not imaged
+    mm[:3, 3] = truth[:3, 3] + truth[:3, :3] @ mBig[:3, 3]
+    moving = _warp(big, mBig, AffineMapping(np.linalg.inv(truth)).transformPoints, big.shape, mm, order=3)
+    moving = np.where(moving > 0, 300.0 - moving, 0.0).astype(np.float32)  # other contrast
+    moving[:, :, :22] = 0.0  # partial coverage: one side not imaged
+    result = refine.refineRegistration(fixed, m, moving, mm, AffineMapping(truth), settings=FAST)
+    points = refine._gridPoints(fixed.shape, m)[fixed.ravel() > 50][::7]
+    error = np.linalg.norm(result.transformPoints(points) - AffineMapping(truth).transformPoints(points), axis=1)
+    # a dropped initial transform would leave errors of ~1.5 mm (the landmark affine's own displacement)
+    assert error.mean() < 0.03, error.mean()
+    assert result.accepted or "similarity" in result.reason, result.reason
+
+
+def test_recoversAffineAndSmoothWarpFromPerturbedStart():
+    """Start off the truth (perturbed affine); truth = smooth warp; the composite recovers it below one voxel."""
+    fixed = _phantom(seed=1)
+    m = _geometry()
+    centre = _centre(fixed.shape, m)
+
+    def v(points):  # moving -> fixed offset: a smooth bump of 0.25 mm
+        w = np.exp(-((points - centre) ** 2).sum(1) / (2 * 1.2**2))
+        return w[:, None] * np.array([0.2, -0.15, 0.12])
+
+    moving = _warp(fixed, m, lambda y: y + v(y), order=3)
+
+    def truth(p):  # fixed -> moving: y with y + v(y) = p
+        y = p.copy()
+        for _ in range(40):
+            y = p - v(y)
+        return y
+
+    start = AffineMapping(_rotationAffine(2.0, 0, (0.15, 0.1, -0.1), centre))
+    result = refine.refineRegistration(fixed, m, moving, m, start, settings=FAST)
+    assert result.accepted, result.reason
+    points = refine._gridPoints(fixed.shape, m)[fixed.ravel() > 50][::5]
+    before = np.linalg.norm(start.transformPoints(points) - truth(points), axis=1).mean()
+    after = np.linalg.norm(result.transformPoints(points) - truth(points), axis=1).mean()
+    assert before > 0.15
+    assert after < 0.05, (before, after)
+    assert result.minJacobianDeterminant > 0.5
+
+
+def test_realTissueKnownWarpRecovered(sharedData):
+    """brainreg's downsampled two-photon brain (100 um) against a copy deformed by a known smooth warp, from a
+    perturbed start: mean displacement error in the brain below one voxel (0.1 mm)."""
+    tifffile = pytest.importorskip("tifffile")
+    path = sharedData / "brainreg" / "registration_output" / "downsampled.tiff"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    fixed = tifffile.imread(str(path)).astype(np.float32)
+    assert fixed.shape == (135, 77, 108)
+    m = _geometry(0.1, (0.0, 0.0, 0.0))
+    centre = _centre(fixed.shape, m)
+    bumps = [(centre + (1.0, 0.8, -2.0), (0.25, -0.15, 0.2), 2.0), (centre + (-1.5, -0.5, 2.5), (-0.2, 0.2, 0.1), 2.5),
+             (centre + (0.5, 1.5, -4.0), (0.1, 0.2, -0.25), 1.8)]
+
+    def v(points):
+        out = np.zeros_like(points)
+        for c, amplitude, sigma in bumps:
+            out += np.exp(-((points - c) ** 2).sum(1) / (2 * sigma**2))[:, None] * np.array(amplitude)
+        return out
+
+    def truth(p):
+        y = p.copy()
+        for _ in range(40):
+            y = p - v(y)
+        return y
+
+    moving = _warp(fixed, m, lambda y: y + v(y), order=3)
+    start = AffineMapping(_rotationAffine(1.0, 1, (0.1, -0.08, 0.06), centre))
+    settings = {"controlPointSpacingMm": 1.5, "maxSamples": 6000, "bsplineIterations": 30}
+    result = refine.refineRegistration(fixed, m, moving, m, start, settings=settings)
+    assert result.accepted, result.reason
+    brain = fixed.ravel() > 300  # autofluorescent tissue vs dark background
+    points = refine._gridPoints(fixed.shape, m)[brain][::7]
+    before = np.linalg.norm(start.transformPoints(points) - truth(points), axis=1)
+    after = np.linalg.norm(result.transformPoints(points) - truth(points), axis=1)
+    print(f"real tissue: mean error {before.mean():.3f} -> {after.mean():.3f} mm, p95 {np.percentile(after, 95):.3f}, "
+          f"{result.seconds:.1f} s")
+    assert before.mean() > 0.1
+    assert after.mean() < 0.1 and after.mean() < 0.5 * before.mean()
+
+
+def test_transformNodeChainMatchesResult(scene):
+    """Refinement grid node = parent of the landmark node; MRML's GetTransformBetweenNodes(world -> landmark
+    node frame) reproduces result.transformPoints, inside and outside the grid."""
+    import slicer
+    import vtk
+
+    from MRIHistoRegLib.volumes import numpyToMatrix
+
+    shape = (9, 11, 10)
+    m = _geometry(0.3, (1.0, 2.0, -1.0))
+    m[:3, :3] = _rotationAffine(20.0, 2, (0, 0, 0), np.zeros(3))[:3, :3] @ m[:3, :3]  # oblique grid
+    points = refine._gridPoints(shape, m)
+    displacement = np.stack([0.2 * np.sin(points[:, 1]), 0.1 * points[:, 0], 0.05 * points[:, 2] ** 2], 1)
+    landmark = _rotationAffine(10.0, 0, (0.5, -1.0, 2.0), np.zeros(3))
+    result = refine.RefinementResult(AffineMapping(landmark), displacement.reshape(shape + (3,)), m, accepted=True)
+
+    refinementNode = refine.refinementTransformNode(scene, result, "refine")
+    assert refinementNode.IsA("vtkMRMLGridTransformNode")
+    landmarkNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "landmarks")
+    landmarkNode.SetMatrixTransformFromParent(numpyToMatrix(landmark))
+    landmarkNode.SetAndObserveTransformNodeID(refinementNode.GetID())
+    worldToHistology = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, landmarkNode, worldToHistology)
+
+    rng = np.random.default_rng(3)
+    lo, hi = points.min(0) - 1.0, points.max(0) + 1.0  # includes points outside the grid (clamped)
+    probes = rng.uniform(lo, hi, (200, 3))
+    mrml = np.array([worldToHistology.TransformPoint(*p) for p in probes])
+    assert np.abs(mrml - result.transformPoints(probes)).max() < 1e-6
+    # the refinement really is in the chain
+    assert np.abs(mrml - AffineMapping(landmark).transformPoints(probes)).max() > 0.05
+
+
+def test_guardRailsKeepLandmarkOnlyResult():
+    fixed = _phantom()
+    m = _geometry()
+    moving = fixed.copy()
+    identity = AffineMapping(np.eye(4))
+    with pytest.raises(ValueError, match="resample the mask"):
+        refine.refineRegistration(fixed, m, moving, m, identity, fixedMask=np.ones((5, 5, 5)))
+    with pytest.raises(ValueError, match="different grid"):
+        refine.refineRegistration(fixed, m, moving, m, identity, movingMask=(np.ones(fixed.shape), m + 1.0))
+    with pytest.raises(ValueError, match="valid names"):
+        refine.refineRegistration(fixed, m, moving, m, identity, settings={"controlPointSpacing": 1})
+
+    far = AffineMapping(np.array([[1, 0, 0, 50.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    result = refine.refineRegistration(fixed, m, moving, m, far, settings=FAST)
+    assert not result.accepted and "empty overlap" in result.reason
+    probes = refine._gridPoints(fixed.shape, m)[::97]
+    assert np.array_equal(result.transformPoints(probes), far.transformPoints(probes))  # landmark-only kept
+
+    broken = moving.copy()
+    broken[10:30, 10:30, 10:30] = np.nan
+    result = refine.refineRegistration(fixed, m, broken, m, identity, settings=FAST)
+    assert not result.accepted and "not a number" in result.reason
+    assert np.array_equal(result.transformPoints(probes), probes)
+
+
+def test_landmarkResidualGuard():
+    fixed = _phantom()
+    m = _geometry()
+    shift = AffineMapping(np.array([[1, 0, 0, 0.3], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    moving = _warp(fixed, m, shift.inverse().transformPoints, order=3)
+    result = refine.refineRegistration(fixed, m, moving, m, AffineMapping(np.eye(4)), settings=FAST)
+    assert result.accepted, result.reason
+    landmarks = refine._gridPoints(fixed.shape, m)[fixed.ravel() > 80][::401][:12]
+    good = refine.evaluateAgainstLandmarks(result, landmarks, shift.transformPoints(landmarks))
+    assert good["medianBefore"] > 0.25 and good["medianAfter"] < 0.05 and result.accepted
+    # landmarks that say "no shift" (the refinement contradicts them by 0.3 mm > 0.2 mm tolerance): rejected
+    bad = refine.evaluateAgainstLandmarks(result, landmarks, landmarks)
+    assert bad["medianAfter"] > 0.25
+    assert not result.accepted and "landmark agreement worsened" in result.reason
+
+
+def test_jacobianDeterminantDetectsFolding():
+    shape = (12, 14, 16)
+    m = _geometry(0.2)
+    points = refine._gridPoints(shape, m).reshape(shape + (3,))
+    stretch = np.zeros(shape + (3,))
+    stretch[..., 0] = 0.1 * points[..., 0]  # x -> 1.1 x
+    assert np.allclose(refine.jacobianDeterminants(stretch, m), 1.1)
+    fold = np.zeros(shape + (3,))
+    fold[..., 2] = -2.0 * points[..., 2]  # z -> -z: orientation reversed
+    assert refine.jacobianDeterminants(fold, m, subsample=2).max() < 0
+
+
+def test_histologyFootprint():
+    stack = np.full((20, 22, 24), 7.0, np.float32)
+    stack[:, :, 15:] = 0.0  # not imaged (padding)
+    stack[8:10, 8:10, 5:7] = 0.0  # a dark hole inside the tissue stays in
+    mask = refine.histologyFootprint(stack, erosionVoxels=2)
+    assert mask[:, :, 13:].sum() == 0  # padding + 2 eroded columns
+    assert mask[2:-2, 2:-2, 2:13].all() and mask[9, 9, 6] == 1
+    assert mask[:2].sum() == 0  # box borders eroded too (partial-volume voxels)
+    full = refine.histologyFootprint(np.full((20, 22, 24), 3, np.uint16), erosionVoxels=1)
+    assert full.sum() == 18 * 20 * 22
+
+
+def test_progressAndCancel():
+    fixed = _phantom()
+    m = _geometry()
+    moving = _warp(fixed, m, lambda y: y + np.array([0.1, 0.0, 0.0]), order=3)
+    seen = []
+    refine.refineRegistration(fixed, m, moving, m, AffineMapping(np.eye(4)), settings=FAST,
+                              progress=lambda f, msg: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and len(seen) > 10
+    assert all(b >= a - 1e-9 for a, b in zip(seen, seen[1:])), "progress goes backwards"
+    calls = []
+    with pytest.raises(Cancelled):
+        refine.refineRegistration(fixed, m, moving, m, AffineMapping(np.eye(4)), settings=FAST,
+                                  progress=lambda f, msg: calls.append(f) or len(calls) > 5)
+    assert len(calls) == 6  # stopped at the first True
