@@ -506,7 +506,7 @@ def checkWritable(outPath):
 def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
     """Write [k, j, i] `array` with its geometry atomically (temporary file in the same folder, then rename).
 
-    .nrrd/.nhdr-free: .nrrd goes through pynrrd (LPS space directions); other extensions (.nii.gz, .mha, ...)
+    .nrrd goes through pynrrd (LPS space directions, gzip unless compress=False); other extensions (.nii.gz, .mha, ...)
     through SimpleITK."""
     outPath = os.fspath(outPath)
     checkWritable(outPath)
