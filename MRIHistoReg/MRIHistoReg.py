@@ -545,7 +545,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = self.logic.refineRegistration(p.mriVolume, p.histologyVolume, p.landmarkTransform, p.refinePreset,
                                                    outputTransform=p.refinedTransform, mriLandmarks=p.mriLandmarks,
                                                    histologyLandmarks=p.histologyLandmarks, progress=progress)
-            p.refinedTransform = result["transformNode"]
+            if result["accepted"]:
+                p.refinedTransform = result["transformNode"]
             self.ui.refineResultLabel.text = result["summary"]
 
     # --- Resample and compare ----------------------------------------------------------------------------

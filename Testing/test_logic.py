@@ -173,6 +173,34 @@ def test_warp_magnitude_of_a_translation_is_its_length(logic, scene):
     np.testing.assert_allclose(magnitude, 5.0, atol=1e-4)
 
 
+def test_refined_transform_is_the_landmark_transform_after_the_refinement(logic, scene):
+    """landmark(refinement(x)) in one node, checked against the two mappings composed by hand."""
+    from MRIHistoRegLib import refine, transforms
+
+    mri, histology, fixed, _ = _pairs(scene, np.array([[0.8, 0.1, 0, 1.0], [-0.1, 0.8, 0, 2.0], [0, 0, 0.75, -1.0], [0, 0, 0, 1]]))
+    landmarkNode = logic.fitLandmarks(mri, histology, "affine+tps")["transformNode"]
+    # a smooth refinement field d(x) = (0.2 sin(x/3), 0.1 y/5, -0.15) on a 0.5 mm grid over the points
+    fieldIjkToRas = np.diag([0.5, 0.5, 0.5, 1.0])
+    fieldIjkToRas[:3, 3] = -6.0
+    k, j, i = np.indices((25, 25, 25))
+    x, y = -6.0 + 0.5 * i, -6.0 + 0.5 * j
+    field = np.stack([0.2 * np.sin(x / 3), 0.1 * y / 5, np.full(x.shape, -0.15)], axis=-1)
+    landmarkMapping = transforms.mappingFromWorldToNode(landmarkNode)
+    result = refine.RefinementResult(landmarkMapping, field, fieldIjkToRas, accepted=True, reason="test")
+    refinementNode = refine.refinementTransformNode(scene, result, "refinement")
+    before = landmarkMapping.transformPoints(fixed)
+    composite = logic.composeRefinedTransform(landmarkNode, refinementNode)
+    points = fixed * 0.9  # inside the field's grid
+    expected = landmarkMapping.transformPoints(refine.DisplacementFieldMapping(field, fieldIjkToRas).transformPoints(points))
+    np.testing.assert_allclose(transforms.mappingFromWorldToNode(composite).transformPoints(points), expected, atol=1e-6)
+    np.testing.assert_allclose(result.transformPoints(points), expected, atol=1e-6)
+    # the landmark transform itself is unchanged and still has no parent
+    assert landmarkNode.GetParentTransformNode() is None
+    np.testing.assert_allclose(transforms.mappingFromWorldToNode(landmarkNode).transformPoints(fixed), before, atol=1e-12)
+    with pytest.raises(ValueError, match="separate node"):
+        logic.composeRefinedTransform(landmarkNode, refinementNode, landmarkNode)
+
+
 def test_slice_layers_follow_the_fade(logic, scene):
     assert logic.setSliceLayers(opacity=0.3) == 0  # an app-less scene has no slice views
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")

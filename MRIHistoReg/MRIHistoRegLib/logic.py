@@ -548,16 +548,30 @@ class MRIHistoRegLogicCore:
         if not result.accepted:
             return answer
         refinementNode = refine.refinementTransformNode(self.scene, result, "Intensity refinement")
-        if outputTransform is None:
-            outputTransform = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology (refined)")
-        # world -> histology = landmark(refinement(x)): a copy of the landmark transform under the refinement,
-        # hardened into one node (the landmark node itself is left as it was)
-        outputTransform.SetAndObserveTransformNodeID(None)
-        outputTransform.CopyContent(transformNode)
-        outputTransform.SetAndObserveTransformNodeID(refinementNode.GetID())
-        outputTransform.HardenTransform()
+        outputTransform = self.composeRefinedTransform(transformNode, refinementNode, outputTransform)
         answer.update(transformNode=outputTransform, refinementNode=refinementNode)
         return answer
+
+    def composeRefinedTransform(
+        self, transformNode: TransformNode, refinementNode: TransformNode, outputTransform: Optional[TransformNode] = None
+    ) -> TransformNode:
+        """One transform node whose world -> child mapping is landmark(refinement(x)): `transformNode` (with its own
+        parents) applied after `refinementNode` (both 'from parent' = MRI -> histology direction). The inputs are
+        left as they are; `outputTransform` (created when None) receives the hardened chain."""
+        if outputTransform is None:
+            outputTransform = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology (refined)")
+        if outputTransform is transformNode or outputTransform is refinementNode:
+            raise ValueError("The refined transform must be a separate node: pick or create another output transform.")
+        outputTransform.SetAndObserveTransformNodeID(None)
+        outputTransform.CopyContent(transformNode)
+        parent = transformNode.GetParentTransformNode()
+        if parent is not None:  # keep whatever the landmark transform sits under
+            outputTransform.SetAndObserveTransformNodeID(parent.GetID())
+            outputTransform.HardenTransform()
+        # the refinement acts first (world side), so it is the parent of the landmark copy
+        outputTransform.SetAndObserveTransformNodeID(refinementNode.GetID())
+        outputTransform.HardenTransform()
+        return outputTransform
 
     # --- resample and compare -------------------------------------------------------------------------------
 
