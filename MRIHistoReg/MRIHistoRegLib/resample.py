@@ -338,13 +338,13 @@ class LatticeMapping:
         return (cells[:, 2] * big + cells[:, 1]) * big + cells[:, 0]
 
     def _gridConeCorrections(self):
-        """Corrections on the reference grid's voxels, per centre box: (centre k ranges, flat voxel indices,
-        (3, entries) float32 corrections), computed once (batched, separable over the boxes)."""
+        """Corrections on the reference grid's voxels, per centre box: (first voxel of each box (n, 3: i, j, k),
+        cone residuals (n, Bk, Bj, Bi) float32, the centres' weights in target units (n, 3) float32, box sizes
+        (i, j, k)), computed once (batched, separable over the boxes); _applyGridCorrections scatters them."""
         if self._gridCorrections is not None:
             return self._gridCorrections
         centres, boxStart, targetWeights = self._cones
         h = self.step.astype(np.int64)
-        nk, nj, ni = self.shape
         sizes = 2 * h  # voxels per box along i, j, k
         # local trilinear weights from the box's 3 nodes to its 2h voxels (same for every box)
         def localMatrix(count, step):
@@ -382,58 +382,6 @@ class LatticeMapping:
             delta = (np.sqrt(squared) - interpolated).astype(np.float32)  # (n, Bk, Bj, Bi)
             entries.append(delta)
         self._gridCorrections = (voxelStart, np.concatenate(entries), targetWeights.astype(np.float32), sizes)
-        return self._gridCorrections
-        centres, boxStart, targetWeights = self._cones
-        h = self.step.astype(np.int64)
-        nk, nj, ni = self.shape
-        sizes = 2 * h  # voxels per box along i, j, k
-        # local trilinear weights from the box's 3 nodes to its 2h voxels (same for every box)
-        def localMatrix(count, step):
-            u = (np.arange(count) + 0.5) / step
-            cell = np.minimum(np.floor(u).astype(int), 1)
-            matrix = np.zeros((count, 3))
-            matrix[np.arange(count), cell] = 1 - (u - cell)
-            matrix[np.arange(count), cell + 1] = u - cell
-            return matrix
-        mi, mj, mk = (localMatrix(int(sizes[a]), float(h[a])) for a in range(3))
-        A = self.referenceIjkToRas[:3, :3]
-        t = [np.arange(int(sizes[a]), dtype=float) for a in range(3)]
-        nodeOffsets = np.stack(np.meshgrid(np.arange(3), np.arange(3), np.arange(3), indexing="ij"), -1)  # (k, j, i, 3)
-        voxelStart = boxStart * h  # first voxel of the box (nodes at -0.5 + m h)
-        entries = []
-        chunk = max(1, int(2e6 // np.prod(sizes)))
-        for first in range(0, len(centres), chunk):
-            sl = slice(first, first + chunk)
-            c = centres[sl]
-            start = boxStart[sl]
-            # cone values at the 27 local nodes
-            nodePos = self.origin + (start[:, None, None, None, :] + nodeOffsets[None, ..., ::-1]) * self.step
-            nodeRas = nodePos @ A.T + self.referenceIjkToRas[:3, 3]
-            nodeValues = np.linalg.norm(nodeRas - c[:, None, None, None, :], axis=-1)  # (n, 3k, 3j, 3i)
-            interpolated = np.einsum("nabc,ka,jb,ic->nkji", nodeValues, mk, mj, mi, optimize=True)
-            # exact cone on the box's voxels
-            d0 = (voxelStart[sl] @ A.T + self.referenceIjkToRas[:3, 3]) - c  # (n, 3)
-            squared = 0.0
-            for axis in range(3):
-                component = (d0[:, axis][:, None, None, None]
-                             + A[axis, 0] * t[0][None, None, None, :]
-                             + A[axis, 1] * t[1][None, None, :, None]
-                             + A[axis, 2] * t[2][None, :, None, None])
-                squared = squared + component * component
-            delta = (np.sqrt(squared) - interpolated).astype(np.float32)  # (n, Bk, Bj, Bi)
-            vi = voxelStart[sl, 0][:, None, None, None] + t[0].astype(np.int64)[None, None, None, :]
-            vj = voxelStart[sl, 1][:, None, None, None] + t[1].astype(np.int64)[None, None, :, None]
-            vk = voxelStart[sl, 2][:, None, None, None] + t[2].astype(np.int64)[None, :, None, None]
-            valid = (vi >= 0) & (vi < ni) & (vj >= 0) & (vj < nj) & (vk >= 0) & (vk < nk)
-            valid = np.broadcast_to(valid, delta.shape)
-            flat = np.broadcast_to((vk * nj + vj) * ni + vi, delta.shape)[valid]
-            owner = np.broadcast_to(np.arange(first, first + len(c))[:, None, None, None], delta.shape)[valid]
-            values = targetWeights[owner].T.astype(np.float32) * delta[valid][None, :]
-            entries.append((flat, values))
-        flat = np.concatenate([e[0] for e in entries])
-        values = np.concatenate([e[1] for e in entries], axis=1)
-        order = np.argsort(flat, kind="stable")
-        self._gridCorrections = (flat[order], values[:, order])
         return self._gridCorrections
 
     def _verify(self):
