@@ -659,7 +659,7 @@ class MRIHistoRegTest(ScriptedLoadableModuleTest):
     def runTest(self):
         """Run every scenario, each on a cleared scene."""
         for test in (self.test_LoadSample, self.test_FixSpacing, self.test_Downsample, self.test_LandmarkFit,
-                     self.test_Resample, self.test_Compare):
+                     self.test_Refine, self.test_Resample, self.test_Compare):
             self.setUp()
             test()
 
@@ -689,6 +689,11 @@ class MRIHistoRegTest(ScriptedLoadableModuleTest):
     def test_LandmarkFit(self):
         self.delayDisplay("Scenario: landmark fit")
         scenarios.landmarkFitScenario(slicer.mrmlScene, self._workFolder("landmarkFit"))
+        self.delayDisplay("Test passed")
+
+    def test_Refine(self):
+        self.delayDisplay("Scenario: intensity refinement from a displaced landmark fit")
+        scenarios.refineScenario(slicer.mrmlScene, self._workFolder("refine"))
         self.delayDisplay("Test passed")
 
     def test_Resample(self):
