@@ -121,22 +121,27 @@ def test_real_brainreg_series_to_100um(sharedData):
     assert tifffile.TiffFile(sharedData / "brainreg" / "registration_output" / "downsampled.tiff").series[0].shape == out.shape
 
 
-@pytest.mark.parametrize("kind", ["tiff", "nrrd"])
+@pytest.mark.parametrize("kind", ["tiff", "nrrd", "array"])
 def test_bright_block_lands_at_its_ras_position(tmp_path, kind):
     import nrrd
 
     array = np.zeros((40, 36, 50), np.uint16)
     array[20:30, 12:24, 10:20] = 1000  # one whole output voxel of 10 x 12 x 10 input voxels
     spacing = (0.00325, 0.004, 0.005)
+    angle = 0.4
+    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
     if kind == "tiff":
         source = stacks.openStack(_tiff(tmp_path / "g.tif", array), spacingMm=spacing)
-    else:
-        angle = 0.4
-        rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
+    elif kind == "nrrd":
         nrrd.write(str(tmp_path / "g.nrrd"), array, {"space": "left-posterior-superior",
                                                     "space directions": (rotation * spacing).T,
                                                     "space origin": [3.0, -2.0, 1.0]}, index_order="C")
         source = stacks.openStack(tmp_path / "g.nrrd")
+    else:  # in memory, any IJK->RAS (here rotated, off the origin)
+        matrix = np.eye(4)
+        matrix[:3, :3] = rotation * spacing
+        matrix[:3, 3] = [-3.0, 2.0, 1.0]
+        source = stacks.ArraySource(array, matrix)
     target = (10 * spacing[0], 12 * spacing[1], 10 * spacing[2])
     out, matrix = downsample.downsampleStack(source, target)
     assert out.shape == (4, 3, 5)
@@ -167,6 +172,37 @@ def test_crop_in_voxels_and_mm(tmp_path):
         downsample.downsampleStack(source, 0.5, crop=((0, 31), None, None))
     with pytest.raises(ValueError, match="empty"):
         downsample.downsampleStack(source, 0.5, crop=((5, 5), None, None))
+
+
+def test_array_source_and_stack_source_of_the_same_data_give_identical_outputs(tmp_path):
+    """One box filter for stacks and memory: downsampleStack on stacks.ArraySource (in memory, read-ahead thread)
+    and on a file source of the same voxels (raw TIFF: two workers, positional row reads; gzip NRRD: one stream)
+    give the same bits and geometry, for whole stacks and crops, integer and float (big-endian too) data."""
+    import nrrd
+
+    array = _stack((17, 21, 26), seed=7)
+    spacing = (0.00325, 0.00325, 0.005)
+    tiff = stacks.openStack(_tiff(tmp_path / "a.tif", array), spacingMm=spacing)
+    inMemory = stacks.ArraySource(array, tiff.ijkToRas())
+    assert inMemory.spacingMm == tiff.spacingMm and np.array_equal(inMemory.ijkToRas(), tiff.ijkToRas())
+    for target, crop in (((0.01, 0.0075, 0.00965), None), ((0.0065, 0.0101, 0.0113), ((3, 22), (2, 19), (1, 16)))):
+        expected, expectedMatrix = downsample.downsampleStack(tiff, target, crop=crop)
+        got, matrix = downsample.downsampleStack(inMemory, target, crop=crop)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+        assert np.array_equal(matrix, expectedMatrix)
+        assert downsample.outputGeometry(inMemory, target, crop)[0] == got.shape
+
+    floats = np.random.default_rng(8).normal(5.0, 2.0, (13, 15, 17)).astype(np.float32)
+    nrrd.write(str(tmp_path / "f.nrrd"), floats, {"encoding": "gzip", "spacings": [0.01, 0.01, 0.02]}, index_order="C")
+    gz = stacks.openStack(tmp_path / "f.nrrd")
+    factors = (2.6, 1.7, 1.45)
+    target = tuple(s * f for s, f in zip(gz.spacingMm, factors))
+    expected, expectedMatrix = downsample.downsampleStack(gz, target)
+    for copy in (floats, floats.astype(">f4"), floats.astype(np.float64)):
+        got, matrix = downsample.downsampleStack(stacks.ArraySource(copy, gz.ijkToRas()), target)
+        assert np.array_equal(got, expected), copy.dtype
+        assert np.array_equal(matrix, expectedMatrix)
+    assert np.abs(expected - _bruteForce(floats, factors)).max() <= 1e-5
 
 
 def test_axis_shorter_than_one_target_voxel(tmp_path):

@@ -204,6 +204,34 @@ def test_nrrd_big_endian(tmp_path):
     _assertPlanes(source, array.astype(np.uint16))
 
 
+# ---- in memory ------------------------------------------------------------------------------------------------
+def test_array_source_is_a_stack_source_over_memory():
+    array = _stack((5, 6, 7), seed=9)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array([[0.0, -0.2, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.5]])  # axes permuted and flipped
+    matrix[:3, 3] = [1.0, -2.0, 3.0]
+    source = stacks.ArraySource(array, matrix)
+    assert isinstance(source, stacks.StackSource) and source.kind == "array" and source.array is array
+    _assertPlanes(source, array)
+    assert source.spacingMm == pytest.approx((0.1, 0.2, 0.5)) and np.array_equal(source.ijkToRas(), matrix)
+    buffer = np.empty(source.planeShape, source.dtype)
+    assert source.readPlane(2, out=buffer) is buffer and np.array_equal(buffer, array[2])
+    with pytest.raises(ValueError, match="out"):
+        source.readPlane(0, out=np.empty(source.planeShape, np.float32))
+    _assertPlanes(stacks.ArraySource(array.astype(">u2"), matrix), array)  # planes come in native byte order
+    # a spacing fix changes the spacing only: directions and origin are kept, voxels untouched
+    fixed = source.withSpacing((0.3, 0.3, 0.3))
+    np.testing.assert_allclose(fixed.ijkToRas()[:3, :3], np.sign(matrix[:3, :3]) * 0.3)
+    np.testing.assert_allclose(fixed.ijkToRas()[:3, 3], matrix[:3, 3])
+    assert np.array_equal(source.ijkToRas(), matrix) and np.array_equal(fixed.readAll(), array)
+    with pytest.raises(ValueError, match="3-D"):
+        stacks.ArraySource(array[0], matrix)
+    with pytest.raises(ValueError, match="singular"):
+        stacks.ArraySource(array, np.diag([0.1, 0.0, 0.1, 1.0]))
+    with pytest.raises(ValueError, match="4x4"):
+        stacks.ArraySource(array, np.eye(3))
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 def test_truncated_nrrd_raw_and_gzip(tmp_path):
     array = _stack((6, 20, 30))
