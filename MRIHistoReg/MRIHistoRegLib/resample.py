@@ -19,7 +19,8 @@ reproduces the affine part exactly) and saves a step.
 Anti-aliasing: when one output voxel covers many source voxels (local scale from the lattice's Jacobian times
 the output spacing), the source is first area-averaged (exact box filter, streamed plane by plane) to an
 intermediate level whose spacing is close to the output voxel's footprint, and that level is interpolated ONCE.
-An interpolated image is never interpolated again.
+An interpolated image is never interpolated again. The box filter is downsample.downsampleStack's, for every
+kind of source (arrays and volume nodes go through it as stacks.ArraySource).
 
 Memory: the output, the intermediate level (or, without one, the source planes one output slab needs) and one
 slab of coordinates.
@@ -70,54 +71,28 @@ def _applyMatrix(matrix, points):
 
 # ------------------------------------------------------------------------------------------------- the source
 class _Source:
-    """Uniform access to a source: a StackSource-like object (streamed planes), a (array, ijkToRas) tuple or
-    a volume node. Arrays are [k, j, i]."""
+    """A source as a StackSource (`stack`): stacks.openStack's as it is, an (array [k, j, i], ijkToRas) tuple or a
+    volume node as a stacks.ArraySource, so one box filter (downsample.downsampleStack) serves them all. Also its
+    `shape`, its IJK->RAS matrix `ijkToRas` and, for in-memory sources, the `array` itself (interpolated directly
+    when no anti-aliasing level is needed)."""
 
     def __init__(self, source):
-        self.stack = None
-        self.array = None
+        from MRIHistoRegLib.stacks import ArraySource
+
         if isinstance(source, (tuple, list)) and len(source) == 2:
-            array = np.asarray(source[0])
-            if array.ndim != 3:
-                raise ValueError(f"A source array must be 3-D [k, j, i], got shape {array.shape}.")
-            self.array = array
-            self.shape = array.shape
-            self.ijkToRas = _asMatrix(source[1], "The source's ijkToRas")
-        elif hasattr(source, "readPlane"):
-            self.stack = source
-            self.shape = _asShape(source.shape, "the stack's shape")
-            geometry = source.ijkToRas() if callable(source.ijkToRas) else source.ijkToRas
-            self.ijkToRas = _asMatrix(geometry, "The stack's ijkToRas")
-        elif hasattr(source, "GetImageData"):
+            source = ArraySource(source[0], _asMatrix(source[1], "The source's ijkToRas"))
+        elif not hasattr(source, "readPlane"):
+            if not hasattr(source, "GetImageData"):
+                raise ValueError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) "
+                                 f"tuple or a scalar volume node, got {type(source).__name__}.")
             from MRIHistoRegLib import volumes
 
-            self.array = volumes.arrayFromVolume(source)
-            self.shape = self.array.shape
-            self.ijkToRas = volumes.ijkToRas(source)
-        else:
-            raise ValueError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) tuple "
-                             f"or a scalar volume node, got {type(source).__name__}.")
-        self.shape = tuple(int(n) for n in self.shape)
-
-    def planes(self, start, stop):
-        """float32 array of planes [start, stop) (copy for stacks, view cast for arrays)."""
-        if self.array is not None:
-            return np.asarray(self.array[start:stop], dtype=np.float32)
-        out = np.empty((stop - start,) + self.shape[1:], np.float32)
-        for index, k in enumerate(range(start, stop)):
-            out[index] = self.stack.readPlane(k)
-        return out
-
-    def iterPlanes(self, start, stop):
-        if self.array is not None:
-            for k in range(start, stop):
-                yield self.array[k]
-        elif hasattr(self.stack, "iterPlanes"):
-            for item in self.stack.iterPlanes(start, stop):
-                yield item[1] if isinstance(item, tuple) else item  # StackSource yields (k, plane)
-        else:
-            for k in range(start, stop):
-                yield self.stack.readPlane(k)
+            source = ArraySource(volumes.arrayFromVolume(source), volumes.ijkToRas(source), name=source.GetName())
+        self.stack = source
+        self.array = source.array if isinstance(source, ArraySource) else None
+        self.shape = _asShape(source.shape, "the stack's shape")
+        geometry = source.ijkToRas() if callable(source.ijkToRas) else source.ijkToRas
+        self.ijkToRas = _asMatrix(geometry, "The stack's ijkToRas")
 
 
 # ------------------------------------------------------------------------------------------- lattice mapping
@@ -566,98 +541,18 @@ def sampleNearest(volume, ci, cj, ck, bounds=None, fill=0):
 
 
 # ------------------------------------------------------------------------------------- area-averaged levels
-def _boxEdges(count, factor):
-    """Edges (in input voxels, 0..count) of boxes of width `factor` and the number of boxes."""
-    boxes = int(np.ceil(count / factor - 1e-9))
-    edges = np.minimum(np.arange(boxes + 1) * factor, count)
-    return edges, boxes
+def _areaAveragedLevel(src, factors, crop, progress):
+    """The intermediate level: the source's crop ((k0, k1), (j0, j1), (i0, i1)) box-filtered by real factors
+    (fi, fj, fk) >= 1 through downsample.downsampleStack (the exact, streamed, fractional-overlap box filter, for
+    stacks and in-memory sources alike). Level voxel centres sit at the box centres, in the source's frame; a
+    last box the crop does not fill is dropped (downsampleStack's rule), so within one box of the source's far
+    edge the samples clamp to the last whole box. Returns (float32 array [k, j, i], level IJK->RAS)."""
+    from MRIHistoRegLib import downsample
 
-
-def _areaAverageAxis(array, axis, factor):
-    """Exact area-weighted average of boxes of width `factor` (any real >= 1) along `axis` (float64)."""
-    count = array.shape[axis]
-    edges, _ = _boxEdges(count, factor)
-    cumulative = np.cumsum(array, axis=axis, dtype=np.float64)
-    shape = list(array.shape)
-    shape[axis] = 1
-    cumulative = np.concatenate([np.zeros(shape), cumulative], axis=axis)  # S[n] = sum of the first n voxels
-    whole = np.minimum(np.floor(edges).astype(np.intp), count - 1)
-    part = edges - whole
-    integral = (np.take(cumulative, whole, axis=axis)
-                + np.take(array, whole, axis=axis).astype(np.float64) * _along(part, axis, array.ndim))
-    widths = np.diff(edges)
-    return np.diff(integral, axis=axis) / _along(widths, axis, array.ndim)
-
-
-def _along(vector, axis, ndim):
-    shape = [1] * ndim
-    shape[axis] = len(vector)
-    return np.asarray(vector).reshape(shape)
-
-
-def _kOverlaps(count, factor):
-    """For each input plane n: the boxes it touches along k and the overlap lengths."""
-    edges, boxes = _boxEdges(count, factor)
-    result = []
-    for n in range(count):
-        first = int(np.floor(n / factor))
-        touches = []
-        for m in range(first, min(boxes, first + int(np.ceil(1 / factor)) + 2)):
-            overlap = min(n + 1.0, edges[m + 1]) - max(float(n), edges[m])
-            if overlap > 1e-12:
-                touches.append((m, overlap))
-        result.append(touches)
-    return result, edges, boxes
-
-
-def areaAverage(source, factors, crop=None, progress=None):
-    """Exact box-filter (area-weighted) average of a source by real factors (fi, fj, fk) >= 1, streamed plane by
-    plane over the crop ((k0, k1), (j0, j1), (i0, i1)) (default: everything).
-
-    Returns (float32 level array [k, j, i], levelIjkToRas). Level voxel m along an axis averages source
-    voxels [c0 + m f, c0 + (m + 1) f) (edges in voxel units, partial boxes at the crop's end average what they
-    cover) and its centre is at source index c0 - 0.5 + (m + 0.5) f: the frame of the source is kept."""
-    src = source if isinstance(source, _Source) else _Source(source)
-    if crop is None:
-        crop = ((0, src.shape[0]), (0, src.shape[1]), (0, src.shape[2]))
-    (k0, k1), (j0, j1), (i0, i1) = [(int(a), int(b)) for a, b in crop]
-    fi, fj, fk = (max(float(f), 1.0) for f in factors)
-    overlaps, kEdges, nBoxesK = _kOverlaps(k1 - k0, fk)
-    _, nBoxesJ = _boxEdges(j1 - j0, fj)
-    _, nBoxesI = _boxEdges(i1 - i0, fi)
-    accumulator = np.zeros((nBoxesK, nBoxesJ, nBoxesI), np.float64)
-    for index, plane in enumerate(src.iterPlanes(k0, k1)):
-        plane = np.asarray(plane)[j0:j1, i0:i1]
-        reduced = _areaAverageAxis(_areaAverageAxis(plane, 1, fi), 0, fj)
-        for m, overlap in overlaps[index]:
-            accumulator[m] += overlap * reduced
-        if index % 16 == 0:
-            progressLib.report(progress, index / max(k1 - k0, 1), "area-averaging the source")
-    accumulator /= _along(np.diff(kEdges), 0, 3)
-    scaleOffset = np.eye(4)
-    scaleOffset[:3, :3] = np.diag([fi, fj, fk])
-    scaleOffset[:3, 3] = [i0 - 0.5 + 0.5 * fi, j0 - 0.5 + 0.5 * fj, k0 - 0.5 + 0.5 * fk]
-    return accumulator.astype(np.float32), src.ijkToRas @ scaleOffset
-
-
-def _levelFromDownsample(src, factors, crop, progress):
-    """The intermediate level through downsample.downsampleStack (the stacks' own exact streamed box filter)
-    when that module is present and the source is a stack; otherwise areaAverage."""
-    if src.stack is not None:
-        try:
-            from MRIHistoRegLib import downsample  # written with the stacks issue
-        except ImportError:
-            downsample = None
-        if downsample is not None and hasattr(downsample, "downsampleStack"):
-            target = _spacing(src.ijkToRas) * np.asarray(factors)
-            try:
-                cropIjk = tuple(crop[::-1])  # downsampleStack takes voxel ranges in (i, j, k) order
-                array, geometry = downsample.downsampleStack(src.stack, target, crop=cropIjk, progress=progress)
-                return np.asarray(array, np.float32), np.asarray(geometry, float), "downsample.downsampleStack"
-            except TypeError:
-                logging.debug("downsampleStack does not take this crop; using resample.areaAverage")
-    array, geometry = areaAverage(src, factors, crop=crop, progress=progress)
-    return array, geometry, "resample.areaAverage"
+    target = np.asarray(src.stack.spacingMm, float) * np.asarray(factors, float)
+    cropIjk = tuple(crop[::-1])  # downsampleStack takes voxel ranges in (i, j, k) order
+    array, geometry = downsample.downsampleStack(src.stack, target, crop=cropIjk, progress=progress)
+    return array, np.asarray(geometry, float)
 
 
 # ---------------------------------------------------------------------------------------------- resampling
@@ -730,8 +625,8 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
     if np.any(factors > 1.0):
         crop = _footprintCrop(lattice, src.shape, margin=2 * float(factors.max()) + 2)
         if min(b - a for a, b in crop) > 0:
-            level, levelGeometry, levelBy = _levelFromDownsample(src, factors, crop,
-                                                                progressLib.scaled(progress, 0.05, 0.5))
+            level, levelGeometry = _areaAveragedLevel(src, factors, crop, progressLib.scaled(progress, 0.05, 0.5))
+            levelBy = "downsample.downsampleStack"
     elif src.array is not None:
         level = src.array
     # continuous source index -> continuous level index (affine, applied to the lattice's coordinates)
@@ -805,7 +700,7 @@ def _sampleFromStack(src, sampler, ci, cj, ck, planeCache, fill):
     block = np.empty((high - low,) + src.shape[1:], np.float32)
     for index, k in enumerate(range(low, high)):
         if k not in planeCache:
-            planeCache[k] = src.planes(k, k + 1)[0]
+            planeCache[k] = src.stack.readPlane(k)
         block[index] = planeCache[k]
     bounds = ((-0.5, src.shape[2] - 0.5), (-0.5, src.shape[1] - 0.5), (-0.5 - low, nk - 0.5 - low))
     return sampler(block, ci, cj, ck - low, bounds=bounds, fill=fill)
