@@ -8,12 +8,7 @@ import SimpleITK as sitk
 
 from MRIHistoRegLib import compare
 from MRIHistoRegLib.mapping import AffineMapping
-
-
-def grid(shape, spacing, origin=(0.0, 0.0, 0.0)):
-    m = np.diag(list(np.broadcast_to(np.asarray(spacing, float), (3,))) + [1.0])
-    m[:3, 3] = origin
-    return tuple(shape), m
+from helpers import SineWarp, grid
 
 
 def ellipsoid(shape, ijkToRas, centre, radii, label=1, supersample=4):
@@ -29,26 +24,6 @@ def ellipsoid(shape, ijkToRas, centre, radii, label=1, supersample=4):
                 ras = index @ ijkToRas[:3, :3].T + ijkToRas[:3, 3]
                 covered += (((ras - centre) / radii) ** 2).sum(-1) <= 1.0
     return np.where(covered / supersample ** 3 >= 0.5, label, 0).astype(np.uint8)
-
-
-class SineWarp:
-    """x -> A x + t + a sin(k x[perm]): smooth, with analytic Jacobian."""
-
-    def __init__(self, matrix, amplitude, wavelength):
-        self.matrix = np.asarray(matrix, float)
-        self.affineMatrix = self.matrix
-        self.amplitude, self.k, self.perm = amplitude, 2 * np.pi / wavelength, [1, 2, 0]
-
-    def transformPoints(self, points):
-        points = np.atleast_2d(np.asarray(points, float))
-        return points @ self.matrix[:3, :3].T + self.matrix[:3, 3] + self.amplitude * np.sin(self.k * points[:, self.perm])
-
-    def jacobian(self, points):
-        points = np.atleast_2d(np.asarray(points, float))
-        jac = np.broadcast_to(self.matrix[:3, :3], (len(points), 3, 3)).copy()
-        for row, col in enumerate(self.perm):
-            jac[:, row, col] += self.amplitude * self.k * np.cos(self.k * points[:, col])
-        return jac
 
 
 def test_label_volumes_use_the_voxel_volume():

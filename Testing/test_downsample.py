@@ -10,18 +10,7 @@ import pytest
 from MRIHistoRegLib import downsample, stacks
 from MRIHistoRegLib.progress import Cancelled
 from MRIHistoRegLib.volumes import arrayFromVolume, ijkToRas, loadVolume
-
-
-def _stack(shape, seed=0, dtype=np.uint16):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
-
-
-def _tiff(path, array, **kwargs):
-    import tifffile
-
-    tifffile.imwrite(path, array, photometric="minisblack", **kwargs)
-    return path
+from helpers import randomStack, writeTiff
 
 
 def _replicateBlockMean(array, repeat, block):
@@ -60,8 +49,8 @@ def _bruteForce(array, factors):
 
 
 def test_rational_factors_match_replicate_block_mean(tmp_path):
-    array = _stack((23, 31, 37))
-    source = stacks.openStack(_tiff(tmp_path / "a.tif", array), spacingMm=(0.01, 0.01, 0.01))
+    array = randomStack((23, 31, 37))
+    source = stacks.openStack(writeTiff(tmp_path / "a.tif", array), spacingMm=(0.01, 0.01, 0.01))
     # factors i = 5/2, j = 7/3, k = 3/2
     out, _ = downsample.downsampleStack(source, (0.025, 0.07 / 3, 0.015))
     reference = _replicateBlockMean(array, (2, 3, 2), (5, 7, 3))
@@ -71,11 +60,11 @@ def test_rational_factors_match_replicate_block_mean(tmp_path):
 
 
 def test_awkward_factors_match_brute_force_integration(tmp_path):
-    array = _stack((17, 21, 26), seed=3)
+    array = randomStack((17, 21, 26), seed=3)
     spacing = (0.00325, 0.00325, 0.005)
     factors = (3.077, 2.31, 1.93)
     target = tuple(s * f for s, f in zip(spacing, factors))
-    source = stacks.openStack(_tiff(tmp_path / "b.tif", array), spacingMm=spacing)
+    source = stacks.openStack(writeTiff(tmp_path / "b.tif", array), spacingMm=spacing)
     out, _ = downsample.downsampleStack(source, target)
     reference = _bruteForce(array, factors)
     assert out.shape == reference.shape
@@ -87,13 +76,13 @@ def test_integer_factors_equal_block_mean_for_every_source_kind(tmp_path):
     import nrrd
     import tifffile
 
-    array = _stack((12, 18, 20), seed=4)
+    array = randomStack((12, 18, 20), seed=4)
     reference = array.astype(np.float64).reshape(4, 3, 6, 3, 5, 4).mean(axis=(1, 3, 5)).astype(np.float32)
     series = tmp_path / "series"
     series.mkdir()
     for k in range(array.shape[0]):
         tifffile.imwrite(series / f"p{k}.tif", array[k])
-    paths = [_tiff(tmp_path / "u.tif", array), _tiff(tmp_path / "z.tif", array, compression="zlib", bigtiff=True), series]
+    paths = [writeTiff(tmp_path / "u.tif", array), writeTiff(tmp_path / "z.tif", array, compression="zlib", bigtiff=True), series]
     for name, encoding, detached in (("r.nrrd", "raw", False), ("g.nrrd", "gzip", False), ("d.nhdr", "gzip", True)):
         nrrd.write(str(tmp_path / name), array, {"encoding": encoding, "spacings": [0.5, 0.5, 0.5]}, index_order="C",
                    detached_header=detached)
@@ -131,7 +120,7 @@ def test_bright_block_lands_at_its_ras_position(tmp_path, kind):
     angle = 0.4
     rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
     if kind == "tiff":
-        source = stacks.openStack(_tiff(tmp_path / "g.tif", array), spacingMm=spacing)
+        source = stacks.openStack(writeTiff(tmp_path / "g.tif", array), spacingMm=spacing)
     elif kind == "nrrd":
         nrrd.write(str(tmp_path / "g.nrrd"), array, {"space": "left-posterior-superior",
                                                     "space directions": (rotation * spacing).T,
@@ -158,8 +147,8 @@ def test_bright_block_lands_at_its_ras_position(tmp_path, kind):
 
 
 def test_crop_in_voxels_and_mm(tmp_path):
-    array = _stack((20, 24, 30), seed=5)
-    source = stacks.openStack(_tiff(tmp_path / "c.tif", array), spacingMm=(0.1, 0.1, 0.2))
+    array = randomStack((20, 24, 30), seed=5)
+    source = stacks.openStack(writeTiff(tmp_path / "c.tif", array), spacingMm=(0.1, 0.1, 0.2))
     crop = ((6, 26), (3, 21), (4, 16))
     out, matrix = downsample.downsampleStack(source, (0.5, 0.3, 0.4), crop=crop)
     reference = array[4:16, 3:21, 6:26].astype(np.float64).reshape(6, 2, 6, 3, 4, 5).mean(axis=(1, 3, 5))
@@ -180,9 +169,9 @@ def test_array_source_and_stack_source_of_the_same_data_give_identical_outputs(t
     give the same bits and geometry, for whole stacks and crops, integer and float (big-endian too) data."""
     import nrrd
 
-    array = _stack((17, 21, 26), seed=7)
+    array = randomStack((17, 21, 26), seed=7)
     spacing = (0.00325, 0.00325, 0.005)
-    tiff = stacks.openStack(_tiff(tmp_path / "a.tif", array), spacingMm=spacing)
+    tiff = stacks.openStack(writeTiff(tmp_path / "a.tif", array), spacingMm=spacing)
     inMemory = stacks.ArraySource(array, tiff.ijkToRas())
     assert inMemory.spacingMm == tiff.spacingMm and np.array_equal(inMemory.ijkToRas(), tiff.ijkToRas())
     for target, crop in (((0.01, 0.0075, 0.00965), None), ((0.0065, 0.0101, 0.0113), ((3, 22), (2, 19), (1, 16)))):
@@ -206,8 +195,8 @@ def test_array_source_and_stack_source_of_the_same_data_give_identical_outputs(t
 
 
 def test_axis_shorter_than_one_target_voxel(tmp_path):
-    array = _stack((1, 9, 12), seed=6)  # e.g. a one-file series
-    source = stacks.openStack(_tiff(tmp_path / "one.tif", array), spacingMm=(0.01, 0.01, 0.01))
+    array = randomStack((1, 9, 12), seed=6)  # e.g. a one-file series
+    source = stacks.openStack(writeTiff(tmp_path / "one.tif", array), spacingMm=(0.01, 0.01, 0.01))
     out, matrix = downsample.downsampleStack(source, (0.03, 0.03, 0.03))
     reference = array[0].astype(np.float64).reshape(3, 3, 4, 3).mean(axis=(1, 3))
     assert np.array_equal(out[0], reference.astype(np.float32))
@@ -215,8 +204,8 @@ def test_axis_shorter_than_one_target_voxel(tmp_path):
 
 
 def test_to_node_and_to_file_round_trip(scene, tmp_path):
-    array = _stack((16, 20, 24), seed=7)
-    source = stacks.openStack(_tiff(tmp_path / "n.tif", array), spacingMm=(0.01, 0.01, 0.02))
+    array = randomStack((16, 20, 24), seed=7)
+    source = stacks.openStack(writeTiff(tmp_path / "n.tif", array), spacingMm=(0.01, 0.01, 0.02))
     node = downsample.downsampleToNode(scene, source, (0.04, 0.05, 0.08))
     out, matrix = downsample.downsampleStack(source, (0.04, 0.05, 0.08))
     np.testing.assert_array_equal(arrayFromVolume(node), out)
@@ -229,8 +218,8 @@ def test_to_node_and_to_file_round_trip(scene, tmp_path):
 
 
 def test_cancel_leaves_nothing(scene, tmp_path):
-    array = _stack((30, 8, 8), seed=8)
-    source = stacks.openStack(_tiff(tmp_path / "x.tif", array), spacingMm=(0.1, 0.1, 0.1))
+    array = randomStack((30, 8, 8), seed=8)
+    source = stacks.openStack(writeTiff(tmp_path / "x.tif", array), spacingMm=(0.1, 0.1, 0.1))
     seen = []
 
     def cancelHalfway(fraction, message=""):
@@ -254,8 +243,8 @@ def test_cancel_leaves_nothing(scene, tmp_path):
 def test_bad_inputs(tmp_path):
     import nrrd
 
-    array = _stack((10, 12, 14), seed=9)
-    source = stacks.openStack(_tiff(tmp_path / "b.tif", array), spacingMm=(0.01, 0.01, 0.02))
+    array = randomStack((10, 12, 14), seed=9)
+    source = stacks.openStack(writeTiff(tmp_path / "b.tif", array), spacingMm=(0.01, 0.01, 0.02))
     with pytest.raises(ValueError, match=r"finer than the stack's spacing.*k: 0.01 < 0.02"):
         downsample.downsampleStack(source, 0.01)
     with pytest.raises(ValueError, match="positive"):
@@ -288,9 +277,9 @@ def test_cli_info_and_downsample(tmp_path, caplog):
 
     from MRIHistoRegLib import cli
 
-    array = _stack((10, 12, 14), seed=10)
-    path = _tiff(tmp_path / "cli.tif", array)
-    wide = _tiff(tmp_path / "wide.tif", np.zeros((2, 3, 600), np.uint8))
+    array = randomStack((10, 12, 14), seed=10)
+    path = writeTiff(tmp_path / "cli.tif", array)
+    wide = writeTiff(tmp_path / "wide.tif", np.zeros((2, 3, 600), np.uint8))
     caplog.set_level(logging.INFO)
     assert cli.main(["info", str(wide)]) == 0
     assert "(2, 3, 600)" in caplog.text and "uint8" in caplog.text
@@ -312,13 +301,13 @@ def test_cli_info_and_downsample(tmp_path, caplog):
 def test_gzip_cancel_and_worker_counts_agree(tmp_path):
     import nrrd
 
-    array = _stack((24, 30, 28), seed=11)
+    array = randomStack((24, 30, 28), seed=11)
     nrrd.write(str(tmp_path / "c.nrrd"), array, {"encoding": "gzip"}, index_order="C")
     gz = stacks.openStack(tmp_path / "c.nrrd", spacingMm=0.01)
     with pytest.raises(Cancelled):
         downsample.downsampleStack(gz, 0.025, progress=lambda fraction, message="": fraction > 0.3)
     reference, _ = downsample.downsampleStack(gz, 0.025)  # the stream restarts cleanly after a cancel
-    tif = stacks.openStack(_tiff(tmp_path / "c.tif", array), spacingMm=0.01)
+    tif = stacks.openStack(writeTiff(tmp_path / "c.tif", array), spacingMm=0.01)
     for workers in (1, 2, 3):
         out, _ = downsample.downsampleStack(tif, 0.025, workers=workers)
         assert np.array_equal(out, reference)
@@ -334,7 +323,7 @@ def test_memory_does_not_grow_with_depth(tmp_path):
     for depth in (40, 80):
         path = tmp_path / f"d{depth}.tif"
         with tifffile.TiffWriter(path) as writer:
-            for plane in _stack((depth, 256, 320), seed=depth):
+            for plane in randomStack((depth, 256, 320), seed=depth):
                 writer.write(plane, contiguous=True, photometric="minisblack")
         for kind in ("raw", "gzip"):
             if kind == "gzip":

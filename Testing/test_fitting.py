@@ -6,14 +6,7 @@ import pytest
 
 from MRIHistoRegLib import fitting
 from MRIHistoRegLib.landmarks import readElastixPoints
-
-
-def _rotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return q
+from helpers import randomRotation
 
 
 def _apply(matrix, points):
@@ -56,11 +49,11 @@ def _vtkTps(source, target):
 def test_knownLinearTransformRecovered(model):
     rng = np.random.default_rng(1)
     truth = np.eye(4)
-    linear = _rotation(rng)
+    linear = randomRotation(rng)
     if model == "similarity":
         linear = 0.73 * linear
     if model == "affine":
-        linear = linear @ np.diag([0.8, 1.3, 0.6]) @ _rotation(rng)
+        linear = linear @ np.diag([0.8, 1.3, 0.6]) @ randomRotation(rng)
     truth[:3, :3] = linear
     truth[:3, 3] = [4.0, -7.5, 21.0]
     fixed = _cloud(rng)
@@ -90,7 +83,7 @@ def test_rigidNeverReflects():
 def test_tpsOfAffinePointsIsThatAffine():
     rng = np.random.default_rng(3)
     truth = np.eye(4)
-    truth[:3, :3] = np.diag([0.8, 0.9, 0.7]) @ _rotation(rng)
+    truth[:3, :3] = np.diag([0.8, 0.9, 0.7]) @ randomRotation(rng)
     truth[:3, 3] = [1, 2, 3]
     fixed = _cloud(rng, 12)
     fitted = fitting.fitLandmarks(fixed, _apply(truth, fixed), "affine+tps")
@@ -104,7 +97,7 @@ def test_shrinkageReadout():
     rng = np.random.default_rng(4)
     fixed = _cloud(rng, 15)
     truth = np.eye(4)
-    truth[:3, :3] = 0.8 * _rotation(rng)
+    truth[:3, :3] = 0.8 * randomRotation(rng)
     evaluation = fitting.evaluateFit(fixed, _apply(truth, fixed), None, "similarity")
     assert evaluation["scale"] == pytest.approx(0.8, abs=1e-12)
     assert evaluation["volume_ratio"] == pytest.approx(0.512, abs=1e-12)
@@ -209,7 +202,7 @@ def test_noisyLeaveOneOutBehaves():
     rng = np.random.default_rng(10)
     fixed = _cloud(rng, 30)
     truth = np.eye(4)
-    truth[:3, :3] = 0.75 * _rotation(rng)
+    truth[:3, :3] = 0.75 * randomRotation(rng)
     moving = _apply(truth, fixed) + rng.normal(size=fixed.shape) * 0.2
     labels = [f"L{i}" for i in range(30)]
     for model in fitting.MODELS:

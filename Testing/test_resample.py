@@ -9,28 +9,7 @@ from vtk.util import numpy_support
 
 from MRIHistoRegLib import resample
 from MRIHistoRegLib.mapping import AffineMapping
-
-
-class SineWarp:
-    """x -> A x + t + a * sin(2 pi x[perm] / L): smooth, non-folding, analytic Jacobian."""
-
-    def __init__(self, matrix, amplitude=0.15, wavelength=4.0):
-        self.matrix = np.asarray(matrix, float)
-        self.amplitude = amplitude
-        self.k = 2 * np.pi / wavelength
-        self.perm = [1, 2, 0]
-        self.affineMatrix = self.matrix
-
-    def transformPoints(self, points):
-        points = np.atleast_2d(np.asarray(points, float))
-        return points @ self.matrix[:3, :3].T + self.matrix[:3, 3] + self.amplitude * np.sin(self.k * points[:, self.perm])
-
-    def jacobian(self, points):
-        points = np.atleast_2d(np.asarray(points, float))
-        jac = np.broadcast_to(self.matrix[:3, :3], (len(points), 3, 3)).copy()
-        for row, col in enumerate(self.perm):
-            jac[:, row, col] += self.amplitude * self.k * np.cos(self.k * points[:, col])
-        return jac
+from helpers import SineWarp, grid
 
 
 def affine(scale=0.9, angle=0.2, shift=(0.3, -0.2, 0.1)):
@@ -39,12 +18,6 @@ def affine(scale=0.9, angle=0.2, shift=(0.3, -0.2, 0.1)):
     m[:3, :3] = scale * np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
     m[:3, 3] = shift
     return m
-
-
-def grid(shape, spacing, origin=(0.0, 0.0, 0.0)):
-    m = np.diag(list(np.broadcast_to(spacing, (3,))) + [1.0])
-    m[:3, 3] = origin
-    return tuple(shape), m
 
 
 def rasOfGrid(shape, ijkToRas):

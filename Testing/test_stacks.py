@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 
 from MRIHistoRegLib import stacks
-
-
-def _stack(shape=(7, 11, 13), seed=0, dtype=np.uint16):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+from helpers import randomStack, writeTiff
 
 
 def _assertPlanes(source, array):
@@ -21,6 +17,13 @@ def _assertPlanes(source, array):
         np.testing.assert_array_equal(source.readPlane(k), array[k])
     planes = [plane for _, plane in source.iterPlanes()]
     np.testing.assert_array_equal(np.stack(planes), array)
+
+
+def _overwrite(path, offset, data):
+    """Damage a file in place: `data` over the bytes at `offset`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 def _writeNrrd(path, array, header=None, detached=False, encoding="raw"):
@@ -33,39 +36,33 @@ def _writeNrrd(path, array, header=None, detached=False, encoding="raw"):
 
 # ---- TIFF -----------------------------------------------------------------------------------------------------
 def test_multipage_tiff_uncompressed_and_bigtiff_compressed(tmp_path):
-    import tifffile
-
-    array = _stack()
+    array = randomStack((7, 11, 13))
     plain = tmp_path / "plain.tif"
-    tifffile.imwrite(plain, array, photometric="minisblack")
+    writeTiff(plain, array)
     source = stacks.openStack(plain)
     assert source.kind == "tiff" and source.nbytes == array.nbytes
     _assertPlanes(source, array)
     assert source.pageOffset(3) is not None  # uncompressed: one positional read per plane
 
     big = tmp_path / "big.tif"
-    tifffile.imwrite(big, array, bigtiff=True, compression="zlib", photometric="minisblack")
+    writeTiff(big, array, bigtiff=True, compression="zlib")
     source = stacks.openStack(big)
     assert source.pageOffset(0) is None  # compressed: through tifffile's decoder
     _assertPlanes(source, array)
 
     bigEndian = tmp_path / "be.tif"
-    tifffile.imwrite(bigEndian, array, byteorder=">", photometric="minisblack")
+    writeTiff(bigEndian, array, byteorder=">")
     _assertPlanes(stacks.openStack(bigEndian), array)
 
 
 def test_tiff_opening_reads_no_voxels(tmp_path):
-    import tifffile
-
-    array = _stack((5, 40, 50))
+    array = randomStack((5, 40, 50))
     path = tmp_path / "s.tif"
-    tifffile.imwrite(path, array, photometric="minisblack")
+    writeTiff(path, array)
     # overwrite the voxel bytes of page 0 with garbage: opening must not notice, reading must see them
     source = stacks.openStack(path)
     offset = source.pageOffset(0)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\xff\xff" * 10)
+    _overwrite(path, offset, b"\xff\xff" * 10)
     reopened = stacks.openStack(path)
     assert reopened.shape == array.shape
     assert reopened.readPlane(0).ravel()[0] == 0xFFFF
@@ -74,7 +71,7 @@ def test_tiff_opening_reads_no_voxels(tmp_path):
 def test_ome_and_imagej_spacing_metadata(tmp_path):
     import tifffile
 
-    array = _stack((3, 8, 9))
+    array = randomStack((3, 8, 9))
     ome = tmp_path / "s.ome.tif"
     tifffile.imwrite(ome, array, ome=True, metadata={
         "axes": "ZYX", "PhysicalSizeX": 3.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 3.5,
@@ -98,7 +95,7 @@ def test_ome_and_imagej_spacing_metadata(tmp_path):
     np.testing.assert_allclose(user.ijkToRas() @ [2, 3, 4, 1], [-0.02, -0.06, 0.12, 1])
 
     bare = tmp_path / "bare.tif"
-    tifffile.imwrite(bare, array, photometric="minisblack")
+    writeTiff(bare, array)
     source = stacks.openStack(bare)
     assert source.metadataSpacingMm is None and source.headerSpacingMm is None
     assert source.spacingMm == (1.0, 1.0, 1.0)
@@ -118,7 +115,7 @@ def test_multichannel_tiff_refused(tmp_path):
 def test_tiff_series_natural_sort_and_one_file(tmp_path):
     import tifffile
 
-    array = _stack((12, 6, 5))
+    array = randomStack((12, 6, 5))
     folder = tmp_path / "series"
     folder.mkdir()
     for k in range(12):
@@ -172,7 +169,7 @@ def test_mismatched_series_names_first_offender(tmp_path):
 # ---- NRRD -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encoding,detached", [("raw", False), ("gzip", False), ("raw", True), ("gzip", True)])
 def test_nrrd_kinds(tmp_path, encoding, detached):
-    array = _stack((6, 9, 10), dtype=np.int16)
+    array = randomStack((6, 9, 10), dtype=np.int16)
     path = tmp_path / ("s.nhdr" if detached else "s.nrrd")
     directions = np.array([[0.0, 0.002, 0.0], [-0.003, 0.0, 0.0], [0.0, 0.0, 0.005]])  # rows = axes i, j, k (LPS)
     _writeNrrd(path, array, {"space": "left-posterior-superior", "space directions": directions,
@@ -197,7 +194,7 @@ def test_nrrd_kinds(tmp_path, encoding, detached):
 
 
 def test_nrrd_big_endian(tmp_path):
-    array = _stack((4, 5, 6)).astype(">u2")
+    array = randomStack((4, 5, 6)).astype(">u2")
     path = tmp_path / "be.nrrd"
     _writeNrrd(path, array)
     source = stacks.openStack(path)
@@ -206,7 +203,7 @@ def test_nrrd_big_endian(tmp_path):
 
 # ---- in memory ------------------------------------------------------------------------------------------------
 def test_array_source_is_a_stack_source_over_memory():
-    array = _stack((5, 6, 7), seed=9)
+    array = randomStack((5, 6, 7), seed=9)
     matrix = np.eye(4)
     matrix[:3, :3] = np.array([[0.0, -0.2, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.5]])  # axes permuted and flipped
     matrix[:3, 3] = [1.0, -2.0, 3.0]
@@ -234,7 +231,7 @@ def test_array_source_is_a_stack_source_over_memory():
 
 # ---- bad input ------------------------------------------------------------------------------------------------
 def test_truncated_nrrd_raw_and_gzip(tmp_path):
-    array = _stack((6, 20, 30))
+    array = randomStack((6, 20, 30))
     raw = tmp_path / "r.nrrd"
     _writeNrrd(raw, array)
     with open(raw, "r+b") as f:
@@ -253,11 +250,9 @@ def test_truncated_nrrd_raw_and_gzip(tmp_path):
 
 
 def test_truncated_and_corrupt_tiff(tmp_path):
-    import tifffile
-
-    array = _stack((4, 64, 64))
+    array = randomStack((4, 64, 64))
     plain = tmp_path / "t.tif"
-    tifffile.imwrite(plain, array, photometric="minisblack")
+    writeTiff(plain, array)
     source = stacks.openStack(plain)
     lastOffset = source.pageOffset(3)
     with open(plain, "r+b") as f:  # cut into the last page's voxels (pages are written before their IFD? keep IFDs)
@@ -271,13 +266,11 @@ def test_truncated_and_corrupt_tiff(tmp_path):
             pass
 
     packed = tmp_path / "z.tif"
-    tifffile.imwrite(packed, array, compression="zlib", photometric="minisblack")
+    writeTiff(packed, array, compression="zlib")
     source = stacks.openStack(packed)
     page = source._page(2)
     offset, count = page.dataoffsets[0], page.databytecounts[0]
-    with open(packed, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\x00garbage!" * (count // 9))
+    _overwrite(packed, offset, b"\x00garbage!" * (count // 9))
     source = stacks.openStack(packed)
     np.testing.assert_array_equal(source.readPlane(1), array[1])
     with pytest.raises(ValueError, match=r"z\.tif: page 2 is corrupt"):
@@ -298,8 +291,6 @@ def test_unknown_and_missing_paths(tmp_path):
 
 
 def test_memory_guard(tmp_path):
-    import tifffile
-
     with pytest.raises(ValueError, match="streamed downsampling"):
         stacks.checkMemoryFor(10 ** 9, "a test stack", availableBytes=10 ** 6)
     stacks.checkMemoryFor(10 ** 6, "a test stack", availableBytes=10 ** 9)
@@ -307,9 +298,9 @@ def test_memory_guard(tmp_path):
     assert available is None or available > 0
     with pytest.raises(ValueError, match="streamed downsampling"):
         stacks.checkMemoryFor(1 << 62, "the impossible stack")  # whatever this machine has
-    array = _stack((3, 4, 5))
+    array = randomStack((3, 4, 5))
     path = tmp_path / "small.tif"
-    tifffile.imwrite(path, array, photometric="minisblack")
+    writeTiff(path, array)
     np.testing.assert_array_equal(stacks.openStack(path).readAll(), array)
 
 

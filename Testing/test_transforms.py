@@ -12,14 +12,6 @@ from MRIHistoRegLib import fitting, landmarks, transforms
 from MRIHistoRegLib.context import moduleLogic
 
 
-def _rotation(rng):
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q @ np.diag(np.sign(np.diag(r)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] *= -1
-    return q
-
-
 def _warp(points):
     """A known smooth nonlinear MRI -> histology mapping (shrink, rotate, bend)."""
     rotation = np.array([[0.96, -0.28, 0.0], [0.28, 0.96, 0.0], [0.0, 0.0, 1.0]])

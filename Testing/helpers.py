@@ -1,0 +1,56 @@
+"""Shared test helpers (ground truth built by construction): grids, a smooth analytic warp, random rotations,
+random stacks and TIFF files of them. The test modules import them as `from helpers import ...` (pytest puts
+Testing/ on sys.path: it has no __init__.py)."""
+import numpy as np
+
+
+def grid(shape, spacing, origin=(0.0, 0.0, 0.0)):
+    """(shape (nk, nj, ni), IJK->RAS 4x4) of an axis-aligned grid; spacing one value or (i, j, k) in mm."""
+    m = np.diag(list(np.broadcast_to(np.asarray(spacing, float), (3,))) + [1.0])
+    m[:3, 3] = origin
+    return tuple(shape), m
+
+
+class SineWarp:
+    """x -> A x + t + a * sin(2 pi x[perm] / L): smooth, non-folding for small a, analytic Jacobian."""
+
+    def __init__(self, matrix, amplitude=0.15, wavelength=4.0):
+        self.matrix = np.asarray(matrix, float)
+        self.affineMatrix = self.matrix
+        self.amplitude = amplitude
+        self.k = 2 * np.pi / wavelength
+        self.perm = [1, 2, 0]
+
+    def transformPoints(self, points):
+        points = np.atleast_2d(np.asarray(points, float))
+        return points @ self.matrix[:3, :3].T + self.matrix[:3, 3] + self.amplitude * np.sin(self.k * points[:, self.perm])
+
+    def jacobian(self, points):
+        points = np.atleast_2d(np.asarray(points, float))
+        jac = np.broadcast_to(self.matrix[:3, :3], (len(points), 3, 3)).copy()
+        for row, col in enumerate(self.perm):
+            jac[:, row, col] += self.amplitude * self.k * np.cos(self.k * points[:, col])
+        return jac
+
+
+def randomRotation(rng):
+    """A uniformly random proper rotation (3x3, det +1) from `rng`."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def randomStack(shape, seed=0, dtype=np.uint16):
+    """A reproducible random integer stack [k, j, i] spanning the dtype's range."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+
+
+def writeTiff(path, array, **kwargs):
+    """`array` [k, j, i] as a grayscale multipage TIFF at `path` (tifffile keywords pass through); returns path."""
+    import tifffile
+
+    tifffile.imwrite(path, array, photometric="minisblack", **kwargs)
+    return path
