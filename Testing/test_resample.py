@@ -227,6 +227,21 @@ def test_resample_to_reference_node_has_the_reference_geometry(scene):
     assert np.abs(out[:, :, :] - source[:10, :12, :14]).max() < 1e-5  # pure translation by whole voxels
 
 
+def test_volume_node_source_takes_the_same_box_filter_as_an_array(scene):
+    from MRIHistoRegLib import volumes
+
+    fineShape, fineM = grid((30, 40, 50), 0.02, origin=(0.5, -0.3, 0.2))
+    source = _fineCheckerWithRamp(fineShape)
+    node = volumes.createVolumeNode(scene, source, fineM, "histology")
+    outShape, outM = grid((5, 7, 9), 0.1, origin=(0.54, -0.26, 0.24))
+    viaNode, infoNode = resample.resampleToGrid(node, AffineMapping(np.eye(4)), outShape, outM)
+    viaArray, infoArray = resample.resampleToGrid((source, fineM), AffineMapping(np.eye(4)), outShape, outM)
+    assert infoNode["level_by"] == infoArray["level_by"] == "downsample.downsampleStack"
+    assert np.array_equal(viaNode, viaArray)
+    truth = source[:25, :35, :45].reshape(5, 5, 7, 5, 9, 5).mean(axis=(1, 3, 5))  # 5x5x5 boxes from the corner
+    assert np.abs(viaNode - truth).max() < 1e-4
+
+
 def test_reference_grid_from_footprint_covers_the_mapped_stack():
     srcShape, srcM = grid((20, 40, 30), 0.05)
     m = np.diag([0.8, 0.8, 0.8, 1.0])
