@@ -246,6 +246,14 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setAutoUpdate(False)
         self.removeObservers()
 
+    def onReload(self) -> None:
+        """Developer mode 'Reload': also re-import MRIHistoRegLib, which Python would otherwise keep cached."""
+        import sys
+
+        for name in [n for n in sys.modules if n == "MRIHistoRegLib" or n.startswith("MRIHistoRegLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
