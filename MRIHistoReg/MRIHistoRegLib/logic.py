@@ -1,6 +1,7 @@
 """The logic facade behind the module panel: one method per panel action, each a thin call into the Lib modules.
 
-`MRIHistoRegLogicCore` holds no GUI and no algorithm of its own: it resolves the scene (Slicer's own inside the
+`MRIHistoRegLogicCore` holds no GUI and no algorithm of its own (beyond small display and geometry helpers: the
+checkerboard, an ROI's voxel box, pair labels): it resolves the scene (Slicer's own inside the
 application, an app-less one from `context.createScene()` elsewhere), calls the pipeline step modules and puts
 their results into MRML nodes (volumes, markups, transforms, tables). The Slicer module's
 `MRIHistoRegLogic(ScriptedLoadableModuleLogic, MRIHistoRegLogicCore)` adds only the parameter node, so the
@@ -12,6 +13,7 @@ cancels by raising `progress.Cancelled` (see `MRIHistoRegLib.progress`). Step mo
 methods so importing this facade costs nothing and a missing optional package only fails the step that needs it.
 """
 
+import contextlib
 import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -49,7 +51,6 @@ class MRIHistoRegLogicCore:
         """`scene`: the MRML scene to work on; None = Slicer's scene in the application, else a new app-less one."""
         self._scene = scene
         self._liveRegistration = None
-        self._stackCache = {}
 
     @property
     def scene(self):
@@ -172,8 +173,8 @@ class MRIHistoRegLogicCore:
         """
         from . import spacing as spacingLib
 
-        source = self._openSource(path, spacingMm)
-        verdict = spacingLib.checkPlausibility(source, source.spacingMm, referenceExtentMm=referenceVolume)
+        with self._openSource(path, spacingMm) as source:
+            verdict = spacingLib.checkPlausibility(source, source.spacingMm, referenceExtentMm=referenceVolume)
         shapeIjk = [int(n) for n in source.shape[::-1]]
         return {
             "path": os.fspath(path),
@@ -224,9 +225,9 @@ class MRIHistoRegLogicCore:
         downsampling) when it does not fit in the memory available now."""
         from . import stacks
 
-        source = self._openSource(path, spacingMm)
-        stacks.checkMemoryFor(source.nbytes, f"the full stack {os.path.basename(os.fspath(path))}")
-        array = source.readAll(progress=progress)
+        with self._openSource(path, spacingMm) as source:
+            stacks.checkMemoryFor(source.nbytes, f"the full stack {os.path.basename(os.fspath(path))}")
+            array = source.readAll(progress=progress)
         return volumes.createVolumeNode(self.scene, array, source.ijkToRas(), name or _stackName(path))
 
     # --- downsample ---------------------------------------------------------------------------------------
@@ -254,13 +255,13 @@ class MRIHistoRegLogicCore:
         histology's physical space at that spacing) limits it to the voxels the ROI covers."""
         from . import downsample
 
-        source = self._openSource(path, spacingMm)
         if not targetSpacingMm or targetSpacingMm <= 0:
             raise ValueError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
-        crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
-        return downsample.downsampleToNode(
-            self.scene, source, float(targetSpacingMm), name=name, crop=crop, progress=progress
-        )
+        with self._openSource(path, spacingMm) as source:
+            crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
+            return downsample.downsampleToNode(
+                self.scene, source, float(targetSpacingMm), name=name, crop=crop, progress=progress
+            )
 
     @staticmethod
     def roiToCrop(
@@ -553,7 +554,10 @@ class MRIHistoRegLogicCore:
         return answer
 
     def composeRefinedTransform(
-        self, transformNode: TransformNode, refinementNode: TransformNode, outputTransform: Optional[TransformNode] = None
+        self,
+        transformNode: TransformNode,
+        refinementNode: TransformNode,
+        outputTransform: Optional[TransformNode] = None,
     ) -> TransformNode:
         """One transform node whose world -> child mapping is landmark(refinement(x)): `transformNode` (with its own
         parents) applied after `refinementNode` (both 'from parent' = MRI -> histology direction). The inputs are
@@ -599,21 +603,21 @@ class MRIHistoRegLogicCore:
             raise ValueError("Fit the landmarks first: resampling needs the MRI-to-histology transform.")
         if referenceVolume is None or referenceVolume.GetImageData() is None:
             raise ValueError("Select the MRI (reference grid) volume.")
-        source = self._openSource(stackPath, spacingMm) if stackPath else histologyVolume
-        if source is None:
+        if not stackPath and histologyVolume is None:
             raise ValueError("Nothing to resample: open the histology stack file or select the histology volume.")
         mapping = transforms.mappingFromWorldToNode(transformNode)
         referenceIjkToRas = volumes.ijkToRas(referenceVolume)
-        if outputSpacingMm:
-            sourceShape = source.shape if hasattr(source, "readPlane") else volumes.arrayFromVolume(source).shape
-            sourceIjkToRas = source.ijkToRas() if hasattr(source, "readPlane") else volumes.ijkToRas(source)
-            shape, ijkToRas = resample.referenceGridFromFootprint(
-                sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm), referenceIjkToRas=referenceIjkToRas
-            )
-        else:
-            dims = referenceVolume.GetImageData().GetDimensions()
-            shape, ijkToRas = (dims[2], dims[1], dims[0]), referenceIjkToRas
-        array, info = resample.resampleToGrid(source, mapping, shape, ijkToRas, progress=progress)
+        with self._openSource(stackPath, spacingMm) if stackPath else contextlib.nullcontext(histologyVolume) as source:
+            if outputSpacingMm:
+                sourceShape = source.shape if hasattr(source, "readPlane") else volumes.arrayFromVolume(source).shape
+                sourceIjkToRas = source.ijkToRas() if hasattr(source, "readPlane") else volumes.ijkToRas(source)
+                shape, ijkToRas = resample.referenceGridFromFootprint(
+                    sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm), referenceIjkToRas=referenceIjkToRas
+                )
+            else:
+                dims = referenceVolume.GetImageData().GetDimensions()
+                shape, ijkToRas = (dims[2], dims[1], dims[0]), referenceIjkToRas
+            array, info = resample.resampleToGrid(source, mapping, shape, ijkToRas, progress=progress)
         if outputNode is None:
             outputNode = volumes.createVolumeNode(self.scene, array, ijkToRas, "Histology resampled")
         else:
@@ -852,20 +856,16 @@ class MRIHistoRegLogicCore:
         return tableNode
 
     def _openSource(self, path, spacingMm=None):
-        """A StackSource for `path` with `spacingMm` (cached per path and spacing: opening reads metadata only)."""
+        """A StackSource for `path` with `spacingMm` (opening reads metadata only; use it in a `with` block so its
+        file handles are closed). Opened afresh each time, so a file replaced on disk is never read stale."""
         from . import stacks
 
         if not path or not os.path.exists(os.fspath(path)):
             raise ValueError(
                 f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file."
             )
-        spacing = None if spacingMm is None else tuple(self.spacingToMm(spacingMm, "mm"))
-        key = (os.path.abspath(os.fspath(path)), spacing)
-        if key not in self._stackCache:
-            self._stackCache[key] = stacks.openStack(
-                os.fspath(path), spacingMm=None if spacing is None else list(spacing)
-            )
-        return self._stackCache[key]
+        spacing = None if spacingMm is None else list(self.spacingToMm(spacingMm, "mm"))
+        return stacks.openStack(os.fspath(path), spacingMm=spacing)
 
 
 def _listOrNone(values):
