@@ -254,3 +254,29 @@ def test_report_folder_holds_the_results_and_refuses_foreign_folders(logic, scen
     with pytest.raises(ValueError, match="not empty"):
         logic.exportReport(str(foreign), result["transformNode"])
     assert os.listdir(foreign) == ["holiday.jpg"]
+
+
+def test_full_resolution_load_is_the_stack_at_its_true_spacing(logic, scene, tmp_path):
+    from MRIHistoRegLib import sampledata, scenarios
+
+    folder = scenarios._sampleFolder(tmp_path)
+    truth = sampledata.loadTruth(folder)
+    node = logic.loadFullResolution(os.path.join(folder, "histology.tif"), truth["histology"]["true_spacing_mm"])
+    reference = volumes.loadVolume(scene, os.path.join(folder, "histology.nrrd"))  # the same voxels, 1 mm header
+    np.testing.assert_array_equal(volumes.arrayFromVolume(node), volumes.arrayFromVolume(reference))
+    np.testing.assert_allclose(volumes.ijkToRas(node), truth["histology"]["true_ijk_to_ras"], atol=1e-12)
+
+
+def test_custom_spacing_grid_covers_the_histology_footprint(logic, scene):
+    # a histology volume 2 x 3 x 4 mm at 0.5 mm, identity registration: the footprint grid is that box at 0.25 mm
+    histologyIjkToRas = np.diag([0.5, 0.5, 0.5, 1.0])
+    histology = volumes.createVolumeNode(scene, np.ones((8, 6, 4), np.float32), histologyIjkToRas, "histology")
+    mri = volumes.createVolumeNode(scene, np.zeros((10, 10, 10), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), "mri")
+    identity = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    output = logic.resampleHistology(identity, mri, histologyVolume=histology, outputSpacingMm=0.25)
+    np.testing.assert_allclose(volumes.spacingOf(volumes.ijkToRas(output)), [0.25] * 3, atol=1e-12)
+    shape = volumes.arrayFromVolume(output).shape
+    assert shape == (16, 12, 8)  # 4 x 3 x 2 mm / 0.25 mm (k, j, i)
+    # first voxel centre: the histology box's corner (-0.25 mm) + half an output voxel
+    np.testing.assert_allclose(volumes.ijkToRas(output)[:3, 3], [-0.125] * 3, atol=1e-9)
+    np.testing.assert_allclose(volumes.arrayFromVolume(output)[1:-1, 1:-1, 1:-1], 1.0, atol=1e-5)
