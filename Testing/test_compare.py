@@ -213,3 +213,31 @@ def test_segmentation_and_label_map_nodes_give_the_same_labels(scene):
     assert np.array_equal(fromLabel, labels) and np.array_equal(fromSegmentation, labels)
     with pytest.raises(ValueError, match="label map volume or a segmentation"):
         compare.labelArrayFromNode(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points"))
+
+
+def test_label_crop_streamed_from_a_gzip_nrrd_equals_the_whole_map(tmp_path):
+    """A sparse label map on a big grid: the streamed crop keeps every labelled voxel at its RAS position."""
+    import nrrd
+
+    from MRIHistoRegLib import stacks
+
+    shape = (30, 40, 50)  # [k, j, i]
+    labels = np.zeros(shape, np.uint8)
+    labels[7:12, 20:26, 3:9] = 1
+    labels[15, 30, 40] = 2
+    path = tmp_path / "labels.nrrd"
+    # header claims 1 mm (the seed's mistake); the true geometry is passed in, as the pipeline does
+    nrrd.write(str(path), labels.transpose(2, 1, 0), {"space": "left-posterior-superior", "encoding": "gzip",
+                                                      "space directions": np.eye(3), "space origin": np.zeros(3)})
+    trueGeometry = np.diag([-0.02, -0.03, 0.05, 1.0])
+    trueGeometry[:3, 3] = (1.0, 2.0, 3.0)
+    with stacks.openStack(path) as source:
+        crop, cropGeometry = compare.readLabelCrop(source, ijkToRas=trueGeometry)
+    assert crop.shape == (15 - 7 + 1, 30 - 20 + 1, 40 - 3 + 1)
+    assert compare.labelVolumesMm3(crop, cropGeometry) == pytest.approx(compare.labelVolumesMm3(labels, trueGeometry))
+    # every labelled voxel keeps its RAS position (centroids computed from the whole map by hand)
+    for label in (1, 2):
+        whole = np.argwhere(labels == label)[:, ::-1].mean(axis=0)
+        part = np.argwhere(crop == label)[:, ::-1].mean(axis=0)
+        np.testing.assert_allclose(cropGeometry[:3, :3] @ part + cropGeometry[:3, 3],
+                                   trueGeometry[:3, :3] @ whole + trueGeometry[:3, 3], atol=1e-12)

@@ -68,6 +68,42 @@ def labelVolumesMm3(labelArray, ijkToRas):
     return {label: count * volume for label, count in counts.items() if label != 0}
 
 
+def readLabelCrop(source, ijkToRas=None, progress=None):
+    """(labels [k, j, i], ijkToRas) of the box holding every non-zero voxel of a label stack, read plane by plane.
+
+    A histology label map lives on the full-resolution stack's grid (billions of voxels) but labels only a small
+    part of it: streaming it once and keeping just the labelled box keeps memory at one plane plus that box.
+    The returned geometry is `ijkToRas` (default: the source's; pass the image's corrected geometry for a label
+    map whose header repeats the image's wrong spacing) shifted to the box, so volumes, transfer and Jacobian
+    integration on the crop equal those on the whole map. An all-zero map gives a 1-voxel crop of 0.
+    """
+    from MRIHistoRegLib.stacks import checkMemoryFor
+
+    geometry = np.asarray(source.ijkToRas() if ijkToRas is None else ijkToRas, float)
+    nk = source.shape[0]
+    pieces = []  # (k, j0, i0, cropped plane) for planes holding labels
+    for k, plane in source.iterPlanes(0, nk):
+        rows = np.flatnonzero(plane.any(axis=1))
+        if len(rows):
+            cols = np.flatnonzero(plane.any(axis=0))
+            pieces.append((k, rows[0], cols[0], plane[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy()))
+        progressLib.report(progress, (k + 1) / nk, "reading labels")
+    if not pieces:
+        return np.zeros((1, 1, 1), dtype=source.dtype), geometry
+    k0, k1 = pieces[0][0], pieces[-1][0] + 1
+    j0 = min(p[1] for p in pieces)
+    i0 = min(p[2] for p in pieces)
+    j1 = max(p[1] + p[3].shape[0] for p in pieces)
+    i1 = max(p[2] + p[3].shape[1] for p in pieces)
+    checkMemoryFor((k1 - k0) * (j1 - j0) * (i1 - i0) * np.dtype(source.dtype).itemsize, "the labelled region of the label map")
+    crop = np.zeros((k1 - k0, j1 - j0, i1 - i0), dtype=source.dtype)
+    for k, j, i, piece in pieces:
+        crop[k - k0, j - j0:j - j0 + piece.shape[0], i - i0:i - i0 + piece.shape[1]] = piece
+    shift = np.eye(4)
+    shift[:3, 3] = (i0, j0, k0)
+    return crop, geometry @ shift
+
+
 def _labelCounts(labelArray):
     if labelArray.dtype.kind in "ub" and labelArray.dtype.itemsize <= 2:
         counts = np.bincount(labelArray.ravel().astype(np.int64))

@@ -273,19 +273,20 @@ def _evaluatePoints(config, mapping):
 
 
 def _compareLabels(scene, config, source, mapping, mriShape, mriIjkToRas):
-    from MRIHistoRegLib import compare
+    from MRIHistoRegLib import compare, stacks
 
     mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
     mriLabels = volumes.arrayFromVolume(mriLabelNode)
     if mriLabels.shape != tuple(mriShape):
         raise ValueError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has {tuple(mriShape)[::-1]}: "
                          f"the MRI label map must be on the MRI's grid.")
-    histLabelNode = volumes.loadVolume(scene, config.labels["histology"], "Histology labels", labelmap=True)
-    histLabels = volumes.arrayFromVolume(histLabelNode)
-    if histLabels.shape != tuple(source.shape):
-        raise ValueError(f"labels.histology has shape {histLabels.shape[::-1]} (i, j, k) but the histology stack has "
-                         f"{tuple(source.shape)[::-1]}: the label map must be on the histology stack's grid.")
-    histIjkToRas = source.ijkToRas()  # the corrected geometry, whatever the label file's header claims
+    # The histology label map is on the full-resolution stack's grid: stream it and keep the labelled box only.
+    with stacks.openStack(config.labels["histology"]) as labelSource:
+        if tuple(labelSource.shape) != tuple(source.shape):
+            raise ValueError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the histology "
+                             f"stack has {tuple(source.shape)[::-1]}: the label map must be on the histology stack's grid.")
+        # on the stack's grid, so the stack's corrected geometry applies whatever the label file's header claims
+        histLabels, histIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
     for name, array in (("labels.mri", mriLabels), ("labels.histology", histLabels)):
         if not np.any(array):
             raise ValueError(f"{name} is empty (no labelled voxel). Check the label file.")
