@@ -206,6 +206,53 @@ def _runDownsample(args):
     return 0
 
 
+def _addRefine(subparsers):
+    p = subparsers.add_parser("refine", help="landmark fit + automatic intensity refinement (Mattes MI, affine + B-spline)")
+    p.add_argument("--mri", required=True, help="MRI volume (NRRD, NIfTI, ...)")
+    p.add_argument("--histology", required=True, help="histology stack (multipage TIFF, folder of TIFFs, NRRD)")
+    _addSpacingArguments(p)
+    p.add_argument("--fixed-points", required=True, help="MRI landmarks (any format register reads)")
+    p.add_argument("--moving-points", required=True, help="histology landmarks (paired by label)")
+    p.add_argument("--model", default="affine+tps", help="landmark model the refinement starts from (default affine+tps)")
+    p.add_argument("--working-mm", type=float, default=0.1, help="spacing the stack is streamed down to (default 0.1)")
+    p.add_argument("--mri-mask", help="optional MRI brain mask (label map on the MRI grid)")
+    p.add_argument("--affine-only", action="store_true", help="skip the B-spline stage")
+    p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: refine.DEFAULT_SETTINGS)")
+    p.add_argument("--out", default="output/refine", help="folder for refinement.json and, when accepted, the transforms")
+    p.set_defaults(func=_runRefine)
+
+
+def _runRefine(args):
+    from MRIHistoRegLib import refine
+    from MRIHistoRegLib.progress import TerminalProgress
+    from MRIHistoRegLib.spacing import toMillimetres
+
+    spacing = None
+    if args.spacing_um is not None:
+        spacing = toMillimetres(args.spacing_um, "um")
+    elif args.spacing_mm is not None:
+        spacing = toMillimetres(args.spacing_mm, "mm")
+    if spacing is not None and len(spacing) == 1:
+        spacing = spacing * 3
+    settings = {}
+    if args.affine_only:
+        settings["bspline"] = False
+    if args.control_spacing_mm is not None:
+        settings["controlPointSpacingMm"] = args.control_spacing_mm
+    summary = refine.refineFiles(args.mri, args.histology, args.fixed_points, args.moving_points, args.out,
+                                 histologySpacingMm=spacing, workingSpacingMm=args.working_mm, model=args.model,
+                                 mriMaskPath=args.mri_mask, settings=settings, progress=TerminalProgress("refine"))
+    landmarks = summary["landmarks"]
+    logging.info("metric %.4f -> %.4f, %d iterations, %.1f s; landmark residual median %.3f -> %.3f mm",
+                 summary["metric_before"], summary["metric_after"] if summary["metric_after"] is not None else float("nan"),
+                 summary["iterations"], summary["seconds"], landmarks["median_before_mm"], landmarks["median_after_mm"])
+    if summary["accepted"]:
+        logging.info("refinement accepted (%s): %s", summary["reason"], ", ".join(summary["files"]))
+    else:
+        logging.warning("refinement NOT accepted: %s. No transform written: keep the landmark-only result.", summary["reason"])
+    return 0
+
+
 def buildParser():
     parser = argparse.ArgumentParser(prog="python -m MRIHistoRegLib", description="MRI to light-sheet histology registration")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -219,6 +266,7 @@ def buildParser():
 _SUBCOMMANDS = [_addSample, _addRun, _addDemo]
 _SUBCOMMANDS += [_addRegister, _addMapPoints]  # landmark registration (issue 4)
 _SUBCOMMANDS += [_addInfo, _addDownsample]  # stacks: describe, streamed downsampling (issue 3)
+_SUBCOMMANDS += [_addRefine]  # automatic intensity refinement (issue 5)
 
 
 def main(argv=None) -> int:

@@ -810,3 +810,111 @@ def refinementTransformNode(scene, result, name="Refinement"):
     node.SetAttribute("MRIHistoReg.refinementAccepted", "true" if result.accepted else "false")
     node.SetAttribute("MRIHistoReg.refinementReason", result.reason)
     return node
+
+
+def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to histology (refined)"):
+    """A new transform node whose FROM-PARENT transform is landmark_fromParent(refinement_fromParent(x)), built
+    explicitly as one vtkGeneralTransform (refinement first). Both inputs are used by their own from-parent
+    transforms (their parents are ignored) and left unchanged.
+
+    Not via HardenTransform: hardening an identity node placed under landmark-under-refinement was measured (slicer-
+    core 5.13) to give the reversed order refinement(landmark(x)) (test_composedTransformNodeOrder)."""
+    import vtk
+
+    general = vtk.vtkGeneralTransform()
+    general.PostMultiply()  # each Concatenate applies after the previous ones
+    general.Concatenate(refinementNode.GetTransformFromParent())
+    general.Concatenate(landmarkNode.GetTransformFromParent())
+    node = scene.AddNewNodeByClass("vtkMRMLTransformNode", name)
+    node.SetAndObserveTransformFromParent(general)
+    return node
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files in, files out (the `refine` command)
+# ----------------------------------------------------------------------------------------------------------
+
+def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDir, histologySpacingMm=None,
+                workingSpacingMm=0.1, model="affine+tps", mriMaskPath=None, settings=None, progress=None) -> dict:
+    """Landmark fit + intensity refinement from files; writes into outDir and returns the summary dict.
+
+    histologyPath: the stack (TIFF file/folder, NRRD) at its true spacing (histologySpacingMm overrides the
+    file's), streamed down to workingSpacingMm for the refinement. Written: refinement.json (always: accepted,
+    reason, metric, iterations, seconds, landmark residuals before/after) and, only when the refinement is
+    accepted, refinement_transform.h5 (the refinement grid alone, from parent) and refined_transform.h5 (the
+    whole chain landmark(refinement(x)) in one node, MRI -> histology, for resampling/hardening in Slicer).
+    A rejected refinement writes no transform: keep the landmark-only result (`register`)."""
+    import json
+    import os
+
+    from MRIHistoRegLib import downsample, fitting, landmarks, progress as progressLib, stacks, transforms, volumes
+    from MRIHistoRegLib.context import createScene
+
+    scene = createScene()
+    mriNode = volumes.loadVolume(scene, mriPath, "MRI")
+    mriArray, mriIjkToRas = volumes.arrayFromVolume(mriNode), volumes.ijkToRas(mriNode)
+    mriMask = None
+    if mriMaskPath:
+        maskNode = volumes.loadVolume(scene, mriMaskPath, "MRI mask", labelmap=True)
+        mriMask = (volumes.arrayFromVolume(maskNode), volumes.ijkToRas(maskNode))
+    pairs = landmarks.pairLandmarks(landmarks.loadMarkups(scene, fixedPointsPath, "fixed", role="fixed"),
+                                    landmarks.loadMarkups(scene, movingPointsPath, "moving", role="moving"))
+    fitted = fitting.fitLandmarks(pairs.fixed, pairs.moving, model, labels=pairs.labels)
+    source = stacks.openStack(histologyPath, spacingMm=histologySpacingMm)
+    moving, movingIjkToRas = downsample.downsampleStack(source, [float(workingSpacingMm)] * 3,
+                                                        progress=progressLib.scaled(progress, 0.0, 0.2))
+    result = refineRegistration(mriArray, mriIjkToRas, moving, movingIjkToRas, fitted, fixedMask=mriMask,
+                                settings=settings, progress=progressLib.scaled(progress, 0.2, 0.95))
+    check = evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
+    summary = {
+        "accepted": result.accepted, "reason": result.reason, "metric": "Mattes mutual information (negative: lower is better)",
+        "metric_before": result.metricBefore, "metric_after": result.metricAfter, "iterations": result.iterations,
+        "seconds": result.seconds, "min_jacobian_determinant": result.minJacobianDeterminant,
+        "overlap_fraction": result.overlapFraction, "model": model, "landmark_count": len(pairs.labels),
+        "landmarks": {"labels": list(pairs.labels), "residual_before_mm": check["before"].tolist(),
+                      "residual_after_mm": check["after"].tolist(), "median_before_mm": check["medianBefore"],
+                      "median_after_mm": check["medianAfter"], "tolerance_mm": check["toleranceMm"]},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (result.settings or {}).items()},
+        "direction": "MRI (fixed) RAS mm -> histology (moving) RAS mm = landmark(refinement(x)), from parent",
+        "files": ["refinement.json"],
+    }
+    outDir = os.fspath(outDir)
+    os.makedirs(outDir, exist_ok=True)
+    written = []
+    try:
+        if result.accepted:
+            refinementNode = refinementTransformNode(scene, result, "Intensity refinement")
+            landmarkNode = transforms.createTransformNode(scene, fitted, "LandmarkTransform")
+            chain = composedTransformNode(scene, refinementNode, landmarkNode, "MRI to histology (refined)")
+            for node, name in ((refinementNode, "refinement_transform.h5"), (chain, "refined_transform.h5")):
+                path = os.path.join(outDir, name)
+                written.append(path)
+                transforms.saveTransform(node, path)
+                summary["files"].append(name)
+        path = os.path.join(outDir, "refinement.json")
+        written.append(path)
+        with open(path + ".part", "w", encoding="utf-8") as stream:
+            json.dump(_jsonSafe(summary), stream, indent=1)
+        os.replace(path + ".part", path)
+    except BaseException:
+        for path in written + [os.path.join(outDir, "refinement.json.part")]:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    progressLib.report(progress, 1.0, "refinement written")
+    return summary
+
+
+def _jsonSafe(value):
+    """NaN/inf -> None, numpy scalars -> Python (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonSafe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonSafe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
