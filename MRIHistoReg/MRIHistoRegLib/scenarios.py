@@ -259,8 +259,8 @@ def refineScenario(scene, workFolder) -> None:
     result = logic.refineRegistration(nodes["mri"], histology, fit["transformNode"], "affine")
     assert result["accepted"], result["summary"]
     refined = heldOutError(result["transformNode"])
-    # runs differ (0.09-0.16 mm seen from 0.25 mm: the optimiser is not bit-reproducible across threads)
-    assert refined < 0.75 * start, f"held-out error {start:.3f} -> {refined:.3f} mm: {result['summary']}"
+    # at least halved (the placement noise of the landmarks, not the 0.25 mm offset, then dominates)
+    assert refined < 0.5 * start, f"held-out error {start:.3f} -> {refined:.3f} mm: {result['summary']}"
     assert result["transformNode"].GetParentTransformNode() is None, "the refined chain is one hardened node"
 
 
