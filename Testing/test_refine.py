@@ -348,10 +348,10 @@ def _tumourDice(data, mapping):
 def test_phantomRefinementAgainstGroundTruth(phantom, count):
     """Sample data (known truth): landmark-only affine+TPS vs refined, held-out TRE (30 noise-free points) and
     tumour Dice. Measured with the defaults (sample seed 0; the refinement is deterministic): 6 landmarks TRE
-    median 0.146 -> 0.076 mm (-48 %), Dice 0.894 -> 0.940; 12 landmarks 0.063 -> 0.067 mm (+7 %: the TPS is
-    already below the 0.1 mm working voxel, which intensity refinement at that voxel size does not beat),
-    Dice 0.945 -> 0.973. So the issue's "-30 % with 12 landmarks" is NOT asserted; with 12 landmarks the TRE
-    only has to stay below one working voxel and the Dice must improve."""
+    median 0.146 -> 0.076 mm (-48 %), Dice 0.894 -> 0.946; 12 landmarks 0.063 -> 0.054 mm (-14 %), Dice
+    0.945 -> 0.966 (seed 1: -31 % / -26 %). The TPS from 12 landmarks is already below the 0.1 mm working voxel;
+    the issue's "-30 % with 12 landmarks" is NOT reached on seed 0 and not asserted: 12 landmarks must improve
+    (TRE and Dice), 6 landmarks by >= 30 %."""
     from MRIHistoRegLib import fitting
 
     chosen = np.arange(12) if count == 12 else np.arange(0, 12, 2)
@@ -373,7 +373,7 @@ def test_phantomRefinementAgainstGroundTruth(phantom, count):
         assert after < 0.7 * before, (before, after)  # >= 30 % lower
         assert diceAfter > diceBefore
     else:
-        assert after < 0.1  # below one working voxel, but not the issue's -30 % (see docstring)
+        assert after < 0.95 * before, (before, after)  # better, but not the issue's -30 % (see docstring)
         assert diceAfter > diceBefore
 
 
