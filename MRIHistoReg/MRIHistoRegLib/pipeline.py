@@ -325,11 +325,8 @@ def _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs, transfor
         warnings.append(f"refinement not used: {result.reason}")
         return summary, model, transformNode
     refineNode = refine.refinementTransformNode(scene, result, "Intensity refinement")
-    transformNode.SetAndObserveTransformNodeID(refineNode.GetID())
-    composite = scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology (refined)")
-    # the saved transform is the whole chain hardened into one node, so map-points and Slicer read one file
-    composite.SetAndObserveTransformNodeID(transformNode.GetID())
-    composite.HardenTransform()
+    # one node holding landmark(refinement(x)), so transform.h5 is the whole chain (map-points, Slicer)
+    composite = refine.composedTransformNode(scene, refineNode, transformNode)
     return summary, result, composite
 
 
