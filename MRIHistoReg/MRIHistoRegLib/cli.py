@@ -41,6 +41,7 @@ def _runRun(args):
     if len(args.configs) == 1 and not os.path.isdir(args.configs[0]):
         report = pipeline.runPipeline(loadConfig(args.configs[0]), args.out, progress=TerminalProgress("run"))
         _printSummary(report)
+        logging.info("report: %s", os.path.join(os.path.abspath(args.out), "report.json"))
     else:
         rows = pipeline.runCohort(args.configs, args.out, progress=TerminalProgress("cohort"))
         logging.info("cohort of %d subjects: summary in %s", len(rows), os.path.join(args.out, "summary.csv"))

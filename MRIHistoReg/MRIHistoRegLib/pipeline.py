@@ -108,7 +108,6 @@ def runPipeline(config: RunConfig, outDir, scene=None, progress=None) -> dict:
     """Run one subject end to end and write its report folder atomically; returns the report dict."""
     with outputs.atomicFolder(outDir) as work:
         report = _runInto(config, work, scene, progress)
-    logging.info("report written to %s", os.path.abspath(outDir))
     return report
 
 
