@@ -217,6 +217,26 @@ def test_liveUpdate(scene):
     assert live.fitCount == fits and not live.observing
 
 
+def test_movingListUnderTheTransformStillFitsInHistologySpace(scene):
+    """The histology list placed under the registration transform (points shown on the aligned histology) still
+    pairs and fits in histology space: the fit recovers the known histology points, not their MRI images."""
+    labels, fixed, moving = _pairs(12)
+    fixedNode = landmarks.markupsFromPoints(scene, labels, fixed, "mri")
+    movingNode = landmarks.markupsFromPoints(scene, labels, moving, "histology")
+    live = transforms.LiveLandmarkRegistration(scene, fixedNode, movingNode, "affine", name="live").start()
+    assert live.lastError is None
+    movingNode.SetAndObserveTransformNodeID(live.transformNode.GetID())
+    np.testing.assert_allclose(_markupsWorldPoints(movingNode), fixed, atol=1.5)  # displayed near the MRI points
+    live.update(evaluate=True)
+    np.testing.assert_allclose(live.lastPairs.moving, moving, atol=1e-12)  # ground truth: the known points
+    np.testing.assert_allclose(_transformBetween(None, live.transformNode, fixed),
+                               fitting.fitLandmarks(fixed, moving, "affine").transformPoints(fixed), atol=1e-9)
+    pairs = landmarks.pairLandmarks(fixedNode, movingNode)
+    np.testing.assert_allclose(pairs.moving, moving, atol=1e-12)
+    np.testing.assert_allclose(pairs.fixed, fixed, atol=1e-12)
+    live.stop()
+
+
 # --- CLI -------------------------------------------------------------------------------------------------------
 
 def test_cliRegisterAndMapPoints(tmp_path):

@@ -1,6 +1,10 @@
 """Landmark pairs: pairing two Markups point lists by label, and point-file I/O.
 
-Fixed = MRI, moving = histology. Points are (N, 3) RAS millimetres in world coordinates.
+Fixed = MRI, moving = histology. Points are (N, 3) RAS millimetres, each list's in its own image's space: the
+markups node's local coordinates (GetNthControlPointPosition), not world. A histology list placed under the
+registration transform (so its points display on the aligned histology) still gives histology coordinates;
+world coordinates would give MRI ones and corrupt the fit. This matches the point files ("each image's own
+corrected physical space").
 
 Pairing (pairLandmarks): by control-point label; when the two lists share no label at all, by index (stated in
 the result and logged). Reported and skipped: labels present in one list only, labels used twice in a list,
@@ -78,12 +82,13 @@ class LandmarkPairs:
 
 
 def _controlPoints(node):
-    """[(label, worldPosition, selected, defined)] for every control point of a markups node."""
+    """[(label, localPosition, selected, defined)] for every control point of a markups node. Local = the node's
+    own coordinates, ignoring any parent transform (see the module notes)."""
     records = []
     defined = slicer.vtkMRMLMarkupsNode.PositionDefined
     for i in range(node.GetNumberOfControlPoints()):
         position = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(i, position)
+        node.GetNthControlPointPosition(i, position)
         records.append((node.GetNthControlPointLabel(i).strip(), np.array(position, float),
                         bool(node.GetNthControlPointSelected(i)),
                         node.GetNthControlPointPositionStatus(i) == defined))
@@ -91,7 +96,7 @@ def _controlPoints(node):
 
 
 def pairLandmarks(fixedNode, movingNode) -> LandmarkPairs:
-    """Pair two markups point lists (fixed = MRI, moving = histology) by label, in world coordinates.
+    """Pair two markups point lists (fixed = MRI, moving = histology) by label, each in its own local coordinates.
 
     Falls back to pairing by index when the lists have no label in common (pairedByIndex=True). Nothing is
     raised for unpaired points: they are listed in the result (and logged); fitting checks the count.
