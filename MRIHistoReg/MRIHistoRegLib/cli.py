@@ -12,7 +12,7 @@ import sys
 def _addSample(subparsers):
     p = subparsers.add_parser("sample", help="write the generated sample data set (MRI, LSM stack, landmarks, truth)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--size", default="small", help="small (default, fast) or full (the seed's 2160x2560x472 stack, 5.2 GB)")
+    p.add_argument("--size", default="small", help="small (default, fast), full (the seed's 2160x2560x472 stack, 5.2 GB) or a factor N in 1-20 (N times the full spacing)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_runSample)
 
@@ -21,8 +21,7 @@ def _runSample(args):
     from MRIHistoRegLib import sampledata
     from MRIHistoRegLib.progress import TerminalProgress
 
-    manifest = sampledata.generateSampleData(args.out, size=args.size, seed=args.seed, progress=TerminalProgress("sample"))
-    logging.info("sample data written to %s", manifest["folder"])
+    sampledata.generateSampleData(args.out, size=args.size, seed=args.seed, progress=TerminalProgress("sample"))
     return 0
 
 
@@ -128,9 +127,9 @@ def _addSpacingArguments(p):
     group.add_argument("--spacing-mm", nargs="+", type=float, metavar="S", help="the same in millimetres")
 
 
-def _openFromArgs(args):
+def _spacingFromArgs(args):
+    """The user's --spacing-um / --spacing-mm as three values in mm (one value means isotropic), or None."""
     from MRIHistoRegLib.spacing import toMillimetres
-    from MRIHistoRegLib.stacks import openStack
 
     spacing = None
     if args.spacing_um is not None:
@@ -139,7 +138,13 @@ def _openFromArgs(args):
         spacing = toMillimetres(args.spacing_mm, "mm")
     if spacing is not None and len(spacing) == 1:
         spacing = spacing * 3
-    return openStack(args.input, spacingMm=spacing)
+    return spacing
+
+
+def _openFromArgs(args):
+    from MRIHistoRegLib.stacks import openStack
+
+    return openStack(args.input, spacingMm=_spacingFromArgs(args))
 
 
 def _addInfo(subparsers):
@@ -226,15 +231,7 @@ def _addRefine(subparsers):
 def _runRefine(args):
     from MRIHistoRegLib import refine
     from MRIHistoRegLib.progress import TerminalProgress
-    from MRIHistoRegLib.spacing import toMillimetres
-
-    spacing = None
-    if args.spacing_um is not None:
-        spacing = toMillimetres(args.spacing_um, "um")
-    elif args.spacing_mm is not None:
-        spacing = toMillimetres(args.spacing_mm, "mm")
-    if spacing is not None and len(spacing) == 1:
-        spacing = spacing * 3
+    spacing = _spacingFromArgs(args)
     settings = {}
     if args.affine_only:
         settings["bspline"] = False

@@ -53,7 +53,8 @@ def orientedSlice(array, ijkToRas, view, index):
     return image, normalAxis, (rowAxis, rowFlip), (colAxis, colFlip)
 
 
-def _volumeAxisForView(ijkToRas, view):
+def volumeAxisForView(ijkToRas, view):
+    """The array axis ([k, j, i]) closest to the normal of a Slicer view ('axial', 'coronal', 'sagittal')."""
     directions = _axisDirections(ijkToRas)
     return [ras for ras, _ in directions].index(_VIEWS[view][0])
 
@@ -94,7 +95,7 @@ def overlayFigures(mriArray, histologyArray, ijkToRas, outDir, landmarksRas=None
         landmarksKji = ijk[:, 2::-1]
     paths = []
     for view in _VIEWS:
-        axis = _volumeAxisForView(ijkToRas, view)
+        axis = volumeAxisForView(ijkToRas, view)
         mriSlice, _, (rowAxis, rowFlip), (colAxis, colFlip) = orientedSlice(mriArray, ijkToRas, view, centre[axis])
         mriSlice = _normalise(mriSlice.astype(float))
         histSlice2d = orientedSlice(histologyArray, ijkToRas, view, centre[axis])[0].astype(float)

@@ -124,7 +124,7 @@ def _runInto(config: RunConfig, work, scene, progress):
         mriNode = volumes.loadVolume(scene, config.mri, "MRI")
         mriArray = volumes.arrayFromVolume(mriNode)
         mriIjkToRas = volumes.ijkToRas(mriNode)
-        spacingMm = [v / 1000.0 for v in config.histologySpacingUm] if config.histologySpacingUm else None
+        spacingMm = spacing.toMillimetres(config.histologySpacingUm, "um") if config.histologySpacingUm else None
         source = stacks.openStack(config.histology, spacingMm=spacingMm)
         verdict = spacing.checkPlausibility(source, source.spacingMm, referenceExtentMm=_physicalSize(mriArray.shape, mriIjkToRas))
         if not verdict.ok:
@@ -145,7 +145,7 @@ def _runInto(config: RunConfig, work, scene, progress):
         model, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, config.model,
                                                    regularization=config.tpsRegularization,
                                                    shapeIjk=mriArray.shape[::-1], ijkToRas=mriIjkToRas)
-        jacobian = fitting.jacobianSummary(model, mriArray.shape[::-1], mriIjkToRas)
+        jacobian = evaluation.get("jacobian") or fitting.jacobianSummary(model, mriArray.shape[::-1], mriIjkToRas)
         landmarkRows = [{"label": label, "residual_mm": residual, "loo_mm": loo, "outlier": bool(outlier)}
                         for label, residual, loo, outlier in zip(evaluation["labels"], evaluation["residual_mm"],
                                                                  evaluation["loo_mm"], evaluation["outlier"])]
@@ -158,6 +158,11 @@ def _runInto(config: RunConfig, work, scene, progress):
         with timed("refine"):
             refinement, mapping, transformNode = _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs,
                                                          transformNode, warnings, progressLib.scaled(progress, 0.1, 0.5))
+
+    if refinement is not None and refinement["accepted"]:
+        # the report describes the transform it ships: the refined chain
+        refinement["landmark_jacobian"] = jacobian
+        jacobian = fitting.jacobianSummary(mapping, mriArray.shape[::-1], mriIjkToRas)
 
     progressLib.report(progress, 0.5, "resampling the original stack once")
     with timed("resample"):
@@ -249,8 +254,7 @@ def _jsonable(value):
 
 def _evaluatePoints(config, mapping):
     """Held-out target registration error, measured in MRI space (mm): histology point mapped back vs MRI point."""
-    from MRIHistoRegLib import landmarks
-    from MRIHistoRegLib.mapping import invertPoints
+    from MRIHistoRegLib import compare, landmarks
 
     mriLabels, mriPoints = landmarks.readPoints(config.evaluatePoints["mri"])
     histLabels, histPoints = landmarks.readPoints(config.evaluatePoints["histology"])
@@ -260,9 +264,8 @@ def _evaluatePoints(config, mapping):
         raise ValueError("evaluate_points: no label appears in both point files; pair them by label (label,x,y,z).")
     fixed = np.array([p for label, p in zip(mriLabels, mriPoints) if label in byLabel])
     moving = np.array([byLabel[label] for label in common])
-    mapped, residual = invertPoints(mapping, moving, initialGuess=fixed)
-    if residual.max() > 1e-3:
-        logging.warning("inverse mapping did not converge for some evaluation points (max residual %.2g mm)", residual.max())
+    # started from the inverse of the mapping's linear part, never from the answer; raises if it does not converge
+    mapped = compare.InverseMapping(mapping).transformPoints(moving)
     tre = np.linalg.norm(mapped - fixed, axis=1)
     forward = np.linalg.norm(mapping.transformPoints(fixed) - moving, axis=1)
     return {"points": [{"label": label, "tre_mm": float(t), "tre_histology_space_mm": float(f)}
@@ -294,20 +297,23 @@ def _compareLabels(scene, config, source, mapping, mriShape, mriIjkToRas):
 
 
 def _jacobianFigure(mapping, mriShape, mriIjkToRas, histologyOnMri, path):
-    """det J of the final mapping on the axial MRI slice through the histology footprint."""
+    """det J of the final mapping on the axial MRI slice through the histology footprint (any axis order)."""
     from MRIHistoRegLib import figures
     from MRIHistoRegLib.mapping import jacobianOf
 
+    axis = figures.volumeAxisForView(mriIjkToRas, "axial")  # array axis ([k, j, i]) normal to axial slices
     footprint = histologyOnMri > 0
-    k = int(np.round(np.argwhere(footprint)[:, 0].mean())) if footprint.any() else mriShape[0] // 2
-    nj, ni = mriShape[1], mriShape[2]
-    jj, ii = np.mgrid[0:nj, 0:ni]
-    ijk = np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)]
-    ras = (ijk @ np.asarray(mriIjkToRas).T)[:, :3]
-    determinant = np.linalg.det(jacobianOf(mapping, ras)).reshape(1, nj, ni)
+    index = int(np.round(np.argwhere(footprint)[:, axis].mean())) if footprint.any() else mriShape[axis] // 2
+    planeShape = [n for a, n in enumerate(mriShape) if a != axis]
+    kji = np.indices(planeShape).reshape(2, -1)
+    kji = np.insert(kji, axis, index, axis=0)  # (3, n) array indices with the slice index put back
+    ras = (np.c_[kji[::-1].T, np.ones(kji.shape[1])] @ np.asarray(mriIjkToRas).T)[:, :3]
+    shape = list(mriShape)
+    shape[axis] = 1
+    determinant = np.linalg.det(jacobianOf(mapping, ras)).reshape(shape)
     image = figures.orientedSlice(determinant, mriIjkToRas, "axial", 0)[0]
     spacing = volumes.spacingOf(mriIjkToRas)
-    return figures.jacobianFigure(image, spacing, path, title=f"Jacobian determinant (volume ratio), axial k={k}")
+    return figures.jacobianFigure(image, spacing, path, title="Jacobian determinant (volume ratio), axial slice")
 
 
 def _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs, transformNode, warnings, progress):
