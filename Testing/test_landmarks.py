@@ -125,23 +125,46 @@ def test_bigWarpLandmarks(tmp_path):
     path.write_text('"Pt-0","true","1.5","2.5","3.5","10.0","20.0","30.0"\n'
                     '"Pt-1","false","4.0","5.0","6.0","40.0","50.0","60.0"\n')
     assert landmarks.detectFormat(path) == "bigwarp"
-    labels, fixed, moving, active = landmarks.readBigWarpLandmarks(path)
+    labels, fixed, moving, active = landmarks.readBigWarpLandmarks(path, flipXY=False)  # as written in the file
     assert labels == ["Pt-0", "Pt-1"] and active == [True, False]
     np.testing.assert_array_equal(moving, [[1.5, 2.5, 3.5], [4.0, 5.0, 6.0]])
     np.testing.assert_array_equal(fixed, [[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])
-    assert landmarks.readPoints(path, role="moving")[1].tolist() == moving.tolist()
+    assert landmarks.readPoints(path, role="moving", flipXY=False)[1].tolist() == moving.tolist()
     with pytest.raises(ValueError, match="role"):
         landmarks.readPoints(path, role="both")
-    _, flipped, _, _ = landmarks.readBigWarpLandmarks(path, flipXY=True)
+    # default: Fiji (x, y, z) of an orientation-less stack -> Slicer RAS (-x, -y, z)
+    _, flipped, flippedMoving, _ = landmarks.readBigWarpLandmarks(path)
     np.testing.assert_array_equal(flipped, fixed * [-1, -1, 1])
+    np.testing.assert_array_equal(flippedMoving, moving * [-1, -1, 1])
+    np.testing.assert_array_equal(landmarks.readPoints(path, role="moving")[1], moving * [-1, -1, 1])
     out = tmp_path / "written.csv"
-    landmarks.writeBigWarpLandmarks(out, labels, fixed, moving, active)
-    assert landmarks.readBigWarpLandmarks(out)[1].tolist() == fixed.tolist()
+    landmarks.writeBigWarpLandmarks(out, labels, fixed, moving, active, flipXY=False)
+    assert landmarks.readBigWarpLandmarks(out, flipXY=False)[1].tolist() == fixed.tolist()
     assert out.read_text().splitlines()[1].startswith('"Pt-1","false","4.0"')
+    # default write flips back: RAS points read by default are written as the original Fiji coordinates
+    landmarks.writeBigWarpLandmarks(out, labels, flipped, flippedMoving, active)
+    assert out.read_text().splitlines()[1].startswith('"Pt-1","false","4.0"')
+    assert landmarks.readBigWarpLandmarks(out)[1].tolist() == flipped.tolist()
     bad = tmp_path / "bad.csv"
     bad.write_text('"Pt-0","true","1","2","3","4","5"\n')
     with pytest.raises(ValueError, match="8 fields"):
         landmarks.readBigWarpLandmarks(bad)
+
+
+def test_bigWarpStackCoordinatesMatchSlicerStackGeometry(scene, tmp_path):
+    """A voxel (i, j, k) of a stack with spacing (sx, sy, sz) is at Fiji (i sx, j sy, k sz); loaded by default it
+    lands on that voxel's RAS position in the stack geometry Slicer gives the stack (DESIGN.md section 3)."""
+    spacing = (0.5, 0.25, 2.0)
+    voxels = np.array([[0, 0, 0], [3, 1, 2], [7, 5, 1]], float)
+    fiji = voxels * spacing
+    path = tmp_path / "bw.csv"
+    landmarks.writeBigWarpLandmarks(path, ["a", "b", "c"], fiji, fiji, flipXY=False)
+    node = landmarks.loadMarkups(scene, path, role="moving")
+    loaded = np.array([node.GetNthControlPointPosition(i) for i in range(3)])
+    matrix = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # the stack's IJK->RAS (section 3)
+    np.testing.assert_allclose(loaded, voxels @ matrix[:3, :3].T + matrix[:3, 3], atol=1e-12)
+    off = landmarks.loadMarkups(scene, path, role="moving", flipXY=False)
+    np.testing.assert_allclose([off.GetNthControlPointPosition(i) for i in range(3)], fiji)
 
 
 def test_loadMarkupsKeepsFlagsAndFailsCleanly(scene, tmp_path):

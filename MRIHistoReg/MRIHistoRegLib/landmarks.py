@@ -20,11 +20,14 @@ Point files (readPoints / writePoints / loadMarkups):
 - BigWarp landmarks CSV: no header, one quoted row per pair: name, active ("true"/"false"), moving x, y, z,
   fixed x, y, z. BigWarp's conventions: "moving" is the image BigWarp warps onto the "fixed" (target) image,
   so with histology as BigWarp's moving image the roles match ours. Coordinates are in each image's own
-  physical units as BigWarp (ImageJ/BigDataViewer) sees it: x along image columns, y along rows (downwards),
-  z along slices, times the calibration, usually with the origin at the first voxel's corner/centre and no
-  anatomical orientation (neither RAS nor LPS). We take them as our x, y, z as given. If the image was loaded
-  in Slicer as the stack geometry of DESIGN.md section 3 (RAS = (-i sx, -j sy, k sz)), pass flipXY=True to map
-  (x, y, z) -> (-x, -y, z); any origin offset between the two programs is the user's to remove.
+  physical units as Fiji/BigWarp (ImageJ/BigDataViewer) sees a stack: x = i*sx along columns, y = j*sy along
+  rows (downwards), z = k*sz along slices, measured at voxel centres (voxel (0,0,0) at the origin), with no
+  anatomical orientation. The same orientation-less stack in Slicer/ITK has LPS axes along i, j, k
+  (DESIGN.md section 3), i.e. RAS = (-i*sx, -j*sy, k*sz) = (-x, -y, z). So BigWarp files are converted by
+  default (flipXY=True): read (x, y, z) -> RAS (-x, -y, z), and written back the same way. Pass flipXY=False
+  to take the coordinates as given (a file whose coordinates are already RAS, or images that carried another
+  orientation into BigWarp). Any origin offset between the two programs (e.g. a volume with a non-zero
+  origin) is the user's to remove. flipXY affects BigWarp files only; every other format is RAS already.
 """
 import csv
 import logging
@@ -249,8 +252,9 @@ def _readPlainCsv(path) -> PointRecords:
     return PointRecords(labels, np.array(points, float).reshape(-1, 3), [True] * len(labels), [True] * len(labels))
 
 
-def readBigWarpLandmarks(path, flipXY=False):
-    """(labels, fixed (N,3), moving (N,3), active list) from a BigWarp landmarks CSV (see module notes)."""
+def readBigWarpLandmarks(path, flipXY=True):
+    """(labels, fixed (N,3), moving (N,3), active list) from a BigWarp landmarks CSV. flipXY=True (default):
+    Fiji (x, y, z) -> Slicer RAS (-x, -y, z); False: as given (see module notes)."""
     path = os.fspath(path)
     with open(path, newline="", encoding="utf-8-sig") as stream:
         rows = [row for row in csv.reader(stream) if row]
@@ -269,8 +273,9 @@ def readBigWarpLandmarks(path, flipXY=False):
     return labels, fixed, moving, active
 
 
-def writeBigWarpLandmarks(path, labels, fixedPoints, movingPoints, active=None, flipXY=False) -> str:
-    """Write a BigWarp landmarks CSV (all fields quoted, as BigWarp writes them)."""
+def writeBigWarpLandmarks(path, labels, fixedPoints, movingPoints, active=None, flipXY=True) -> str:
+    """Write a BigWarp landmarks CSV (all fields quoted, as BigWarp writes them) from RAS points. flipXY=True
+    (default): RAS (r, a, s) -> Fiji (-r, -a, s); False: as given (see module notes)."""
     fixed, moving = asPoints(fixedPoints), asPoints(movingPoints)
     if not (len(labels) == len(fixed) == len(moving)):
         raise ValueError(f"BigWarp export needs one label per pair: {len(labels)} labels, {len(fixed)} fixed, "
@@ -285,9 +290,10 @@ def writeBigWarpLandmarks(path, labels, fixedPoints, movingPoints, active=None, 
     return os.fspath(path)
 
 
-def readPointRecords(path, role="fixed", flipXY=False) -> PointRecords:
+def readPointRecords(path, role="fixed", flipXY=True) -> PointRecords:
     """All points of a point file with their flags. For a BigWarp file (a pair file) `role` picks 'fixed' or
-    'moving'; inactive BigWarp pairs come back unselected."""
+    'moving', inactive pairs come back unselected and flipXY (default True) converts Fiji x, y to RAS (module
+    notes); other formats ignore flipXY."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"Point file not found: {path}. Check the path.")
@@ -306,7 +312,7 @@ def readPointRecords(path, role="fixed", flipXY=False) -> PointRecords:
     return _readPlainCsv(path)
 
 
-def readPoints(path, role="fixed", flipXY=False):
+def readPoints(path, role="fixed", flipXY=True):
     """(labels, points (N,3) RAS mm) from any supported point file; see readPointRecords."""
     records = readPointRecords(path, role, flipXY)
     return records.labels, records.points
@@ -384,7 +390,7 @@ def markupsFromPoints(scene, labels, points, name="Landmarks", selected=None):
     return node
 
 
-def loadMarkups(scene, path, name=None, role="fixed", flipXY=False):
+def loadMarkups(scene, path, name=None, role="fixed", flipXY=True):
     """Read a point file (any supported format) into a new markups point list; selected/defined flags kept.
     The file is fully read before the scene is touched."""
     records = readPointRecords(path, role, flipXY)

@@ -389,10 +389,11 @@ def mapPoints(node, points, direction="fixed-to-moving"):
 
 # --- file-level commands (CLI `register` and `map-points`) -----------------------------------------------------
 
-def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0, scene=None) -> dict:
+def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0, scene=None, bigWarpFlipXY=True) -> dict:
     """Fit `model` to two point files (paired by label) and write into outDir: landmark_transform.h5,
     landmark_errors.csv (label, residual_mm, loo_mm, outlier, included) and landmark_registration.json (the
-    evaluation and the pairing notes). Nothing is written when pairing or fitting fails (ValueError)."""
+    evaluation and the pairing notes). Nothing is written when pairing or fitting fails (ValueError).
+    bigWarpFlipXY: BigWarp files' Fiji x, y -> RAS -x, -y (default; see landmarks module notes)."""
     import csv
     import json
 
@@ -401,8 +402,8 @@ def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0,
     from .landmarks import loadMarkups, pairLandmarks
 
     scene = scene if scene is not None else createScene()
-    fixedNode = loadMarkups(scene, fixedPath, "fixed", role="fixed")
-    movingNode = loadMarkups(scene, movingPath, "moving", role="moving")
+    fixedNode = loadMarkups(scene, fixedPath, "fixed", role="fixed", flipXY=bigWarpFlipXY)
+    movingNode = loadMarkups(scene, movingPath, "moving", role="moving", flipXY=bigWarpFlipXY)
     pairs = pairLandmarks(fixedNode, movingNode)
     fitted, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, model, regularization)
     evaluation["pairing"] = {"paired_by_index": pairs.pairedByIndex, "unmatched_fixed": pairs.unmatchedFixed,
@@ -437,13 +438,13 @@ def _jsonReady(value):
     return value
 
 
-def mapPointFile(transformPath, pointsPath, direction, outPath, scene=None) -> dict:
+def mapPointFile(transformPath, pointsPath, direction, outPath, scene=None, bigWarpFlipXY=True) -> dict:
     """Read points (any supported point file), map them through the transform file, write plain CSV
-    label,x,y,z keeping the labels. Returns {count, max_residual_mm}."""
+    label,x,y,z keeping the labels. Returns {count, max_residual_mm}. bigWarpFlipXY as in registerPointFiles."""
     from .context import createScene
     from .landmarks import readPoints, writePoints
 
-    labels, points = readPoints(pointsPath)
+    labels, points = readPoints(pointsPath, flipXY=bigWarpFlipXY)
     scene = scene if scene is not None else createScene()
     node = loadTransform(scene, transformPath)
     mapped, residual = mapPoints(node, points, direction)
