@@ -606,14 +606,18 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._appliedFade = p.fade
             self.logic.setSliceLayers(opacity=p.fade)
         transform = self._registrationTransform()
-        alignment = (p.histologyAligned, p.histologyVolume, transform)
-        previous = getattr(self, "_appliedAlignment", (False, None, None))
+        alignment = (p.histologyAligned, p.histologyVolume, transform, p.histologyLandmarks)
+        previous = getattr(self, "_appliedAlignment", (False, None, None, None))
         if alignment != previous and p.histologyVolume is not None:
             self._appliedAlignment = alignment
             # only undo an alignment this panel made: a parent transform set elsewhere is left alone
             if (p.histologyAligned and transform is not None) or previous[0]:
                 with self._action(_("Failed to align the histology display.")):
-                    self.logic.setHistologyAligned(p.histologyVolume, transform, p.histologyAligned and transform is not None)
+                    if previous[0] and previous[3] is not None and previous[3] is not p.histologyLandmarks:
+                        previous[3].SetAndObserveTransformNodeID(None)  # a list swapped out goes back to its space
+                    self.logic.setHistologyAligned(p.histologyVolume, transform,
+                                                   p.histologyAligned and transform is not None,
+                                                   histologyLandmarks=p.histologyLandmarks)
 
     def onFlickerTick(self) -> None:
         self._flickerOn = not self._flickerOn

@@ -118,6 +118,53 @@ def test_pair_file_roundtrip_keeps_labels_points_and_exclusions(logic, scene, tm
             assert imported.GetNthControlPointSelected(i) == (label != "P3")
 
 
+def test_points_placed_on_the_aligned_histology_are_stored_in_histology_space(logic, scene, tmp_path):
+    """Aligning puts the histology point list under the transform with the volume: a click on the aligned image at
+    world (MRI) position w is stored as the transform's from-parent image of w, pairing reads it there, and the refit
+    stays the known transform. Un-aligning gives the list back its own space, coordinates untouched."""
+    from MRIHistoRegLib import transforms
+
+    angle = np.radians(15)
+    matrix = np.eye(4)  # known MRI -> histology affine
+    matrix[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) @ np.diag([0.8, 0.9, 0.7])
+    matrix[:3, 3] = [2.0, -1.0, 0.5]
+    mri, histology, fixed, moving = _pairs(scene, matrix)
+    result = logic.fitLandmarks(mri, histology, "affine")
+    transformNode, tableNode = result["transformNode"], result["tableNode"]
+    volume = volumes.createVolumeNode(scene, np.zeros((2, 2, 2), np.float32), np.eye(4), "histology")
+    logic.setHistologyAligned(volume, transformNode, True, histologyLandmarks=histology)
+    assert volume.GetParentTransformNode() is transformNode and histology.GetParentTransformNode() is transformNode
+    for i in range(len(fixed)):  # stored in histology space, shown on the MRI feature
+        np.testing.assert_allclose(histology.GetNthControlPointPosition(i), moving[i], atol=1e-12)
+        np.testing.assert_allclose(histology.GetNthControlPointPositionWorld(i), fixed[i], atol=1e-6)
+
+    clicked = np.array([1.5, -0.5, 2.0])  # the new pair: the same anatomy clicked in the MRI and on the aligned histology
+    mri.AddControlPoint(*clicked, "P9")
+    index = histology.AddControlPoint(0.0, 0.0, 0.0, "P9")
+    histology.SetNthControlPointPositionWorld(index, *clicked)  # what the placement widget does with a click
+    local = np.array(histology.GetNthControlPointPosition(index))
+    np.testing.assert_allclose(local, matrix[:3, :3] @ clicked + matrix[:3, 3], atol=1e-9)
+    np.testing.assert_allclose(local, transforms.mappingFromWorldToNode(transformNode).transformPoints(clicked[None])[0], atol=1e-9)
+    refit = logic.fitLandmarks(mri, histology, "affine", transformNode, tableNode)
+    assert refit["count"] == len(fixed) + 1 and refit["residual_max_mm"] < 1e-9
+    fromParent = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformFromParent(fromParent)
+    np.testing.assert_allclose(volumes.matrixToNumpy(fromParent), matrix, atol=1e-9)
+
+    # the pair file (excluded pairs included) holds histology-space points too
+    logic.setPairIncluded(mri, histology, "P2", False)
+    newMri, newHistology = logic.createPointLists("MRI 2", "Histology 2")
+    assert logic.importPointPairs(logic.exportPointPairs(str(tmp_path / "pairs.csv"), mri, histology), newMri, newHistology) == 9
+    imported = {newHistology.GetNthControlPointLabel(i): newHistology.GetNthControlPointPosition(i)
+                for i in range(newHistology.GetNumberOfControlPoints())}
+    np.testing.assert_allclose(imported["P2"], moving[1], atol=1e-9)
+    np.testing.assert_allclose(imported["P9"], local, atol=1e-9)
+
+    logic.setHistologyAligned(volume, transformNode, False, histologyLandmarks=histology)
+    assert volume.GetParentTransformNode() is None and histology.GetParentTransformNode() is None
+    np.testing.assert_allclose(histology.GetNthControlPointPositionWorld(index), local, atol=1e-12)
+
+
 def test_auto_update_refits_when_a_point_moves_and_stops(logic, scene):
     mri, histology, fixed, moving = _pairs(scene, np.diag([0.8, 0.8, 0.8, 1.0]))
     nodes = logic.setAutoUpdate(True, mri, histology, "affine")

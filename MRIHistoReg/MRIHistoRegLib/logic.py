@@ -485,11 +485,20 @@ class MRIHistoRegLogicCore:
         if pairs.excluded:
             # excluded pairs are written too (inactive) so nothing the user placed is lost
             labels, fixed, moving, active = [], [], [], []
-            records = {node.GetID(): _pointsByLabel(node) for node in (mriLandmarks, histologyLandmarks)}
+            # positions as pairing reads them (each list's local coordinates = its own image's space)
+            mriPoints, histologyPoints = (
+                {label: position for label, position, *_ in landmarks._controlPoints(node)}
+                for node in (mriLandmarks, histologyLandmarks)
+            )
             for label in list(pairs.labels) + list(pairs.excluded):
+                if label not in mriPoints or label not in histologyPoints:  # index-paired names ('a/b', '#3')
+                    raise ValueError(
+                        f"Pair '{label}' has no common label in the two lists: label the points (same label in "
+                        f"both lists) before exporting excluded pairs."
+                    )
                 labels.append(label)
-                fixed.append(records[mriLandmarks.GetID()][label])
-                moving.append(records[histologyLandmarks.GetID()][label])
+                fixed.append(mriPoints[label])
+                moving.append(histologyPoints[label])
                 active.append(label in pairs.labels)
             return landmarks.writeBigWarpLandmarks(path, labels, fixed, moving, active)
         return landmarks.writeBigWarpLandmarks(path, pairs.labels, pairs.fixed, pairs.moving)
@@ -757,13 +766,26 @@ class MRIHistoRegLogicCore:
 
     # --- display ----------------------------------------------------------------------------------------------
 
-    def setHistologyAligned(self, histologyVolume: VolumeNode, transformNode: TransformNode, aligned: bool) -> None:
-        """Show the histology volume in MRI space (placed under `transformNode`) or in its own space."""
+    def setHistologyAligned(
+        self,
+        histologyVolume: VolumeNode,
+        transformNode: TransformNode,
+        aligned: bool,
+        histologyLandmarks: Optional[PointListNode] = None,
+    ) -> None:
+        """Show the histology volume in MRI space (placed under `transformNode`) or in its own space.
+
+        `histologyLandmarks` goes with it: under the same transform its points show on the aligned image, and a
+        point clicked there is stored by MRML in the list's local coordinates = histology space (the
+        transform's from-parent image of the clicked world position), which is what pairing reads."""
         if histologyVolume is None:
             raise ValueError("Select the histology volume to align.")
         if aligned and transformNode is None:
             raise ValueError("Fit the landmarks first (no transform selected).")
-        histologyVolume.SetAndObserveTransformNodeID(transformNode.GetID() if aligned else None)
+        parentID = transformNode.GetID() if aligned else None
+        histologyVolume.SetAndObserveTransformNodeID(parentID)
+        if histologyLandmarks is not None:
+            histologyLandmarks.SetAndObserveTransformNodeID(parentID)
 
     def setSliceLayers(
         self,
@@ -878,15 +900,6 @@ def _stackName(path) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
-
-
-def _pointsByLabel(node) -> dict:
-    points = {}
-    for i in range(node.GetNumberOfControlPoints()):
-        position = [0.0, 0.0, 0.0]
-        node.GetNthControlPointPositionWorld(i, position)
-        points[node.GetNthControlPointLabel(i)] = position
-    return points
 
 
 def _normalised(array) -> np.ndarray:

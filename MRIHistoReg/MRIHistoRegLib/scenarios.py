@@ -73,7 +73,7 @@ def loadSampleScenario(scene, workFolder) -> None:
     for role, key, sd in (("mriLandmarks", "mri_true_ras_mm", truth["landmarks"]["mri_noise_sd_mm"]),
                           ("histologyLandmarks", "histology_true_ras_mm", truth["landmarks"]["histology_noise_sd_mm"])):
         node = nodes[role]
-        placed = np.array([node.GetNthControlPointPositionWorld(i) for i in range(node.GetNumberOfControlPoints())])
+        placed = np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())])  # local = own space
         distance = np.linalg.norm(placed - np.array(truth["landmarks"][key]), axis=1)
         assert distance.max() < 4 * np.sqrt(3) * sd, f"{role}: a point lies {distance.max():.3f} mm from its true position"
 
