@@ -347,3 +347,13 @@ def test_memory_does_not_grow_with_depth(tmp_path):
     for kind in ("raw", "gzip"):
         small, large = [peak for k, _, peak, workers in peaks if k == kind and workers == 1]
         assert large < small * 1.25 + planeBytes, peaks
+
+
+def test_writeVolumeFileWithoutPynrrdSaysHowToInstall(tmp_path, monkeypatch):
+    """pynrrd missing: the ValueError from deps (with the pip command) reaches the caller and nothing is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nrrd", None)  # makes `import nrrd` raise ImportError
+    with pytest.raises(ValueError, match="pip install pynrrd"):
+        downsample.writeVolumeFile(np.zeros((2, 2, 2), np.uint8), np.eye(4), tmp_path / "out.nrrd")
+    assert list(tmp_path.iterdir()) == []

@@ -320,3 +320,17 @@ def test_memory_guard_refuses_a_stack_bigger_than_memory(tmp_path):
     assert source.shape == (1000, 200000, 200000) and source.nbytes == 8 * 10 ** 13
     with pytest.raises(ValueError, match=r"needs 80\.0 TB.*streamed downsampling"):
         source.readAll()
+
+
+def test_missingPackagesSayHowToInstall(tmp_path, monkeypatch):
+    """tifffile / pynrrd missing: opening a stack raises deps' ValueError naming the pip command."""
+    import sys
+
+    tiff = writeTiff(tmp_path / "s.tif", randomStack((2, 3, 4)))
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    with pytest.raises(ValueError, match="pip install tifffile"):
+        stacks.openStack(tiff, spacingMm=(1, 1, 1))
+    monkeypatch.setitem(sys.modules, "nrrd", None)
+    (tmp_path / "s.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 1 1 1\nencoding: raw\n\n\0")
+    with pytest.raises(ValueError, match="pip install pynrrd"):
+        stacks.openStack(tmp_path / "s.nrrd")

@@ -515,10 +515,12 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
     temp = os.path.join(folder, f".tmp{os.getpid()}_{threading.get_ident()}_{base}")
     lps = np.asarray(ijkToRasMatrix, float).copy()
     lps[:2, :] *= -1  # RAS -> LPS rows
+    if outPath.lower().endswith(".nrrd"):
+        from MRIHistoRegLib.deps import requirePackage
+
+        nrrd = requirePackage("nrrd")  # missing: ValueError with the fix (in Slicer: offer to install), nothing written
     try:
         if outPath.lower().endswith(".nrrd"):
-            import nrrd
-
             header = {
                 "space": "left-posterior-superior",
                 "space directions": lps[:3, :3].T,  # one row per axis i, j, k

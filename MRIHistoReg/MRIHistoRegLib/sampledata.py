@@ -679,7 +679,9 @@ def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, prog
     One page at a time: memory is a few pages whatever the size. Returns statistics (label voxel count,
     intensity range).
     """
-    import tifffile
+    from .deps import requirePackage
+
+    tifffile = requirePackage("tifffile")
 
     renderer = _StackRenderer(anatomy, forward, grid, seed, latticeStep)
     ni, nj, nk = grid.shapeIjk

@@ -300,7 +300,9 @@ class _TiffPlaneReader:
     """Reads 2-D pages of one TIFF file: uncompressed contiguous pages with one read, others with tifffile."""
 
     def __init__(self, path):
-        import tifffile
+        from .deps import requirePackage
+
+        tifffile = requirePackage("tifffile")
 
         self.path = path
         try:
@@ -465,7 +467,9 @@ class TiffSeries(StackSource):
     kind = "tiff-series"
 
     def __init__(self, folder, spacingMm=None, files=None):
-        import tifffile
+        from .deps import requirePackage
+
+        tifffile = requirePackage("tifffile")
 
         folder = os.fspath(folder)
         if files is None:
@@ -664,7 +668,9 @@ class NrrdStack(StackSource):
     kind = "nrrd"
 
     def __init__(self, path, spacingMm=None):
-        import nrrd
+        from .deps import requirePackage
+
+        nrrd = requirePackage("nrrd")
 
         path = os.fspath(path)
         try:
@@ -817,11 +823,12 @@ class NrrdStack(StackSource):
     def _openGzip(self):
         raw = open(self.dataPath, "rb")
         raw.seek(self.dataOffset)
-        try:
-            from isal import igzip
+        from .deps import optionalPackage
 
+        igzip = optionalPackage("isal.igzip")  # faster gunzip when installed
+        if igzip is not None:
             stream = igzip.IGzipFile(fileobj=raw, mode="rb")
-        except ImportError:
+        else:
             import gzip
 
             stream = gzip.GzipFile(fileobj=raw, mode="rb")
