@@ -157,15 +157,12 @@ def rewriteNrrdSpacing(path, spacingMm, outPath=None, overwrite=False):
     name (.nhdr). `overwrite=True` rewrites `path` in place (header only, via a temporary file and rename; the
     data bytes are copied only when the header is attached). Returns the path written.
     Directions and origin are kept; only the length of each space direction changes."""
-    import nrrd
-
     from MRIHistoRegLib.stacks import NrrdStack
 
     path = os.fspath(path)
     spacing = np.broadcast_to(np.asarray(toMillimetres(spacingMm, "mm")), (3,))
-    source = NrrdStack(path)
-    header = dict(source.header)
-    header = _headerWithSpacing(header, spacing, path)
+    with NrrdStack(path) as source:  # header and data location only; closed before anything is written
+        header = _headerWithSpacing(dict(source.header), spacing, path)
     if outPath is None and not overwrite:
         base = path[:-5] if path.lower().endswith((".nrrd", ".nhdr")) else path
         outPath = base + ".spacing.nhdr"
@@ -234,14 +231,67 @@ def _headerLineCount(path):
     return count
 
 
-def _writeHeaderAtomically(outPath, header):
-    import nrrd
+# NRRD header text (pynrrd's public format_* helpers per field type; tested against pynrrd's reader). pynrrd
+# has no public header-only writer, and a header-only rewrite must not touch the data.
+_INT_FIELDS = {"dimension", "space dimension", "byte skip", "byteskip", "line skip", "lineskip", "blocksize",
+               "block size"}
+_INT_LIST_FIELDS = {"sizes"}
+_DOUBLE_LIST_FIELDS = {"spacings", "thicknesses", "axis mins", "axismins", "axis maxs", "axismaxs"}
+_QUOTED_LIST_FIELDS = {"labels", "units", "space units"}
+_STRING_LIST_FIELDS = {"kinds", "centerings", "centers"}
+_NRRD_FIELD_ORDER = ["type", "dimension", "space dimension", "space", "sizes", "space directions", "kinds", "endian",
+                     "encoding", "min", "max", "oldmin", "old min", "oldmax", "old max", "content",
+                     "sample units", "spacings", "thicknesses", "axis mins", "axismins", "axis maxs", "axismaxs",
+                     "centerings", "labels", "units", "space units", "space origin", "measurement frame",
+                     "byte skip", "line skip", "data file"]
+_NRRD_FIELDS = set(_NRRD_FIELD_ORDER) | _INT_FIELDS | {"datafile", "centers", "block size", "blocksize"}
 
+
+def _formatNrrdValue(nrrd, field, value):
+    if field in _INT_FIELDS:
+        return str(int(value))
+    if field in _INT_LIST_FIELDS:
+        return nrrd.format_number_list(np.asarray(value, dtype=int))
+    if field in _DOUBLE_LIST_FIELDS:
+        return nrrd.format_number_list(np.asarray(value, dtype=float))
+    if field in _QUOTED_LIST_FIELDS:
+        return " ".join(f'"{item}"' for item in value)
+    if field in _STRING_LIST_FIELDS:
+        return " ".join(str(item) for item in value)
+    if field == "space directions":
+        return nrrd.format_optional_matrix(np.asarray(value, dtype=float))
+    if field == "space origin":
+        return nrrd.format_vector(np.asarray(value, dtype=float))
+    if field == "measurement frame":
+        return nrrd.format_optional_matrix(np.asarray(value, dtype=float))
+    if field in ("data file", "datafile") and not isinstance(value, str):
+        return " ".join(str(item) for item in value)  # rarely a list; LIST form is not rewritten here
+    if isinstance(value, (float, np.floating)):
+        return nrrd.format_number(value)
+    return str(value)
+
+
+def formatNrrdHeader(header) -> bytes:
+    """The text of a NRRD header (magic line, fields in the usual order, custom `key:=value` pairs, blank line)
+    for a header dict as pynrrd's read_header returns it."""
+    from MRIHistoRegLib.deps import requirePackage
+
+    nrrd = requirePackage("nrrd")
+    ordered = [field for field in _NRRD_FIELD_ORDER if field in header]
+    ordered += [field for field in header if field not in ordered]
+    lines = ["NRRD0005", "# written by MRIHistoReg (header-only spacing correction)"]
+    for field in ordered:
+        text = _formatNrrdValue(nrrd, field, header[field])
+        lines.append(f"{field}: {text}" if field in _NRRD_FIELDS else f"{field}:={text}")
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def _writeHeaderAtomically(outPath, header):
     folder = os.path.dirname(os.path.abspath(outPath))
     temp = os.path.join(folder, f".{os.path.basename(outPath)}.tmp{os.getpid()}")
     try:
         with open(temp, "wb") as f:
-            nrrd.writer._write_header(f, header)
+            f.write(formatNrrdHeader(header))
         os.replace(temp, outPath)
     except OSError as error:
         _silentRemove(temp)
@@ -250,13 +300,11 @@ def _writeHeaderAtomically(outPath, header):
 
 def _rewriteInPlace(path, header, source):
     """Replace `path` by a copy with the new header (attached data copied in chunks) via temp file + rename."""
-    import nrrd
-
     folder = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(temp, "wb") as out:
-            nrrd.writer._write_header(out, header)
+            out.write(formatNrrdHeader(header))
             if source.dataPath == source.path:  # attached: copy the data bytes after the old header
                 start = source.dataOffset if source.encoding == "raw" else _offsetAfterBlankLine(path)
                 with open(path, "rb") as f:
