@@ -268,6 +268,33 @@ def test_cliRegisterAndMapPoints(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_registerPointFilesReplacesTheFolderWhole(tmp_path):
+    """register writes through an atomic folder: a failed rerun leaves the earlier result as it was, a new run
+    replaces it whole, and a folder of someone else's files is refused untouched."""
+    labels, fixed, moving = _pairs(12)
+    landmarks.writePoints(tmp_path / "mri.csv", labels, fixed)
+    landmarks.writePoints(tmp_path / "histology.csv", labels, moving)
+    landmarks.writePoints(tmp_path / "few.csv", labels[:3], moving[:3])
+    out = tmp_path / "result"
+    transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "affine+tps", out)
+    first = {name: (out / name).read_bytes() for name in sorted(p.name for p in out.iterdir())}
+    assert {"landmark_transform.h5", "landmark_errors.csv", "landmark_registration.json"} <= set(first)
+    with pytest.raises(ValueError):
+        transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "few.csv", "affine+tps", out)
+    assert {name: (out / name).read_bytes() for name in sorted(p.name for p in out.iterdir())} == first
+    (out / "stale.txt").write_text("from an older run")
+    transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "similarity", out)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "landmark_registration.json").read_text())["model"] == "similarity"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "affine", foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 def test_phantomThroughMrml(scene, tmp_path):
     """The whole chain on the generated phantom: markups files -> pairing -> TPS node -> MRML maps the held-out
     points (MRI -> histology by the from-parent transform; histology -> MRI by hardening) near the truth."""

@@ -819,20 +819,36 @@ def refinementTransformNode(scene, result, name="Refinement"):
     return node
 
 
-def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to histology (refined)"):
-    """A new transform node whose FROM-PARENT transform is landmark_fromParent(refinement_fromParent(x)), built
-    explicitly as one vtkGeneralTransform (refinement first). Both inputs are used by their own from-parent
-    transforms (their parents are ignored) and left unchanged.
+def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to histology (refined)", outputNode=None):
+    """A transform node (no parent) whose FROM-PARENT transform is landmarkChain(refinement_fromParent(x)), built
+    explicitly as one vtkGeneralTransform (refinement first). landmarkChain is world -> landmarkNode, i.e. the
+    landmark node's own from-parent transform after those of its parents (the mapping the refinement started
+    from: refineRegistration's initial = transforms.mappingFromWorldToNode(landmarkNode)); the refinement node is
+    used by its own from-parent transform (its parents are ignored). Every piece is copied, so the result does
+    not follow later refits of the inputs, which are left unchanged. `outputNode` (a vtkMRMLTransformNode, not
+    one of the inputs) is filled instead of creating a new node.
 
     Not via HardenTransform: hardening an identity node placed under landmark-under-refinement was measured (slicer-
     core 5.13) to give the reversed order refinement(landmark(x)) (test_composedTransformNodeOrder)."""
+    import slicer
     import vtk
 
+    if outputNode is not None and outputNode in (refinementNode, landmarkNode):
+        raise ValueError("The refined transform must be a separate node: pick or create another output transform.")
+    landmarkChain = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, landmarkNode, landmarkChain)
     general = vtk.vtkGeneralTransform()
     general.PostMultiply()  # each Concatenate applies after the previous ones
-    general.Concatenate(refinementNode.GetTransformFromParent())
-    general.Concatenate(landmarkNode.GetTransformFromParent())
-    node = scene.AddNewNodeByClass("vtkMRMLTransformNode", name)
+    for transform in (refinementNode.GetTransformFromParent(), landmarkChain):
+        pieces = vtk.vtkCollection()  # flattened in order, inverses resolved
+        slicer.vtkMRMLTransformNode.FlattenGeneralTransform(pieces, transform)
+        for i in range(pieces.GetNumberOfItems()):
+            piece = pieces.GetItemAsObject(i)
+            copy = piece.MakeTransform()
+            copy.DeepCopy(piece)
+            general.Concatenate(copy)
+    node = outputNode if outputNode is not None else scene.AddNewNodeByClass("vtkMRMLTransformNode", name)
+    node.SetAndObserveTransformNodeID(None)
     node.SetAndObserveTransformFromParent(general)
     return node
 
@@ -850,13 +866,15 @@ def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDi
     reason, metric, iterations, seconds, landmark residuals before/after) and, only when the refinement is
     accepted, refinement_transform.h5 (the refinement grid alone, from parent) and refined_transform.h5 (the
     whole chain landmark(refinement(x)) in one node, MRI -> histology, for resampling/hardening in Slicer).
-    A rejected refinement writes no transform: keep the landmark-only result (`register`)."""
+    A rejected refinement writes no transform: keep the landmark-only result (`register`). outDir is replaced
+    as a whole (outputs.atomicFolder): it must be new, empty or an earlier MRIHistoReg output."""
     import json
     import os
 
-    from MRIHistoRegLib import downsample, fitting, landmarks, progress as progressLib, stacks, transforms, volumes
+    from MRIHistoRegLib import downsample, fitting, landmarks, outputs, progress as progressLib, stacks, transforms, volumes
     from MRIHistoRegLib.context import createScene
 
+    outputs.checkDestination(outDir)  # refuse a bad folder before the long work
     scene = createScene()
     mriNode = volumes.loadVolume(scene, mriPath, "MRI")
     mriArray, mriIjkToRas = volumes.arrayFromVolume(mriNode), volumes.ijkToRas(mriNode)
@@ -885,29 +903,18 @@ def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDi
         "direction": "MRI (fixed) RAS mm -> histology (moving) RAS mm = landmark(refinement(x)), from parent",
         "files": ["refinement.json"],
     }
-    outDir = os.fspath(outDir)
-    os.makedirs(outDir, exist_ok=True)
-    written = []
-    try:
+    # the whole folder is replaced at once: a rejected rerun never leaves an older accepted transform beside
+    # the new refinement.json, and a failure leaves the previous folder as it was
+    with outputs.atomicFolder(outDir) as folder:
         if result.accepted:
             refinementNode = refinementTransformNode(scene, result, "Intensity refinement")
             landmarkNode = transforms.createTransformNode(scene, fitted, "LandmarkTransform")
             chain = composedTransformNode(scene, refinementNode, landmarkNode, "MRI to histology (refined)")
             for node, name in ((refinementNode, "refinement_transform.h5"), (chain, "refined_transform.h5")):
-                path = os.path.join(outDir, name)
-                written.append(path)
-                transforms.saveTransform(node, path)
+                transforms.saveTransform(node, os.path.join(folder, name))
                 summary["files"].append(name)
-        path = os.path.join(outDir, "refinement.json")
-        written.append(path)
-        with open(path + ".part", "w", encoding="utf-8") as stream:
+        with open(os.path.join(folder, "refinement.json"), "w", encoding="utf-8") as stream:
             json.dump(_jsonSafe(summary), stream, indent=1)
-        os.replace(path + ".part", path)
-    except BaseException:
-        for path in written + [os.path.join(outDir, "refinement.json.part")]:
-            if os.path.exists(path):
-                os.remove(path)
-        raise
     progressLib.report(progress, 1.0, "refinement written")
     return summary
 

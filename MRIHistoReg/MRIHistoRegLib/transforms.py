@@ -392,15 +392,17 @@ def mapPoints(node, points, direction="fixed-to-moving"):
 def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0, scene=None, bigWarpFlipXY=True) -> dict:
     """Fit `model` to two point files (paired by label) and write into outDir: landmark_transform.h5,
     landmark_errors.csv (label, residual_mm, loo_mm, outlier, included) and landmark_registration.json (the
-    evaluation and the pairing notes). Nothing is written when pairing or fitting fails (ValueError).
+    evaluation and the pairing notes). Nothing is written when pairing or fitting fails (ValueError); outDir is
+    replaced as a whole (outputs.atomicFolder: new, empty or an earlier MRIHistoReg output).
     bigWarpFlipXY: BigWarp files' Fiji x, y -> RAS -x, -y (default; see landmarks module notes)."""
     import csv
     import json
 
-    from . import fitting
+    from . import fitting, outputs
     from .context import createScene
     from .landmarks import loadMarkups, pairLandmarks
 
+    outputs.checkDestination(outDir)
     scene = scene if scene is not None else createScene()
     fixedNode = loadMarkups(scene, fixedPath, "fixed", role="fixed", flipXY=bigWarpFlipXY)
     movingNode = loadMarkups(scene, movingPath, "moving", role="moving", flipXY=bigWarpFlipXY)
@@ -411,19 +413,18 @@ def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0,
                              "excluded": pairs.excluded, "undefined": pairs.undefined, "notes": pairs.messages()}
     evaluation["direction"] = "transform maps fixed (MRI) RAS mm -> moving (histology) RAS mm (from parent)"
     node = createTransformNode(scene, fitted, "LandmarkTransform")
-    outDir = os.fspath(outDir)
-    os.makedirs(outDir, exist_ok=True)
-    saveTransform(node, os.path.join(outDir, "landmark_transform.h5"))
-    with open(os.path.join(outDir, "landmark_errors.csv"), "w", newline="") as stream:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(TABLE_COLUMNS)
-        for i, label in enumerate(evaluation["labels"]):
-            writer.writerow([label, repr(evaluation["residual_mm"][i]), repr(evaluation["loo_mm"][i]),
-                             int(evaluation["outlier"][i]), 1])
-        for label in pairs.excluded:
-            writer.writerow([label, "", "", 0, 0])
-    with open(os.path.join(outDir, "landmark_registration.json"), "w") as stream:
-        json.dump(_jsonReady(evaluation), stream, indent=2)
+    with outputs.atomicFolder(outDir) as folder:  # all three files or none; an older result is replaced whole
+        saveTransform(node, os.path.join(folder, "landmark_transform.h5"))
+        with open(os.path.join(folder, "landmark_errors.csv"), "w", newline="") as stream:
+            writer = csv.writer(stream, lineterminator="\n")
+            writer.writerow(TABLE_COLUMNS)
+            for i, label in enumerate(evaluation["labels"]):
+                writer.writerow([label, repr(evaluation["residual_mm"][i]), repr(evaluation["loo_mm"][i]),
+                                 int(evaluation["outlier"][i]), 1])
+            for label in pairs.excluded:
+                writer.writerow([label, "", "", 0, 0])
+        with open(os.path.join(folder, "landmark_registration.json"), "w") as stream:
+            json.dump(_jsonReady(evaluation), stream, indent=2)
     return evaluation
 
 
