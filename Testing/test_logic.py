@@ -221,31 +221,53 @@ def test_warp_magnitude_of_a_translation_is_its_length(logic, scene):
 
 
 def test_refined_transform_is_the_landmark_transform_after_the_refinement(logic, scene):
-    """landmark(refinement(x)) in one node, checked against the two mappings composed by hand."""
+    """landmark(refinement(x)) in one node, the landmark transform taken with its parent: checked against the
+    mappings composed by hand (refinement x + d(x) at the field's grid nodes, the parent's matrix, the fitted
+    landmark transform), the result a copy that later refits do not move."""
     from MRIHistoRegLib import refine, transforms
 
     mri, histology, fixed, _ = _pairs(scene, np.array([[0.8, 0.1, 0, 1.0], [-0.1, 0.8, 0, 2.0], [0, 0, 0.75, -1.0], [0, 0, 0, 1]]))
     landmarkNode = logic.fitLandmarks(mri, histology, "affine+tps")["transformNode"]
-    # a smooth refinement field d(x) = (0.2 sin(x/3), 0.1 y/5, -0.15) on a 0.5 mm grid over the points
+    parentMatrix = np.array([[0, -1, 0, 0.5], [1, 0, 0, -0.25], [0, 0, 1, 0.3], [0, 0, 0, 1.0]])  # 90 deg about z + shift
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "parent")
+    parent.SetMatrixTransformFromParent(volumes.numpyToMatrix(parentMatrix))
+    landmarkNode.SetAndObserveTransformNodeID(parent.GetID())
+    # a smooth refinement field d(x) = (0.2 sin(x/3), 0.1 y/5, -0.15) on a 0.5 mm grid
     fieldIjkToRas = np.diag([0.5, 0.5, 0.5, 1.0])
     fieldIjkToRas[:3, 3] = -6.0
     k, j, i = np.indices((25, 25, 25))
     x, y = -6.0 + 0.5 * i, -6.0 + 0.5 * j
     field = np.stack([0.2 * np.sin(x / 3), 0.1 * y / 5, np.full(x.shape, -0.15)], axis=-1)
-    landmarkMapping = transforms.mappingFromWorldToNode(landmarkNode)
-    result = refine.RefinementResult(landmarkMapping, field, fieldIjkToRas, accepted=True, reason="test")
+    result = refine.RefinementResult(transforms.mappingFromWorldToNode(landmarkNode), field, fieldIjkToRas, accepted=True, reason="test")
     refinementNode = refine.refinementTransformNode(scene, result, "refinement")
-    before = landmarkMapping.transformPoints(fixed)
-    composite = logic.composeRefinedTransform(landmarkNode, refinementNode)
-    points = fixed * 0.9  # inside the field's grid
-    expected = landmarkMapping.transformPoints(refine.DisplacementFieldMapping(field, fieldIjkToRas).transformPoints(points))
+    # probes on grid nodes, where the refinement is exactly x + d(x)
+    rng = np.random.default_rng(5)
+    nodes = rng.integers(2, 23, size=(40, 3))  # (i, j, k)
+    points = -6.0 + 0.5 * nodes.astype(float)
+    refined = points + np.stack([0.2 * np.sin(points[:, 0] / 3), 0.1 * points[:, 1] / 5, np.full(len(points), -0.15)], 1)
+    inParent = refined @ parentMatrix[:3, :3].T + parentMatrix[:3, 3]
+    expected = transforms.mappingFromTransformNode(landmarkNode).transformPoints(inParent)  # the landmark's own from-parent
+    landmarkBefore = transforms.mappingFromWorldToNode(landmarkNode).transformPoints(fixed)
+
+    output = scene.AddNewNodeByClass("vtkMRMLTransformNode", "refined output")
+    composite = logic.composeRefinedTransform(landmarkNode, refinementNode, output)
+    assert composite is output and composite.GetParentTransformNode() is None
     np.testing.assert_allclose(transforms.mappingFromWorldToNode(composite).transformPoints(points), expected, atol=1e-6)
-    np.testing.assert_allclose(result.transformPoints(points), expected, atol=1e-6)
-    # the landmark transform itself is unchanged and still has no parent
-    assert landmarkNode.GetParentTransformNode() is None
-    np.testing.assert_allclose(transforms.mappingFromWorldToNode(landmarkNode).transformPoints(fixed), before, atol=1e-12)
+    np.testing.assert_allclose(result.transformPoints(points), expected, atol=1e-6)  # the mapping refinement reported
+    # the inputs are unchanged: the landmark transform keeps its parent and mapping
+    assert landmarkNode.GetParentTransformNode() is parent and refinementNode.GetParentTransformNode() is None
+    np.testing.assert_allclose(transforms.mappingFromWorldToNode(landmarkNode).transformPoints(fixed), landmarkBefore, atol=1e-12)
+    # a copy: refitting the landmarks or moving the parent later does not move the refined chain
+    histology.SetNthControlPointPosition(0, 9.0, 9.0, 9.0)
+    logic.fitLandmarks(mri, histology, "affine+tps", landmarkNode)
+    parent.SetMatrixTransformFromParent(volumes.numpyToMatrix(np.eye(4)))
+    np.testing.assert_allclose(transforms.mappingFromWorldToNode(composite).transformPoints(points), expected, atol=1e-6)
+    # without an output node a new one is created
+    assert logic.composeRefinedTransform(landmarkNode, refinementNode) not in (composite, landmarkNode, refinementNode)
     with pytest.raises(ValueError, match="separate node"):
         logic.composeRefinedTransform(landmarkNode, refinementNode, landmarkNode)
+    with pytest.raises(ValueError, match="linear"):
+        logic.composeRefinedTransform(landmarkNode, refinementNode, parent)
 
 
 def test_slice_layers_follow_the_fade(logic, scene):

@@ -568,23 +568,20 @@ class MRIHistoRegLogicCore:
         refinementNode: TransformNode,
         outputTransform: Optional[TransformNode] = None,
     ) -> TransformNode:
-        """One transform node whose world -> child mapping is landmark(refinement(x)): `transformNode` (with its own
-        parents) applied after `refinementNode` (both 'from parent' = MRI -> histology direction). The inputs are
-        left as they are; `outputTransform` (created when None) receives the hardened chain."""
-        if outputTransform is None:
-            outputTransform = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology (refined)")
-        if outputTransform is transformNode or outputTransform is refinementNode:
-            raise ValueError("The refined transform must be a separate node: pick or create another output transform.")
-        outputTransform.SetAndObserveTransformNodeID(None)
-        outputTransform.CopyContent(transformNode)
-        parent = transformNode.GetParentTransformNode()
-        if parent is not None:  # keep whatever the landmark transform sits under
-            outputTransform.SetAndObserveTransformNodeID(parent.GetID())
-            outputTransform.HardenTransform()
-        # the refinement acts first (world side), so it is the parent of the landmark copy
-        outputTransform.SetAndObserveTransformNodeID(refinementNode.GetID())
-        outputTransform.HardenTransform()
-        return outputTransform
+        """One transform node (no parent) whose world -> child mapping is landmark(refinement(x)): `transformNode`
+        with its own parents applied after `refinementNode` (both 'from parent' = MRI -> histology direction), by
+        refine.composedTransformNode. The inputs are left as they are; `outputTransform` (created when None)
+        receives a copy of the chain."""
+        from . import refine
+
+        if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode"):
+            raise ValueError(
+                f"'{outputTransform.GetName()}' is a linear transform and cannot hold the refined (deformable) "
+                f"chain: pick or create a general transform node."
+            )
+        return refine.composedTransformNode(
+            self.scene, refinementNode, transformNode, "MRI to histology (refined)", outputNode=outputTransform
+        )
 
     # --- resample and compare -------------------------------------------------------------------------------
 
