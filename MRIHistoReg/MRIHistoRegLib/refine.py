@@ -46,6 +46,7 @@ import SimpleITK as sitk
 
 from MRIHistoRegLib.mapping import ComposedMapping, asPoints, jacobianOf
 from MRIHistoRegLib.progress import Cancelled, report
+from MRIHistoRegLib.volumes import spacingOf
 
 _FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
 
@@ -106,7 +107,7 @@ def _geometry(ijkToRas):
     m = np.asarray(ijkToRas, dtype=float)
     if m.shape != (4, 4):
         raise ValueError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    spacing = spacingOf(m)
     if np.any(spacing <= 0):
         raise ValueError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
     return m, spacing
@@ -469,7 +470,7 @@ def _taper(shape, ijkToRas, fixedIjkToRas, box, rampMm):
     `rampMm` outside it."""
     m = np.asarray(ijkToRas, float)
     toFixed = np.linalg.inv(fixedIjkToRas) @ m  # lattice ijk -> fixed ijk
-    spacing = np.linalg.norm(np.asarray(fixedIjkToRas, float)[:3, :3], axis=0)[::-1]  # k, j, i
+    spacing = spacingOf(fixedIjkToRas)[::-1]  # k, j, i
     weight = np.ones(shape)
     lo, hi = box
     for axis in range(3):  # axis in [k, j, i]; lattice axes are aligned with the fixed axes

@@ -32,6 +32,7 @@ import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.mapping import asPoints
+from MRIHistoRegLib.volumes import spacingOf
 
 _SLAB_VOXELS = 1 << 18          # output voxels processed at a time (fits the CPU caches well)
 _MAX_REFINEMENTS = 8
@@ -53,10 +54,6 @@ def _asShape(shape, what="referenceShape"):
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"{what} must be three positive sizes (nk, nj, ni), got {shape}.")
     return shape
-
-
-def _spacing(matrix):
-    return np.linalg.norm(np.asarray(matrix, float)[:3, :3], axis=0)
 
 
 def _applyMatrix(matrix, points):
@@ -174,7 +171,7 @@ class LatticeMapping:
         sizes = np.array(self.shape[::-1], float)  # (ni, nj, nk)
         if step is None:
             # uniform in mm, 8 voxels along the finest axis to start with (coarser on huge grids: <= ~250 k nodes)
-            spacing = _spacing(self.referenceIjkToRas)
+            spacing = spacingOf(self.referenceIjkToRas)
             first = max(8.0, (float(np.prod(sizes)) / 250000.0) ** (1.0 / 3.0))
             step = first * spacing.min() / spacing
             fixedStep = False
@@ -666,7 +663,7 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
     timings["resample"] = time.perf_counter() - sampleStart
     timings["total"] = time.perf_counter() - started
 
-    levelSpacing = _spacing(levelGeometry)
+    levelSpacing = spacingOf(levelGeometry)
     info = dict(lattice.info())
     info.update({
         "interpolation": interpolation,
@@ -676,8 +673,8 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
         "level_spacing_mm": [round(float(s), 6) for s in levelSpacing],
         "level_shape_kji": list(level.shape) if level is not None and level is not src.array else None,
         "level_by": levelBy,
-        "source_spacing_mm": [round(float(s), 6) for s in _spacing(src.ijkToRas)],
-        "output_spacing_mm": [round(float(s), 6) for s in _spacing(reference)],
+        "source_spacing_mm": [round(float(s), 6) for s in spacingOf(src.ijkToRas)],
+        "output_spacing_mm": [round(float(s), 6) for s in spacingOf(reference)],
         "timing_s": {key: round(value, 4) for key, value in timings.items()},
     })
     logging.info("Resampled onto %s: lattice step %s voxels (max error %.3g voxel), level spacing %s mm, %.2f s",
@@ -743,8 +740,8 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
         raise ValueError(f"spacingMm must be > 0, got {spacingMm}.")
     directions = np.eye(3)
     if referenceIjkToRas is not None:
-        matrix = _asMatrix(referenceIjkToRas, "referenceIjkToRas")[:3, :3]
-        directions = matrix / np.linalg.norm(matrix, axis=0)
+        matrix = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
+        directions = matrix[:3, :3] / spacingOf(matrix)
     sizes = np.array(sourceShape[::-1], float)
     t = np.linspace(0.0, 1.0, int(samplesPerEdge))
     faces = []

@@ -56,11 +56,11 @@ def toMillimetres(values, unit):
 
 def setVolumeSpacing(volumeNode, spacingMm):
     """Set a volume node's spacing (i, j, k) in mm; origin and directions are kept, voxels untouched."""
-    from MRIHistoRegLib.volumes import ijkToRas, setIjkToRas
+    from MRIHistoRegLib.volumes import ijkToRas, setIjkToRas, spacingOf
 
     spacing = np.broadcast_to(np.asarray(toMillimetres(spacingMm, "mm")), (3,))
     matrix = ijkToRas(volumeNode)
-    current = np.linalg.norm(matrix[:3, :3], axis=0)
+    current = spacingOf(matrix)
     if np.any(current <= 0):
         raise ValueError(f"Volume '{volumeNode.GetName()}' has a degenerate geometry (spacing {current}); reload it.")
     matrix[:3, :3] = matrix[:3, :3] / current[None, :] * spacing[None, :]
@@ -85,10 +85,10 @@ def _referenceExtent(reference):
     if reference is None:
         return None
     if hasattr(reference, "GetImageData"):  # a volume node
-        from MRIHistoRegLib.volumes import ijkToRas
+        from MRIHistoRegLib.volumes import ijkToRas, spacingOf
 
         dims = np.asarray(reference.GetImageData().GetDimensions(), float)
-        return dims * np.linalg.norm(ijkToRas(reference)[:3, :3], axis=0)
+        return dims * spacingOf(ijkToRas(reference))
     values = np.atleast_1d(np.asarray(reference, float))
     if values.size == 1:
         values = np.repeat(values, 3)
@@ -108,9 +108,9 @@ def checkPlausibility(shapeOrSource, spacingMm=None, referenceExtentMm=None):
         if hasattr(shapeOrSource, "spacingMm"):
             spacingMm = shapeOrSource.spacingMm
         elif hasattr(shapeOrSource, "GetImageData"):
-            from MRIHistoRegLib.volumes import ijkToRas
+            from MRIHistoRegLib.volumes import ijkToRas, spacingOf
 
-            spacingMm = np.linalg.norm(ijkToRas(shapeOrSource)[:3, :3], axis=0)
+            spacingMm = spacingOf(ijkToRas(shapeOrSource))
         else:
             raise ValueError("checkPlausibility needs spacingMm for a bare shape.")
     spacing = np.broadcast_to(np.asarray(toMillimetres(spacingMm, "mm")), (3,))

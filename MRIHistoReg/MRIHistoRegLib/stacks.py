@@ -274,7 +274,9 @@ class ArraySource(StackSource):
         matrix = np.asarray(ijkToRas, dtype=float)
         if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
             raise ValueError(f"A source's ijkToRas must be a finite 4x4 matrix, got {matrix.shape}.")
-        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        from MRIHistoRegLib.volumes import spacingOf
+
+        spacing = spacingOf(matrix)
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12 or np.any(spacing <= 0):
             raise ValueError(f"The source's ijkToRas is singular (spacing {spacing.tolist()}): fix its spacing/directions.")
         super().__init__(name, array.shape, array.dtype, headerSpacingMm=spacing)
@@ -752,7 +754,9 @@ class NrrdStack(StackSource):
             rows = [d for d in np.asarray(directions, dtype=float) if np.all(np.isfinite(d))]
             if len(rows) >= 3:
                 matrix = np.array(rows[:3], dtype=float).T * unitFactor  # columns = i, j, k axes
-                headerSpacing = tuple(np.linalg.norm(matrix, axis=0))
+                from MRIHistoRegLib.volumes import spacingOf
+
+                headerSpacing = tuple(spacingOf(matrix))
         elif header.get("spacings") is not None:
             values = [float(v) for v in header["spacings"]][:3]
             if all(np.isfinite(values)):
