@@ -336,6 +336,31 @@ def test_full_resolution_load_is_the_stack_at_its_true_spacing(logic, scene, tmp
     np.testing.assert_allclose(volumes.ijkToRas(node), truth["histology"]["true_ijk_to_ras"], atol=1e-12)
 
 
+def test_full_resolution_load_checks_memory_once_for_its_one_copy(logic, scene, tmp_path, monkeypatch):
+    """The planes go straight into the node's buffer (one copy of the stack): one memory check, for nbytes."""
+    import tifffile
+
+    from MRIHistoRegLib import stacks
+
+    array = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    path = str(tmp_path / "stack.tif")
+    tifffile.imwrite(path, array, photometric="minisblack")  # one page per k
+    checks = []
+    monkeypatch.setattr(stacks, "availableMemoryBytes", lambda: checks.append(1) or array.nbytes)
+    before = scene.GetNumberOfNodes()
+    node = logic.loadFullResolution(path, [0.01, 0.02, 0.03])
+    assert len(checks) == 1  # checked once, and a stack of exactly the available size loads
+    np.testing.assert_array_equal(volumes.arrayFromVolume(node), array)
+    assert volumes.arrayFromVolume(node).dtype == np.uint16
+    np.testing.assert_allclose(volumes.spacingOf(volumes.ijkToRas(node)), [0.01, 0.02, 0.03], rtol=1e-9)
+    monkeypatch.setattr(stacks, "availableMemoryBytes", lambda: array.nbytes - 1)
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="streamed downsampling"):
+        logic.loadFullResolution(path, [0.01, 0.02, 0.03])
+    assert scene.GetNumberOfNodes() == count  # nothing left behind
+    assert count > before
+
+
 def test_custom_spacing_grid_covers_the_histology_footprint(logic, scene):
     # a histology volume 2 x 3 x 4 mm at 0.5 mm, identity registration: the footprint grid is that box at 0.25 mm
     histologyIjkToRas = np.diag([0.5, 0.5, 0.5, 1.0])

@@ -222,13 +222,31 @@ class MRIHistoRegLogicCore:
         progress: Optional[ProgressCallback] = None,
     ) -> VolumeNode:
         """Load the whole stack as a volume node at its true spacing; refused (ValueError naming the streamed
-        downsampling) when it does not fit in the memory available now."""
+        downsampling) when it does not fit in the memory available now.
+
+        The planes are read straight into the volume's own VTK buffer, so the peak is one copy of the stack
+        (reading into a numpy array and handing it to a node would need two), and memory is checked once for it."""
+        from vtk.util import numpy_support
+
         from . import stacks
 
         with self._openSource(path, spacingMm) as source:
             stacks.checkMemoryFor(source.nbytes, f"the full stack {os.path.basename(os.fspath(path))}")
-            array = source.readAll(progress=progress)
-        return volumes.createVolumeNode(self.scene, array, source.ijkToRas(), name or _stackName(path))
+            depth, rows, columns = source.shape
+            imageData = vtk.vtkImageData()
+            imageData.SetDimensions(columns, rows, depth)
+            imageData.AllocateScalars(numpy_support.get_vtk_array_type(np.dtype(source.dtype)), 1)
+            imageData.GetPointData().GetScalars().SetName("ImageScalars")
+            array = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(source.shape)
+            for k in range(depth):
+                source.readPlane(k, out=array[k])
+                reportProgress(progress, (k + 1) / depth, f"reading plane {k + 1}/{depth}")
+            ijkToRas = source.ijkToRas()
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stackName(path))
+        node.SetAndObserveImageData(imageData)
+        volumes.setIjkToRas(node, ijkToRas)
+        node.CreateDefaultDisplayNodes()
+        return node
 
     # --- downsample ---------------------------------------------------------------------------------------
 
