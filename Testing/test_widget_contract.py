@@ -10,7 +10,8 @@
   mrmlSceneChanged(vtkMRMLScene*) to setMRMLScene(vtkMRMLScene*) of every MRML widget;
 - MRIHistoReg/CMakeLists.txt lists every script and resource (unlisted = not packaged), WITH_GENERIC_TESTS and the
   Python unittest;
-- the module's test class calls exactly the shared scenarios, one per test_* method, and runTest runs them all.
+- the module's test class calls exactly the shared scenarios, one per test_* method, and runTest runs them all;
+- the top-level CMakeLists.txt's icon and screenshot URLs name files the repository tracks.
 
 The checker returns a list of problems; the drift tests run it on deliberately broken copies to show it fails.
 """
@@ -482,3 +483,55 @@ def test_checker_catches_a_facade_signature_change(tmp_path):
 
     problems = checkContract(MODULE_DIR, Drifted, _scenarioNames())
     assert any("self.logic.downsampleStack(...) does not match" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------------ extension metadata URLs
+def extensionUrlProblems(repoRoot, tracked=None):
+    """Problems with the files the top-level CMakeLists.txt's EXTENSION_ICONURL / EXTENSION_SCREENSHOTURLS name:
+    each URL must point into the repository's main branch ('.../main/<path>') and <path> must exist (and, when
+    `tracked` is given, be among those git-tracked paths: an untracked file is not on GitHub)."""
+    repoRoot = Path(repoRoot)
+    text = (repoRoot / "CMakeLists.txt").read_text(encoding="utf-8")
+    problems, urls = [], []
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        match = re.search(r"set\(\s*" + variable + r'\s+"([^"]*)"', text)
+        if not match or not match.group(1).split():
+            problems.append(f"CMakeLists.txt: {variable} is not set")
+            continue
+        urls.extend((variable, url) for url in match.group(1).split())
+    for variable, url in urls:
+        if "/main/" not in url:
+            problems.append(f"CMakeLists.txt: {variable} URL {url} does not point at the main branch ('/main/<path>')")
+            continue
+        relative = url.split("/main/", 1)[1]
+        if not (repoRoot / relative).is_file():
+            problems.append(f"CMakeLists.txt: {variable} names {relative}, which does not exist in the repository")
+        elif tracked is not None and relative not in tracked:
+            problems.append(f"CMakeLists.txt: {variable} names {relative}, which git does not track (not on GitHub)")
+    return problems
+
+
+def _trackedPaths(repoRoot):
+    try:
+        return set(subprocess.run(["git", "ls-files"], cwd=repoRoot, capture_output=True, text=True,
+                                  check=True).stdout.split("\n")) - {""} or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def test_extension_icon_and_screenshot_urls_name_repository_files():
+    problems = extensionUrlProblems(REPO, _trackedPaths(REPO))
+    assert problems == [], "\n".join(problems)
+
+
+def test_url_checker_catches_a_missing_file(tmp_path):
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    (tmp_path / "Resources" / "Screenshots").mkdir(parents=True)
+    for name in ("MRIHistoReg.png", "Screenshots/overlay_axial.png", "Screenshots/landmark_errors.png"):
+        (tmp_path / "Resources" / name).write_bytes(b"png")
+    (tmp_path / "CMakeLists.txt").write_text(text, encoding="utf-8")
+    assert extensionUrlProblems(tmp_path) == [], "the copy with every file must pass"
+    (tmp_path / "CMakeLists.txt").write_text(text.replace("overlay_axial.png", "overlay_coronal.png"), encoding="utf-8")
+    problems = extensionUrlProblems(tmp_path)
+    assert any("Resources/Screenshots/overlay_coronal.png, which does not exist" in p for p in problems), problems
+    assert any("not track" in p for p in extensionUrlProblems(tmp_path, tracked={"Resources/MRIHistoReg.png"})), "untracked"
