@@ -14,7 +14,8 @@ import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.mapping import AffineMapping, asPoints, invertPoints, jacobianOf
-from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, _spacing, sampleNearest
+from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, sampleNearest
+from MRIHistoRegLib.volumes import spacingOf
 
 INVERSE_TOLERANCE_MM = 1e-3
 _SLAB_VOXELS = 1 << 18
@@ -237,7 +238,7 @@ def transferLabels(labelArray, labelIjkToRas, mapping, referenceShape, reference
     if lattice is None:
         # a nearest lookup needs the mapping to within a fraction of the LABEL's voxel: on a reference grid finer
         # than the label map (MRI labels onto full-resolution histology) the target is relaxed accordingly
-        relax = max(1.0, float(_spacing(labelGeometry).min() / _spacing(reference).min()))
+        relax = max(1.0, float(spacingOf(labelGeometry).min() / spacingOf(reference).min()))
         lattice = LatticeMapping(mapping, shape, reference, targetRasToIjk=np.linalg.inv(labelGeometry),
                                  maxErrorVoxels=maxErrorVoxels * relax)
     nk, nj, ni = shape
@@ -341,7 +342,7 @@ def surfaceDistancesMm(a, b, ijkToRas):
     b = np.asarray(b) != 0
     if a.shape != b.shape:
         raise ValueError(f"Surface distances need masks on the same grid, got shapes {a.shape} and {b.shape}.")
-    spacing = _spacing(_asMatrix(ijkToRas, "ijkToRas"))
+    spacing = spacingOf(_asMatrix(ijkToRas, "ijkToRas"))
     surfaceA, surfaceB = _surface(a), _surface(b)
     fromA = _distanceTo(surfaceB, spacing)[surfaceA]
     fromB = _distanceTo(surfaceA, spacing)[surfaceB]
