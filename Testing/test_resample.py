@@ -270,3 +270,24 @@ def test_nearest_interpolation_and_fill_outside_the_source():
     assert np.all(out[7:] == -1.0) and np.all(out[:, 11:] == -1.0) and np.all(out[:, :, 12:] == -1.0)
     with pytest.raises(ValueError, match="interpolation"):
         resample.resampleToGrid((source, srcM), AffineMapping(shift), refShape, refM, interpolation="cubic")
+
+
+def test_sitkImageGeometryIsTheRasMatrixInLps():
+    """volumes.sitkImageFromArray: every voxel's SimpleITK (LPS) physical point is its RAS position, x/y negated."""
+    from MRIHistoRegLib.volumes import sitkImageFromArray
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    m = np.eye(4)
+    m[:3, :3] = q * [0.3, 0.5, 2.0]
+    m[:3, 3] = [4.0, -7.0, 1.5]
+    array = rng.random((3, 4, 5))
+    image = sitkImageFromArray(array, m, dtype=np.float32)
+    assert image.GetSize() == (5, 4, 3) and image.GetPixelIDTypeAsString() == "32-bit float"
+    for ijk in ([0, 0, 0], [4, 3, 2], [1, 2, 1]):
+        ras = m[:3, :3] @ ijk + m[:3, 3]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(ijk), ras * [-1, -1, 1], atol=1e-12)
+    vector = sitkImageFromArray(rng.random((3, 4, 5, 3)), m, isVector=True)
+    assert vector.GetNumberOfComponentsPerPixel() == 3 and vector.GetSize() == (5, 4, 3)
+    with pytest.raises(ValueError, match="zero-length"):
+        sitkImageFromArray(array, np.diag([1.0, 0.0, 1.0, 1.0]))

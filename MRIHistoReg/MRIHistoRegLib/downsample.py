@@ -532,12 +532,9 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
         else:
             import SimpleITK as sitk
 
-            image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-            spacing = np.linalg.norm(lps[:3, :3], axis=0)
-            image.SetSpacing(tuple(float(s) for s in spacing))
-            image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
-            image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
-            sitk.WriteImage(image, temp, useCompression=compress)
+            from MRIHistoRegLib.volumes import sitkImageFromArray
+
+            sitk.WriteImage(sitkImageFromArray(array, ijkToRasMatrix), temp, useCompression=compress)
         os.replace(temp, outPath)
     except (OSError, RuntimeError) as error:
         _silentRemove(temp)

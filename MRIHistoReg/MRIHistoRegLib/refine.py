@@ -46,7 +46,7 @@ import SimpleITK as sitk
 
 from MRIHistoRegLib.mapping import ComposedMapping, asPoints, jacobianOf
 from MRIHistoRegLib.progress import Cancelled, report
-from MRIHistoRegLib.volumes import spacingOf
+from MRIHistoRegLib.volumes import sitkImageFromArray, spacingOf
 
 _FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
 
@@ -115,12 +115,7 @@ def _geometry(ijkToRas):
 
 def _sitkImage(array, ijkToRas, pixelType=np.float32):
     """A SimpleITK image (LPS) with the voxels of `array` [k, j, i] and the RAS geometry `ijkToRas`."""
-    m, spacing = _geometry(ijkToRas)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=pixelType))
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
-    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
-    return image
+    return sitkImageFromArray(array, ijkToRas, dtype=pixelType)
 
 
 def _coarsenedGrid(shape, ijkToRas, maxPoints, margin=0.0):
@@ -353,11 +348,7 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
         raise ValueError("The initial (landmark) mapping is degenerate (collapses the MRI): refit the landmarks.")
     inverse = np.linalg.inv(affineLps)
     residual = (mappedLps @ inverse[:3, :3].T + inverse[:3, 3]) - lps
-    fieldImage = sitk.GetImageFromArray(residual.reshape(shape + (3,)).astype(np.float64), isVector=True)
-    m, spacing = _geometry(lattice)
-    fieldImage.SetSpacing([float(s) for s in spacing])
-    fieldImage.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
-    fieldImage.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    fieldImage = sitkImageFromArray(residual.reshape(shape + (3,)), lattice, dtype=np.float64, isVector=True)
     affine = sitk.AffineTransform(3)
     affine.SetMatrix([float(v) for v in affineLps[:3, :3].ravel()])
     affine.SetTranslation([float(v) for v in affineLps[:3, 3]])
@@ -366,11 +357,7 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
 
 def _fieldTransform(displacement, ijkToRas):
     """SimpleITK DisplacementFieldTransform (LPS) of a RAS displacement field [k, j, i, 3] on a grid."""
-    m, spacing = _geometry(ijkToRas)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(displacement @ _FLIP, dtype=np.float64), isVector=True)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(v) for v in (_FLIP @ (m[:3, :3] / spacing)).ravel()])
-    image.SetOrigin([float(v) for v in _FLIP @ m[:3, 3]])
+    image = sitkImageFromArray(displacement @ _FLIP, ijkToRas, dtype=np.float64, isVector=True)
     return sitk.DisplacementFieldTransform(image)
 
 

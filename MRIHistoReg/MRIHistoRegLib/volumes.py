@@ -36,6 +36,31 @@ def spacingOf(ijkToRasMatrix) -> np.ndarray:
     return np.linalg.norm(np.asarray(ijkToRasMatrix, float)[:3, :3], axis=0)
 
 
+def setSitkGeometry(image, ijkToRasMatrix):
+    """Give a SimpleITK image (LPS physical space) the geometry of a RAS IJK->RAS matrix: spacing = column norms,
+    direction and origin with x and y negated (RAS <-> LPS). Returns the image."""
+    m = np.asarray(ijkToRasMatrix, float)
+    if m.shape != (4, 4):
+        raise ValueError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
+    spacing = spacingOf(m)
+    if np.any(spacing <= 0):
+        raise ValueError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
+    flip = np.array([-1.0, -1.0, 1.0])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in (flip[:, None] * (m[:3, :3] / spacing)).ravel()])
+    image.SetOrigin([float(v) for v in flip * m[:3, 3]])
+    return image
+
+
+def sitkImageFromArray(array, ijkToRasMatrix, dtype=None, isVector=False):
+    """A SimpleITK image of `array` ([k, j, i], or [k, j, i, c] with isVector) with the RAS geometry
+    `ijkToRasMatrix` (setSitkGeometry); dtype converts the voxels (None: keep the array's type)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=dtype), isVector=isVector)
+    return setSitkGeometry(image, ijkToRasMatrix)
+
+
 def setIjkToRas(volumeNode, ijkToRasMatrix) -> None:
     volumeNode.SetIJKToRASMatrix(numpyToMatrix(ijkToRasMatrix))
 
