@@ -371,3 +371,16 @@ def test_liveUpdateJacobianOnReferenceGrid(scene):
     assert evaluation["jacobian_region"] == "fixed image grid (42, 41, 40) (ijk)"
     assert evaluation["jacobian"]["samples"] <= 5000 and evaluation["jacobian"]["step"] == 3
     live.stop()
+
+
+def test_jsonReadyIsStrictJson():
+    """outputs.jsonReady (the one NaN -> None sanitiser): strict JSON from numpy values, nested."""
+    from MRIHistoRegLib.outputs import jsonReady
+
+    value = {"a": [1.0, float("nan"), np.float32(2.5), np.inf], 3: (np.int64(4), np.bool_(True)),
+             "arr": np.array([[1.0, np.nan]]), "s": "text", "none": None, "flag": False}
+    ready = jsonReady(value)
+    assert ready == {"a": [1.0, None, 2.5, None], "3": [4, True], "arr": [[1.0, None]], "s": "text", "none": None,
+                     "flag": False}
+    json.dumps(ready, allow_nan=False)
+    assert type(ready["3"][0]) is int and type(ready["3"][1]) is bool

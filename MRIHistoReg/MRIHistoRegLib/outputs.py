@@ -5,6 +5,7 @@ destination is replaced only when it is empty or is itself an MRIHistoReg output
 file); anything else is refused, so nobody's files are ever overwritten.
 """
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -49,3 +50,31 @@ def atomicFolder(outDir):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def jsonReady(value):
+    """A copy of `value` that strict JSON accepts: NaN/inf -> None, numpy scalars and arrays -> Python numbers
+    and lists, tuples -> lists, dict keys -> str (recursively)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(key): jsonReady(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        return jsonReady(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [jsonReady(item) for item in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def silentRemove(path) -> None:
+    """Remove a file if it is there (temporary files on a failure path); errors are ignored."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -902,21 +902,6 @@ def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDi
                 transforms.saveTransform(node, os.path.join(folder, name))
                 summary["files"].append(name)
         with open(os.path.join(folder, "refinement.json"), "w", encoding="utf-8") as stream:
-            json.dump(_jsonSafe(summary), stream, indent=1)
+            json.dump(outputs.jsonReady(summary), stream, indent=1)
     progressLib.report(progress, 1.0, "refinement written")
     return summary
-
-
-def _jsonSafe(value):
-    """NaN/inf -> None, numpy scalars -> Python (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonSafe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonSafe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value

@@ -424,19 +424,8 @@ def registerPointFiles(fixedPath, movingPath, model, outDir, regularization=0.0,
             for label in pairs.excluded:
                 writer.writerow([label, "", "", 0, 0])
         with open(os.path.join(folder, "landmark_registration.json"), "w") as stream:
-            json.dump(_jsonReady(evaluation), stream, indent=2)
+            json.dump(outputs.jsonReady(evaluation), stream, indent=2)
     return evaluation
-
-
-def _jsonReady(value):
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(value, dict):
-        return {key: _jsonReady(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonReady(item) for item in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def mapPointFile(transformPath, pointsPath, direction, outPath, scene=None, bigWarpFlipXY=True) -> dict:
