@@ -37,6 +37,7 @@ import threading
 
 import numpy as np
 
+from MRIHistoRegLib.outputs import silentRemove
 from MRIHistoRegLib.progress import Cancelled, report
 
 LOG = logging.getLogger(__name__)
@@ -537,10 +538,10 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
             sitk.WriteImage(sitkImageFromArray(array, ijkToRasMatrix), temp, useCompression=compress)
         os.replace(temp, outPath)
     except (OSError, RuntimeError) as error:
-        _silentRemove(temp)
+        silentRemove(temp)
         raise ValueError(f"Cannot write {outPath} ({error}). Check the folder is writable and has free space.") from error
     except BaseException:
-        _silentRemove(temp)
+        silentRemove(temp)
         raise
     return outPath
 
@@ -553,11 +554,6 @@ def downsampleToFile(source, targetSpacingMm, outPath, crop=None, progress=None,
     return writeVolumeFile(array, matrix, outPath, compress=compress)
 
 
-def _silentRemove(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 __all__ = ["downsampleStack", "downsampleToNode", "downsampleToFile", "outputGeometry", "resolveCrop",

@@ -11,6 +11,8 @@ from collections import namedtuple
 
 import numpy as np
 
+from MRIHistoRegLib.outputs import silentRemove
+
 LOG = logging.getLogger(__name__)
 
 _UNITS_MM = {
@@ -294,7 +296,7 @@ def _writeHeaderAtomically(outPath, header):
             f.write(formatNrrdHeader(header))
         os.replace(temp, outPath)
     except OSError as error:
-        _silentRemove(temp)
+        silentRemove(temp)
         raise ValueError(f"Cannot write {outPath} ({error}): is the folder writable?") from error
 
 
@@ -316,7 +318,7 @@ def _rewriteInPlace(path, header, source):
                         out.write(chunk)
         os.replace(temp, path)
     except OSError as error:
-        _silentRemove(temp)
+        silentRemove(temp)
         raise ValueError(f"Cannot rewrite {path} ({error}): is the folder writable?") from error
     return path
 
@@ -331,10 +333,3 @@ def _offsetAfterBlankLine(path):
             offset += len(line)
             if line in (b"\n", b"\r\n"):
                 return offset
-
-
-def _silentRemove(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
