@@ -357,3 +357,14 @@ def test_writeVolumeFileWithoutPynrrdSaysHowToInstall(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pip install pynrrd"):
         downsample.writeVolumeFile(np.zeros((2, 2, 2), np.uint8), np.eye(4), tmp_path / "out.nrrd")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_baseNameStripsImageExtensions(tmp_path):
+    """volumes.baseName: the one extension stripper (volume names, downsampled node names)."""
+    from MRIHistoRegLib.volumes import baseName
+
+    assert baseName("/x/histology.ome.tif") == "histology" and baseName("a/MRI.nii.gz") == "MRI"
+    assert baseName("b/seg.seg.nrrd") == "seg" and baseName("c/Stack.TIFF") == "Stack"
+    assert baseName("d/other.xyz") == "other"
+    (tmp_path / "series.v2").mkdir()
+    assert baseName(tmp_path / "series.v2") == "series.v2" and baseName(str(tmp_path / "series.v2") + "/") == "series.v2"

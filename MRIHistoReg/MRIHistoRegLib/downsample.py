@@ -470,16 +470,11 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
 
 def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None):
     """downsampleStack into a new scalar volume node in `scene` (nothing is added when cancelled)."""
-    from MRIHistoRegLib.volumes import createVolumeNode
+    from MRIHistoRegLib.volumes import baseName, createVolumeNode
 
     array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress)
     if name is None:
-        base = os.path.basename(os.path.normpath(source.path))
-        for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nrrd", ".nhdr"):
-            if base.lower().endswith(ext):
-                base = base[: -len(ext)]
-                break
-        name = f"{base}_{_spacingLabel(targetSpacingMm)}"
+        name = f"{baseName(source.path)}_{_spacingLabel(targetSpacingMm)}"
     return createVolumeNode(scene, array, matrix, name)
 
 

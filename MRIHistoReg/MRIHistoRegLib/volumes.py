@@ -100,7 +100,7 @@ def loadVolume(scene, path, name=None, labelmap=False):
     if not os.path.isfile(path):
         raise ValueError(f"Volume file not found: {path}. Check the path.")
     className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(className, name or _baseName(path))
+    node = scene.AddNewNodeByClass(className, name or baseName(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(path)
     node.SetAndObserveStorageNodeID(storage.GetID())
@@ -126,9 +126,16 @@ def saveNode(node, path, useCompression=True) -> None:
     logging.debug("wrote %s", path)
 
 
-def _baseName(path):
-    name = os.path.basename(path)
-    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".tif", ".tiff"):
+IMAGE_EXTENSIONS = (".ome.tiff", ".ome.tif", ".nii.gz", ".seg.nrrd", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd",
+                    ".tiff", ".tif")
+
+
+def baseName(path) -> str:
+    """A file's or folder's name without its image extension (volume and node names): 'a/histology.ome.tif' ->
+    'histology'. Unknown extensions: a file loses its last suffix, a folder (a TIFF series) keeps its name."""
+    path = os.fspath(path)
+    name = os.path.basename(os.path.normpath(path))
+    for ext in IMAGE_EXTENSIONS:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
-    return os.path.splitext(name)[0]
+    return name if os.path.isdir(path) else os.path.splitext(name)[0]
