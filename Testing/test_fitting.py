@@ -393,3 +393,21 @@ def test_inverseReportsNonConvergence(caplog):
     np.testing.assert_allclose(folded.transformPoints(points[converged]), targets[converged], atol=1e-6)
     assert 0 < (~converged).sum() < 20 and residual[~converged].min() > 1e-3  # seed 17: a few fail, visibly
     assert "did not converge for %d of 412 points" % (~converged).sum() in caplog.text
+
+
+@pytest.mark.parametrize("model", ["similarity", "affine", "affine+tps"])
+def test_evaluateAndFitValidatesOnce(model, monkeypatch):
+    """The live update's evaluateAndFit validates the pairs once (N^2 duplicate check + SVDs), and gives the same
+    fit and LOO errors as the public functions that validate on their own."""
+    rng = np.random.default_rng(5)
+    fixed = _cloud(rng, 30)
+    moving = _apply(np.diag([0.9, 0.95, 1.0, 1.0]), fixed) + rng.normal(scale=0.05, size=fixed.shape)
+    labels = [f"P{i}" for i in range(30)]
+    calls = []
+    original = fitting.validateLandmarks
+    monkeypatch.setattr(fitting, "validateLandmarks", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fitted, evaluation = fitting.evaluateAndFit(fixed, moving, labels, model)
+    assert len(calls) == 1
+    monkeypatch.setattr(fitting, "validateLandmarks", original)
+    np.testing.assert_allclose(fitted.transformPoints(fixed), fitting.fitLandmarks(fixed, moving, model).transformPoints(fixed))
+    np.testing.assert_allclose(evaluation["loo_mm"], fitting.leaveOneOutErrors(fixed, moving, model, labels=labels))

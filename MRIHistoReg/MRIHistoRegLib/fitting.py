@@ -282,6 +282,11 @@ def fitLandmarks(fixedPoints, movingPoints, model, regularization=0.0, labels=No
     collinear/coplanar or duplicate points, NaN coordinates (naming the labels).
     """
     fixed, moving, labels = validateLandmarks(fixedPoints, movingPoints, model, labels)
+    return _fitValidated(fixed, moving, model, regularization)
+
+
+def _fitValidated(fixed, moving, model, regularization):
+    """fitLandmarks on arrays validateLandmarks has already checked (no second N^2 / SVD pass)."""
     regularization = float(regularization or 0.0)
     if regularization < 0 or not np.isfinite(regularization):
         raise ValueError(f"TPS regularization must be a finite number >= 0 (mm), got {regularization}.")
@@ -326,6 +331,11 @@ def leaveOneOutErrors(fixedPoints, movingPoints, model, regularization=0.0, labe
     undetermined fit (the rest collinear/coplanar, or too few) gets NaN, with a warning.
     """
     fixed, moving, labels = validateLandmarks(fixedPoints, movingPoints, model, labels)
+    return _leaveOneOutValidated(fixed, moving, model, regularization, labels, refit)
+
+
+def _leaveOneOutValidated(fixed, moving, model, regularization, labels, refit=False):
+    """leaveOneOutErrors on arrays validateLandmarks has already checked."""
     count = len(fixed)
     errors = np.full(count, np.nan)
     determined = _leaveOneOutDetermined(fixed, moving, model)
@@ -452,14 +462,15 @@ def evaluateFit(fixedPoints, movingPoints, labels, model, regularization=0.0, sh
 
 def evaluateAndFit(fixedPoints, movingPoints, labels, model, regularization=0.0, shapeIjk=None, ijkToRas=None,
                    outlierFactor=3.0, jacobianMaxSamples=250000):
-    """(LandmarkModel, evaluation dict): see evaluateFit."""
+    """(LandmarkModel, evaluation dict): see evaluateFit. The landmarks are validated once (the live update calls
+    this on every end of interaction: the N^2 duplicate check and the SVDs are not repeated for the fit and LOO)."""
     fixed, moving, labels = validateLandmarks(fixedPoints, movingPoints, model, labels)
     started = time.perf_counter()
-    fitted = fitLandmarks(fixed, moving, model, regularization, labels)
+    fitted = _fitValidated(fixed, moving, model, regularization)
     fitMs = 1000 * (time.perf_counter() - started)
     residual = np.linalg.norm(fitted.transformPoints(fixed) - moving, axis=1)
     started = time.perf_counter()
-    loo = leaveOneOutErrors(fixed, moving, model, regularization, labels)
+    loo = _leaveOneOutValidated(fixed, moving, model, regularization, labels)
     looMs = 1000 * (time.perf_counter() - started)
     finite = loo[np.isfinite(loo)]
     median = float(np.median(finite)) if len(finite) else float("nan")
