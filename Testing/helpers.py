@@ -1,6 +1,8 @@
 """Shared test helpers (ground truth built by construction): grids, a smooth analytic warp, random rotations,
-random stacks and TIFF files of them. The test modules import them as `from helpers import ...` (pytest puts
+random stacks and TIFF files of them, and the elastix point-set reader for the lung landmark test data. The test modules import them as `from helpers import ...` (pytest puts
 Testing/ on sys.path: it has no __init__.py)."""
+import os
+
 import numpy as np
 
 
@@ -54,3 +56,19 @@ def writeTiff(path, array, **kwargs):
 
     tifffile.imwrite(path, array, photometric="minisblack", **kwargs)
     return path
+
+
+def readElastixPoints(path):
+    """(labels '1'..'N', points) from an elastix point-set file ('point' or 'index', count, then x y z rows), for
+    the lung landmark test data. Coordinates are returned as written: physical LPS for 'point' files, voxel
+    indices for 'index' files (not mm), so this is a test reader, not a user import."""
+    path = os.fspath(path)
+    with open(path) as stream:
+        lines = [line.split() for line in stream if line.strip()]
+    if len(lines) < 2 or lines[0][0] not in ("point", "index"):
+        raise ValueError(f"{path} is not an elastix point-set file (line 1 'point' or 'index', line 2 the count).")
+    count = int(lines[1][0])
+    points = np.array([[float(v) for v in line[:3]] for line in lines[2:2 + count]], float).reshape(-1, 3)
+    if len(points) != count:
+        raise ValueError(f"{path}: header says {count} points, found {len(points)}.")
+    return [str(i + 1) for i in range(count)], points

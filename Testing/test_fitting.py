@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from MRIHistoRegLib import fitting
-from MRIHistoRegLib.landmarks import readElastixPoints
-from helpers import randomRotation
+from helpers import randomRotation, readElastixPoints
 
 
 def _apply(matrix, points):

@@ -7,6 +7,7 @@ import slicer
 from MRIHistoRegLib import landmarks
 from MRIHistoRegLib.context import moduleLogic
 from MRIHistoRegLib.volumes import numpyToMatrix
+from helpers import readElastixPoints
 
 
 def _node(scene, name, labels, points):
@@ -186,6 +187,6 @@ def test_loadMarkupsKeepsFlagsAndFailsCleanly(scene, tmp_path):
 
 
 def test_elastixPointSets(sharedData):
-    labels, points = landmarks.readElastixPoints(sharedData / "lung_landmarks" / "CT_3D_lung_fixed_point_set_corrected.txt")
+    labels, points = readElastixPoints(sharedData / "lung_landmarks" / "CT_3D_lung_fixed_point_set_corrected.txt")
     assert len(labels) == 51 and points.shape == (51, 3) and labels[0] == "1"
     np.testing.assert_allclose(points[0], [-36.351, -36.974, -1204.5])

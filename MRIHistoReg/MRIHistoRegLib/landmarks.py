@@ -406,18 +406,3 @@ def loadMarkups(scene, path, name=None, role="fixed", flipXY=True):
     _fillNode(node, records.labels, points, records.selected, records.defined)
     node.CreateDefaultDisplayNodes()
     return node
-
-
-def readElastixPoints(path):
-    """(labels '1'..'N', points) from an elastix point-set file ('point' or 'index', count, then x y z rows).
-    The coordinates are taken as given (elastix 'point' files are physical LPS in ITK; convert if needed)."""
-    path = os.fspath(path)
-    with open(path) as stream:
-        lines = [line.split() for line in stream if line.strip()]
-    if len(lines) < 2 or lines[0][0] not in ("point", "index"):
-        raise ValueError(f"{path} is not an elastix point-set file (line 1 'point' or 'index', line 2 the count).")
-    count = int(lines[1][0])
-    points = np.array([[float(v) for v in line[:3]] for line in lines[2:2 + count]], float).reshape(-1, 3)
-    if len(points) != count:
-        raise ValueError(f"{path}: header says {count} points, found {len(points)}.")
-    return [str(i + 1) for i in range(count)], points
