@@ -334,3 +334,25 @@ def test_missingPackagesSayHowToInstall(tmp_path, monkeypatch):
     (tmp_path / "s.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 1 1 1\nencoding: raw\n\n\0")
     with pytest.raises(ValueError, match="pip install pynrrd"):
         stacks.openStack(tmp_path / "s.nrrd")
+
+
+def test_sampleStackFilesClaimOneMillimetre(tmp_path):
+    """The sample data's stack files carry the seed's mistake as metadata, and truth.json says what each claims:
+    histology.tif ImageJ spacing 1 mm (unit mm, 1 px/mm), the NRRDs 1 mm space directions."""
+    from MRIHistoRegLib import sampledata
+
+    folder = tmp_path / "sample"
+    truth = sampledata.generateSampleData(folder, size=20, seed=0)["truth"]
+    claims = truth["histology"]["file_claims"]
+    with stacks.openStack(folder / "histology.tif") as source:
+        assert source.metadataSpacingMm == (1.0, 1.0, 1.0) and "ImageJ" in source.metadataSpacingSource
+        assert source.spacingMm == (1.0, 1.0, 1.0) and source.headerSpacingMm is None
+        assert list(source.metadataSpacingMm) == claims["histology.tif"]["spacing_mm"]
+    for name in ("histology.nrrd", "histology_tumour_label.nrrd"):
+        with stacks.openStack(folder / name) as source:
+            assert source.metadataSpacingSource == claims[name]["metadata"]
+            assert list(source.spacingMm) == claims[name]["spacing_mm"] == truth["histology"]["header_spacing_mm"]
+    # the true spacing given explicitly wins (what the pipeline does)
+    with stacks.openStack(folder / "histology.tif", spacingMm=truth["histology"]["true_spacing_mm"]) as source:
+        np.testing.assert_allclose(source.spacingMm, truth["histology"]["true_spacing_mm"])
+        assert source.spacingSource == "user"

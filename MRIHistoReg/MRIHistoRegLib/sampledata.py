@@ -25,8 +25,9 @@ Public API
 
 Folder written (see truth.json "files"): mri.nrrd, mri_tumour_label.nrrd, histology.tif, histology.nrrd,
 histology_tumour_label.nrrd, landmarks_{mri,histology}.mrk.json and .csv, eval_points_{mri,histology}.csv,
-truth.json, config.json. The stack's files claim 1 mm spacing (the seed's mistake); truth.json and
-config.json record the true spacing. Histology coordinates everywhere (landmarks, evaluation points,
+truth.json, config.json. The stack's files claim 1 mm spacing (the seed's mistake): histology.tif through
+ImageJ metadata (unit mm, spacing 1, 1 pixel per mm), histology.nrrd through its space directions; truth.json
+("histology" -> "file_claims") records what each file says, and truth.json and config.json the true spacing. Histology coordinates everywhere (landmarks, evaluation points,
 truth) are in the stack's *corrected* physical frame: RAS = (-i*sx, -j*sy, k*sz) with the true spacing.
 
 Streaming. The stack is rendered and written one page (k) at a time into the TIFF, the NRRD and the label
@@ -44,6 +45,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -704,9 +706,14 @@ def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, prog
                 progressLib.report(progress, (k + 1) / nk, "light-sheet stack")
                 yield image
 
-        # No resolution metadata: tifffile writes XResolution = YResolution = 1 with unit NONE (the seed's mistake).
-        with tifffile.TiffWriter(os.path.join(folder, "histology.tif"), bigtiff=bigTiff) as tiff:
-            tiff.write(pages(), shape=(nk, nj, ni), dtype="uint16", photometric="minisblack")
+        # The seed's mistake (issue 2: "headers claim 1 mm spacing"): ImageJ metadata claiming 1 mm voxels, as Fiji
+        # writes for an uncalibrated stack saved with unit "mm": unit=mm, slice spacing 1, and XResolution =
+        # YResolution = 1 pixel per unit (ResolutionUnit NONE, ImageJ's convention: the unit is in the metadata).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nonconformant BigTIFF ImageJ")  # "full" size: > 4 GB
+            with tifffile.TiffWriter(os.path.join(folder, "histology.tif"), bigtiff=bigTiff, imagej=True) as tiff:
+                tiff.write(pages(), shape=(nk, nj, ni), dtype="uint16", photometric="minisblack",
+                           resolution=(1.0, 1.0), metadata={"spacing": 1.0, "unit": "mm", "axes": "ZYX"})
         labelFile.write(compressor.flush())
     return stats
 
@@ -881,6 +888,14 @@ def _generateInto(folder, grid, sizeName, factor, seed, progress):
                       "shape_ijk": list(grid.shapeIjk), "array_shape_kji": list(grid.shapeIjk[::-1]), "dtype": "uint16",
                       "true_spacing_um": list(grid.spacingUm), "true_spacing_mm": grid.spacingMm.tolist(),
                       "header_spacing_mm": [1.0, 1.0, 1.0],
+                      "file_claims": {
+                          "histology.tif": {"metadata": "ImageJ", "unit": "mm", "spacing_mm": [1.0, 1.0, 1.0],
+                                            "resolution_px_per_unit": [1.0, 1.0], "slice_spacing": 1.0},
+                          "histology.nrrd": {"metadata": "NRRD space directions", "space": "left-posterior-superior",
+                                             "spacing_mm": [1.0, 1.0, 1.0]},
+                          "histology_tumour_label.nrrd": {"metadata": "NRRD space directions",
+                                                          "space": "left-posterior-superior",
+                                                          "spacing_mm": [1.0, 1.0, 1.0]}},
                       "true_ijk_to_ras": grid.ijkToRas.tolist(),
                       "header_ijk_to_ras": [[-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
                       "background_counts": HISTOLOGY_BACKGROUND, "striping": "along i (rows vary along j)",
