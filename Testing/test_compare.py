@@ -158,14 +158,13 @@ def test_compare_labels_and_tumours_report_every_figure():
         compare.compareLabels(mri, transferred[:-1], mriM)
 
 
-def test_sample_data_tumour_through_the_true_mapping_recovers_the_true_volume(scene, tmp_path):
+def test_sample_data_tumour_through_the_true_mapping_recovers_the_true_volume(scene, sampleData):
     """End to end on the generated sample data: the histology tumour label carried onto the MRI grid through
     the exact (ground-truth) mapping has the true MRI-space volume, by resampling and by the Jacobian."""
     from MRIHistoRegLib import resample, sampledata, volumes
 
-    manifest = sampledata.generateSampleData(str(tmp_path / "sample"), size="small", seed=0)
-    truth = manifest["truth"]
-    folder = manifest["folder"]
+    truth = sampledata.loadTruth(str(sampleData))  # the session's shared seed-0 small sample (conftest)
+    folder = str(sampleData)
     histM = np.array(truth["histology"]["true_ijk_to_ras"])
     mriM = np.array(truth["mri"]["ijk_to_ras"])
     mriShape = tuple(truth["mri"]["array_shape_kji"])

@@ -19,10 +19,9 @@ def _checksums(folder):
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sample") / "data"
-    sampledata.generateSampleData(folder)
-    return folder
+def sample(sampleData):
+    """The session's shared seed-0 small sample (conftest.sampleData): inputs only, never written to."""
+    return sampleData
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,12 @@ SMALL_SPACING_MM = np.array([0.026, 0.026, 0.040])
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sampledata") / "sample"
-    fractions = []
-    manifest = sampledata.generateSampleData(folder, seed=0, progress=lambda f, m="": fractions.append(f))
+def sample(sampleGeneration):
+    """The session's shared seed-0 small sample (conftest.sampleGeneration), with truth.json read here."""
+    folder = sampleGeneration["folder"]
     with open(folder / "truth.json", encoding="utf-8") as f:
         truth = json.load(f)
-    return {"folder": folder, "manifest": manifest, "truth": truth, "fractions": fractions}
+    return dict(sampleGeneration, truth=truth)
 
 
 def readCsv(path):
