@@ -356,3 +356,22 @@ def test_sampleStackFilesClaimOneMillimetre(tmp_path):
     with stacks.openStack(folder / "histology.tif", spacingMm=truth["histology"]["true_spacing_mm"]) as source:
         np.testing.assert_allclose(source.spacingMm, truth["histology"]["true_spacing_mm"])
         assert source.spacingSource == "user"
+
+
+@pytest.mark.parametrize("dtype", ["i1", "u1", "<i2", ">u2", "<i4", ">u4", "<i8", "<u8", "<f4", ">f8"])
+def test_nrrdDtypeMatchesPynrrd(tmp_path, dtype):
+    """stacks.nrrdDtype (instead of pynrrd's private _determine_datatype) agrees with what pynrrd reads."""
+    import nrrd
+
+    array = np.arange(24).reshape(2, 3, 4).astype(dtype)
+    path = tmp_path / "t.nrrd"
+    nrrd.write(str(path), array, {"endian": "big" if dtype.startswith(">") else "little"}, index_order="C")
+    data, header = nrrd.read(str(path), index_order="C")
+    assert stacks.nrrdDtype(header) == data.dtype
+    with stacks.openStack(path, spacingMm=(1, 1, 1)) as source:
+        np.testing.assert_array_equal(source.readPlane(1), array[1])
+    with pytest.raises(ValueError, match="unsupported NRRD type"):
+        stacks.nrrdDtype({"type": "block", "endian": "little"})
+    if np.dtype(dtype).itemsize > 1:
+        with pytest.raises(ValueError, match="endian"):
+            stacks.nrrdDtype({"type": header["type"], "encoding": "raw"})

@@ -664,6 +664,35 @@ def _omeSpacing(xml):
 
 
 # ---- NRRD ------------------------------------------------------------------------------------------------------
+# NRRD "type" names (the NRRD0005 spec's list) -> numpy type codes; byte order from "endian" (needed above 1 byte).
+_NRRD_TYPES = {}
+for _names, _code in ((("signed char", "int8", "int8_t"), "i1"), (("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+                      (("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
+                      (("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
+                      (("int", "signed int", "int32", "int32_t"), "i4"), (("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+                      (("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                        "int64_t"), "i8"),
+                      (("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
+                      (("float",), "f4"), (("double",), "f8")):
+    _NRRD_TYPES.update(dict.fromkeys(_names, _code))
+
+
+def nrrdDtype(header, path="NRRD") -> np.dtype:
+    """The numpy dtype (with byte order) of a NRRD's voxels from its parsed header; ValueError when unsupported."""
+    code = _NRRD_TYPES.get(str(header.get("type", "")).strip().lower())
+    if code is None:
+        raise ValueError(f"{path}: unsupported NRRD type '{header.get('type')}' (a stack must hold integer or float "
+                         "scalars). Re-export it.")
+    dtype = np.dtype(code)
+    if dtype.itemsize > 1 and str(header.get("encoding", "raw")).lower() not in ("ascii", "text", "txt"):
+        endian = str(header.get("endian", "")).strip().lower()
+        if endian not in ("little", "big"):
+            raise ValueError(f"{path}: the NRRD header has no valid 'endian' field ({header.get('endian')!r}) for "
+                             f"{dtype.itemsize}-byte voxels. Add 'endian: little' (or big) to the header.")
+        dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+    return dtype
+
+
 class NrrdStack(StackSource):
     """A NRRD (attached or detached data; raw or gzip encoding)."""
 
@@ -687,10 +716,7 @@ class NrrdStack(StackSource):
             sizes = sizes + [1]
         if len(sizes) != 3:
             raise ValueError(f"{path} has {len(sizes)} dimensions {sizes}; a stack must be 3-D (one channel).")
-        try:
-            fileDtype = np.dtype(nrrd.reader._determine_datatype(header))
-        except Exception as error:
-            raise ValueError(f"{path}: unsupported NRRD type ({error}).") from error
+        fileDtype = nrrdDtype(header, path)
         self.fileDtype = fileDtype
         encoding = header.get("encoding", "raw").lower()
         if encoding in ("gz",):
