@@ -846,7 +846,8 @@ def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to hist
 # ----------------------------------------------------------------------------------------------------------
 
 def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDir, histologySpacingMm=None,
-                workingSpacingMm=0.1, model="affine+tps", mriMaskPath=None, settings=None, progress=None) -> dict:
+                workingSpacingMm=0.1, model="affine+tps", mriMaskPath=None, settings=None, progress=None,
+                bigWarpFlipXY=True) -> dict:
     """Landmark fit + intensity refinement from files; writes into outDir and returns the summary dict.
 
     histologyPath: the stack (TIFF file/folder, NRRD) at its true spacing (histologySpacingMm overrides the
@@ -855,7 +856,8 @@ def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDi
     accepted, refinement_transform.h5 (the refinement grid alone, from parent) and refined_transform.h5 (the
     whole chain landmark(refinement(x)) in one node, MRI -> histology, for resampling/hardening in Slicer).
     A rejected refinement writes no transform: keep the landmark-only result (`register`). outDir is replaced
-    as a whole (outputs.atomicFolder): it must be new, empty or an earlier MRIHistoReg output."""
+    as a whole (outputs.atomicFolder): it must be new, empty or an earlier MRIHistoReg output. bigWarpFlipXY:
+    BigWarp point files' Fiji x, y -> RAS -x, -y (default; landmarks module notes)."""
     import json
     import os
 
@@ -870,8 +872,9 @@ def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDi
     if mriMaskPath:
         maskNode = volumes.loadVolume(scene, mriMaskPath, "MRI mask", labelmap=True)
         mriMask = (volumes.arrayFromVolume(maskNode), volumes.ijkToRas(maskNode))
-    pairs = landmarks.pairLandmarks(landmarks.loadMarkups(scene, fixedPointsPath, "fixed", role="fixed"),
-                                    landmarks.loadMarkups(scene, movingPointsPath, "moving", role="moving"))
+    pairs = landmarks.pairLandmarks(
+        landmarks.loadMarkups(scene, fixedPointsPath, "fixed", role="fixed", flipXY=bigWarpFlipXY),
+        landmarks.loadMarkups(scene, movingPointsPath, "moving", role="moving", flipXY=bigWarpFlipXY))
     fitted = fitting.fitLandmarks(pairs.fixed, pairs.moving, model, labels=pairs.labels)
     source = stacks.openStack(histologyPath, spacingMm=histologySpacingMm)
     moving, movingIjkToRas = downsample.downsampleStack(source, [float(workingSpacingMm)] * 3,
