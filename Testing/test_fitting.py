@@ -410,3 +410,28 @@ def test_evaluateAndFitValidatesOnce(model, monkeypatch):
     monkeypatch.setattr(fitting, "validateLandmarks", original)
     np.testing.assert_allclose(fitted.transformPoints(fixed), fitting.fitLandmarks(fixed, moving, model).transformPoints(fixed))
     np.testing.assert_allclose(evaluation["loo_mm"], fitting.leaveOneOutErrors(fixed, moving, model, labels=labels))
+
+
+def test_exact_fit_flags_no_outliers():
+    """Round-off LOO errors (~1e-15 mm) of an exact affine fit are not outliers, however they compare to the median."""
+    rng = np.random.default_rng(5)
+    fixed = rng.uniform(-5, 5, (10, 3))
+    matrix = np.array([[0.8, 0.1, 0.0, 1.0], [-0.1, 0.85, 0.05, -2.0], [0.02, 0.0, 0.9, 0.5], [0, 0, 0, 1]])
+    moving = fixed @ matrix[:3, :3].T + matrix[:3, 3]
+    evaluation = fitting.evaluateFit(fixed, moving, [f"P{i}" for i in range(10)], "affine")
+    assert max(evaluation["loo_mm"]) < 1e-9
+    assert evaluation["outliers"] == []
+    # a genuinely displaced pair is still flagged
+    moving[3] += [0.5, 0.0, 0.0]
+    assert fitting.evaluateFit(fixed, moving, [f"P{i}" for i in range(10)], "affine")["outliers"] == ["P3"]
+
+
+def test_results_table_included_column_is_a_checkbox_column(scene):
+    """Slicer's table view shows a cell as a checkbox only for vtkBitArray columns (qMRMLTableModel)."""
+    from MRIHistoRegLib import transforms
+
+    rng = np.random.default_rng(6)
+    fixed = rng.uniform(-5, 5, (8, 3))
+    evaluation = fitting.evaluateFit(fixed, fixed + 0.01 * rng.normal(size=fixed.shape), [f"P{i}" for i in range(8)], "affine")
+    table = transforms.resultsTable(scene, evaluation, "errors")
+    assert table.GetTable().GetColumnByName("included").IsA("vtkBitArray")

@@ -86,13 +86,16 @@ def _addRegister(subparsers):
     p.add_argument("--model", default="affine+tps", help="rigid, similarity, affine or affine+tps (default)")
     p.add_argument("--regularization", type=float, default=0.0, help="TPS smoothing (mm, >= 0; 0 interpolates)")
     p.add_argument("--out", default="output/landmarks", help="folder for landmark_transform.h5, landmark_errors.csv, landmark_registration.json")
+    p.add_argument("--bigwarp-no-flip", action="store_true",
+                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
     p.set_defaults(func=_runRegister)
 
 
 def _runRegister(args):
     from MRIHistoRegLib import transforms
 
-    result = transforms.registerPointFiles(args.fixed_points, args.moving_points, args.model, args.out, args.regularization)
+    result = transforms.registerPointFiles(args.fixed_points, args.moving_points, args.model, args.out, args.regularization,
+                                           bigWarpFlipXY=not args.bigwarp_no_flip)
     logging.info("%s fit of %d pairs: residual RMS %.3f mm, leave-one-out RMS %.3f mm (max %.3f), shrinkage %.1f%% by volume",
                  result["model"], result["count"], result["residual_rms_mm"], result["loo_rms_mm"], result["loo_max_mm"],
                  result["shrinkage_volume_percent"])
@@ -108,13 +111,16 @@ def _addMapPoints(subparsers):
     p.add_argument("--points", required=True, help="point file (plain CSV label,x,y,z in RAS mm, or any format register reads)")
     p.add_argument("--direction", default="fixed-to-moving", choices=("fixed-to-moving", "moving-to-fixed"))
     p.add_argument("--out", required=True, help="output plain CSV label,x,y,z")
+    p.add_argument("--bigwarp-no-flip", action="store_true",
+                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
     p.set_defaults(func=_runMapPoints)
 
 
 def _runMapPoints(args):
     from MRIHistoRegLib import transforms
 
-    result = transforms.mapPointFile(args.transform, args.points, args.direction, args.out)
+    result = transforms.mapPointFile(args.transform, args.points, args.direction, args.out,
+                                   bigWarpFlipXY=not args.bigwarp_no_flip)
     logging.info("%d points mapped %s (max inverse residual %.2g mm) -> %s", result["count"], args.direction,
                  result["max_residual_mm"], args.out)
     return 0
@@ -225,6 +231,8 @@ def _addRefine(subparsers):
     p.add_argument("--affine-only", action="store_true", help="skip the B-spline stage")
     p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: refine.DEFAULT_SETTINGS)")
     p.add_argument("--out", default="output/refine", help="folder for refinement.json and, when accepted, the transforms")
+    p.add_argument("--bigwarp-no-flip", action="store_true",
+                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
     p.set_defaults(func=_runRefine)
 
 
@@ -238,6 +246,7 @@ def _runRefine(args):
     if args.control_spacing_mm is not None:
         settings["controlPointSpacingMm"] = args.control_spacing_mm
     summary = refine.refineFiles(args.mri, args.histology, args.fixed_points, args.moving_points, args.out,
+                                 bigWarpFlipXY=not args.bigwarp_no_flip,
                                  histologySpacingMm=spacing, workingSpacingMm=args.working_mm, model=args.model,
                                  mriMaskPath=args.mri_mask, settings=settings, progress=TerminalProgress("refine"))
     landmarks = summary["landmarks"]

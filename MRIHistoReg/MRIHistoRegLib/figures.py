@@ -5,7 +5,7 @@ in physical proportions (voxel spacing respected) with the anatomical direction 
 """
 import numpy as np
 
-from MRIHistoRegLib import deps
+from MRIHistoRegLib import deps, volumes
 
 # Slicer's default views: (normal RAS axis, RAS axis pointing up on screen, RAS axis pointing right on screen,
 # sign: +1 when the screen direction is the positive RAS direction). Patient left is on screen right.
@@ -84,7 +84,7 @@ def overlayFigures(mriArray, histologyArray, ijkToRas, outDir, landmarksRas=None
     import os
 
     plt = _pyplot()
-    spacing = np.linalg.norm(np.asarray(ijkToRas)[:3, :3], axis=0)
+    spacing = volumes.spacingOf(ijkToRas)
     footprint = histologyArray > 0
     centre = (np.round(np.argwhere(footprint).mean(axis=0)).astype(int) if footprint.any()
               else np.array(mriArray.shape) // 2)

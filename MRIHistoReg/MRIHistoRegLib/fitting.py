@@ -52,6 +52,9 @@ def _names(labels, indices, limit=12):
     return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+OUTLIER_FLOOR_MM = 1e-3  # LOO errors below this are round-off, never outliers
+
+
 def validateLandmarks(fixedPoints, movingPoints, model, labels=None):
     """Check that the pairs can determine `model`; returns (fixed, moving, labels) as float arrays.
 
@@ -474,7 +477,8 @@ def evaluateAndFit(fixedPoints, movingPoints, labels, model, regularization=0.0,
     looMs = 1000 * (time.perf_counter() - started)
     finite = loo[np.isfinite(loo)]
     median = float(np.median(finite)) if len(finite) else float("nan")
-    outlier = np.isfinite(loo) & (loo > outlierFactor * median) & (median > 0)
+    # the absolute floor (1 um) keeps round-off of an exact fit from being called an outlier
+    outlier = np.isfinite(loo) & (loo > outlierFactor * median) & (loo > OUTLIER_FLOOR_MM)
     result = {
         "model": model,
         "regularization": float(regularization or 0.0),

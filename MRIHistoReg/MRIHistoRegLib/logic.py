@@ -242,7 +242,7 @@ class MRIHistoRegLogicCore:
                 source.readPlane(k, out=array[k])
                 reportProgress(progress, (k + 1) / depth, f"reading plane {k + 1}/{depth}")
             ijkToRas = source.ijkToRas()
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stackName(path))
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or volumes.baseName(path))
         node.SetAndObserveImageData(imageData)
         volumes.setIjkToRas(node, ijkToRas)
         node.CreateDefaultDisplayNodes()
@@ -907,14 +907,6 @@ class MRIHistoRegLogicCore:
 
 def _listOrNone(values):
     return None if values is None else [float(v) for v in values]
-
-
-def _stackName(path) -> str:
-    name = os.path.basename(os.path.normpath(os.fspath(path)))
-    for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nrrd", ".nhdr"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def _normalised(array) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from MRIHistoRegLib import context, outputs, progress as progressLib, volumes
 from MRIHistoRegLib.config import RunConfig, loadConfig
+from MRIHistoRegLib.outputs import jsonReady
 
 
 class _Timer:
@@ -207,7 +208,7 @@ def _runInto(config: RunConfig, work, scene, progress):
         "landmark_summary": {k: v for k, v in evaluation.items()
                              if k not in ("labels", "residual_mm", "loo_mm", "outlier")},
         "pairing": {"paired_by_index": pairs.pairedByIndex, "warnings": pairs.warnings()},
-        "transform": {"model": config.model, "scale": _jsonable(model.scale()),
+        "transform": {"model": config.model, "scale": jsonReady(model.scale()),
                       "shrinkage_volume_percent": float(model.shrinkageVolumePercent()),
                       "file": "transform.h5"},
         "jacobian": jacobian,
@@ -222,10 +223,10 @@ def _runInto(config: RunConfig, work, scene, progress):
         "software": softwareVersions(),
     }
     with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(_jsonable(report), f, indent=2)
+        json.dump(jsonReady(report), f, indent=2)
     _writeReportCsv(report, os.path.join(work, "report.csv"))
     progressLib.report(progress, 1.0, "done")
-    return _jsonable(report)
+    return jsonReady(report)
 
 
 def _physicalSize(shapeKji, ijkToRas):
@@ -234,22 +235,6 @@ def _physicalSize(shapeKji, ijkToRas):
 
 def _listOrNone(values):
     return None if values is None else [float(v) for v in values]
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _evaluatePoints(config, mapping):

@@ -147,7 +147,7 @@ def fixSpacingScenario(scene, workFolder) -> None:
     for stackFile in truth["histology"]["files"]:
         info = logic.openStack(os.path.join(folder, stackFile), referenceVolume=mri)
         assert info["shapeIjk"] == shapeIjk
-        # what the file claims (NRRD header) or the 1 mm default (a TIFF without spacing tags)
+        # what the file claims (NRRD header, or the TIFF's ImageJ metadata: the seed's 1 mm mistake)
         np.testing.assert_allclose(info["spacingMm"], truth["histology"]["header_spacing_mm"])
         # 270 px x 1 mm = 270 mm against a ~20 mm MRI: far outside any plausible brain
         assert not info["plausible"], f"{stackFile}: 1 mm spacing judged plausible: {info['verdict']}"

@@ -178,7 +178,7 @@ def _fillTable(tableNode, evaluation, pairs=None):
         "residual_mm": vtk.vtkDoubleArray(),
         "loo_mm": vtk.vtkDoubleArray(),
         "outlier": vtk.vtkIntArray(),
-        "included": vtk.vtkIntArray(),
+        "included": vtk.vtkBitArray(),  # qMRMLTableModel shows bit columns as checkboxes
     }
     for columnName in TABLE_COLUMNS:
         columns[columnName].SetName(columnName)
