@@ -142,7 +142,7 @@ def test_bright_block_lands_at_its_ras_position(tmp_path, kind):
     if kind == "tiff":  # DESIGN section 3: voxel 0's centre at -sx/2 + T/2 along i (LPS i -> RAS -x)
         np.testing.assert_allclose(matrix[:3, 3], [-(-spacing[0] / 2 + target[0] / 2), -(-spacing[1] / 2 + target[1] / 2),
                                                    -spacing[2] / 2 + target[2] / 2])
-    assert np.allclose(outputGeometryShape := downsample.outputGeometry(source, target)[0], out.shape)
+    assert np.allclose(downsample.outputGeometry(source, target)[0], out.shape)
     np.testing.assert_allclose(downsample.outputGeometry(source, target)[1], matrix)
 
 

@@ -3,7 +3,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

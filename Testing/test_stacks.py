@@ -1,7 +1,6 @@
 """Stack sources on real files: every kind (multipage TIFF, BigTIFF compressed, TIFF series, NRRD raw/gzip,
 attached/detached), spacing metadata written with tifffile, the real brainreg series, and the bad inputs."""
 import os
-import shutil
 
 import numpy as np
 import pytest

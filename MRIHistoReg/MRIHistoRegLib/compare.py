@@ -8,8 +8,6 @@ Volumes: native (voxel count x voxel volume), transferred (on the reference grid
 the histology label's volume carried into MRI space as sum over native voxels of voxel volume x |det J_{H->M}|,
 with det J_{H->M}(y) = 1 / det J_{M->H}(x), x = inverse(y) (Newton, residuals checked).
 """
-import logging
-
 import numpy as np
 
 from MRIHistoRegLib import progress as progressLib

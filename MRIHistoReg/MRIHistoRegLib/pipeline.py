@@ -113,7 +113,7 @@ def runPipeline(config: RunConfig, outDir, scene=None, progress=None) -> dict:
 
 
 def _runInto(config: RunConfig, work, scene, progress):
-    from MRIHistoRegLib import compare, figures, fitting, landmarks, resample, spacing, stacks, transforms
+    from MRIHistoRegLib import figures, fitting, landmarks, resample, spacing, stacks, transforms
 
     start = time.perf_counter()
     timed = _Timer()

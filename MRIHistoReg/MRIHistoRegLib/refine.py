@@ -125,7 +125,6 @@ def _coarsenedGrid(shape, ijkToRas, maxPoints, margin=0.0):
     padVoxels = np.ceil(margin / spacing)
     factor = 1
     while True:
-        step = spacing * factor
         pad = np.ceil(padVoxels / factor)
         count = np.ceil((shape - 1) / factor) + 1 + 2 * pad  # covers the last voxel
         if np.prod(count) <= maxPoints or factor > 64:
