@@ -137,7 +137,6 @@ def test_cohort_mode_writes_one_summary(sample, tmp_path):
     for name in ("mouseA", "mouseB"):
         raw = json.loads((sample / "config.json").read_text())
         raw["name"] = name
-        raw["labels"] = None
         raw.pop("labels")
         for key in ("mri", "histology"):
             raw[key] = str(sample / raw[key])

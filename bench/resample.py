@@ -133,12 +133,18 @@ def runMriHistoReg(count, seed, repeats):
         coords[:, k0:k0 + 10] = lattice.evaluateGrid(np.arange(k0, min(nk, k0 + 10), dtype=float),
                                                      np.arange(nj, dtype=float), np.arange(ni, dtype=float))
     used = coords[:, samples[:, 2], samples[:, 1], samples[:, 0]].T.astype(float) * SPACING + srcM[:3, 3]
+    note = f"step {info['lattice_step_voxels'][0]:g}, probe max {info['probe_max_error_voxels']:.3f}"
+    return dict(measured(used, out, source, srcM, fixed, moving, samples, note), time_s=best)
+
+
+def measured(used, out, source, srcM, fixed, moving, samples, note):
+    """The bench's row for a contender: its mapped sample points `used` and output image `out` against the exact
+    TPS (independent solve) and the source image sampled exactly there."""
     tps = ExactTps(fixed, moving)
     exact = tps.transformPoints(samples * SPACING)
     maxError, p99Error = errorsInVoxels(used, exact, tps)
     imageError = np.abs(out[samples[:, 2], samples[:, 1], samples[:, 0]] - exactImage(source, srcM, exact, samples)).max()
-    return {"time_s": best, "max_err_vox": maxError, "p99_err_vox": p99Error, "img_err": float(imageError),
-            "note": f"step {info['lattice_step_voxels'][0]:g}, probe max {info['probe_max_error_voxels']:.3f}"}
+    return {"max_err_vox": maxError, "p99_err_vox": p99Error, "img_err": float(imageError), "note": note}
 
 
 def runVtk(count, seed, repeats):
@@ -181,12 +187,8 @@ def runVtk(count, seed, repeats):
     mapped = vtk.vtkPoints()
     tpsVtk.TransformPoints(points, mapped)
     used = numpy_support.vtk_to_numpy(mapped.GetData()).astype(float)
-    tps = ExactTps(fixed, moving)
-    exact = tps.transformPoints(samples * SPACING)
-    maxError, p99Error = errorsInVoxels(used, exact, tps)
-    imageError = np.abs(out[samples[:, 2], samples[:, 1], samples[:, 0]] - exactImage(source, srcM, exact, samples)).max()
-    return {"time_s": best, "max_err_vox": maxError, "p99_err_vox": p99Error, "img_err": float(imageError),
-            "note": f"{vtk.vtkVersion.GetVTKVersion()}, {os.cpu_count()} threads"}
+    note = f"{vtk.vtkVersion.GetVTKVersion()}, {os.cpu_count()} threads"
+    return dict(measured(used, out, source, srcM, fixed, moving, samples, note), time_s=best)
 
 
 def runItk(count, seed, repeats):

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 MODELS = ("rigid", "similarity", "affine", "affine+tps")
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "working_spacing_mm",
-                 "labels", "evaluate_points", "name", "output_spacing_mm", "tps_regularization"}
+                 "labels", "evaluate_points", "name", "tps_regularization"}
 
 
 @dataclass

@@ -5,6 +5,7 @@
 
 `runPipeline` serves `python -m MRIHistoRegLib run`, `demo`, the cohort mode and the module's self-test.
 """
+import contextlib
 import csv
 import hashlib
 import json
@@ -22,20 +23,16 @@ from MRIHistoRegLib.outputs import jsonReady
 
 
 class _Timer:
+    """Wall time per named step: `with timed("load"): ...` records timings["load"] in seconds."""
+
     def __init__(self):
         self.timings = {}
 
+    @contextlib.contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Step:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.timings[name] = round(time.perf_counter() - self.start, 3)
-
-        return _Step()
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
 
 
 def peakMemoryMb() -> float:
@@ -127,7 +124,7 @@ def _runInto(config: RunConfig, work, scene, progress):
         mriIjkToRas = volumes.ijkToRas(mriNode)
         spacingMm = spacing.toMillimetres(config.histologySpacingUm, "um") if config.histologySpacingUm else None
         source = stacks.openStack(config.histology, spacingMm=spacingMm)
-        verdict = spacing.checkPlausibility(source, source.spacingMm, referenceExtentMm=_physicalSize(mriArray.shape, mriIjkToRas))
+        verdict = spacing.checkPlausibility(source, source.spacingMm, referenceExtentMm=mriNode)
         if not verdict.ok:
             warnings.append(verdict.message)
             logging.warning("%s", verdict.message)
@@ -201,14 +198,13 @@ def _runInto(config: RunConfig, work, scene, progress):
         "inputs": {role: {"path": os.path.relpath(path, work), "sha256": sha256(path)}
                    for role, path in config.inputFiles().items()},
         "histology": {"shape_ijk": list(source.shape[::-1]), "dtype": str(source.dtype),
-                      "header_spacing_mm": _listOrNone(source.headerSpacingMm),
-                      "metadata_spacing_mm": _listOrNone(source.metadataSpacingMm),
-                      "spacing_mm": list(map(float, source.spacingMm)), "plausibility": verdict.message},
+                      "header_spacing_mm": source.headerSpacingMm, "metadata_spacing_mm": source.metadataSpacingMm,
+                      "spacing_mm": source.spacingMm, "plausibility": verdict.message},
         "landmarks": landmarkRows,
         "landmark_summary": {k: v for k, v in evaluation.items()
                              if k not in ("labels", "residual_mm", "loo_mm", "outlier")},
         "pairing": {"paired_by_index": pairs.pairedByIndex, "warnings": pairs.warnings()},
-        "transform": {"model": config.model, "scale": jsonReady(model.scale()),
+        "transform": {"model": config.model, "scale": model.scale(),
                       "shrinkage_volume_percent": float(model.shrinkageVolumePercent()),
                       "file": "transform.h5"},
         "jacobian": jacobian,
@@ -222,19 +218,12 @@ def _runInto(config: RunConfig, work, scene, progress):
         "peak_memory_mb": peakMemoryMb(),
         "software": softwareVersions(),
     }
+    report = jsonReady(report)  # strict JSON: numpy -> Python, NaN -> null (once, for both writers)
     with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(jsonReady(report), f, indent=2)
+        json.dump(report, f, indent=2)
     _writeReportCsv(report, os.path.join(work, "report.csv"))
     progressLib.report(progress, 1.0, "done")
-    return jsonReady(report)
-
-
-def _physicalSize(shapeKji, ijkToRas):
-    return [float(n * s) for n, s in zip(shapeKji[::-1], volumes.spacingOf(ijkToRas))]
-
-
-def _listOrNone(values):
-    return None if values is None else [float(v) for v in values]
+    return report
 
 
 def _evaluatePoints(config, mapping):
