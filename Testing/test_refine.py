@@ -94,6 +94,9 @@ def test_landmarkStartIsKeptAndMultiModalRefinementStaysPut():
     # -1.5472 -> -1.5405 (+0.4 %, "similarity unchanged within tolerance"); the rejection threshold is 5 %
     assert result.accepted, result.reason
     assert abs(result.metricAfter - result.metricBefore) < 0.01 * abs(result.metricBefore), result.reason
+    # this phantom's anatomy is smooth blobs, which N4 takes for shading: the correction would halve the mutual
+    # information at the start (measured -1.547 -> -0.766, then a diverging affine stage), so it is not used
+    assert not result.biasCorrected
 
 
 def test_recoversAffineAndSmoothWarpFromPerturbedStart():
@@ -300,6 +303,55 @@ def test_histologyFootprint():
     assert full.sum() == 18 * 20 * 22
 
 
+def test_biasFieldCorrectionRemovesAKnownShadingField():
+    """Sharp-edged tissue classes times a known smooth field (depth attenuation exp(-z / 6 mm) and a lateral
+    gradient, as in light-sheet stacks): after correctBiasField the image is the tissue image up to one constant
+    factor. Ground truth by construction: log(corrected / tissue) is flat where the field was not."""
+    shape = (30, 60, 64)
+    rng = np.random.default_rng(3)
+    k, j, i = np.indices(shape, dtype=float)
+    tissue = np.full(shape, 400.0)
+    for _ in range(25):  # cubes of other tissue classes: edges far sharper than the field
+        lo = rng.integers(0, np.array(shape) - 8)
+        size = rng.integers(4, 12, 3)
+        tissue[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]] = rng.choice([250.0, 700.0, 1000.0])
+    tissue[:, :, 50:] = 0.0  # not imaged: outside the footprint
+    spacingMm = 0.1
+    field = np.exp(-k * spacingMm / 6.0) * (1.0 + 0.25 * i / shape[2])
+    observed = (tissue * field).astype(np.float32)
+    footprint = refine.histologyFootprint(observed, 0)
+    corrected = refine.correctBiasField(observed, footprint, spacingMm)
+    inside = footprint > 0
+    before = np.log(observed[inside] / tissue[inside])
+    after = np.log(corrected[inside] / tissue[inside])
+    assert before.std() > 0.1  # the field spans a factor ~1.6 over the stack
+    assert after.std() < 0.25 * before.std(), (before.std(), after.std())
+
+
+def test_denseSamplesKeepVoxelCentresAndTheBudget():
+    """_denseSamples: every n-th voxel with n the smallest keeping the valid samples within the budget, at the
+    original voxel centres (physical points checked with SimpleITK's own index -> point mapping)."""
+    import SimpleITK as sitk
+
+    m = _geometry(0.1)
+    image = refine._sitkImage(np.arange(30 * 40 * 50, dtype=np.float32).reshape(30, 40, 50), m)
+    maskArray = np.zeros((30, 40, 50), np.uint8)
+    maskArray[5:25, 10:30, 10:40] = 1  # 12 000 valid voxels
+    mask = refine._sitkImage(maskArray, m, np.uint8)
+    same, sameMask = refine._denseSamples(image, mask, 12_000)
+    assert same.GetSize() == image.GetSize()
+    for budget in (11_999, 2_000, 400):
+        fixed, fixedMask = refine._denseSamples(image, mask, budget)
+        stride = round(fixed.GetSpacing()[0] / image.GetSpacing()[0])
+        valid = int(sitk.GetArrayViewFromImage(fixedMask).sum())
+        assert valid <= budget
+        assert int(maskArray[::stride - 1, ::stride - 1, ::stride - 1].sum()) > budget  # no smaller stride fits
+        index = (3, 2, 4)  # i, j, k on the strided grid = stride * index on the original
+        assert np.allclose(fixed.TransformIndexToPhysicalPoint(index),
+                           image.TransformIndexToPhysicalPoint(tuple(stride * v for v in index)))
+        assert fixed[index] == image[tuple(stride * v for v in index)]
+
+
 def test_progressAndCancel():
     fixed = _phantom()
     m = _geometry()
@@ -351,38 +403,37 @@ def _tumourDice(data, mapping):
     return compare.dice(data["mriLabels"] == 1, transferred == 1)
 
 
-@pytest.mark.parametrize("count", [6, 12])
-def test_phantomRefinementAgainstGroundTruth(phantom, count):
-    """Sample data (known truth): landmark-only affine+TPS vs refined, held-out TRE (30 noise-free points) and
-    tumour Dice. Measured with the defaults (sample seed 0; the refinement is deterministic): 6 landmarks TRE
-    median 0.146 -> 0.076 mm (-48 %), Dice 0.894 -> 0.946; 12 landmarks 0.063 -> 0.054 mm (-14 %), Dice
-    0.945 -> 0.966 (seed 1: -31 % / -26 %). The TPS from 12 landmarks is already below the 0.1 mm working voxel;
-    the issue's "-30 % with 12 landmarks" is NOT reached on seed 0 and not asserted: 12 landmarks must improve
-    (TRE and Dice), 6 landmarks by >= 30 %."""
+def test_phantomRefinementAgainstGroundTruth(phantom):
+    """Sample data (known truth), default settings: landmark-only affine+TPS vs refined, held-out TRE (30
+    noise-free points) and tumour Dice, with the default 12 landmarks and with every other one (6). The issue's
+    targets: >= 30 % lower TRE median with 12 landmarks, more with 6, and a better Dice. Measured (sample seed 0;
+    the refinement is deterministic): 12 landmarks 0.0628 -> 0.0367 mm (-42 %), Dice 0.945 -> 0.963; 6 landmarks
+    0.1464 -> 0.0327 mm (-78 %), Dice 0.894 -> 0.947; about 40 s each on 2 cores. Seeds 1 and 2: -58 / -62 %
+    (12), -54 / -71 % (6)."""
     from MRIHistoRegLib import fitting
 
-    chosen = np.arange(12) if count == 12 else np.arange(0, 12, 2)
-    fixedPoints, movingPoints = phantom["lmMri"][chosen], phantom["lmHistology"][chosen]
-    model = fitting.fitLandmarks(fixedPoints, movingPoints, "affine+tps")
-    result = refine.refineRegistration(phantom["mri"], phantom["mriIjkToRas"], phantom["histology"],
-                                       phantom["histologyIjkToRas"], model)
-    residuals = refine.evaluateAgainstLandmarks(result, fixedPoints, movingPoints)
-    assert result.accepted, result.reason
-    assert result.metricAfter < result.metricBefore
-    assert result.minJacobianDeterminant > 0
-    assert residuals["medianAfter"] < 0.15  # refinement stays consistent with the landmarks (noise 0.05 mm)
-    before = np.median(np.linalg.norm(model.transformPoints(phantom["evalMri"]) - phantom["evalHistology"], axis=1))
-    after = np.median(np.linalg.norm(result.transformPoints(phantom["evalMri"]) - phantom["evalHistology"], axis=1))
-    diceBefore, diceAfter = _tumourDice(phantom, model), _tumourDice(phantom, result)
-    print(f"{count} landmarks: TRE median {before:.4f} -> {after:.4f} mm, Dice {diceBefore:.3f} -> {diceAfter:.3f}, "
-          f"{result.seconds:.1f} s")
-    if count == 6:
-        assert after < 0.7 * before, (before, after)  # >= 30 % lower
-        assert diceAfter > diceBefore
-    else:
-        assert after < 0.95 * before, (before, after)  # better, but not the issue's -30 % (see docstring)
-        assert diceAfter > diceBefore
-
+    reduction = {}
+    for count in (12, 6):
+        chosen = np.arange(12) if count == 12 else np.arange(0, 12, 2)
+        fixedPoints, movingPoints = phantom["lmMri"][chosen], phantom["lmHistology"][chosen]
+        model = fitting.fitLandmarks(fixedPoints, movingPoints, "affine+tps")
+        result = refine.refineRegistration(phantom["mri"], phantom["mriIjkToRas"], phantom["histology"],
+                                           phantom["histologyIjkToRas"], model)
+        residuals = refine.evaluateAgainstLandmarks(result, fixedPoints, movingPoints)
+        assert result.accepted, result.reason
+        assert result.biasCorrected  # the stack's depth attenuation and shading are corrected (see correctBiasField)
+        assert result.metricAfter < result.metricBefore
+        assert result.minJacobianDeterminant > 0
+        assert residuals["medianAfter"] < 0.15  # refinement stays consistent with the landmarks (noise 0.05 mm)
+        before = np.median(np.linalg.norm(model.transformPoints(phantom["evalMri"]) - phantom["evalHistology"], axis=1))
+        after = np.median(np.linalg.norm(result.transformPoints(phantom["evalMri"]) - phantom["evalHistology"], axis=1))
+        diceBefore, diceAfter = _tumourDice(phantom, model), _tumourDice(phantom, result)
+        print(f"{count} landmarks: TRE median {before:.4f} -> {after:.4f} mm, Dice {diceBefore:.3f} -> {diceAfter:.3f}, "
+              f"{result.seconds:.1f} s")
+        assert after < 0.7 * before, (count, before, after)  # >= 30 % lower
+        assert diceAfter > diceBefore, (count, diceBefore, diceAfter)
+        reduction[count] = 1 - after / before
+    assert reduction[6] > reduction[12], reduction  # refinement matters more when the landmarks are fewer
 
 def test_refineCommandWritesTransformsThatMapLikeTheResult(phantom, tmp_path, scene, monkeypatch):
     """`python -m MRIHistoRegLib refine ...` on the sample files: refinement.json and, accepted, the chained

@@ -70,6 +70,7 @@ def main(argv=None):
                 print(f"{count:2d} landmarks, run {repeat + 1}: {seconds:6.1f} s (ratio to bound "
                       f"{seconds / BOUND_SECONDS:.2f}), {result.iterations} iterations; TRE median {before:.4f} -> "
                       f"{after:.4f} mm ({100 * (after / before - 1):+.0f} %); Dice {dice(model):.3f} -> {dice(result):.3f}; "
+                      f"histology N4 {'used' if result.biasCorrected else 'not used'}; "
                       f"{'accepted' if result.accepted else 'REJECTED'}: {result.reason}")
 
 

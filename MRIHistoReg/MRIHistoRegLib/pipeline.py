@@ -299,6 +299,7 @@ def _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs, transfor
     check = refine.evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
     summary = {"accepted": bool(result.accepted), "reason": result.reason, "metric_before": result.metricBefore,
                "metric_after": result.metricAfter, "iterations": result.iterations, "seconds": result.seconds,
+               "histology_bias_corrected": result.biasCorrected,
                "landmarks": check}
     if not result.accepted:
         warnings.append(f"refinement not used: {result.reason}")
