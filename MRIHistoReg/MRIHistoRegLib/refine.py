@@ -434,15 +434,14 @@ def _normalized(array, mask, percentiles):
 
 
 def _overlap(initialMapping, fixedShape, fixedIjkToRas, fixedMask, movingShape, movingIjkToRas, footprint):
-    """(fraction, box, voxels) over (masked) fixed voxels, subsampled: the fraction the initial mapping puts
-    inside the moving footprint, the [k, j, i] index box (lo, hi inclusive) of those voxels (None when none) and
-    their estimated number."""
+    """(fraction, voxels) over (masked) fixed voxels, subsampled: the fraction the initial mapping puts inside the
+    moving footprint and their estimated number (a cheap check before any image is built)."""
     step = max(1, int(round((np.prod(fixedShape) / 50_000) ** (1 / 3))))
     k, j, i = np.meshgrid(*(np.arange(0, n, step) for n in fixedShape), indexing="ij")
     keep = np.ones(k.shape, bool) if fixedMask is None else fixedMask[k, j, i] > 0
     ijk = np.stack([i[keep], j[keep], k[keep]], axis=1).astype(float)
     if len(ijk) == 0:
-        return 0.0, None, 0
+        return 0.0, 0
     m = np.asarray(fixedIjkToRas, float)
     mapped = _evaluateChunked(initialMapping, ijk @ m[:3, :3].T + m[:3, 3])
     toIjk = np.linalg.inv(movingIjkToRas)
@@ -454,12 +453,7 @@ def _overlap(initialMapping, fixedShape, fixedIjkToRas, fixedMask, movingShape, 
     hits = np.zeros(len(mijk), bool)
     idx = mijk[inside]
     hits[inside] = footprint[idx[:, 2], idx[:, 1], idx[:, 0]] > 0
-    if not hits.any():
-        return 0.0, None, 0
-    kji = ijk[hits][:, ::-1].astype(np.int64)
-    lo = np.maximum(kji.min(axis=0) - step, 0)
-    hi = np.minimum(kji.max(axis=0) + step, np.array(fixedShape) - 1)
-    return float(hits.mean()), (lo, hi), int(hits.sum()) * step**3
+    return float(hits.mean()), int(hits.sum()) * step**3
 
 
 def _taper(shape, ijkToRas, fixedIjkToRas, box, rampMm):
@@ -666,7 +660,7 @@ def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, i
                                    "the histology footprint is empty (stack blank or too small to erode)", start)
 
     report(progress, 0.0, "refinement: preparing")
-    overlap, _, overlapVoxels = _overlap(initialMapping, fixedArray.shape, fixedIjkToRas, fixedMask,
+    overlap, overlapVoxels = _overlap(initialMapping, fixedArray.shape, fixedIjkToRas, fixedMask,
                                            movingArray.shape, movingIjkToRas, movingMask)
     if overlapVoxels < settings["minOverlapVoxels"]:
         result = _identityResult(
