@@ -542,8 +542,8 @@ def _method(settings, fixedMask, movingMask, shrink, sigmas, shape, validFractio
 
 
 def _denseSamples(fixed, mask, maxSamples):
-    """(fixed, mask) restricted to every n-th voxel along each axis, n the smallest with at most maxSamples valid
-    (mask) voxels, for ITK's dense sampling: every sample at a voxel centre of the MRI.
+    """(fixed, mask) restricted to every n-th voxel along each axis, n the smallest with valid / n^3 <= maxSamples
+    (valid: the mask's voxels), for ITK's dense sampling: every sample at a voxel centre of the MRI.
 
     Why not ITK's random or regular sampling: both jitter each sample inside its voxel, so the fixed image is
     interpolated between noisy voxels. Measured on the sample data (seed 0, 12 landmarks, same 170 000 samples):
