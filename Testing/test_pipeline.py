@@ -45,8 +45,10 @@ def test_report_figures_match_ground_truth(demoRun, sample):
     assert row["histology_native_mm3"] == pytest.approx(truth["tumour"]["histology_volume_mm3"], rel=0.02)
     # two independent ways of carrying the histology tumour into MRI space agree
     assert row["histology_in_mri_jacobian_mm3"] == pytest.approx(row["histology_in_mri_resampled_mm3"], rel=0.01)
-    # landmark-only registration: the volume is within the landmark fit's local scale error of the truth
-    assert row["histology_in_mri_resampled_mm3"] == pytest.approx(trueMri, rel=0.05)
+    # the sample's config refines the landmark fit: the issue's target, the tumour volume in MRI space from
+    # histology within 2 % of the truth (measured -1.3 %; landmark-only +2.7 %)
+    assert report["refinement"]["accepted"], report["refinement"]["reason"]
+    assert row["histology_in_mri_jacobian_mm3"] == pytest.approx(trueMri, rel=0.02)
     assert row["dice"] > 0.85 and row["hd95_mm"] <= 2 * voxel
     assert _checksums(sample) == before, "the pipeline must never modify its inputs"
 
@@ -90,6 +92,7 @@ def _configWith(sample, tmp_path, **changes):
            for k, v in raw.items()}
     for key in ("landmarks", "labels", "evaluate_points"):
         raw[key] = {side: os.path.join(sample, path) for side, path in raw[key].items()}
+    raw["refine"] = False  # these runs test other steps (or fail before any): no 45 s refinement unless asked
     raw.update(changes)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
@@ -137,6 +140,7 @@ def test_cohort_mode_writes_one_summary(sample, tmp_path):
     for name in ("mouseA", "mouseB"):
         raw = json.loads((sample / "config.json").read_text())
         raw["name"] = name
+        raw["refine"] = False  # the summary table is under test here, not the refinement (demoRun has it)
         raw.pop("labels")
         for key in ("mri", "histology"):
             raw[key] = str(sample / raw[key])
@@ -152,13 +156,15 @@ def test_cohort_mode_writes_one_summary(sample, tmp_path):
 
 
 def test_refined_run_saves_the_whole_chain_in_transform_h5(sample, demoRun, tmp_path):
-    """refine: true composes landmark(refinement(x)) into the one saved transform; figures stay truthful."""
+    """refine: true (the sample's config, demoRun) composes landmark(refinement(x)) into the one saved transform;
+    figures stay truthful."""
     from MRIHistoRegLib import landmarks
 
-    _, landmarkOnly, truth, _ = demoRun
-    out = tmp_path / "refined"
-    pipeline.runPipeline(_configWith(sample, tmp_path, refine=True), out)
-    report = json.loads((out / "report.json").read_text())
+    out, report, truth, _ = demoRun
+    landmarkOnlyOut = tmp_path / "landmark-only"
+    pipeline.runPipeline(_configWith(sample, tmp_path, refine=False), landmarkOnlyOut)
+    landmarkOnly = json.loads((landmarkOnlyOut / "report.json").read_text())
+    assert "refinement" not in landmarkOnly or not landmarkOnly["refinement"]
     assert report["refinement"]["accepted"], report["refinement"]["reason"]
     assert report["jacobian"]["folded_fraction"] == 0.0
     # ground truth: the refined chain must not be worse than the landmark-only result on held-out points

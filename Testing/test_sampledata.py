@@ -74,7 +74,7 @@ def test_folder_layout_and_config(sample):
     assert fractions[-1] == 1.0 and all(b >= a for a, b in zip(fractions, fractions[1:]))
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)
-    assert config["histology"] == "histology.tif" and config["model"] == "affine+tps" and config["refine"] is False
+    assert config["histology"] == "histology.tif" and config["model"] == "affine+tps" and config["refine"] is True
     assert config["histology_spacing_um"] == pytest.approx([26.0, 26.0, 40.0])
     for value in (config["mri"], config["histology"], *config["landmarks"].values(), *config["labels"].values(),
                   *config["evaluate_points"].values()):

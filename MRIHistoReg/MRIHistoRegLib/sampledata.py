@@ -927,7 +927,7 @@ def _generateInto(folder, grid, sizeName, factor, seed, progress):
         json.dump(truth, f, indent=1)
     config = {"mri": "mri.nrrd", "histology": "histology.tif", "histology_spacing_um": list(grid.spacingUm),
               "landmarks": {"mri": "landmarks_mri.mrk.json", "histology": "landmarks_histology.mrk.json"},
-              "model": "affine+tps", "refine": False, "working_spacing_mm": 0.1,
+              "model": "affine+tps", "refine": True, "working_spacing_mm": 0.1,
               "labels": {"mri": "mri_tumour_label.nrrd", "histology": "histology_tumour_label.nrrd"},
               "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
