@@ -27,10 +27,10 @@ truth, seeds 0-2, 12 / 6 landmarks; bench/refine.py prints the current figures):
 - Sampling: the B-spline stage samples every valid voxel at its centre (`_denseSamples`); ITK's random and
   regular strategies jitter samples inside voxels and were measured worse (see there).
 - Control-point spacing: 3.5 mm nominal; the mesh has round(extent / 3.5 mm) intervals along each axis (3.3-3.6
-  mm apart on the sample). The earlier 4 mm nominal rounded to ~5 mm there and could not follow the sample's
-  ~1 mm-wide non-linear bumps at the tumour: its tumour volumes in MRI space leaned low (seeds 0-4, 12 landmarks:
-  -3.9 / +2.0 / -3.5 / -1.1 / +5.8 % vs the truth; 3.5 mm: -1.2 / +0.8 / -1.7 / -0.6 / +4.8 %, held-out TRE
-  -33 to -61 %). The volume still scatters by a few % with the mesh's placement (the same 3.3-3.6 mm mesh
+  mm apart on the sample). The earlier 4 mm nominal rounded to [2, 5, 3] intervals there, 4.95 mm apart along i,
+  and could not follow the sample's ~1 mm-wide non-linear bumps at the tumour: its tumour volumes in MRI space
+  leaned low (seeds 0-4, 12 landmarks: -3.9 / +2.0 / -3.5 / -1.1 / +5.8 % vs the truth; 3.5 mm: -1.2 / +0.8 /
+  -1.7 / -0.6 / +4.8 %, held-out TRE -33 to -61 %). The volume still scatters by a few % with the mesh's placement (the same 3.3-3.6 mm mesh
   over a 4 mm margin gave -4.9 % on seed 0). Finer meshes over-fit: Mattes MI has no bending-energy term in
   SimpleITK's registration framework (a second 2 mm stage, seeds 0-2: TRE -27 to -38 %, volumes +4 to +8 %;
   started from the true mapping +2.5 %). Every B-spline coefficient is bounded
