@@ -66,6 +66,7 @@ def main(argv=None):
             chosen = np.arange(12) if count == 12 else np.arange(0, 12, 2)
             model = fitting.fitLandmarks(lmMri[chosen], lmHist[chosen], "affine+tps")
             before = np.median(np.linalg.norm(model.transformPoints(evalMri) - evalHist, axis=1))
+            tumourBefore = tumour(model)  # the landmark fit does not change between repeats
             for repeat in range(args.repeats):
                 started = time.perf_counter()
                 result = refine.refineRegistration(mri, mriIjkToRas, histology, histologyIjkToRas, model)
@@ -74,7 +75,7 @@ def main(argv=None):
                 after = np.median(np.linalg.norm(result.transformPoints(evalMri) - evalHist, axis=1))
                 print(f"{count:2d} landmarks, run {repeat + 1}: {seconds:6.1f} s (ratio to bound "
                       f"{seconds / BOUND_SECONDS:.2f}), {result.iterations} iterations; TRE median {before:.4f} -> "
-                      f"{after:.4f} mm ({100 * (after / before - 1):+.0f} %); {tumour(model)} -> {tumour(result)}; "
+                      f"{after:.4f} mm ({100 * (after / before - 1):+.0f} %); {tumourBefore} -> {tumour(result)}; "
                       f"histology N4 {'used' if result.biasCorrected else 'not used'}; "
                       f"{'accepted' if result.accepted else 'REJECTED'}: {result.reason}")
 
