@@ -34,11 +34,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MRIHistoRegLib import scenarios
+from MRIHistoRegLib import panel, scenarios
 from MRIHistoRegLib.logic import MODELS, REFERENCE_GRIDS, REFINE_PRESETS, SPACING_UNITS, MRIHistoRegLogicCore
+from MRIHistoRegLib.panel import SPACING_DECIMALS
 from MRIHistoRegLib.progress import Cancelled
 
-SAMPLE_CATEGORY = "MRIHistoReg"
+SAMPLE_CATEGORY = "MRI Histology Registration"  # shown as is before Slicer 5.12
 SAMPLE_NAME = "MRIHistoRegSample"
 
 
@@ -85,19 +86,23 @@ def sampleDataFolder() -> str:
     return os.path.join(slicer.app.temporaryPath, "MRIHistoRegSample")
 
 
-def loadGeneratedSampleData(source=None) -> dict:
+def loadGeneratedSampleData(source=None) -> Optional[dict]:
     """SampleData 'customDownloader': generate the sample (first time only) and load it into the scene.
 
     Loads the MRI, the histology volume with its true spacing applied, both landmark lists and both tumour label
-    maps, and selects them in the module's parameter node. Returns the nodes by role.
+    maps, and selects them in the module's parameter node. Returns the nodes by role (None after a failure, which
+    is shown once: SampleData calls this straight from a button's clicked() signal).
     """
     logic = MRIHistoRegLogic()
-    with slicer.util.tryWithErrorDisplay(_("Failed to generate or load the MRIHistoReg sample data."), waitCursor=True):
+    runner = panel.ActionRunner(showError=lambda message, details: slicer.util.errorDisplay(message, detailedText=details),
+                                waitCursor=slicer.util.WaitCursor)
+    nodes = None
+    with runner.action(_("Failed to generate or load the MRIHistoReg sample data.")):
         nodes = logic.loadSampleData(sampleDataFolder())
         logic.selectSampleNodes(logic.getParameterNode(), nodes)
         slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5,
                                           fit=True)
-        return nodes
+    return nodes
 
 
 def registerSampleData():
@@ -105,9 +110,12 @@ def registerSampleData():
     import SampleData
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, title=_("MRI Histology Registration"))
+    sampleDataLogic = SampleData.SampleDataLogic
+    # Category titles exist from Slicer 5.12 (SampleData.py); before, the category name is what is shown.
+    if hasattr(sampleDataLogic, "registerCustomSampleDataCategory"):
+        sampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, _("MRI Histology Registration"))
     # No URI: SampleData's button calls customDownloader(source), which generates the data locally.
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+    sampleDataLogic.registerCustomSampleDataSource(
         category=SAMPLE_CATEGORY,
         sampleName=SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "MRIHistoReg.png"),
@@ -131,38 +139,38 @@ class MRIHistoRegParameterNode:
     """
 
     # Inputs
-    mriVolume: vtkMRMLScalarVolumeNode
-    histologyVolume: vtkMRMLScalarVolumeNode
+    mriVolume: Optional[vtkMRMLScalarVolumeNode]
+    histologyVolume: Optional[vtkMRMLScalarVolumeNode]
     stackPath: pathlib.Path
-    spacingI: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
-    spacingJ: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
-    spacingK: Annotated[float, WithinRange(0.0, 100000.0), Decimals(4)] = 1.0
+    spacingI: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
+    spacingJ: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
+    spacingK: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
     spacingUnit: Annotated[str, Choice(list(SPACING_UNITS))] = "um"
     # Downsample
     targetSpacingFromMri: bool = True
     targetSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.1
     cropEnabled: bool = False
-    cropRoi: vtkMRMLMarkupsROINode
+    cropRoi: Optional[vtkMRMLMarkupsROINode]
     # Landmarks
-    mriLandmarks: vtkMRMLMarkupsFiducialNode
-    histologyLandmarks: vtkMRMLMarkupsFiducialNode
+    mriLandmarks: Optional[vtkMRMLMarkupsFiducialNode]
+    histologyLandmarks: Optional[vtkMRMLMarkupsFiducialNode]
     model: Annotated[str, Choice(list(MODELS))] = "affine+tps"
     tpsRegularization: Annotated[float, WithinRange(0.0, 1000.0), Decimals(3)] = 0.0
     autoUpdate: bool = False
-    landmarkTransform: vtkMRMLTransformNode
-    landmarkTable: vtkMRMLTableNode
+    landmarkTransform: Optional[vtkMRMLTransformNode]
+    landmarkTable: Optional[vtkMRMLTableNode]
     pairsPath: pathlib.Path
     # Refine
     refineEnabled: bool = False
     refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "affine + B-spline"
-    refinedTransform: vtkMRMLTransformNode
+    refinedTransform: Optional[vtkMRMLTransformNode]
     # Resample and compare
     referenceGrid: Annotated[str, Choice(list(REFERENCE_GRIDS))] = "MRI"
     outputSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.05
-    resampledVolume: vtkMRMLScalarVolumeNode
-    mriLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
-    histologyLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]
-    resultsTable: vtkMRMLTableNode
+    resampledVolume: Optional[vtkMRMLScalarVolumeNode]
+    mriLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
+    histologyLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
+    resultsTable: Optional[vtkMRMLTableNode]
     reportFolder: pathlib.Path
     # Display
     histologyAligned: bool = False
@@ -186,10 +194,12 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._pendingPair = None  # (label, stage) while 'place pair' is active
+        self._runner = None  # panel.ActionRunner: every action reports its error once, nothing escapes to Qt/VTK
+        self._placement = None  # panel.PairPlacement behind 'Place pair'
+        self._spacingUnit = panel.SpacingUnitFollower()
         self._flickerTimer = None
         self._flickerOn = False
-        self._lastStackInfo = None
+        self._stackInfo = None  # logic.openStack's description of the inspected stack
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -203,6 +213,13 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MRIHistoRegLogic()
+        self._runner = panel.ActionRunner(showError=self._showError, showStatus=self._showStatus,
+                                          progressDialog=self._progressDialog, waitCursor=slicer.util.WaitCursor)
+        # Slicer's markups widget switches back to view mode right after the first point's event: the histology
+        # placement is started from the event loop (panel.PairPlacement).
+        self._placement = panel.PairPlacement(slicer.mrmlScene, slicer.modules.markups.logic(),
+                                              defer=lambda callback: qt.QTimer.singleShot(0, callback),
+                                              showStatus=self._showStatus, onFinished=self._onPlacementFinished)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -210,6 +227,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Inputs
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.openStackButton.connect("clicked(bool)", self.onOpenStack)
+        self.ui.browseStackFolderButton.connect("clicked(bool)", self.onBrowseStackFolder)
         self.ui.useMetadataSpacingButton.connect("clicked(bool)", self.onUseMetadataSpacing)
         self.ui.applySpacingButton.connect("clicked(bool)", self.onApplySpacing)
         self.ui.loadFullResolutionButton.connect("clicked(bool)", self.onLoadFullResolution)
@@ -221,6 +239,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fitButton.connect("clicked(bool)", self.onFit)
         self.ui.importPairsButton.connect("clicked(bool)", self.onImportPairs)
         self.ui.exportPairsButton.connect("clicked(bool)", self.onExportPairs)
+        self.ui.browseNewPairsFileButton.connect("clicked(bool)", self.onBrowseNewPairsFile)
         # Refine
         self.ui.refineButton.connect("clicked(bool)", self.onRefine)
         # Resample and compare
@@ -234,11 +253,16 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._flickerTimer.setInterval(500)
         self._flickerTimer.connect("timeout()", self.onFlickerTick)
 
-        self.initializeParameterNode()
+        # What connectGui(self.ui) would bind; connectParametersToGui returns the tag to disconnect with at every
+        # supported Slicer (connectGui returns None before 5.10, so disconnectGui could never undo it).
+        self._parameterWidgets = {widget.property("SlicerParameterName"): widget for widget in vars(self.ui).values()
+                                  if hasattr(widget, "property") and widget.property("SlicerParameterName")}
+        with self._runner.action(_("Failed to set up the panel from its parameter node.")):
+            self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
-        self._stopPlacing()
+        self._placement.stop()
         self._observeLandmarkTable(None)
         if self._flickerTimer:
             self._flickerTimer.stop()
@@ -256,28 +280,27 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
-        self.initializeParameterNode()
+        with self._runner.action(_("Failed to set up the panel from its parameter node.")):
+            self.initializeParameterNode()
 
     def exit(self) -> None:
-        """Called each time the user opens a different module."""
-        self._stopPlacing()
+        """Called each time the user opens a different module. The panel stays bound to its parameter node (each
+        binding before Slicer 5.12 leaves an observer on the node that is never removed, so it binds once)."""
+        self._placement.stop()
         if self._parameterNode and self._parameterNode.flicker:
             self._parameterNode.flicker = False  # no flicker while another module is shown
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
-        self._stopPlacing()
+        self._placement.stop()
         self.logic.setAutoUpdate(False)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
         if self.parent.isEntered:
-            self.initializeParameterNode()
+            with self._runner.action(_("Failed to set up the panel from its parameter node.")):
+                self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
         """Ensure the parameter node exists and is observed; preselect the first volume as MRI."""
@@ -289,60 +312,45 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode: Optional[MRIHistoRegParameterNode]) -> None:
         """Set and observe the parameter node (the GUI follows it both ways through SlicerParameterName)."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        current = self._parameterNode
+        if current is not None and inputParameterNode is not None and current.parameterNode is inputParameterNode.parameterNode:
+            return  # the same MRML node (getParameterNode() wraps it anew each time): keep the binding
+        if current is not None:
+            current.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(current, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._parameterWidgets)
+            self._spacingUnit = panel.SpacingUnitFollower(self._parameterNode)  # the node's values are in its unit
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Keep enabled states, live readouts, tables and display settings in step with the parameter node."""
+        """Keep enabled states, live readouts, tables and display settings in step with the parameter node.
+        Runs from a VTK observer: an error is reported once and never raised out of it."""
         p = self._parameterNode
         if p is None:
             return
-        hasStack = self.logic.pathOrNone(p.stackPath) is not None
-        # stack steps use the spacing fields, which hold the stack's spacing once it has been inspected
-        inspected = bool(self._lastStackInfo) and self._lastStackInfo["path"] == str(p.stackPath)
-        hasMri, hasHistology = p.mriVolume is not None, p.histologyVolume is not None
-        hasLists = p.mriLandmarks is not None and p.histologyLandmarks is not None
-        self.ui.openStackButton.enabled = hasStack
-        self.ui.loadFullResolutionButton.enabled = inspected
-        self.ui.useMetadataSpacingButton.enabled = inspected and self._lastStackInfo["metadataSpacingMm"] is not None
-        self.ui.applySpacingButton.enabled = hasHistology
-        self.ui.downsampleButton.enabled = inspected and (hasMri or not p.targetSpacingFromMri)
-        self.ui.targetSpacingSpinBox.enabled = not p.targetSpacingFromMri
-        self.ui.cropRoiSelector.enabled = p.cropEnabled
-        self.ui.placePairButton.enabled = hasLists
-        self.ui.fitButton.enabled = hasLists
-        self.ui.tpsRegularizationSpinBox.enabled = p.model == "affine+tps"
-        self.ui.exportPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
-        self.ui.importPairsButton.enabled = hasLists and self.logic.pathOrNone(p.pairsPath) is not None
-        self.ui.refineButton.enabled = p.refineEnabled and hasMri and p.landmarkTransform is not None
-        self.ui.resampleButton.enabled = hasMri and p.landmarkTransform is not None and (inspected or hasHistology)
-        self.ui.outputSpacingSpinBox.enabled = p.referenceGrid != "MRI"
-        self.ui.compareButton.enabled = p.mriLabels is not None and p.histologyLabels is not None and p.landmarkTransform is not None
-        self.ui.exportReportButton.enabled = self.logic.pathOrNone(p.reportFolder) is not None
-        self.ui.checkerboardButton.enabled = hasMri and p.resampledVolume is not None
-        self.ui.warpMagnitudeButton.enabled = hasMri and p.landmarkTransform is not None
-        self.ui.physicalSizeLabel.text = self._physicalSizeText()
-        self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
-        self._observeLandmarkTable(p.landmarkTable)
-        self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
-        self._applyDisplay()
-        self._applyAutoUpdate()
+        with self._runner.action(_("Failed to update the panel.")):
+            if self._spacingUnit.follow(p):
+                return  # the converted fields re-entered this method already
+            for name, enabled in panel.actionStates(p, self._stackInfo).items():
+                getattr(self.ui, name).enabled = enabled
+            self.ui.physicalSizeLabel.text = panel.physicalSizeText(p, self._stackInfo)
+            self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
+            self._observeLandmarkTable(p.landmarkTable)
+            self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
+        with self._runner.action(_("Failed to update the display.")):
+            self._applyDisplay()
+        with self._runner.action(_("Failed to switch landmark auto-update.")):
+            self._applyAutoUpdate()
 
-    def _physicalSizeText(self) -> str:
-        p = self._parameterNode
-        if not self._lastStackInfo:
-            return ""
-        with contextlib.suppress(ValueError):
-            spacingMm = self.logic.spacingToMm([p.spacingI, p.spacingJ, p.spacingK], p.spacingUnit)
-            size = self.logic.physicalSizeMm(self._lastStackInfo["shapeIjk"], spacingMm)
-            return _("Physical size at this spacing: {size} mm").format(size=" x ".join(f"{v:.3g}" for v in size))
-        return _("Enter three positive spacing values.")
+    def _setStackInfo(self, info: Optional[dict]) -> None:
+        """Remember the inspected stack and show it; the buttons that need it follow at once."""
+        self._stackInfo = info
+        self.ui.stackInfoLabel.text = self.logic.describeStack(info) if info else ""
+        self.onParameterNodeModified()
 
     # --- helpers: progress, errors ------------------------------------------------------------------------
 
@@ -366,30 +374,25 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             dialog.close()
 
-    @contextlib.contextmanager
     def _action(self, errorMessage: str, progressTitle: Optional[str] = None):
-        """Run a panel action: errors in Slicer's error display, Cancel quietly logged, optional progress dialog."""
-        with slicer.util.tryWithErrorDisplay(errorMessage, waitCursor=progressTitle is None):
-            try:
-                if progressTitle:
-                    with self._progressDialog(progressTitle) as progress:
-                        yield progress
-                else:
-                    yield None
-            except Cancelled as cancelled:
-                logging.info("%s", cancelled)
-                slicer.util.showStatusMessage(str(cancelled), 3000)
+        """A panel action (see panel.ActionRunner): one error dialog for one failure, Cancel only logged."""
+        return self._runner.action(errorMessage, progressTitle)
+
+    @staticmethod
+    def _showError(message: str, details: str) -> None:
+        slicer.util.errorDisplay(message, detailedText=details)
+
+    @staticmethod
+    def _showStatus(message: str) -> None:
+        slicer.util.showStatusMessage(message, 3000)
 
     def _spacingMm(self):
-        p = self._parameterNode
-        return self.logic.spacingToMm([p.spacingI, p.spacingJ, p.spacingK], p.spacingUnit)
+        return panel.spacingFieldsMm(self._parameterNode)
 
     def _stackPath(self):
         """The stack file to read from, once inspected (its spacing is then in the spacing fields), else None."""
-        p = self._parameterNode
-        if self._lastStackInfo and self._lastStackInfo["path"] == str(p.stackPath):
-            return str(p.stackPath)
-        return None
+        stack = panel.inspectedStack(self._parameterNode, self._stackInfo)
+        return None if stack is None else stack["path"]
 
     # --- Inputs ------------------------------------------------------------------------------------------
 
@@ -397,21 +400,40 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Failed to generate or load the sample data."), _("Sample data")) as progress:
             nodes = self.logic.loadSampleData(sampleDataFolder(), progress=progress)
             self.logic.selectSampleNodes(self._parameterNode, nodes)
-            self._lastStackInfo = self.logic.openStack(nodes["stackPath"], self._spacingMm(), referenceVolume=nodes["mri"])
-            self.ui.stackInfoLabel.text = self.logic.describeStack(self._lastStackInfo)
+            self._setStackInfo(self.logic.openStack(nodes["stackPath"], self._spacingMm(), referenceVolume=nodes["mri"]))
             slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5, fit=True)
 
     def onOpenStack(self) -> None:
         p = self._parameterNode
         with self._action(_("Failed to open the histology stack.")):
-            self._lastStackInfo = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume)
-            self.ui.stackInfoLabel.text = self.logic.describeStack(self._lastStackInfo)
-            self.logic.setSpacingFields(p, self._lastStackInfo["spacingMm"])
-            self.onParameterNodeModified()
+            info = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume)
+            self.logic.setSpacingFields(p, info["spacingMm"])
+            self._setStackInfo(info)
+
+    def onBrowseStackFolder(self) -> None:
+        """A TIFF series is a folder: ctkPathLineEdit's browse button picks files only, so folders come from here."""
+        import qt
+
+        p = self._parameterNode
+        start = panel.pathOrNone(p.stackPath) or ""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of TIFF planes"), start)
+        if folder:
+            p.stackPath = pathlib.Path(folder)
+
+    def onBrowseNewPairsFile(self) -> None:
+        """Choose a file to write (it need not exist): ctkPathLineEdit's browse button only opens existing files."""
+        import qt
+
+        p = self._parameterNode
+        start = panel.pathOrNone(p.pairsPath) or "landmark_pairs.csv"
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Export point pairs"), start,
+                                              _("Point pairs (*.csv)"))
+        if path:
+            p.pairsPath = pathlib.Path(path)
 
     def onUseMetadataSpacing(self) -> None:
         with self._action(_("Failed to use the metadata spacing.")):
-            self.logic.setSpacingFields(self._parameterNode, self._lastStackInfo["metadataSpacingMm"])
+            self.logic.setSpacingFields(self._parameterNode, self._stackInfo["metadataSpacingMm"])
 
     def onApplySpacing(self) -> None:
         p = self._parameterNode
@@ -447,44 +469,19 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """'Place pair': place the MRI point, then the histology point; both get the same new label."""
         p = self._parameterNode
         if not checked:
-            self._stopPlacing()
+            self._placement.stop()
             return
         with self._action(_("Failed to start placing a pair.")):
             label = self.logic.nextPairLabel(p.mriLandmarks, p.histologyLandmarks)
-            self._pendingPair = (label, p.mriLandmarks)
-            self._startPlacing(p.mriLandmarks)
-            slicer.util.showStatusMessage(_("Click the MRI point of pair {label}").format(label=label))
+            self._placement.start(p.mriLandmarks, p.histologyLandmarks, label)
+        if not self._placement.active:
+            self._onPlacementFinished()
 
-    def _startPlacing(self, pointList) -> None:
-        self.addObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
-        markupsLogic = slicer.modules.markups.logic()
-        markupsLogic.SetActiveList(pointList)
-        markupsLogic.StartPlaceMode(False)
-
-    def _stopPlacing(self) -> None:
-        if self._pendingPair is None:
-            return
-        pointList = self._pendingPair[1]
-        self.removeObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
-        self._pendingPair = None
-        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
-        interactionNode.SetCurrentInteractionMode(interactionNode.ViewTransform)
+    def _onPlacementFinished(self) -> None:
+        """Placing ended (pair done, stopped, or failed to start): release the toggle button quietly."""
         self.ui.placePairButton.blockSignals(True)
         self.ui.placePairButton.checked = False
         self.ui.placePairButton.blockSignals(False)
-
-    def onPairPointPlaced(self, caller, event) -> None:
-        p = self._parameterNode
-        label, pointList = self._pendingPair
-        self.logic.labelLastPoint(pointList, label)
-        self.removeObserver(pointList, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPairPointPlaced)
-        if pointList is p.mriLandmarks:
-            self._pendingPair = (label, p.histologyLandmarks)
-            self._startPlacing(p.histologyLandmarks)
-            slicer.util.showStatusMessage(_("Click the histology point of pair {label}").format(label=label))
-        else:
-            self._stopPlacing()
-            slicer.util.showStatusMessage(_("Pair {label} placed").format(label=label), 3000)
 
     def onFit(self) -> None:
         p = self._parameterNode

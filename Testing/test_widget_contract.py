@@ -63,14 +63,16 @@ SIGNALS = {
 # Signals/uses that need the .ui to make the button checkable.
 NEEDS_CHECKABLE = {"toggled(bool)", "checked"}
 
-# Parameter type -> widget classes a parameterNodeWrapper GUI connector accepts (Slicer's guiConnectors.py).
+# Parameter type -> widget classes a parameterNodeWrapper GUI connector accepts at the OLDEST supported Slicer
+# (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at v5.8.1; canRepresent compares the exact widget
+# class). Later releases add ctkCheckablePushButton for bool and float widgets for int (5.10): not usable here.
 CONNECTORS = {
-    "bool": CHECKABLE - {"QRadioButton"} | {"QPushButton", "ctkCheckablePushButton"},
-    "int": INT_VALUE | DOUBLE_VALUE | COMBOS,
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
+    "int": INT_VALUE | COMBOS,
     "float": DOUBLE_VALUE | COMBOS,
     "str": {"QLineEdit", "QLabel", "QTextEdit"} | COMBOS,
     "Path": PATHS,
-    "node": {"qMRMLNodeComboBox"},
+    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
 }
 NODE_TYPE = re.compile(r"^vtkMRML\w+Node$")
 
@@ -458,8 +460,8 @@ DRIFTS = [
     ("CMakeLists.txt", "  MRIHistoRegLib/volumes.py\n", "", "script MRIHistoRegLib/volumes.py is not listed"),
     ("CMakeLists.txt", "  Resources/UI/${MODULE_NAME}.ui\n", "", "resource Resources/UI/MRIHistoReg.ui is not listed"),
     ("MRIHistoReg.py", "scenarios.landmarkFitScenario(", "scenarios.loadSampleScenario(", "does not call scenarios.landmarkFitScenario"),
-    ("MRIHistoReg.py", "        pointList = self._pendingPair[1]", "        _, pointList = self._pendingPair",
-     "shadowing slicer.i18n.tr"),
+    ("MRIHistoReg.py", "        stack = panel.inspectedStack(self._parameterNode, self._stackInfo)",
+     "        stack = _ = panel.inspectedStack(self._parameterNode, self._stackInfo)", "shadowing slicer.i18n.tr"),
 ]
 
 

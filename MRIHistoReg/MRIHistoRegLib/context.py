@@ -74,6 +74,16 @@ def getScene(scene=None) -> "slicer.vtkMRMLScene":
     return createScene()
 
 
+def applicationLogic(scene):
+    """The application logic serving `scene` (what views and displayable managers are built with)."""
+    context = _contexts.get(id(scene))
+    if context is not None:
+        return context.applicationLogic
+    if insideSlicerApplication():
+        return slicer.app.applicationLogic()
+    raise ValueError("No application logic for this scene: create it with MRIHistoRegLib.context.createScene().")
+
+
 def moduleLogic(scene, moduleName: str):
     """The module logic (e.g. 'Volumes', 'Markups') serving `scene`."""
     context = _contexts.get(id(scene))
@@ -82,3 +92,21 @@ def moduleLogic(scene, moduleName: str):
     if insideSlicerApplication():
         return getattr(slicer.modules, moduleName.lower()).logic()
     raise ValueError(f"No {moduleName} logic for this scene: create it with MRIHistoRegLib.context.createScene().")
+
+
+def nodesByClass(scene, className: str) -> list:
+    """The scene's nodes of `className` as a list. vtkMRMLScene::GetNodesByClass returns a new collection that
+    the caller owns (vtkMRMLScene.h); Python's wrapper adds its own reference, so the caller's is released
+    here, as slicer.util.getNodesByClass does."""
+    collection = scene.GetNodesByClass(className)
+    collection.UnRegister(None)
+    return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+
+def newStorageNode(node):
+    """node.CreateDefaultStorageNode() with the caller's reference released (the method returns a new object
+    the caller owns; Python keeps its own reference)."""
+    storage = node.CreateDefaultStorageNode()
+    if storage is not None:
+        storage.UnRegister(None)
+    return storage

@@ -810,17 +810,15 @@ class MRIHistoRegLogicCore:
     ) -> int:
         """Set background/foreground volumes and foreground opacity in every slice view; returns the view count
         (0 without views, e.g. in an app-less scene)."""
-        compositeNodes = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-        count = compositeNodes.GetNumberOfItems()
-        for i in range(count):
-            node = compositeNodes.GetItemAsObject(i)
+        compositeNodes = context.nodesByClass(self.scene, "vtkMRMLSliceCompositeNode")
+        for node in compositeNodes:
             if background is not None:
                 node.SetBackgroundVolumeID(background.GetID())
             if foreground is not None:
                 node.SetForegroundVolumeID(foreground.GetID())
             if opacity is not None:
                 node.SetForegroundOpacity(min(max(float(opacity), 0.0), 1.0))
-        return count
+        return len(compositeNodes)
 
     def createCheckerboardVolume(
         self, volumeA: VolumeNode, volumeB: VolumeNode, squareMm: float = 1.0, outputNode: Optional[VolumeNode] = None
@@ -918,7 +916,7 @@ def _normalised(array) -> np.ndarray:
 def _writeNode(scene, node, path) -> None:
     """Write `node` to `path` with a temporary storage node (the node's own storage node and file name stay as
     they are, so the scene still points at the user's files)."""
-    storage = node.CreateDefaultStorageNode()
+    storage = context.newStorageNode(node)
     scene.AddNode(storage)  # some writers read scene settings (e.g. the markups length unit)
     try:
         storage.SetFileName(os.fspath(path))
