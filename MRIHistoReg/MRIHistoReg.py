@@ -110,12 +110,11 @@ def registerSampleData():
     import SampleData
 
     iconsPath = os.path.join(os.path.dirname(__file__), "Resources", "Icons")
-    sampleDataLogic = SampleData.SampleDataLogic
     # Category titles exist from Slicer 5.12 (SampleData.py); before, the category name is what is shown.
-    if hasattr(sampleDataLogic, "registerCustomSampleDataCategory"):
-        sampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, _("MRI Histology Registration"))
+    if hasattr(SampleData.SampleDataLogic, "registerCustomSampleDataCategory"):
+        SampleData.SampleDataLogic.registerCustomSampleDataCategory(SAMPLE_CATEGORY, _("MRI Histology Registration"))
     # No URI: SampleData's button calls customDownloader(source), which generates the data locally.
-    sampleDataLogic.registerCustomSampleDataSource(
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category=SAMPLE_CATEGORY,
         sampleName=SAMPLE_NAME,
         thumbnailFileName=os.path.join(iconsPath, "MRIHistoReg.png"),
@@ -338,9 +337,12 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, enabled in panel.actionStates(p, self._stackInfo).items():
                 getattr(self.ui, name).enabled = enabled
             self.ui.physicalSizeLabel.text = panel.physicalSizeText(p, self._stackInfo)
-            self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
+            # setMRMLTableNode rebuilds the view's model every time (qMRMLTableModel): only when the table changes
+            if self.ui.landmarkTableView.mrmlTableNode() is not p.landmarkTable:
+                self.ui.landmarkTableView.setMRMLTableNode(p.landmarkTable)
             self._observeLandmarkTable(p.landmarkTable)
-            self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
+            if self.ui.resultsTableView.mrmlTableNode() is not p.resultsTable:
+                self.ui.resultsTableView.setMRMLTableNode(p.resultsTable)
         with self._runner.action(_("Failed to update the display.")):
             self._applyDisplay()
         with self._runner.action(_("Failed to switch landmark auto-update.")):
@@ -667,7 +669,7 @@ class MRIHistoRegTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         """Run every scenario, each on a cleared scene."""
-        for test in (self.test_LoadSample, self.test_FixSpacing, self.test_Downsample, self.test_LandmarkFit,
+        for test in (self.test_Panel, self.test_LoadSample, self.test_FixSpacing, self.test_Downsample, self.test_LandmarkFit,
                      self.test_Refine, self.test_Resample, self.test_Compare):
             self.setUp()
             test()
@@ -679,6 +681,15 @@ class MRIHistoRegTest(ScriptedLoadableModuleTest):
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         return folder
+
+    def test_Panel(self):
+        self.delayDisplay("Scenario: the panel and its parameter node")
+        widget = slicer.util.getModuleWidget("MRIHistoReg")  # builds the panel: setup() binds the parameter node
+        slicer.util.selectModule("MRIHistoReg")  # enter()
+        assert widget._parameterNode is not None, "the panel has no parameter node after setup() and enter()"
+        scenarios.panelScenario(slicer.mrmlScene, self._workFolder("panel"),
+                                lambda scene: MRIHistoRegLogic().getParameterNode())
+        self.delayDisplay("Test passed")
 
     def test_LoadSample(self):
         self.delayDisplay("Scenario: load the sample data")

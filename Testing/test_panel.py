@@ -220,7 +220,7 @@ def test_collections_the_caller_owns_are_released(scene):
 
 
 # ------------------------------------------------------------------------------------ place pair, real widget
-def _placePairWithClicks(scene, defer):
+def _placePairWithClicks(scene, defer, unplacedMriLabel=None):
     from markups_view import ThreeDView
 
     view = ThreeDView(scene)
@@ -229,6 +229,11 @@ def _placePairWithClicks(scene, defer):
         node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
         node.CreateDefaultDisplayNodes()
         lists.append(node)
+    if unplacedMriLabel:  # a point in the list that is not placed yet: the widget fills it instead of adding one
+        lists[0].AddControlPoint(1.0, 2.0, 3.0, "A")
+        index = lists[0].AddControlPoint(0.0, 0.0, 0.0, unplacedMriLabel)
+        lists[0].UnsetNthControlPointPosition(index)
+        lists[0].AddControlPoint(4.0, 5.0, 6.0, "C")
     finished = []
     placement = panel.PairPlacement(scene, context.moduleLogic(scene, "Markups"), defer=defer,
                                     onFinished=lambda: finished.append(True))
@@ -260,3 +265,13 @@ def test_place_pair_started_inside_the_event_loses_the_click(scene):
     view.click(200, 200)
     view.click(120, 150)
     assert mri.GetNumberOfControlPoints() == 1 and histology.GetNumberOfControlPoints() == 0
+
+
+def test_place_pair_labels_the_point_the_widget_filled(scene):
+    """With an unplaced point in the MRI list the widget fills that one, not the last: the event's index says so."""
+    queued = []
+    view, (mri, histology), placement, finished = _placePairWithClicks(scene, defer=queued.append,
+                                                                       unplacedMriLabel="B")
+    view.click(200, 200)
+    labels = [mri.GetNthControlPointLabel(i) for i in range(mri.GetNumberOfControlPoints())]
+    assert labels == ["A", "P7", "C"] and mri.GetNthControlPointPositionStatus(1) == mri.PositionDefined

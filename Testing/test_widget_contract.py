@@ -48,7 +48,7 @@ USAGE = {
     "value": DOUBLE_VALUE | INT_VALUE,
     "currentNode": {"qMRMLNodeComboBox"}, "setCurrentNode": {"qMRMLNodeComboBox"},
     "currentNodeID": {"qMRMLNodeComboBox"}, "setCurrentNodeID": {"qMRMLNodeComboBox"},
-    "setMRMLTableNode": {"qMRMLTableView"}, "setMRMLScene": {"qMRMLNodeComboBox", "qMRMLTableView", "qMRMLSubjectHierarchyComboBox"},
+    "setMRMLTableNode": {"qMRMLTableView"}, "mrmlTableNode": {"qMRMLTableView"}, "setMRMLScene": {"qMRMLNodeComboBox", "qMRMLTableView", "qMRMLSubjectHierarchyComboBox"},
     "currentPath": PATHS - {"ctkDirectoryButton"}, "directory": {"ctkDirectoryButton"},
     "currentText": COMBOS, "currentIndex": COMBOS,
     "collapsed": {"ctkCollapsibleButton", "ctkCollapsibleGroupBox"},

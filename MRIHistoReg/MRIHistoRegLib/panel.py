@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import slicer
 
+import vtk
+
 from .progress import Cancelled
 
 log = logging.getLogger(__name__)
@@ -210,8 +212,15 @@ class PairPlacement:
         pointList = self._lists[0] if stage == "mri" else self._lists[1]
         self.stage = stage
         self._unobserve()
-        tag = pointList.AddObserver(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPointDefined)
-        self._observed = (pointList, tag)
+
+        # The event's call data is the placed point's index: the widget may fill an unplaced point of the list
+        # rather than add one at the end (vtkMRMLMarkupsDisplayNode::UpdateActiveControlPointWorld).
+        def onPointDefined(caller, event, index):
+            self._onPointDefined(caller, index)
+
+        onPointDefined.CallDataType = vtk.VTK_INT
+        tag = pointList.AddObserver(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, onPointDefined)
+        self._observed = (pointList, tag, onPointDefined)
         self._markupsLogic.SetActiveList(pointList)
         self._markupsLogic.StartPlaceMode(False)
         what = "MRI" if stage == "mri" else "histology"
@@ -219,14 +228,14 @@ class PairPlacement:
 
     def _unobserve(self) -> None:
         if self._observed is not None:
-            pointList, tag = self._observed
+            pointList, tag, _callback = self._observed
             pointList.RemoveObserver(tag)
             self._observed = None
 
-    def _onPointDefined(self, pointList, event=None) -> None:
-        index = pointList.GetNumberOfControlPoints() - 1
-        if index >= 0:
-            pointList.SetNthControlPointLabel(index, self.label)
+    def _onPointDefined(self, pointList, index: Optional[int]) -> None:
+        if index is None or not 0 <= index < pointList.GetNumberOfControlPoints():
+            index = pointList.GetNumberOfControlPoints() - 1
+        pointList.SetNthControlPointLabel(index, self.label)
         self._unobserve()
         if self.stage == "mri":
             self.stage = "waiting"

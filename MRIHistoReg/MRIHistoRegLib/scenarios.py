@@ -338,5 +338,38 @@ def compareScenario(scene, workFolder) -> None:
     np.testing.assert_allclose(rowSegmentation["dice"], row["dice"], rtol=1e-9)  # the same voxels on the MRI grid
 
 
-SCENARIOS = (loadSampleScenario, fixSpacingScenario, downsampleScenario, landmarkFitScenario, refineScenario,
+def panelScenario(scene, workFolder, newParameterNode=None) -> None:
+    """The panel's parameter node, made by `newParameterNode(scene)` (Slicer: the module logic's getParameterNode(),
+    i.e. Slicer's parameterNodeWrapper around the module's own class): creating it writes every default; after
+    'Load sample data' (nodes selected, stack inspected) the stack steps are usable at once, the node parameters
+    hold the loaded nodes, and switching the spacing unit keeps the spacing."""
+    from . import panel
+
+    if newParameterNode is None:
+        raise ValueError("panelScenario needs newParameterNode(scene): the panel's parameter node factory")
+    parameters = newParameterNode(scene)
+    assert parameters.mriLabels is None and parameters.histologyLabels is None, "node parameters default to None"
+    assert panel.pathOrNone(parameters.stackPath) is None and not panel.actionStates(parameters, None)["downsampleButton"]
+
+    logic = _logic(scene)
+    nodes = _loadSample(scene, workFolder)
+    logic.selectSampleNodes(parameters, nodes)
+    for role in ("mriLabels", "histologyLabels", "mriLandmarks", "histologyLandmarks"):
+        assert getattr(parameters, role) is nodes[role], f"{role} is not the loaded node"
+    info = logic.openStack(nodes["stackPath"], panel.spacingFieldsMm(parameters), referenceVolume=nodes["mri"])
+    states = panel.actionStates(parameters, info)
+    ready = ("downsampleButton", "loadFullResolutionButton", "useMetadataSpacingButton", "placePairButton", "fitButton")
+    assert all(states[name] for name in ready), {name: states[name] for name in ready}
+    assert panel.physicalSizeText(parameters, info), "the physical size is shown after loading"
+
+    trueSpacing = nodes["truth"]["histology"]["true_spacing_mm"]
+    np.testing.assert_allclose(panel.spacingFieldsMm(parameters), trueSpacing, rtol=1e-9)
+    follower = panel.SpacingUnitFollower(parameters)
+    for unit in ("mm", "um"):
+        parameters.spacingUnit = unit
+        follower.follow(parameters)
+        np.testing.assert_allclose(panel.spacingFieldsMm(parameters), trueSpacing, rtol=1e-9, err_msg=unit)
+
+
+SCENARIOS = (panelScenario, loadSampleScenario, fixSpacingScenario, downsampleScenario, landmarkFitScenario, refineScenario,
              resampleScenario, compareScenario)
