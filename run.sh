@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # MRIHistoReg's two entry points on a fresh machine. Each creates .venv/ (pinned requirements) when missing.
 #   ./run.sh demo [OUT_DIR]    generate the sample data and run the whole headless pipeline, writing a report
-#   ./run.sh test [PYTEST_ARGS] run the whole test suite (or the files/options given, e.g. Testing/test_fitting.py -q)
+#   ./run.sh test               run the whole test suite twice: on the pinned stack (.venv) and on the oldest
+#                               supported Slicer's numpy/SimpleITK/tifffile (.venv-slicer-stack)
+#   ./run.sh test PYTEST_ARGS   only the files/options given, on .venv (e.g. Testing/test_fitting.py -q)
+#   ./run.sh test --slicer-stack [PYTEST_ARGS]   only on .venv-slicer-stack
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 root=$PWD
@@ -20,27 +23,50 @@ pick_python() {
 }
 
 ensure_venv() {
-  # Rebuild when the pinned requirements changed since the venv was made.
-  if [ -x .venv/bin/python ] && cmp -s requirements.txt .venv/.requirements.txt; then return 0; fi
+  # ensure_venv DIR REQUIREMENTS: (re)build DIR when REQUIREMENTS changed since it was made.
+  local venv=${1:-.venv} requirements=${2:-requirements.txt}
+  if [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$venv/.requirements.txt"; then return 0; fi
   local py; py=$(pick_python)
-  echo "run.sh: creating .venv with $py (pinned requirements.txt) ..." >&2
-  "$py" -m venv .venv
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-  cp requirements.txt .venv/.requirements.txt
+  echo "run.sh: creating $venv with $py ($requirements) ..." >&2
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$venv/.requirements.txt"
+}
+
+run_suite() {
+  # run_suite VENV PYTEST_ARGS...
+  local venv=$1; shift
+  PYTHONPATH="$root/MRIHistoReg${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest "$@"  # pytest.ini: testpaths
 }
 
 command=${1:-}
 [ $# -gt 0 ] && shift
 case "$command" in
   demo)
-    ensure_venv
+    ensure_venv .venv requirements.txt
     export PYTHONPATH="$root/MRIHistoReg${PYTHONPATH:+:$PYTHONPATH}"
     exec .venv/bin/python -m MRIHistoRegLib demo --out "${1:-output/demo}" "${@:2}"
     ;;
   test)
-    ensure_venv
-    export PYTHONPATH="$root/MRIHistoReg${PYTHONPATH:+:$PYTHONPATH}"
-    exec .venv/bin/python -m pytest "$@"  # pytest.ini: testpaths = Testing
+    if [ "${1:-}" = "--slicer-stack" ]; then
+      shift
+      ensure_venv .venv-slicer-stack requirements-slicer-stack.txt
+      run_suite .venv-slicer-stack "$@"
+      exit $?
+    fi
+    ensure_venv .venv requirements.txt
+    if [ $# -gt 0 ]; then
+      run_suite .venv "$@"
+      exit $?
+    fi
+    echo "run.sh: test suite on the pinned stack (.venv)" >&2
+    status=0
+    run_suite .venv || status=$?
+    ensure_venv .venv-slicer-stack requirements-slicer-stack.txt
+    echo "run.sh: test suite on the oldest supported Slicer's stack (.venv-slicer-stack)" >&2
+    run_suite .venv-slicer-stack || status=$?
+    exit $status
     ;;
   *)
     echo "usage: ./run.sh demo [OUT_DIR] | ./run.sh test [PYTEST_ARGS]" >&2

@@ -63,3 +63,7 @@ WRAPPER_METHODS = {
 
 PREFIXES = ("slicer.util.", "slicer.app.", "slicer.packaging.", "slicer.modules.", "slicer.mrmlScene.", "SampleData.",
             "qt.", "ctk.")
+
+# What the oldest supported Slicer (5.8.1) bundles: CMakeLists.txt (Python), SuperBuild/External_python-numpy.cmake,
+# SuperBuild/External_SimpleITK.cmake ("slicer-v2.3.1-2024-05-20-bc4449e"), SuperBuild/External_VTK.cmake.
+OLDEST_BUNDLED = {"python": "3.9.10", "numpy": "1.26.4", "SimpleITK": "2.3.1", "vtk": "9.2.20230607"}
