@@ -685,7 +685,10 @@ class MRIHistoRegTest(ScriptedLoadableModuleTest):
     def test_Panel(self):
         self.delayDisplay("Scenario: the panel and its parameter node")
         widget = slicer.util.getModuleWidget("MRIHistoReg")  # builds the panel: setup() binds the parameter node
-        slicer.util.selectModule("MRIHistoReg")  # enter()
+        if slicer.util.mainWindow():
+            slicer.util.selectModule("MRIHistoReg")  # enter(), as a user opening the module
+        else:
+            widget.enter()  # --no-main-window: selectModule needs the module selector
         assert widget._parameterNode is not None, "the panel has no parameter node after setup() and enter()"
         scenarios.panelScenario(slicer.mrmlScene, self._workFolder("panel"),
                                 lambda scene: MRIHistoRegLogic().getParameterNode())

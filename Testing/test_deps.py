@@ -97,5 +97,5 @@ def test_a_missing_package_names_the_pinned_install(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
     pinned = _pins(REPO / "requirements.txt")["tifffile"]
-    with pytest.raises(ValueError, match=re.escape(f"pip install 'tifffile=={pinned}'")):
+    with pytest.raises(ValueError, match=re.escape(f"pip install tifffile=={pinned}")):
         deps.requirePackage("tifffile")

@@ -147,7 +147,7 @@ def requirePackage(importName: str):
         )
     raise ValueError(
         f"The Python package '{requirement}' is required for this step but is not installed. "
-        f"Install it with: pip install '{requirement}'."
+        f"Install it with: pip install {requirement}"
     )
 
 
