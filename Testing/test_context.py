@@ -22,3 +22,49 @@ def test_volume_roundtrip_keeps_voxels_and_geometry(scene, tmp_path):
     np.testing.assert_array_equal(volumes.arrayFromVolume(loaded), array)
     np.testing.assert_allclose(volumes.ijkToRas(loaded), matrix, atol=1e-9)
     np.testing.assert_allclose(volumes.spacingOf(matrix), [0.5, 0.25, 2.0])
+
+
+def test_a_scene_and_its_logics_are_freed_with_the_last_reference():
+    import gc
+
+    scene = context.createScene()
+    assert context.moduleLogic(scene, "Volumes") is not None and len(context._contexts) >= 1
+    before = len(context._contexts)
+    del scene
+    gc.collect()
+    assert len(context._contexts) == before - 1
+
+
+def test_memory_stays_flat_across_a_cohort(sampleData, tmp_path):
+    """Subjects run one after another in one process (a cohort): resident memory after the 4th is within a few MB
+    of after the 1st. Measured in a fresh process (the test runner's own memory is not the product's)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sample = tmp_path / "sample"
+    shutil.copytree(sampleData, sample)
+    config = json.loads((sample / "config.json").read_text())
+    config["refine"] = False  # the landmark pipeline: seconds per subject
+    configPath = sample / "subject.json"
+    configPath.write_text(json.dumps(config))
+    script = f"""
+import gc, sys
+sys.path.insert(0, {str(REPO / "MRIHistoReg")!r})
+from MRIHistoRegLib import pipeline
+from MRIHistoRegLib.config import loadConfig
+def rss():
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+sizes = []
+for i in range(4):
+    pipeline.runPipeline(loadConfig({str(configPath)!r}), {str(tmp_path)!r} + "/run%d" % i)
+    gc.collect()
+    sizes.append(rss())
+print(sizes)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    sizes = eval(result.stdout.strip().splitlines()[-1])
+    assert max(sizes[1:]) - sizes[0] < 8.0, f"RSS after each subject (MB): {sizes}"

@@ -6,6 +6,7 @@ default colour nodes, the module logics we use) so volumes, markups, transforms,
 behave as they do in Slicer.
 """
 import logging
+import weakref
 
 import slicer
 import vtk
@@ -28,15 +29,16 @@ def insideSlicerApplication() -> bool:
 class AppLessContext:
     """A scene with application logic and module logics, for plain-Python use (slicer-core)."""
 
-    def __init__(self):
-        self.scene = slicer.vtkMRMLScene()
+    def __init__(self, scene):
+        # No reference to the scene's Python object is kept here: the context lives exactly as long as it
+        # (see _contexts), so a cohort's scenes are freed one by one.
         crosshair = slicer.vtkMRMLCrosshairNode()
         crosshair.SetCrosshairName("default")
-        self.scene.AddNode(crosshair)
+        scene.AddNode(crosshair)
 
         self.applicationLogic = slicer.vtkSlicerApplicationLogic()
-        self.applicationLogic.SetMRMLScene(self.scene)
-        self.applicationLogic.GetColorLogic().SetMRMLScene(self.scene)
+        self.applicationLogic.SetMRMLScene(scene)
+        self.applicationLogic.GetColorLogic().SetMRMLScene(scene)
         self.applicationLogic.GetColorLogic().AddDefaultColorNodes()
         self.applicationLogic.SetSliceLogics(vtk.vtkCollection())
         self.applicationLogic.SetViewLogics(vtk.vtkCollection())
@@ -45,23 +47,26 @@ class AppLessContext:
         for moduleName, className in _MODULE_LOGICS:
             logic = getattr(slicer, className)()
             logic.SetMRMLApplicationLogic(self.applicationLogic)
-            logic.SetMRMLScene(self.scene)
+            logic.SetMRMLScene(scene)
             self.applicationLogic.SetModuleLogic(moduleName, logic)
             self.moduleLogics[moduleName] = logic
         # Subject hierarchy keeps the scene's data tree consistent when nodes are added/removed.
         self.subjectHierarchyLogic = slicer.vtkSlicerSubjectHierarchyModuleLogic()
-        self.subjectHierarchyLogic.SetMRMLScene(self.scene)
+        self.subjectHierarchyLogic.SetMRMLScene(scene)
         self.subjectHierarchyLogic.SetMRMLApplicationLogic(self.applicationLogic)
 
 
-_contexts = {}
+# scene -> its AppLessContext, held only as long as the caller holds the scene (weak key): no process-wide registry
+# keeps finished scenes alive.
+_contexts = weakref.WeakKeyDictionary()
 
 
 def createScene() -> "slicer.vtkMRMLScene":
-    """A new app-less scene with application and module logics set up (plain Python / tests)."""
-    context = AppLessContext()
-    _contexts[id(context.scene)] = context  # keep the logics alive as long as the scene is used
-    return context.scene
+    """A new app-less scene with application and module logics set up (plain Python / tests). The logics live as
+    long as the returned scene object is referenced."""
+    scene = slicer.vtkMRMLScene()
+    _contexts[scene] = AppLessContext(scene)
+    return scene
 
 
 def getScene(scene=None) -> "slicer.vtkMRMLScene":
@@ -76,7 +81,7 @@ def getScene(scene=None) -> "slicer.vtkMRMLScene":
 
 def applicationLogic(scene):
     """The application logic serving `scene` (what views and displayable managers are built with)."""
-    context = _contexts.get(id(scene))
+    context = _contexts.get(scene)
     if context is not None:
         return context.applicationLogic
     if insideSlicerApplication():
@@ -86,7 +91,7 @@ def applicationLogic(scene):
 
 def moduleLogic(scene, moduleName: str):
     """The module logic (e.g. 'Volumes', 'Markups') serving `scene`."""
-    context = _contexts.get(id(scene))
+    context = _contexts.get(scene)
     if context is not None:
         return context.moduleLogics[moduleName]
     if insideSlicerApplication():
