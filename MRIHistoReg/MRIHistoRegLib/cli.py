@@ -9,6 +9,11 @@ import os
 import sys
 
 
+def _addBigWarpFlag(p):
+    p.add_argument("--bigwarp-no-flip", action="store_true",
+                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
+
+
 def _addSample(subparsers):
     p = subparsers.add_parser("sample", help="write the generated sample data set (MRI, LSM stack, landmarks, truth)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -86,8 +91,7 @@ def _addRegister(subparsers):
     p.add_argument("--model", default="affine+tps", help="rigid, similarity, affine or affine+tps (default)")
     p.add_argument("--regularization", type=float, default=0.0, help="TPS smoothing (mm, >= 0; 0 interpolates)")
     p.add_argument("--out", default="output/landmarks", help="folder for landmark_transform.h5, landmark_errors.csv, landmark_registration.json")
-    p.add_argument("--bigwarp-no-flip", action="store_true",
-                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
+    _addBigWarpFlag(p)
     p.set_defaults(func=_runRegister)
 
 
@@ -111,8 +115,7 @@ def _addMapPoints(subparsers):
     p.add_argument("--points", required=True, help="point file (plain CSV label,x,y,z in RAS mm, or any format register reads)")
     p.add_argument("--direction", default="fixed-to-moving", choices=("fixed-to-moving", "moving-to-fixed"))
     p.add_argument("--out", required=True, help="output plain CSV label,x,y,z")
-    p.add_argument("--bigwarp-no-flip", action="store_true",
-                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
+    _addBigWarpFlag(p)
     p.set_defaults(func=_runMapPoints)
 
 
@@ -199,7 +202,9 @@ def _runDownsample(args):
     source = _openFromArgs(args)
     target = args.target_mm if len(args.target_mm) != 1 else args.target_mm * 3
     if len(target) != 3:
-        raise ValueError(f"--target-mm takes one value or three (x y z), got {args.target_mm}.")
+        from MRIHistoRegLib.errors import UserInputError
+
+        raise UserInputError(f"--target-mm takes one value or three (x y z), got {args.target_mm}.")
     verdict = checkPlausibility(source)
     if not verdict.ok:
         logging.warning("%s (spacing from %s; give --spacing-um if it is wrong)", verdict.message, source.spacingSource)
@@ -231,8 +236,7 @@ def _addRefine(subparsers):
     p.add_argument("--affine-only", action="store_true", help="skip the B-spline stage")
     p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: refine.DEFAULT_SETTINGS)")
     p.add_argument("--out", default="output/refine", help="folder for refinement.json and, when accepted, the transforms")
-    p.add_argument("--bigwarp-no-flip", action="store_true",
-                   help="BigWarp CSV: take x, y as written (default: Fiji's x, y of an orientation-less stack -> RAS -x, -y)")
+    _addBigWarpFlag(p)
     p.set_defaults(func=_runRefine)
 
 
@@ -280,11 +284,20 @@ def main(argv=None) -> int:
     parser = buildParser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from MRIHistoRegLib.errors import UserInputError
+    from MRIHistoRegLib.progress import Cancelled
+
     try:
         return int(args.func(args) or 0)
-    except ValueError as error:  # user-facing errors carry the fix in their message
+    except UserInputError as error:  # the message names the fix
         logging.error("%s", error)
         return 2
+    except Cancelled as cancelled:
+        logging.warning("%s", cancelled)
+        return 130
+    except Exception:  # a programming error: the traceback is what a bug report needs
+        logging.exception("MRIHistoReg failed with an internal error (please report it with this traceback)")
+        return 1
 
 
 if __name__ == "__main__":

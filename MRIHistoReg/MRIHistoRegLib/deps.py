@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 from typing import Dict, List, Optional
+from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _installInSlicer(requirement: str) -> None:
             f"MRIHistoReg needs the Python package '{requirement}'. Install it now (internet access needed)?",
             "Missing Python package",
         ):
-            raise ValueError(f"The Python package '{requirement}' is needed for this step: install it when asked, "
+            raise UserInputError(f"The Python package '{requirement}' is needed for this step: install it when asked, "
                              f"or in Slicer's Python console: slicer.util.pip_install('{requirement}').")
         log.info("installing %s", requirement)
         slicer.util.pip_install([requirement, "-c", constraints.name])
@@ -141,11 +142,11 @@ def requirePackage(importName: str):
                 return importlib.import_module(importName)
             except ImportError:
                 pass
-        raise ValueError(
+        raise UserInputError(
             f"The Python package '{requirement}' is required for this step but is not installed. "
             f"Install it in Slicer's Python console: slicer.util.pip_install('{requirement}')."
         )
-    raise ValueError(
+    raise UserInputError(
         f"The Python package '{requirement}' is required for this step but is not installed. "
         f"Install it with: pip install {requirement}"
     )

@@ -24,6 +24,7 @@ import vtk
 
 from . import context, volumes
 from .progress import report as reportProgress
+from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class MRIHistoRegLogicCore:
             if (truth.get("size"), truth.get("seed")) != (size, seed) or not all(
                 os.path.isfile(os.path.join(folder, name)) for name in truth["files"]
             ):
-                raise ValueError(
+                raise UserInputError(
                     f"{folder} holds a different or incomplete sample ({truth.get('size')}, seed "
                     f"{truth.get('seed')}): delete the folder or choose another one."
                 )
@@ -133,7 +134,7 @@ class MRIHistoRegLogicCore:
     def setSpacingFields(self, parameterNode: object, spacingMm: Sequence[float]) -> None:
         """Write `spacingMm` (x, y, z) into the parameter node's spacing fields, in its current unit."""
         if spacingMm is None:
-            raise ValueError("No spacing to use: the stack's metadata holds none. Enter the true spacing by hand.")
+            raise UserInputError("No spacing to use: the stack's metadata holds none. Enter the true spacing by hand.")
         factor = 1000.0 if parameterNode.spacingUnit == "um" else 1.0
         parameterNode.spacingI, parameterNode.spacingJ, parameterNode.spacingK = [float(v) * factor for v in spacingMm]
 
@@ -149,10 +150,10 @@ class MRIHistoRegLogicCore:
     def spacingToMm(values: Sequence[float], unit: str) -> List[float]:
         """(x, y, z) spacing given in `unit` ('um' or 'mm') as millimetres."""
         if unit not in SPACING_UNITS:
-            raise ValueError(f"Unknown spacing unit '{unit}': use one of {', '.join(SPACING_UNITS)}.")
+            raise UserInputError(f"Unknown spacing unit '{unit}': use one of {', '.join(SPACING_UNITS)}.")
         spacing = [float(v) for v in values]
         if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
-            raise ValueError(
+            raise UserInputError(
                 f"Spacing must be three positive numbers (x, y, z), got {list(values)}: enter the true voxel size."
             )
         return [v / 1000.0 for v in spacing] if unit == "um" else spacing
@@ -211,7 +212,7 @@ class MRIHistoRegLogicCore:
         from . import spacing as spacingLib
 
         if volumeNode is None:
-            raise ValueError("Select the histology volume whose spacing should be set.")
+            raise UserInputError("Select the histology volume whose spacing should be set.")
         spacingLib.setVolumeSpacing(volumeNode, self.spacingToMm(spacingMm, "mm"))
 
     def loadFullResolution(
@@ -254,7 +255,7 @@ class MRIHistoRegLogicCore:
     def defaultTargetSpacingMm(mriVolume: VolumeNode) -> float:
         """The MRI's smallest voxel size (mm): the default downsampling target."""
         if mriVolume is None:
-            raise ValueError(
+            raise UserInputError(
                 "Select the MRI volume (its spacing is the default target) or untick 'use the MRI's spacing'."
             )
         return float(volumes.spacingOf(volumes.ijkToRas(mriVolume)).min())
@@ -274,7 +275,7 @@ class MRIHistoRegLogicCore:
         from . import downsample
 
         if not targetSpacingMm or targetSpacingMm <= 0:
-            raise ValueError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
+            raise UserInputError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
         with self._openSource(path, spacingMm) as source:
             crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
             return downsample.downsampleToNode(
@@ -289,7 +290,7 @@ class MRIHistoRegLogicCore:
         bounds = [0.0] * 6
         roiNode.GetRASBounds(bounds)
         if bounds[0] > bounds[1]:
-            raise ValueError(f"ROI '{roiNode.GetName()}' is not placed: place it over the region to keep.")
+            raise UserInputError(f"ROI '{roiNode.GetName()}' is not placed: place it over the region to keep.")
         corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
         ijk = corners @ np.linalg.inv(np.asarray(ijkToRas, float)).T
         counts = list(shapeKji)[::-1]
@@ -298,7 +299,7 @@ class MRIHistoRegLogicCore:
             low = int(np.clip(np.floor(ijk[:, axis].min() + 0.5), 0, counts[axis]))
             high = int(np.clip(np.ceil(ijk[:, axis].max() + 0.5), 0, counts[axis]))
             if high <= low:
-                raise ValueError(
+                raise UserInputError(
                     f"ROI '{roiNode.GetName()}' does not overlap the stack: place it over the histology "
                     f"(with the true spacing applied)."
                 )
@@ -342,7 +343,7 @@ class MRIHistoRegLogicCore:
         """Give the most recently added control point of `pointList` the pair label `label`."""
         count = pointList.GetNumberOfControlPoints()
         if count == 0:
-            raise ValueError(f"Point list '{pointList.GetName()}' has no point to label: place a point first.")
+            raise UserInputError(f"Point list '{pointList.GetName()}' has no point to label: place a point first.")
         pointList.SetNthControlPointLabel(count - 1, label)
 
     @staticmethod
@@ -357,7 +358,7 @@ class MRIHistoRegLogicCore:
                     node.SetNthControlPointSelected(i, bool(included))
                     found = True
         if not found:
-            raise ValueError(
+            raise UserInputError(
                 f"No point labelled '{label}' in '{mriLandmarks.GetName()}' or '{histologyLandmarks.GetName()}'."
             )
 
@@ -402,7 +403,7 @@ class MRIHistoRegLogicCore:
         from . import fitting, landmarks, transforms
 
         if model not in MODELS:
-            raise ValueError(f"Unknown model '{model}': choose one of {', '.join(MODELS)}.")
+            raise UserInputError(f"Unknown model '{model}': choose one of {', '.join(MODELS)}.")
         pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
         shapeIjk = ijkToRas = None
         if referenceVolume is not None and referenceVolume.GetImageData() is not None:
@@ -456,7 +457,7 @@ class MRIHistoRegLogicCore:
         if not enabled:
             return None
         if mriLandmarks is None or histologyLandmarks is None:
-            raise ValueError("Auto-update needs both point lists: select the MRI and the histology points.")
+            raise UserInputError("Auto-update needs both point lists: select the MRI and the histology points.")
         if transformNode is not None and transformNode.IsA("vtkMRMLLinearTransformNode"):
             transformNode = None  # model switching needs a general transform node
         if tableNode is None:
@@ -487,7 +488,7 @@ class MRIHistoRegLogicCore:
         from . import landmarks
 
         if mriLandmarks is None or histologyLandmarks is None:
-            raise ValueError("Select (or create) the MRI and histology point lists to import into.")
+            raise UserInputError("Select (or create) the MRI and histology point lists to import into.")
         labels, fixed, moving, active = landmarks.readBigWarpLandmarks(path)
         for node, points in ((mriLandmarks, fixed), (histologyLandmarks, moving)):
             for label, point, on in zip(labels, points, active):
@@ -510,7 +511,7 @@ class MRIHistoRegLogicCore:
             )
             for label in list(pairs.labels) + list(pairs.excluded):
                 if label not in mriPoints or label not in histologyPoints:  # index-paired names ('a/b', '#3')
-                    raise ValueError(
+                    raise UserInputError(
                         f"Pair '{label}' has no common label in the two lists: label the points (same label in "
                         f"both lists) before exporting excluded pairs."
                     )
@@ -545,11 +546,11 @@ class MRIHistoRegLogicCore:
         from . import landmarks, refine, transforms
 
         if preset not in REFINE_PRESETS:
-            raise ValueError(f"Unknown refinement preset '{preset}': choose one of {', '.join(REFINE_PRESETS)}.")
+            raise UserInputError(f"Unknown refinement preset '{preset}': choose one of {', '.join(REFINE_PRESETS)}.")
         if mriVolume is None or histologyVolume is None:
-            raise ValueError("Select the MRI and the (downsampled) histology volume to refine with.")
+            raise UserInputError("Select the MRI and the (downsampled) histology volume to refine with.")
         if transformNode is None:
-            raise ValueError("Fit the landmarks first: refinement starts from the landmark transform.")
+            raise UserInputError("Fit the landmarks first: refinement starts from the landmark transform.")
         initial = transforms.mappingFromWorldToNode(transformNode)
         result = refine.refineRegistration(
             volumes.arrayFromVolume(mriVolume),
@@ -593,7 +594,7 @@ class MRIHistoRegLogicCore:
         from . import refine
 
         if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode"):
-            raise ValueError(
+            raise UserInputError(
                 f"'{outputTransform.GetName()}' is a linear transform and cannot hold the refined (deformable) "
                 f"chain: pick or create a general transform node."
             )
@@ -624,11 +625,11 @@ class MRIHistoRegLogicCore:
         from . import resample, transforms
 
         if transformNode is None:
-            raise ValueError("Fit the landmarks first: resampling needs the MRI-to-histology transform.")
+            raise UserInputError("Fit the landmarks first: resampling needs the MRI-to-histology transform.")
         if referenceVolume is None or referenceVolume.GetImageData() is None:
-            raise ValueError("Select the MRI (reference grid) volume.")
+            raise UserInputError("Select the MRI (reference grid) volume.")
         if not stackPath and histologyVolume is None:
-            raise ValueError("Nothing to resample: open the histology stack file or select the histology volume.")
+            raise UserInputError("Nothing to resample: open the histology stack file or select the histology volume.")
         mapping = transforms.mappingFromWorldToNode(transformNode)
         referenceIjkToRas = volumes.ijkToRas(referenceVolume)
         with self._openSource(stackPath, spacingMm) if stackPath else contextlib.nullcontext(histologyVolume) as source:
@@ -670,10 +671,10 @@ class MRIHistoRegLogicCore:
         from . import compare, transforms
 
         if transformNode is None:
-            raise ValueError("Fit the landmarks first: the comparison needs the MRI-to-histology transform.")
+            raise UserInputError("Fit the landmarks first: the comparison needs the MRI-to-histology transform.")
         for node, what in ((mriLabels, "MRI labels"), (histologyLabels, "histology labels")):
             if node is None:
-                raise ValueError(f"Select the {what} (a label map or a segmentation).")
+                raise UserInputError(f"Select the {what} (a label map or a segmentation).")
         mriArray, mriIjkToRas = compare.labelArrayFromNode(mriLabels, mriVolume, self.scene)
         histologyArray, histologyIjkToRas = compare.labelArrayFromNode(histologyLabels, None, self.scene)
         mapping = transforms.mappingFromWorldToNode(transformNode)
@@ -707,7 +708,7 @@ class MRIHistoRegLogicCore:
         from . import figures, outputs, transforms
 
         if not self.pathOrNone(folder):
-            raise ValueError("Choose a report folder first.")
+            raise UserInputError("Choose a report folder first.")
         written = {}
         with outputs.atomicFolder(folder) as work:
             if transformNode is not None:
@@ -725,7 +726,7 @@ class MRIHistoRegLogicCore:
                     _writeNode(self.scene, node, os.path.join(work, name))
                     written[key] = name
             if not written:
-                raise ValueError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
+                raise UserInputError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
             figurePaths = []
             if landmarkTable is not None and landmarkTable.GetNumberOfRows():
                 rows = [
@@ -743,7 +744,7 @@ class MRIHistoRegLogicCore:
                 if mriArray.shape != histologyArray.shape or not np.allclose(
                     volumes.ijkToRas(mriVolume), volumes.ijkToRas(resampledVolume), atol=1e-6
                 ):
-                    raise ValueError(
+                    raise UserInputError(
                         "The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
                         "for the overlay figures (or export without the MRI)."
                     )
@@ -794,9 +795,9 @@ class MRIHistoRegLogicCore:
         point clicked there is stored by MRML in the list's local coordinates = histology space (the
         transform's from-parent image of the clicked world position), which is what pairing reads."""
         if histologyVolume is None:
-            raise ValueError("Select the histology volume to align.")
+            raise UserInputError("Select the histology volume to align.")
         if aligned and transformNode is None:
-            raise ValueError("Fit the landmarks first (no transform selected).")
+            raise UserInputError("Fit the landmarks first (no transform selected).")
         parentID = transformNode.GetID() if aligned else None
         histologyVolume.SetAndObserveTransformNodeID(parentID)
         if histologyLandmarks is not None:
@@ -826,15 +827,15 @@ class MRIHistoRegLogicCore:
         """A checkerboard of two volumes on the same grid (e.g. MRI and histology resampled onto it), squares of
         `squareMm`, each intensity scaled to its 1-99% range so both show."""
         if volumeA is None or volumeB is None:
-            raise ValueError("Select the MRI and the resampled histology (resample first) for the checkerboard.")
+            raise UserInputError("Select the MRI and the resampled histology (resample first) for the checkerboard.")
         a, b = volumes.arrayFromVolume(volumeA), volumes.arrayFromVolume(volumeB)
         if a.shape != b.shape or not np.allclose(volumes.ijkToRas(volumeA), volumes.ijkToRas(volumeB), atol=1e-6):
-            raise ValueError(
+            raise UserInputError(
                 f"'{volumeA.GetName()}' and '{volumeB.GetName()}' are not on the same grid: resample the "
                 f"histology onto the MRI grid first."
             )
         if squareMm <= 0:
-            raise ValueError(f"Checkerboard square size must be positive (mm), got {squareMm}.")
+            raise UserInputError(f"Checkerboard square size must be positive (mm), got {squareMm}.")
         spacing = volumes.spacingOf(volumes.ijkToRas(volumeA))
         k, j, i = np.indices(a.shape, sparse=True)
         parity = ((i * spacing[0] // squareMm) + (j * spacing[1] // squareMm) + (k * spacing[2] // squareMm)).astype(
@@ -853,11 +854,11 @@ class MRIHistoRegLogicCore:
         """Displacement magnitude (mm) of `transformNode` sampled on `referenceVolume`'s grid, by Slicer's
         transform logic (the same as Transforms module > Convert > displacement magnitude)."""
         if transformNode is None or referenceVolume is None:
-            raise ValueError("Select a transform (fit the landmarks first) and the MRI as reference grid.")
+            raise UserInputError("Select a transform (fit the landmarks first) and the MRI as reference grid.")
         transformLogic = context.moduleLogic(self.scene, "Transforms")
         node = transformLogic.CreateDisplacementVolumeFromTransform(transformNode, referenceVolume, True, outputNode)
         if node is None:
-            raise ValueError(
+            raise UserInputError(
                 f"Could not sample transform '{transformNode.GetName()}' on '{referenceVolume.GetName()}'."
             )
         if outputNode is None:
@@ -896,7 +897,7 @@ class MRIHistoRegLogicCore:
         from . import stacks
 
         if not path or not os.path.exists(os.fspath(path)):
-            raise ValueError(
+            raise UserInputError(
                 f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file."
             )
         spacing = None if spacingMm is None else list(self.spacingToMm(spacingMm, "mm"))
@@ -921,6 +922,6 @@ def _writeNode(scene, node, path) -> None:
     try:
         storage.SetFileName(os.fspath(path))
         if not storage.WriteData(node):
-            raise ValueError(f"Could not write '{node.GetName()}' to {path}: is the folder writable?")
+            raise UserInputError(f"Could not write '{node.GetName()}' to {path}: is the folder writable?")
     finally:
         scene.RemoveNode(storage)

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+from .errors import UserInputError
 
 MARKER = ".mrihistoreg-output"
 
@@ -17,17 +18,17 @@ def checkDestination(outDir) -> str:
     """Absolute path of `outDir` if results may be written there, else ValueError naming the fix."""
     outDir = os.path.abspath(os.fspath(outDir))
     if os.path.isfile(outDir):
-        raise ValueError(f"Output folder {outDir} is a file. Choose a folder path.")
+        raise UserInputError(f"Output folder {outDir} is a file. Choose a folder path.")
     if os.path.isdir(outDir) and os.listdir(outDir) and not os.path.exists(os.path.join(outDir, MARKER)):
-        raise ValueError(f"Output folder {outDir} is not empty and was not written by MRIHistoReg: choose a new or "
+        raise UserInputError(f"Output folder {outDir} is not empty and was not written by MRIHistoReg: choose a new or "
                          f"empty folder (nothing there is overwritten).")
     parent = os.path.dirname(outDir)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"Cannot create the output folder's parent {parent}: {error.strerror}. Choose a writable location.") from None
+        raise UserInputError(f"Cannot create the output folder's parent {parent}: {error.strerror}. Choose a writable location.") from None
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"Output location {parent} is not writable. Choose a writable folder.")
+        raise UserInputError(f"Output location {parent} is not writable. Choose a writable folder.")
     return outDir
 
 

@@ -16,6 +16,7 @@ import slicer
 import vtk
 
 from .progress import Cancelled
+from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class PairPlacement:
 
     def start(self, mriLandmarks, histologyLandmarks, label: str) -> None:
         if mriLandmarks is None or histologyLandmarks is None:
-            raise ValueError("Select (or create) the MRI and the histology point lists before placing a pair.")
+            raise UserInputError("Select (or create) the MRI and the histology point lists before placing a pair.")
         self.stop()
         self._lists = (mriLandmarks, histologyLandmarks)
         self.label = label

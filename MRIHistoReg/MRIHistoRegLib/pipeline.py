@@ -20,6 +20,7 @@ import numpy as np
 from MRIHistoRegLib import context, outputs, progress as progressLib, volumes
 from MRIHistoRegLib.config import RunConfig, loadConfig
 from MRIHistoRegLib.outputs import jsonReady
+from .errors import UserInputError
 
 
 class _Timer:
@@ -97,7 +98,7 @@ def _checkInside(points, labels, shapeKji, ijkToRas, what, toleranceMm=0.0):
     low, high = _extentBox(shapeKji, ijkToRas)
     outside = [label for label, p in zip(labels, points) if np.any(p < low - toleranceMm) or np.any(p > high + toleranceMm)]
     if outside:
-        raise ValueError(f"{what} landmark(s) {outside} lie outside the image (RAS box {np.round(low, 3).tolist()} .. "
+        raise UserInputError(f"{what} landmark(s) {outside} lie outside the image (RAS box {np.round(low, 3).tolist()} .. "
                          f"{np.round(high, 3).tolist()} mm). Check the points are in this image's corrected physical "
                          f"space (RAS mm) and that the spacing is right.")
 
@@ -235,7 +236,7 @@ def _evaluatePoints(config, mapping):
     byLabel = dict(zip(histLabels, histPoints))
     common = [label for label in mriLabels if label in byLabel]
     if not common:
-        raise ValueError("evaluate_points: no label appears in both point files; pair them by label (label,x,y,z).")
+        raise UserInputError("evaluate_points: no label appears in both point files; pair them by label (label,x,y,z).")
     fixed = np.array([p for label, p in zip(mriLabels, mriPoints) if label in byLabel])
     moving = np.array([byLabel[label] for label in common])
     # started from the inverse of the mapping's linear part, never from the answer; raises if it does not converge
@@ -254,18 +255,18 @@ def _compareLabels(scene, config, source, mapping, mriShape, mriIjkToRas):
     mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
     mriLabels = volumes.arrayFromVolume(mriLabelNode)
     if mriLabels.shape != tuple(mriShape):
-        raise ValueError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has {tuple(mriShape)[::-1]}: "
+        raise UserInputError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has {tuple(mriShape)[::-1]}: "
                          f"the MRI label map must be on the MRI's grid.")
     # The histology label map is on the full-resolution stack's grid: stream it and keep the labelled box only.
     with stacks.openStack(config.labels["histology"]) as labelSource:
         if tuple(labelSource.shape) != tuple(source.shape):
-            raise ValueError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the histology "
+            raise UserInputError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the histology "
                              f"stack has {tuple(source.shape)[::-1]}: the label map must be on the histology stack's grid.")
         # on the stack's grid, so the stack's corrected geometry applies whatever the label file's header claims
         histLabels, histIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
     for name, array in (("labels.mri", mriLabels), ("labels.histology", histLabels)):
         if not np.any(array):
-            raise ValueError(f"{name} is empty (no labelled voxel). Check the label file.")
+            raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
     perLabel, transferred = compare.compareTumours(mriLabels, mriIjkToRas, histLabels, histIjkToRas, mapping)
     return perLabel, transferred
 
@@ -342,11 +343,11 @@ def runCohort(configPaths, outDir, progress=None) -> list:
         else:
             paths.append(path)
     if not paths:
-        raise ValueError("No config files given (or the folder holds no *.json). Pass CONFIG.json files or a folder of them.")
+        raise UserInputError("No config files given (or the folder holds no *.json). Pass CONFIG.json files or a folder of them.")
     configs = [loadConfig(p) for p in paths]  # validate all before running any
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
-        raise ValueError(f"Subject names repeat ({names}): give each config a distinct 'name' field or file name.")
+        raise UserInputError(f"Subject names repeat ({names}): give each config a distinct 'name' field or file name.")
     summaries = []
     with outputs.atomicFolder(outDir) as work:
         for index, config in enumerate(configs):

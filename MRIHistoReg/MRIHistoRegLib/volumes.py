@@ -10,6 +10,7 @@ import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
+from .errors import UserInputError
 
 
 def matrixToNumpy(vtkMatrix) -> np.ndarray:
@@ -41,10 +42,10 @@ def setSitkGeometry(image, ijkToRasMatrix):
     direction and origin with x and y negated (RAS <-> LPS). Returns the image."""
     m = np.asarray(ijkToRasMatrix, float)
     if m.shape != (4, 4):
-        raise ValueError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
+        raise UserInputError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
     spacing = spacingOf(m)
     if np.any(spacing <= 0):
-        raise ValueError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
+        raise UserInputError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
     flip = np.array([-1.0, -1.0, 1.0])
     image.SetSpacing([float(v) for v in spacing])
     image.SetDirection([float(v) for v in (flip[:, None] * (m[:3, :3] / spacing)).ravel()])
@@ -69,7 +70,7 @@ def createVolumeNode(scene, array, ijkToRasMatrix, name, labelmap=False):
     """A new scalar (or label map) volume node holding a copy of `array` ([k, j, i]) with the given geometry."""
     array = np.ascontiguousarray(array)
     if array.ndim != 3:
-        raise ValueError(f"Volume '{name}' needs a 3-D array [k, j, i], got shape {array.shape}.")
+        raise UserInputError(f"Volume '{name}' needs a 3-D array [k, j, i], got shape {array.shape}.")
     className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
     node = scene.AddNewNodeByClass(className, name)
     updateVolumeFromArray(node, array)
@@ -98,7 +99,7 @@ def loadVolume(scene, path, name=None, labelmap=False):
     """Read a volume file (NRRD, NIfTI, MHA, ...) into a new node through MRML's storage node."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"Volume file not found: {path}. Check the path.")
+        raise UserInputError(f"Volume file not found: {path}. Check the path.")
     className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
     node = scene.AddNewNodeByClass(className, name or baseName(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -107,7 +108,7 @@ def loadVolume(scene, path, name=None, labelmap=False):
     if not storage.ReadData(node):
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise ValueError(f"Could not read volume '{path}': is it a valid image file?")
+        raise UserInputError(f"Could not read volume '{path}': is it a valid image file?")
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -122,7 +123,7 @@ def saveNode(node, path, useCompression=True) -> None:
     storage.SetFileName(path)
     storage.SetUseCompression(bool(useCompression))
     if not storage.WriteData(node):
-        raise ValueError(f"Could not write '{node.GetName()}' to {path}: is the folder writable?")
+        raise UserInputError(f"Could not write '{node.GetName()}' to {path}: is the folder writable?")
     logging.debug("wrote %s", path)
 
 
