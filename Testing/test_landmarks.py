@@ -154,7 +154,7 @@ def test_bigWarpLandmarks(tmp_path):
 
 def test_bigWarpStackCoordinatesMatchSlicerStackGeometry(scene, tmp_path):
     """A voxel (i, j, k) of a stack with spacing (sx, sy, sz) is at Fiji (i sx, j sy, k sz); loaded by default it
-    lands on that voxel's RAS position in the stack geometry Slicer gives the stack (DESIGN.md section 3)."""
+    lands on that voxel's RAS position in the stack geometry Slicer gives the stack (docs/ARCHITECTURE.md section 3)."""
     spacing = (0.5, 0.25, 2.0)
     voxels = np.array([[0, 0, 0], [3, 1, 2], [7, 5, 1]], float)
     fiji = voxels * spacing

@@ -279,7 +279,7 @@ def test_slice_layers_follow_the_fade(logic, scene):
 
 
 def test_roi_crop_covers_the_voxels_inside_the_box(logic, scene):
-    # stack geometry of DESIGN.md section 3: RAS = (-i sx, -j sy, k sz), 0.1 mm voxels, 50 x 40 x 30 (i, j, k)
+    # stack geometry of docs/ARCHITECTURE.md section 3: RAS = (-i sx, -j sy, k sz), 0.1 mm voxels, 50 x 40 x 30 (i, j, k)
     ijkToRas = np.diag([-0.1, -0.1, 0.1, 1.0])
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     roi.SetCenter(-1.0, -2.0, 1.5)  # voxel centre (10, 20, 15)

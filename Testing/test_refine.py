@@ -34,7 +34,7 @@ def _phantom(shape=(40, 48, 44), seed=0):
 
 
 def _geometry(spacing=0.1, origin=(3.0, -2.0, 1.0)):
-    """The TIFF-like geometry of DESIGN.md: LPS axes along i, j, k, i.e. RAS = (-i s, -j s, k s) + origin."""
+    """The TIFF-like geometry of docs/ARCHITECTURE.md section 3: LPS axes along i, j, k, i.e. RAS = (-i s, -j s, k s) + origin."""
     m = np.diag([-spacing, -spacing, spacing, 1.0])
     m[:3, 3] = origin
     return m

@@ -1,6 +1,6 @@
 """Landmark fits from paired points: rigid, similarity, affine and affine + thin-plate spline (TPS).
 
-Direction (DESIGN.md section 3): fixed = MRI, moving = histology. Every fitted model maps a fixed point to the
+Direction (docs/ARCHITECTURE.md section 3): fixed = MRI, moving = histology. Every fitted model maps a fixed point to the
 moving point (MRI RAS mm -> histology RAS mm), the resampling direction, i.e. a Slicer transform node's
 "from parent" transform when the histology sits under the node.
 

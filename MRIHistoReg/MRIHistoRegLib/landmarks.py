@@ -23,7 +23,7 @@ Point files (readPoints / writePoints / loadMarkups):
   physical units as Fiji/BigWarp (ImageJ/BigDataViewer) sees a stack: x = i*sx along columns, y = j*sy along
   rows (downwards), z = k*sz along slices, measured at voxel centres (voxel (0,0,0) at the origin), with no
   anatomical orientation. The same orientation-less stack in Slicer/ITK has LPS axes along i, j, k
-  (DESIGN.md section 3), i.e. RAS = (-i*sx, -j*sy, k*sz) = (-x, -y, z). So BigWarp files are converted by
+  (docs/ARCHITECTURE.md section 3), i.e. RAS = (-i*sx, -j*sy, k*sz) = (-x, -y, z). So BigWarp files are converted by
   default (flipXY=True): read (x, y, z) -> RAS (-x, -y, z), and written back the same way. Pass flipXY=False
   to take the coordinates as given (a file whose coordinates are already RAS, or images that carried another
   orientation into BigWarp). Any origin offset between the two programs (e.g. a volume with a non-zero

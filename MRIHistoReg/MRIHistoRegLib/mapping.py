@@ -2,7 +2,7 @@
 
 Every registration result in MRIHistoReg is a *mapping* in the resampling direction: it takes points of the
 fixed space (MRI / reference grid) to the moving space (histology), like a Slicer transform node's
-"from parent" transform (DESIGN.md section 3). A mapping is any object with
+"from parent" transform (docs/ARCHITECTURE.md section 3). A mapping is any object with
 
     transformPoints(points: (N, 3) array) -> (N, 3) array          # fixed RAS -> moving RAS
 

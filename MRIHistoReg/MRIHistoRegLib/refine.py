@@ -4,7 +4,7 @@ The landmark fit (affine+TPS) is a guaranteed but coarse start: few points, plac
 it with SimpleITK (bundled in Slicer): Mattes mutual information (multi-modal: MRI T2 contrast vs light-sheet
 autofluorescence), multi-resolution, an affine stage and then a cubic B-spline stage.
 
-Directions (DESIGN.md section 3). Every mapping here goes from the fixed (MRI) space to the moving (histology)
+Directions (docs/ARCHITECTURE.md section 3). Every mapping here goes from the fixed (MRI) space to the moving (histology)
 space in RAS mm, the resampling direction. The refinement R acts *before* the landmark mapping L:
 
     result.transformPoints(x) = L(R(x))          R(x) = affine(bspline(x)),  both found by the optimiser

@@ -1,4 +1,4 @@
-"""Resample the ORIGINAL histology once onto any reference grid through any mapping (DESIGN.md sections 2, 3, 5).
+"""Resample the ORIGINAL histology once onto any reference grid through any mapping (docs/ARCHITECTURE.md sections 2, 3, 5).
 
 The composite from a reference voxel to a source voxel is
 

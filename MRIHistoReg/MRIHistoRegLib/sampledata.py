@@ -1,7 +1,7 @@
 """Sample data with ground truth: an MRI-like volume and a light-sheet-like stack of one analytic phantom brain.
 
 No real MRI / light-sheet pair can ship with the project, so this module generates one, deterministically
-from a seed (DESIGN.md section 6). Everything is derived from one *continuous* anatomy defined in MRI RAS
+from a seed (docs/ARCHITECTURE.md section 6). Everything is derived from one *continuous* anatomy defined in MRI RAS
 millimetres (brain centre at RAS 0): a brain-shaped ellipsoid (~9 x 17 x 7 mm) with a cortex shell, a
 white-matter band, striata, thalamus, hippocampus-like arcs, cerebellum with folia, olfactory bulbs, fissures,
 lateral and third ventricles and an ellipsoidal tumour (~1.2 mm across, volume known analytically). Both images
@@ -14,7 +14,7 @@ Ground truth (the exact mapping)
     A = R / 0.843 (R a rotation of 15 degrees about a fixed oblique axis: histology shrank to 0.843^3 ~ 60 %
     of its volume), Gaussian bumps of 0.10-0.25 mm amplitude and 0.9-1.4 mm width (seeded). The bumps'
     Jacobian norm stays below the smallest singular value of A, so the mapping is a bijection (no folding).
-    The MRI -> histology direction (the resampling direction, DESIGN.md section 3) is its Newton inverse.
+    The MRI -> histology direction (the resampling direction, docs/ARCHITECTURE.md section 3) is its Newton inverse.
 
 Public API
     generateSampleData(outDir, size="small", seed=0, progress=None) -> manifest dict ("folder", "files",

@@ -1,6 +1,6 @@
 """Landmark models as Slicer transform nodes: creation, live update, .h5 I/O, mapping points through nodes.
 
-Direction (DESIGN.md section 3): the histology (moving) volume sits under the transform node, the MRI (fixed) is
+Direction (docs/ARCHITECTURE.md section 3): the histology (moving) volume sits under the transform node, the MRI (fixed) is
 world. A fitted LandmarkModel maps fixed -> moving (MRI point -> histology point): that is the node's FROM-PARENT
 transform, the direction resampling needs, so resampling never inverts anything. Display of the histology in
 MRI space uses the to-parent direction, which VTK computes (exact for linear, iterative for the TPS).
