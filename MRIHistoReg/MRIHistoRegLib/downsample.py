@@ -185,18 +185,12 @@ class _PlanePrefetcher:
     def _run(self):
         fh = None
         try:
-            positional = getattr(self.source, "parallelReads", False) and hasattr(self.source, "readPlaneWith")
-            if positional and getattr(self.source, "kind", "") in ("tiff", "nrrd"):
-                path = getattr(self.source, "dataPath", self.source.path)
-                fh = open(path, "rb", buffering=0)
+            fh = self.source.openPositionalHandle()
             for k in self.ks:
                 buffer = self.free.get()
                 if self.stop.is_set() or buffer is None:
                     return
-                if fh is not None:
-                    self.source.readPlaneWith(k, buffer, fh)
-                else:
-                    self.source.readPlane(k, out=buffer)
+                self.source.readPlaneWith(k, buffer, fh)
                 self.full.put((k, buffer))
         except BaseException as error:  # handed to the consumer
             self.full.put((None, error))
@@ -273,12 +267,12 @@ class _Reduction:
                 np.add.reduce(view[a:b], axis=0, dtype=dtype, out=out[s])
         return out
 
-    def rowSumsStreamed(self, source, fd, offset, chunkBuffer, out):
+    def rowSumsStreamed(self, source, handle, offset, chunkBuffer, out):
         """rowSums reading the plane in cache-sized runs of rows (each summed while it is still in cache)."""
         dtype = self.segDtype
         cols = self.colSlice
         for row0, row1, first, end in self.rowChunks:
-            rows = source.readRowsAt(fd, offset, row0, row1, chunkBuffer)
+            rows = source.readRowsAt(handle, offset, row0, row1, chunkBuffer)
             for s in range(first, end):
                 a, b = self.segments[s]
                 if b - a == 1:
@@ -311,7 +305,7 @@ class _Reduction:
 def _workerCount(source, workers):
     if workers is not None:
         return max(1, int(workers))
-    if not getattr(source, "parallelReads", False):
+    if not source.parallelReads:
         return 1
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -344,7 +338,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     events = queue.Queue()
     remaining = list(reduction.needed)
     partials = [dict() for _ in range(count)]
-    positional = count > 1 or getattr(source, "parallelReads", False)
+    positional = count > 1 or source.parallelReads
     prefetch = None if positional else _PlanePrefetcher(source, ks, buffers=3)
     nextIndex = [0]
     inFlight = set()
@@ -369,8 +363,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
             inFlight.discard(index)
             slot.notify_all()
 
-    streamed = count > 1 or getattr(source, "parallelReads", False)
-    streamed = streamed and hasattr(os, "preadv") and source.rawPlaneOffset(k0) is not None
+    streamed = positional and source.rawPlaneOffset(k0) is not None
 
     def fetch(fh, buffer):
         if prefetch is not None:
@@ -380,17 +373,13 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
         if index is None:
             return None, None
         k = ks[index]
-        if fh is not None:
-            source.readPlaneWith(k, buffer, fh)
-        else:
-            source.readPlane(k, out=buffer)
-        return k, buffer
+        return k, source.readPlaneWith(k, buffer, fh)
 
     def work(w):
         fh = None
         try:
-            if prefetch is None and source.kind in ("tiff", "nrrd") and hasattr(source, "readPlaneWith"):
-                fh = open(getattr(source, "dataPath", source.path), "rb", buffering=0)
+            if prefetch is None:
+                fh = source.openPositionalHandle()
             sums = np.empty(reduction.rowShape, reduction.segDtype)
             scratch = np.empty(reduction.rowShape, np.float64)
             chunk = np.empty((reduction.chunkRows, source.planeShape[1]), source.dtype) if streamed else None
@@ -403,7 +392,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
                     k = ks[index]
                     offset = source.rawPlaneOffset(k)
                     if offset is not None:
-                        reduction.rowSumsStreamed(source, fh.fileno(), offset, chunk, sums)
+                        reduction.rowSumsStreamed(source, fh, offset, chunk, sums)
                     else:  # e.g. one compressed page in an otherwise raw TIFF
                         reduction.rowSums(source.readPlane(k), sums)
                 else:

@@ -1,0 +1,53 @@
+"""Stack sources: huge 3-D microscopy stacks opened without reading their voxels, then read plane by plane.
+
+`openStack(path, spacingMm=None)` understands
+- a multipage TIFF (classic or BigTIFF, compressed or not; OME-XML and ImageJ spacing metadata are read),
+- a folder of 2-D TIFF files (natural sort, all slices the same shape and dtype; one file is fine),
+- a NRRD file with raw or gzip data, attached or detached (.nhdr + .raw / .raw.gz).
+
+Arrays are [k, j, i]; spacing tuples are (i, j, k) in millimetres. A TIFF stack gets the geometry Slicer/ITK
+give it on load: LPS axes along i, j, k with voxel (0, 0, 0) centred at the origin, so RAS = (-i*sx, -j*sy, k*sz).
+A NRRD keeps its own directions and origin (converted LPS -> RAS) but with the effective spacing.
+
+Every source is a StackSource (base.py: the one reader interface and its capability methods); voxels are read
+into a caller's buffer where possible (`readPlane(k, out=...)`). The modules: base (interface, memory guard),
+tiff (TIFF file and series), nrrd (NRRD reader), header (NRRD header-only rewrites), array (ArraySource:
+an in-memory array as a source), units (spacing units, shared with spacing.py).
+
+`checkMemoryFor(nbytes, what)` is the memory guard to call before loading anything whole.
+"""
+import os
+
+from MRIHistoRegLib.stacks.array import ArraySource
+from MRIHistoRegLib.stacks.base import StackSource, availableMemoryBytes, checkMemoryFor
+from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
+from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack, nrrdDtype
+from MRIHistoRegLib.stacks.tiff import TIFF_EXTENSIONS, TiffSeries, TiffStack, naturalSortKey
+from MRIHistoRegLib.stacks.units import toMillimetres, unitToMillimetres
+
+__all__ = ["ArraySource", "NrrdStack", "StackSource", "TiffSeries", "TiffStack", "availableMemoryBytes",
+           "checkMemoryFor", "formatNrrdHeader", "naturalSortKey", "nrrdDtype", "openStack", "rewriteNrrdSpacing",
+           "toMillimetres", "unitToMillimetres"]
+
+
+def openStack(path, spacingMm=None):
+    """Open a multipage TIFF, a folder of 2-D TIFFs or a NRRD (.nrrd/.nhdr) without reading voxels.
+
+    spacingMm: (i, j, k) in mm (or one value), overriding whatever the file says."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return TiffSeries(path, spacingMm=spacingMm)
+    if not os.path.isfile(path):
+        raise ValueError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
+    lower = path.lower()
+    if lower.endswith(NRRD_EXTENSIONS):
+        return NrrdStack(path, spacingMm=spacingMm)
+    if lower.endswith(TIFF_EXTENSIONS) or lower.endswith((".btf", ".tf8", ".ome.tif")):
+        return TiffStack(path, spacingMm=spacingMm)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"NRRD":
+        return NrrdStack(path, spacingMm=spacingMm)
+    if magic[:2] in (b"II", b"MM"):
+        return TiffStack(path, spacingMm=spacingMm)
+    raise ValueError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")

@@ -1,0 +1,384 @@
+"""TIFF stacks: a multipage TIFF (classic or BigTIFF, compressed or not) and a folder of 2-D TIFF files.
+
+Uncompressed pages stored as one contiguous run are read with one positional read (also by several threads,
+each through its own handle); compressed pages go through tifffile's decoders. OME-XML and ImageJ spacing
+metadata are read.
+"""
+import logging
+import os
+import re
+
+import numpy as np
+
+from MRIHistoRegLib.stacks.base import StackSource, _readExactly
+from MRIHistoRegLib.stacks.units import unitToMillimetres
+
+LOG = logging.getLogger(__name__)
+
+TIFF_EXTENSIONS = (".tif", ".tiff")
+# TIFF compression 1 = none; anything else goes through tifffile's decoders.
+_TIFF_NO_COMPRESSION = 1
+
+
+def _firstPage(tif):
+    # A tifffile-version guard, not a protocol: newer tifffile has pages.first (the page already loaded),
+    # older releases only pages[0].
+    return tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+
+
+class _TiffPlaneReader:
+    """Reads 2-D pages of one TIFF file: uncompressed contiguous pages with one read, others with tifffile."""
+
+    def __init__(self, path):
+        from MRIHistoRegLib.deps import requirePackage
+
+        tifffile = requirePackage("tifffile")
+
+        self.path = path
+        try:
+            self.tif = tifffile.TiffFile(path)
+        except Exception as error:  # tifffile raises TiffFileError, struct.error, ...
+            raise ValueError(f"{path} is not a readable TIFF file ({error}). Check the file or re-export it.") from error
+        self.byteorder = self.tif.byteorder
+        self.size = os.path.getsize(path)
+
+    def pageInfo(self, page):
+        """(shape, dtype) of a 2-D grayscale page; ValueError for colour/multi-sample pages."""
+        if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
+            raise ValueError(f"{self.path}: page shape {page.shape} is not a 2-D grayscale image (colour or multi-sample "
+                             f"TIFF pages are not supported). Export one channel as grayscale.")
+        return tuple(page.shape), np.dtype(page.dtype)
+
+    def fastLayout(self, page, nbytes):
+        """The file offset of an uncompressed page's data when it is one contiguous run, else None."""
+        try:
+            if page.compression != _TIFF_NO_COMPRESSION or page.fillorder != 1 or page.predictor not in (1, None):
+                return None
+            offsets, counts = page.dataoffsets, page.databytecounts
+        except AttributeError:
+            return None
+        if not offsets:
+            return None
+        for a, n, b in zip(offsets[:-1], counts[:-1], offsets[1:]):
+            if a + n != b:
+                return None
+        if sum(counts) != nbytes:
+            return None  # strips that do not hold exactly one plane: let tifffile decode (and complain)
+        return offsets[0]
+
+    def read(self, page, out, fh=None, pageIndex=0):
+        shape, dtype = out.shape, out.dtype
+        offset = self.fastLayout(page, out.nbytes)
+        if offset is not None:
+            handle = fh if fh is not None else self.tif.filehandle
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            if fh is None:
+                with self.tif.filehandle.lock:
+                    _readExactly(handle, offset, view, self.path, f"page {pageIndex}")
+            else:
+                _readExactly(handle, offset, view, self.path, f"page {pageIndex}")
+            if self.byteorder == ">" and dtype.itemsize > 1:
+                out.byteswap(inplace=True)
+            return out
+        try:
+            data = page.asarray()
+        except Exception as error:
+            raise ValueError(f"{self.path}: page {pageIndex} is corrupt or unreadable ({type(error).__name__}: {error}). "
+                             f"Re-export the stack or remove that page.") from error
+        if data.shape != shape:
+            raise ValueError(f"{self.path}: page {pageIndex} has shape {data.shape}, expected {shape}. Re-export the stack.")
+        np.copyto(out, data, casting="unsafe")
+        return out
+
+    def close(self):
+        self.tif.close()
+
+
+class TiffStack(StackSource):
+    """A multipage TIFF (classic or BigTIFF); pages are the k planes."""
+
+    kind = "tiff"
+
+    def __init__(self, path, spacingMm=None):
+        path = os.fspath(path)
+        self._reader = _TiffPlaneReader(path)
+        tif = self._reader.tif
+        pages = tif.pages
+        pages.useframes = False
+        problems = _TiffLogCapture()
+        try:
+            with problems:
+                count = len(pages)
+        except Exception as error:
+            raise ValueError(f"{path}: cannot read the TIFF page index ({error}). The file may be truncated.") from error
+        if problems.messages:
+            raise ValueError(f"{path} is truncated or corrupt: {problems.messages[0]} after {count} readable pages. "
+                             f"Re-copy or re-export the stack.")
+        declared = _declaredPlanes(tif)
+        if declared is not None and declared > count:
+            raise ValueError(f"{path} is truncated: its metadata declares {declared} planes but only {count} pages are "
+                             f"readable. Re-copy or re-export the stack.")
+        if count == 0:
+            raise ValueError(f"{path} has no image pages.")
+        first = _firstPage(tif)
+        planeShape, dtype = self._reader.pageInfo(first)
+        _refuseMultiChannel(tif, path)
+        self._pages = [first] + [None] * (count - 1)
+        metadata, source = _tiffMetadataSpacing(tif, first)
+        super().__init__(path, (count,) + planeShape, dtype, metadataSpacingMm=metadata, metadataSpacingSource=source,
+                         spacingMm=spacingMm)
+        # tifffile/ImageJ-written stacks store all planes as one contiguous run: plane k is at offset + k x plane
+        self._contiguousOffset = None
+        try:
+            series = tif.series[0]
+            offset = series.dataoffset
+            if (offset is not None and int(np.prod(series.shape)) == count * planeShape[0] * planeShape[1]
+                    and np.dtype(series.dtype) == dtype
+                    and self._reader.fastLayout(first, planeShape[0] * planeShape[1] * dtype.itemsize) is not None):
+                self._contiguousOffset = int(offset)
+        except Exception:  # no usable series description: pages are located one by one
+            self._contiguousOffset = None
+        if self._contiguousOffset is not None and self._contiguousOffset + self.nbytes > self._reader.size:
+            raise ValueError(f"{path} is truncated: its {count} planes need {self.nbytes} bytes from offset "
+                             f"{self._contiguousOffset} but the file has {self._reader.size} bytes. Re-copy or re-export it.")
+
+    def _page(self, k):
+        page = self._pages[k]
+        if page is None:
+            with self._lock:
+                try:
+                    page = self._reader.tif.pages[k]
+                except Exception as error:
+                    raise ValueError(f"{self.path}: page {k} is corrupt or unreadable ({error}). Re-export the stack.") from error
+                if tuple(page.shape) != self.planeShape or np.dtype(page.dtype) != self.dtype:
+                    raise ValueError(f"{self.path}: page {k} has shape {page.shape} {page.dtype}, expected "
+                                     f"{self.planeShape} {self.dtype}. Re-export the stack as one 2-D image per page.")
+                self._pages[k] = page
+        return page
+
+    def _readPlaneInto(self, k, out):
+        self._reader.read(self._page(k), out, pageIndex=k)
+
+    def pageOffset(self, k):
+        """File offset of plane k's data when it can be read with one positional read, else None."""
+        return self._reader.fastLayout(self._page(k), self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize)
+
+    def rawPlaneOffset(self, k):
+        if self._reader.byteorder == ">" and self.dtype.itemsize > 1:
+            return None
+        if self._contiguousOffset is not None:
+            return self._contiguousOffset + int(k) * self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize
+        return self.pageOffset(k)
+
+    @property
+    def parallelReads(self):
+        return True
+
+    def openPositionalHandle(self):
+        return open(self.path, "rb", buffering=0)
+
+    def readPlaneWith(self, k, out, handle):
+        """readPlane through the caller's own file handle (one per thread) for uncompressed pages."""
+        if handle is None:
+            return self.readPlane(k, out=out)
+        page = self._page(k)
+        if self._reader.fastLayout(page, out.nbytes) is not None:
+            return self._reader.read(page, out, fh=handle, pageIndex=k)
+        with self._lock:  # tifffile's decoders share the TiffFile
+            return self._reader.read(page, out, pageIndex=k)
+
+    def close(self):
+        self._reader.close()
+
+
+class TiffSeries(StackSource):
+    """A folder of 2-D TIFF files, one plane each, in natural sort order."""
+
+    kind = "tiff-series"
+
+    def __init__(self, folder, spacingMm=None, files=None):
+        from MRIHistoRegLib.deps import requirePackage
+
+        tifffile = requirePackage("tifffile")
+
+        folder = os.fspath(folder)
+        if files is None:
+            files = [os.path.join(folder, name) for name in os.listdir(folder)
+                     if name.lower().endswith(TIFF_EXTENSIONS) and not name.startswith(".")]
+        files = sorted(files, key=naturalSortKey)
+        if not files:
+            raise ValueError(f"{folder} holds no .tif/.tiff files. Point to a TIFF file, a folder of TIFF slices or a NRRD.")
+        self.files = files
+        reference = None
+        metadata, source = None, None
+        for index, name in enumerate(files):
+            try:
+                with tifffile.TiffFile(name) as tif:
+                    page = _firstPage(tif)
+                    if len(tif.pages) != 1:
+                        raise ValueError(f"{name} has {len(tif.pages)} pages; a TIFF series needs one 2-D image per file. "
+                                         f"Open a multipage TIFF as a file, not as a folder.")
+                    if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
+                        raise ValueError(f"{name} is not a 2-D grayscale image (shape {page.shape}).")
+                    info = (tuple(page.shape), np.dtype(page.dtype))
+                    if index == 0:
+                        metadata, source = _tiffMetadataSpacing(tif, page, planar=True)
+            except ValueError:
+                raise
+            except Exception as error:
+                raise ValueError(f"{name} is not a readable TIFF file ({error}). Remove it from the folder or re-export it.") from error
+            if reference is None:
+                reference = info
+            elif info != reference:
+                raise ValueError(
+                    f"TIFF series {folder} is inconsistent: {os.path.basename(name)} is {info[0][1]}x{info[0][0]} {info[1]} "
+                    f"but {os.path.basename(files[0])} is {reference[0][1]}x{reference[0][0]} {reference[1]}. "
+                    f"All slices must have the same size and type: remove or re-export the odd file.")
+        super().__init__(folder, (len(files),) + reference[0], reference[1], metadataSpacingMm=metadata,
+                         metadataSpacingSource=source, spacingMm=spacingMm)
+
+    def _readPlaneInto(self, k, out):
+        reader = _TiffPlaneReader(self.files[k])
+        try:
+            page = _firstPage(reader.tif)
+            if tuple(page.shape) != self.planeShape or np.dtype(page.dtype) != self.dtype:
+                raise ValueError(f"{self.files[k]} changed since the series was opened (now {page.shape} {page.dtype}).")
+            reader.read(page, out, pageIndex=0)
+        finally:
+            reader.close()
+
+    @property
+    def parallelReads(self):
+        return True  # every plane is its own file: threads share nothing (no positional handle needed)
+
+
+def _refuseMultiChannel(tif, path):
+    """Pages of a multi-channel (or multi-time-point) OME/ImageJ file are not one z stack: refuse, naming the axes."""
+    try:
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+    except Exception:
+        return
+    extra = [f"{axis}={size}" for axis, size in zip(axes, shape) if axis in "CTS" and size > 1]
+    if extra:
+        raise ValueError(f"{path} holds a {axes} {tuple(shape)} image with {', '.join(extra)}: its pages are not one "
+                         f"z stack. Export a single channel and time point (e.g. in Fiji: Image > Duplicate, one "
+                         f"channel) and open that.")
+
+
+class _TiffLogCapture(logging.Handler):
+    """Collects tifffile's ERROR log records (it logs, rather than raises, a bad page offset)."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("tifffile").removeHandler(self)
+        return False
+
+
+def _declaredPlanes(tif):
+    """Number of 2-D planes the file's own metadata (tifffile 'shaped' or ImageJ 'images') declares, if any."""
+    try:
+        shaped = tif.shaped_metadata
+        if shaped:
+            shape = shaped[0].get("shape")
+            if shape and len(shape) >= 3:
+                return int(np.prod(shape[:-2]))
+        ij = tif.imagej_metadata
+        if ij and ij.get("images"):
+            return int(ij["images"])
+    except Exception:
+        return None
+    return None
+
+
+def naturalSortKey(path):
+    """'image_2.tif' before 'image_10.tif'."""
+    name = os.path.basename(os.fspath(path)).lower()
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _tiffMetadataSpacing(tif, page, planar=False):
+    """Spacing (i, j, k) in mm from OME-XML or ImageJ metadata, with its source; (None, None) when absent."""
+    ome = None
+    try:
+        ome = tif.ome_metadata
+    except Exception:
+        ome = None
+    if ome:
+        try:
+            spacing = _omeSpacing(ome)
+        except ValueError as error:
+            LOG.warning("%s: ignoring OME spacing (%s)", tif.filehandle.path, error)
+            spacing = None
+        if spacing is not None:
+            return spacing, "OME PhysicalSizeX/Y/Z"
+    ij = None
+    try:
+        ij = tif.imagej_metadata
+    except Exception:
+        ij = None
+    if ij:
+        unit = ij.get("unit")
+        if unit is not None:
+            unit = str(unit).replace("\\u00B5", "µ")
+        try:
+            factor = unitToMillimetres(unit) if unit is not None else None
+        except ValueError:
+            factor = None
+        xres = _resolution(page, "XResolution")
+        yres = _resolution(page, "YResolution")
+        z = ij.get("spacing")
+        if factor is not None and xres and yres:
+            sx, sy = factor / xres, factor / yres
+            sz = float(z) * factor if z is not None else (sx if planar else None)
+            if sz is not None and sz > 0:
+                return (sx, sy, sz), "ImageJ spacing/resolution" + (" (z assumed = x)" if z is None else "")
+    return None, None
+
+
+def _resolution(page, name):
+    tag = page.tags.get(name)
+    if tag is None:
+        return None
+    value = tag.value
+    if isinstance(value, tuple):
+        if value[1] == 0:
+            return None
+        value = value[0] / value[1]
+    value = float(value)
+    return value if value > 0 else None
+
+
+def _omeSpacing(xml):
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml)
+    for element in root.iter():
+        if element.tag.endswith("}Pixels") or element.tag == "Pixels":
+            values = []
+            for axis in "XYZ":
+                size = element.get(f"PhysicalSize{axis}")
+                if size is None:
+                    values.append(None)
+                    continue
+                unit = element.get(f"PhysicalSize{axis}Unit", "µm")
+                values.append(float(size) * unitToMillimetres(unit))
+            if values[0] is None and values[1] is None:
+                return None
+            sx = values[0] if values[0] is not None else values[1]
+            sy = values[1] if values[1] is not None else sx
+            sz = values[2] if values[2] is not None else sx
+            if min(sx, sy, sz) <= 0:
+                raise ValueError(f"non-positive PhysicalSize {values}")
+            return (sx, sy, sz)
+    return None
