@@ -23,7 +23,7 @@ buffers while another reduces.
 Memory, whatever the depth: per worker one run of rows (or one plane buffer; two for gzip), the row sums of
 the current plane and of the few open output planes (float64, n_segments_j x n_i each), plus the
 float32 output. Output voxel centres sit at the centres of the averaged boxes; the geometry stays in the
-stack's frame (see stacks.py).
+stack's frame (see stacks/).
 
 The last box along an axis is dropped when the stack does not fill it (at most one target voxel's worth of data,
 like ITK's BinShrink); an axis shorter than one target voxel gives one output voxel averaging all of it, centred
@@ -310,6 +310,219 @@ def _workerCount(source, workers):
     return max(1, min(2, os.cpu_count() or 1))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# One run: the state its threads share, how a worker gets its planes, the worker, the caller's collecting loop
+# --------------------------------------------------------------------------------------------------------------
+class _PlaneQueue:
+    """Plane indices 0..total-1 handed to the workers in order. A worker may not run ahead of the oldest plane
+    still being reduced by more than `window` planes, which bounds the number of open output planes (and so
+    the memory) even when the other worker stalls."""
+
+    def __init__(self, total, window, stop):
+        self.total = total
+        self.window = window
+        self.stop = stop
+        self.nextIndex = 0
+        self.inFlight = set()
+        self.slot = threading.Condition()
+
+    def take(self):
+        """The next index, or None when every index is taken or the run is stopping."""
+        with self.slot:
+            while self.inFlight and self.nextIndex - min(self.inFlight) >= self.window and not self.stop.is_set():
+                self.slot.wait(0.1)
+            index = self.nextIndex
+            if index >= self.total or self.stop.is_set():
+                return None
+            self.nextIndex += 1
+            self.inFlight.add(index)
+            return index
+
+    def release(self, index):
+        with self.slot:
+            self.inFlight.discard(index)
+            self.slot.notify_all()
+
+
+class _Run:
+    """What one downsampleStack call shares between its workers and the caller's thread: the plan, the output,
+    the per-worker partial sums, the plane queue, the event queue (workers -> caller) and the stop flag.
+
+    How planes are read follows the source's capabilities only: with positional reads (or several workers)
+    every worker reads its own planes, raw ones in runs of rows; without, one read-ahead thread feeds one
+    worker."""
+
+    def __init__(self, source, targetSpacingMm, crop, workers):
+        factors, _ = _factors(source, targetSpacingMm)
+        box = resolveCrop(source, crop)
+        plans = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
+        pi, pj, pk = plans
+        self.source = source
+        self.geometry = _geometry(source, plans, box, factors)
+        self.output = np.empty((pk.count, pj.count, pi.count), np.float32)
+        self.reduction = _Reduction(source, plans, box)
+        self.k0 = box[2][0]
+        self.ks = list(range(self.k0, self.k0 + pk.cover))
+        self.total = len(self.ks)
+        self.count = _workerCount(source, workers)
+        LOG.debug("downsample %s -> %s (factors %s), %d planes, %d worker(s)", source.shape, self.output.shape,
+                  tuple(factors), self.total, self.count)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.events = queue.Queue()
+        self.remaining = list(self.reduction.needed)
+        self.partials = [dict() for _ in range(self.count)]
+        self.planes = _PlaneQueue(self.total, max(2, int(math.ceil(factors[2]))), self.stop)
+        positional = self.count > 1 or source.parallelReads
+        self.prefetch = None if positional else _PlanePrefetcher(source, self.ks, buffers=3)
+        self.prefetched = iter(self.prefetch) if self.prefetch is not None else None  # one consumer: count is 1
+        self.streamed = positional and source.rawPlaneOffset(self.k0) is not None
+
+    def planeReader(self):
+        """How a worker gets its planes (see the classes below)."""
+        if self.prefetch is not None:
+            return _PrefetchedPlanes(self)
+        if self.streamed:
+            return _StreamedRows(self)
+        return _WholePlanes(self)
+
+    def completed(self, k):
+        """The output planes whose last missing input plane was k."""
+        done = []
+        with self.lock:
+            for o, _ in self.reduction.planeOutputs[k - self.k0]:
+                self.remaining[o] -= 1
+                if self.remaining[o] == 0:
+                    done.append(o)
+        return done
+
+    def collect(self, progress):
+        """On the caller's thread: finish output planes as workers complete them, until every worker has exited.
+        Returns (planes reduced, the first worker error or None). A cancel (an exception from `progress`) stops
+        the workers and waits for them to exit before it propagates."""
+        error, finished, exits = None, 0, 0
+        try:
+            while exits < self.count:
+                kind, a, b = self.events.get()
+                if kind == "exit":
+                    exits += 1
+                elif kind == "error":
+                    self.stop.set()
+                    error = error or a
+                elif error is None:
+                    finished += 1
+                    for o in b:
+                        self.output[o] = self.reduction.finish(o, [p.pop(o) for p in self.partials if o in p])
+                    report(progress, finished / self.total, f"plane {finished}/{self.total}")
+        except BaseException:
+            self.stop.set()
+            while exits < self.count:  # let the workers stop before returning
+                if self.events.get()[0] == "exit":
+                    exits += 1
+            raise
+        return finished, error
+
+    def close(self, threads):
+        self.stop.set()
+        if self.prefetch is not None:
+            self.prefetch.close()
+        for thread in threads:
+            thread.join(timeout=30)
+
+
+class _PrefetchedPlanes:
+    """Planes from the read-ahead thread (a source without positional reads, e.g. one gzip stream)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def reduceNext(self, sums):
+        """Row sums of the next plane into `sums`; its k, or None when there is none left."""
+        item = next(self.run.prefetched, None)
+        if item is None:
+            return None
+        k, plane = item
+        self.run.reduction.rowSums(plane, sums)
+        self.run.prefetch.release(plane)
+        return k
+
+    def close(self):
+        pass
+
+
+class _PositionalPlanes:
+    """Planes a worker takes from the run's queue and reads itself, through its own positional handle (None
+    when the source has none: then through readPlane)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.handle = run.source.openPositionalHandle()
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+
+class _WholePlanes(_PositionalPlanes):
+    """Each plane read whole into this worker's buffer."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.buffer = np.empty(run.source.planeShape, run.source.dtype)
+
+    def reduceNext(self, sums):
+        index = self.run.planes.take()
+        if index is None:
+            return None
+        k = self.run.ks[index]
+        self.run.reduction.rowSums(self.run.source.readPlaneWith(k, self.buffer, self.handle), sums)
+        return k
+
+
+class _StreamedRows(_PositionalPlanes):
+    """Raw planes read in ~1 MB runs of rows, each summed while it is still in the CPU cache; a plane stored
+    otherwise (e.g. one compressed page in an otherwise raw TIFF) is read whole."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.chunk = np.empty((run.reduction.chunkRows, run.source.planeShape[1]), run.source.dtype)
+
+    def reduceNext(self, sums):
+        index = self.run.planes.take()
+        if index is None:
+            return None
+        source, k = self.run.source, self.run.ks[index]
+        offset = source.rawPlaneOffset(k)
+        if offset is not None:
+            self.run.reduction.rowSumsStreamed(source, self.handle, offset, self.chunk, sums)
+        else:
+            self.run.reduction.rowSums(source.readPlane(k), sums)
+        return k
+
+
+def _work(run, w):
+    """Worker thread `w`: reduce planes until none is left or the run stops. Everything it has to say (a plane
+    done, an error, its exit) goes to the caller's thread as an event."""
+    reader = None
+    try:
+        reader = run.planeReader()
+        sums = np.empty(run.reduction.rowShape, run.reduction.segDtype)
+        scratch = np.empty(run.reduction.rowShape, np.float64)
+        while not run.stop.is_set():
+            k = reader.reduceNext(sums)
+            if k is None:
+                break
+            run.reduction.accumulate(k, sums, run.partials[w], scratch)
+            run.planes.release(k - run.k0)
+            run.events.put(("plane", k, run.completed(k)))
+    except BaseException as error:  # handed to the caller's thread
+        run.events.put(("error", error, None))
+    finally:
+        if reader is not None:
+            reader.close()
+        run.events.put(("exit", w, None))
+
+
 def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=None):
     """Exact area-weighted downsampling of `source` (a StackSource) to `targetSpacingMm` (one value or (i, j, k)).
 
@@ -319,142 +532,20 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     reducer fed by a read-ahead thread).
     Returns (array float32 [k, j, i], ijkToRas 4x4). Cancel by raising progress.Cancelled (or returning True)
     from the progress callback."""
-    factors, _ = _factors(source, targetSpacingMm)
-    box = resolveCrop(source, crop)
-    plans = [_AxisPlan(b - a, f) for (a, b), f in zip(box, factors)]
-    pi, pj, pk = plans
-    geometry = _geometry(source, plans, box, factors)
-    output = np.empty((pk.count, pj.count, pi.count), np.float32)
-    reduction = _Reduction(source, plans, box)
-    k0 = box[2][0]
-    ks = list(range(k0, k0 + pk.cover))
-    total = len(ks)
-    count = _workerCount(source, workers)
-    LOG.debug("downsample %s -> %s (factors %s), %d planes, %d worker(s)", source.shape, output.shape,
-              tuple(factors), total, count)
-
-    lock = threading.Lock()
-    stop = threading.Event()
-    events = queue.Queue()
-    remaining = list(reduction.needed)
-    partials = [dict() for _ in range(count)]
-    positional = count > 1 or source.parallelReads
-    prefetch = None if positional else _PlanePrefetcher(source, ks, buffers=3)
-    nextIndex = [0]
-    inFlight = set()
-    # a worker may not run ahead of the oldest plane still being reduced by more than `window` planes, which
-    # bounds the number of open output planes (and so the memory) even when the other worker stalls
-    window = max(2, int(math.ceil(factors[2])))
-    slot = threading.Condition(lock)
-
-    def takeIndex():
-        with slot:
-            while inFlight and nextIndex[0] - min(inFlight) >= window and not stop.is_set():
-                slot.wait(0.1)
-            index = nextIndex[0]
-            if index >= total or stop.is_set():
-                return None
-            nextIndex[0] += 1
-            inFlight.add(index)
-            return index
-
-    def releaseIndex(index):
-        with slot:
-            inFlight.discard(index)
-            slot.notify_all()
-
-    streamed = positional and source.rawPlaneOffset(k0) is not None
-
-    def fetch(fh, buffer):
-        if prefetch is not None:
-            item = next(prefetchIter, None)
-            return item if item is not None else (None, None)
-        index = takeIndex()
-        if index is None:
-            return None, None
-        k = ks[index]
-        return k, source.readPlaneWith(k, buffer, fh)
-
-    def work(w):
-        fh = None
-        try:
-            if prefetch is None:
-                fh = source.openPositionalHandle()
-            sums = np.empty(reduction.rowShape, reduction.segDtype)
-            scratch = np.empty(reduction.rowShape, np.float64)
-            chunk = np.empty((reduction.chunkRows, source.planeShape[1]), source.dtype) if streamed else None
-            buffer = None if prefetch is not None or streamed else np.empty(source.planeShape, source.dtype)
-            while not stop.is_set():
-                if chunk is not None:
-                    index = takeIndex()
-                    if index is None:
-                        break
-                    k = ks[index]
-                    offset = source.rawPlaneOffset(k)
-                    if offset is not None:
-                        reduction.rowSumsStreamed(source, fh, offset, chunk, sums)
-                    else:  # e.g. one compressed page in an otherwise raw TIFF
-                        reduction.rowSums(source.readPlane(k), sums)
-                else:
-                    k, plane = fetch(fh, buffer)
-                    if k is None:
-                        break
-                    reduction.rowSums(plane, sums)
-                if prefetch is not None:
-                    prefetch.release(plane)
-                reduction.accumulate(k, sums, partials[w], scratch)
-                releaseIndex(k - k0)
-                done = []
-                with lock:
-                    for o, _ in reduction.planeOutputs[k - k0]:
-                        remaining[o] -= 1
-                        if remaining[o] == 0:
-                            done.append(o)
-                events.put(("plane", k, done))
-        except BaseException as error:  # handed to the caller's thread
-            events.put(("error", error, None))
-        finally:
-            if fh is not None:
-                fh.close()
-            events.put(("exit", w, None))
-
-    prefetchIter = iter(prefetch) if prefetch is not None else None
-    threads = [threading.Thread(target=work, args=(w,), name=f"downsample-{w}", daemon=True) for w in range(count)]
+    run = _Run(source, targetSpacingMm, crop, workers)
+    threads = [threading.Thread(target=_work, args=(run, w), name=f"downsample-{w}", daemon=True)
+               for w in range(run.count)]
     for thread in threads:
         thread.start()
-    error = None
-    finished = 0
-    exits = 0
     try:
-        while exits < count:
-            kind, a, b = events.get()
-            if kind == "exit":
-                exits += 1
-            elif kind == "error":
-                stop.set()
-                error = error or a
-            elif error is None:
-                finished += 1
-                for o in b:
-                    output[o] = reduction.finish(o, [p.pop(o) for p in partials if o in p])
-                report(progress, finished / total, f"plane {finished}/{total}")
-    except BaseException:
-        stop.set()
-        while exits < count:  # let the workers stop before returning
-            if events.get()[0] == "exit":
-                exits += 1
-        raise
+        finished, error = run.collect(progress)
     finally:
-        stop.set()
-        if prefetch is not None:
-            prefetch.close()
-        for thread in threads:
-            thread.join(timeout=30)
+        run.close(threads)
     if error is not None:
         raise error
-    if finished != total:
-        raise RuntimeError(f"downsampling stopped after {finished} of {total} planes")
-    return output, geometry
+    if finished != run.total:
+        raise RuntimeError(f"downsampling stopped after {finished} of {run.total} planes")
+    return run.output, run.geometry
 
 
 def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None):
