@@ -9,6 +9,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from MRIHistoRegLib.stacks.base import StackSource
 from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.units import toMillimetres, unitToMillimetres
 
@@ -39,11 +40,27 @@ def setVolumeSpacing(volumeNode, spacingMm):
     LOG.info("spacing of '%s' set to %s mm (was %s)", volumeNode.GetName(), tuple(spacing), tuple(current))
 
 
+# What a shape, a size or a StackSource can be: recognised without importing Slicer, so checkPlausibility on
+# them works where Slicer's modules are not installed.
+_PLAIN_VALUES = (StackSource, tuple, list, np.ndarray, int, float, np.number)
+
+
+def _isVolumeNode(value):
+    """True for a Slicer volume node (vtkMRMLVolumeNode or a subclass)."""
+    if isinstance(value, _PLAIN_VALUES):
+        return False
+    try:
+        import slicer
+    except ImportError:  # without Slicer's modules there are no volume nodes
+        return False
+    return isinstance(value, slicer.vtkMRMLVolumeNode)
+
+
 def _shapeIjk(shapeOrSource):
-    if hasattr(shapeOrSource, "shape") and hasattr(shapeOrSource, "spacingMm"):
+    if isinstance(shapeOrSource, StackSource):
         nk, nj, ni = shapeOrSource.shape
         return (ni, nj, nk)
-    if hasattr(shapeOrSource, "GetImageData"):
+    if _isVolumeNode(shapeOrSource):
         dims = shapeOrSource.GetImageData().GetDimensions()
         return tuple(int(d) for d in dims)
     values = tuple(int(n) for n in shapeOrSource)
@@ -52,18 +69,34 @@ def _shapeIjk(shapeOrSource):
     return values
 
 
+def _volumeExtent(volumeNode):
+    """A volume node's extent (i, j, k) in mm: voxels x spacing."""
+    from MRIHistoRegLib.volumes import ijkToRas, spacingOf
+
+    dims = np.asarray(volumeNode.GetImageData().GetDimensions(), float)
+    return dims * spacingOf(ijkToRas(volumeNode))
+
+
 def _referenceExtent(reference):
     if reference is None:
         return None
-    if hasattr(reference, "GetImageData"):  # a volume node
-        from MRIHistoRegLib.volumes import ijkToRas, spacingOf
-
-        dims = np.asarray(reference.GetImageData().GetDimensions(), float)
-        return dims * spacingOf(ijkToRas(reference))
+    if _isVolumeNode(reference):
+        return _volumeExtent(reference)
     values = np.atleast_1d(np.asarray(reference, float))
     if values.size == 1:
         values = np.repeat(values, 3)
     return values
+
+
+def _ownSpacing(shapeOrSource):
+    """The spacing (i, j, k) in mm a StackSource or a volume node carries; ValueError for a bare shape."""
+    if isinstance(shapeOrSource, StackSource):
+        return shapeOrSource.spacingMm
+    if _isVolumeNode(shapeOrSource):
+        from MRIHistoRegLib.volumes import ijkToRas, spacingOf
+
+        return spacingOf(ijkToRas(shapeOrSource))
+    raise ValueError("checkPlausibility needs spacingMm for a bare shape.")
 
 
 def checkPlausibility(shapeOrSource, spacingMm=None, referenceExtentMm=None):
@@ -76,14 +109,7 @@ def checkPlausibility(shapeOrSource, spacingMm=None, referenceExtentMm=None):
     reference extent; not ok when the ratio is off by more than ~5x either way."""
     shape = np.asarray(_shapeIjk(shapeOrSource), float)
     if spacingMm is None:
-        if hasattr(shapeOrSource, "spacingMm"):
-            spacingMm = shapeOrSource.spacingMm
-        elif hasattr(shapeOrSource, "GetImageData"):
-            from MRIHistoRegLib.volumes import ijkToRas, spacingOf
-
-            spacingMm = spacingOf(ijkToRas(shapeOrSource))
-        else:
-            raise ValueError("checkPlausibility needs spacingMm for a bare shape.")
+        spacingMm = _ownSpacing(shapeOrSource)
     spacing = np.broadcast_to(np.asarray(toMillimetres(spacingMm, "mm")), (3,))
     extent = shape * spacing
     reference = _referenceExtent(referenceExtentMm)
