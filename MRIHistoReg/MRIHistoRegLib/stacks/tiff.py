@@ -44,6 +44,7 @@ class _TiffPlaneReader:
 
     def pageInfo(self, page):
         """(shape, dtype) of a 2-D grayscale page; ValueError for colour/multi-sample pages."""
+        # a tifffile guard, not a protocol: a page type without samplesperpixel holds one sample
         if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
             raise ValueError(f"{self.path}: page shape {page.shape} is not a 2-D grayscale image (colour or multi-sample "
                              f"TIFF pages are not supported). Export one channel as grayscale.")
