@@ -11,7 +11,7 @@ with det J_{H->M}(y) = 1 / det J_{M->H}(x), x = inverse(y) (Newton, residuals ch
 import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
-from MRIHistoRegLib.mapping import AffineMapping, asPoints, invertPoints, jacobianOf
+from MRIHistoRegLib.mapping import AffineMapping, Mapping, asMapping, asPoints, invertPoints, jacobianOf
 from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, sampleNearest
 from MRIHistoRegLib.volumes import spacingOf
 
@@ -23,25 +23,15 @@ def _voxelVolume(ijkToRas):
     return float(abs(np.linalg.det(np.asarray(ijkToRas, float)[:3, :3])))
 
 
-def _linearMatrix(mapping):
-    if hasattr(mapping, "linearMatrix") and callable(mapping.linearMatrix):
-        return np.asarray(mapping.linearMatrix(), float)
-    if getattr(mapping, "matrix", None) is not None:
-        return np.asarray(mapping.matrix, float)
-    if getattr(mapping, "affineMatrix", None) is not None:
-        return np.asarray(mapping.affineMatrix, float)
-    return None
-
-
-class InverseMapping:
+class InverseMapping(Mapping):
     """The inverse of a smooth, non-folding mapping by Newton iterations (mapping.invertPoints), started from the
     inverse of its linear part; transformPoints raises ValueError when a residual exceeds `toleranceMm`."""
 
     def __init__(self, mapping, toleranceMm=INVERSE_TOLERANCE_MM):
         self.forward = mapping
         self.toleranceMm = float(toleranceMm)
-        linear = _linearMatrix(mapping)
-        self._start = None if linear is None else AffineMapping(np.linalg.inv(linear))
+        linear = asMapping(mapping).linearMatrix()
+        self._start = None if linear is None else AffineMapping(np.linalg.inv(np.asarray(linear, float)))
 
     def transformPoints(self, points):
         points = asPoints(points)

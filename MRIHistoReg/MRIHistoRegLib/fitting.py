@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .mapping import asPoints, invertPoints
+from .mapping import Mapping, asPoints, invertPoints
 
 MODELS = ("rigid", "similarity", "affine", "affine+tps")
 MINIMUM_POINTS = {"rigid": 3, "similarity": 3, "affine": 4, "affine+tps": 5}
@@ -144,7 +144,7 @@ def _distances(points, centres):
     return np.sqrt(result, out=result)
 
 
-class LandmarkModel:
+class LandmarkModel(Mapping):
     """A fitted landmark model: fixed (MRI) RAS mm -> moving (histology) RAS mm.
 
     Attributes: model (name), affineMatrix (4x4: the rigid/similarity/affine fit; for affine+tps the affine

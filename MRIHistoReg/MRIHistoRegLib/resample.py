@@ -4,7 +4,7 @@ The composite from a reference voxel to a source voxel is
 
     reference ijk --referenceIjkToRas--> fixed RAS --mapping--> moving RAS --inv(sourceIjkToRas)--> source ijk
 
-where `mapping` is any object with transformPoints (fixed/MRI RAS -> moving/histology RAS; mapping.py).
+where `mapping` is a mapping.Mapping (fixed/MRI RAS -> moving/histology RAS; mapping.py).
 
 Speed: the mapping (e.g. a thin-plate spline, cost voxels x landmarks) is evaluated exactly only on a coarse
 lattice of reference positions and the resulting source coordinates are interpolated (tensor-product linear,
@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
-from MRIHistoRegLib.mapping import asPoints
+from MRIHistoRegLib.fitting import LandmarkModel
+from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints
 from MRIHistoRegLib.volumes import spacingOf
 
 _SLAB_VOXELS = 1 << 18          # output voxels processed at a time (fits the CPU caches well)
@@ -74,12 +75,12 @@ class _Source:
     when no anti-aliasing level is needed)."""
 
     def __init__(self, source):
-        from MRIHistoRegLib.stacks import ArraySource
+        from MRIHistoRegLib.stacks import ArraySource, StackSource
 
         if isinstance(source, (tuple, list)) and len(source) == 2:
             source = ArraySource(source[0], _asMatrix(source[1], "The source's ijkToRas"))
-        elif not hasattr(source, "readPlane"):
-            if not hasattr(source, "GetImageData"):
+        elif not isinstance(source, StackSource):
+            if not _isVolumeNode(source):
                 raise ValueError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) "
                                  f"tuple or a scalar volume node, got {type(source).__name__}.")
             from MRIHistoRegLib import volumes
@@ -92,6 +93,14 @@ class _Source:
         self.ijkToRas = _asMatrix(geometry, "The stack's ijkToRas")
 
 
+def _isVolumeNode(source) -> bool:
+    try:
+        import slicer  # only here: the rest of the module runs without MRML
+    except ImportError:
+        return False
+    return isinstance(source, slicer.vtkMRMLVolumeNode)
+
+
 # ------------------------------------------------------------------------------------------- lattice mapping
 def _axisWeights(coordinates, origin, step, count):
     """Cell index and fractional weight of 1-D `coordinates` on a lattice origin + m*step, m in [0, count)."""
@@ -102,12 +111,19 @@ def _axisWeights(coordinates, origin, step, count):
     return cell, u - cell  # outside the lattice: linear extrapolation
 
 
+def _thinPlateSpline(mapping):
+    """`mapping` when it is a thin-plate spline (a fitting.LandmarkModel with kernels), else None."""
+    if isinstance(mapping, LandmarkModel) and mapping.tpsCentres is not None and mapping.tpsWeights is not None:
+        return mapping
+    return None
+
+
 def _tpsCentres(mapping):
     """Fixed-space TPS centres of a mapping (or of the first step of a composed one), else None."""
-    for candidate in (mapping, (getattr(mapping, "steps", None) or [None])[0]):
-        centres = getattr(candidate, "tpsCentres", None)
-        if centres is not None:
-            return np.asarray(centres, float).reshape(-1, 3)
+    candidates = [mapping] + (mapping.steps[:1] if isinstance(mapping, ComposedMapping) else [])
+    for candidate in candidates:
+        if isinstance(candidate, LandmarkModel) and candidate.tpsCentres is not None:
+            return np.asarray(candidate.tpsCentres, float).reshape(-1, 3)
     return None
 
 
@@ -118,13 +134,11 @@ def evaluateExact(mapping, points, blockPoints=256, precision=np.float64):
     precision=np.float32 halves the cost (kernel round-off ~1e-5 mm; the lattice uses it, its verification
     does not)."""
     points = asPoints(points)
-    centres = getattr(mapping, "tpsCentres", None)
-    weights = getattr(mapping, "tpsWeights", None)
-    linear = getattr(mapping, "linearMatrix", None)
-    if centres is None or weights is None or not callable(linear):
+    tps = _thinPlateSpline(mapping)
+    if tps is None:
         return asPoints(mapping.transformPoints(points))
-    matrix = np.asarray(linear(), float)
-    centres = np.asarray(centres, float)
+    matrix = np.asarray(tps.linearMatrix(), float)
+    centres, weights = np.asarray(tps.tpsCentres, float), tps.tpsWeights
     shift = centres.mean(axis=0)  # centred coordinates keep the expansion's round-off small
     c = (centres - shift).astype(precision)
     minusTwoCt = (-2.0 * c.T).astype(precision)
@@ -142,7 +156,7 @@ def evaluateExact(mapping, points, blockPoints=256, precision=np.float64):
     return result
 
 
-class LatticeMapping:
+class LatticeMapping(Mapping):
     """A smooth mapping approximated on a reference grid: exact on a coarse lattice, tensor-product linear
     in between, verified against the exact mapping at probe points.
 
@@ -253,11 +267,10 @@ class LatticeMapping:
         leaves an error <= ~|w| h / 2 right outside those cells and much less further out."""
         self._cones = None
         self._gridCorrections = None
-        centres = getattr(self.mapping, "tpsCentres", None)
-        weights = getattr(self.mapping, "tpsWeights", None)
-        if centres is None or weights is None or not callable(getattr(self.mapping, "linearMatrix", None)):
+        tps = _thinPlateSpline(self.mapping)
+        if tps is None:
             return
-        centres = np.asarray(centres, float).reshape(-1, 3)
+        centres, weights = np.asarray(tps.tpsCentres, float).reshape(-1, 3), tps.tpsWeights
         if len(centres) == 0:
             return
         index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), centres)
@@ -598,8 +611,7 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
     """
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}.")
-    if not hasattr(mapping, "transformPoints"):
-        raise ValueError("mapping must have transformPoints(points) (fixed RAS -> moving RAS); see mapping.py.")
+    asMapping(mapping)  # ValueError now for an object that is no mapping, not deep inside the lattice
     shape = _asShape(referenceShape)
     reference = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
     started = time.perf_counter()
@@ -760,9 +772,8 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
     if inverseMapping is not None:
         fixed = asPoints(inverseMapping.transformPoints(moving))
     else:
-        initial = None
-        if hasattr(mapping, "linearMatrix"):
-            initial = _applyMatrix(np.linalg.inv(mapping.linearMatrix()), moving)
+        linear = asMapping(mapping).linearMatrix()
+        initial = None if linear is None else _applyMatrix(np.linalg.inv(linear), moving)
         fixed, residual = invertPoints(mapping, moving, initialGuess=initial)
         if residual.max(initial=0.0) > 1e-3:
             raise ValueError(f"Could not carry the histology footprint into MRI space (inverse residual "

@@ -309,7 +309,7 @@ class PhantomAnatomy:
 # ---------------------------------------------------------------------------------------------------------
 # The ground-truth mapping
 # ---------------------------------------------------------------------------------------------------------
-class HistologyToMriMapping:
+class HistologyToMriMapping(mappingLib.Mapping):
     """x = A y + t + sum_m a_m exp(-|y - c_m|^2 / (2 s_m^2)): histology RAS (true spacing) -> MRI RAS."""
 
     def __init__(self, linear, translation, centres, amplitudes, sigmas):
@@ -332,6 +332,9 @@ class HistologyToMriMapping:
         return {"A": self.linear.tolist(), "t_mm": self.translation.tolist(),
                 "bumps": [{"centre_mm": c.tolist(), "amplitude_mm": a.tolist(), "sigma_mm": float(s)}
                           for c, a, s in zip(self.centres, self.amplitudes, self.sigmas)]}
+
+    def linearMatrix(self):
+        return self.affineMatrix
 
     def warp(self, points):
         points = mappingLib.asPoints(points)
@@ -400,8 +403,8 @@ def _buildMapping(seed, anatomy) -> HistologyToMriMapping:
     return HistologyToMriMapping(linear, translation, centres, amplitudes, sigmas)
 
 
-class GroundTruthMapping:
-    """The exact MRI RAS -> histology RAS mapping (resampling direction; mapping.py protocol).
+class GroundTruthMapping(mappingLib.Mapping):
+    """The exact MRI RAS -> histology RAS mapping (resampling direction; a mapping.Mapping).
 
     `truth` is the truth.json dict (or a path to it / its folder). `histologyToMri` is the analytic forward
     direction; `transformPoints` solves it by Newton iterations to < 1e-6 mm.
@@ -411,6 +414,9 @@ class GroundTruthMapping:
         truth = loadTruth(truth) if not isinstance(truth, dict) else truth
         self.forward = HistologyToMriMapping.fromParameters(truth["mapping"])
         self.affineMatrix = np.linalg.inv(self.forward.affineMatrix)
+
+    def linearMatrix(self):
+        return self.affineMatrix
 
     def transformPoints(self, points):
         return self.forward.inverse(points)

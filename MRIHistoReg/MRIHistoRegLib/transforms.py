@@ -21,7 +21,7 @@ import slicer
 import vtk
 
 from .context import moduleLogic
-from .mapping import asPoints
+from .mapping import Mapping, asPoints
 from .volumes import matrixToNumpy, numpyToMatrix
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ def updateTransformNode(node, model) -> None:
 
 # --- mapping points through nodes -----------------------------------------------------------------------------
 
-class VtkTransformMapping:
-    """Mapping protocol (transformPoints: (N,3) -> (N,3)) around any vtkAbstractTransform."""
+class VtkTransformMapping(Mapping):
+    """A Mapping (transformPoints: (N,3) -> (N,3); numerical Jacobian) around any vtkAbstractTransform."""
 
     def __init__(self, transform):
         self.transform = transform
