@@ -278,6 +278,33 @@ def test_landmarkResidualGuard():
     bad = refine.evaluateAgainstLandmarks(result, landmarks, landmarks)
     assert bad["medianAfter"] > 0.25
     assert not result.accepted and "landmark agreement worsened" in result.reason
+    # every step refineRegistration ran is timed; the steps add up to (at most) the total
+    assert {"prepare", "affine", "bspline", "field", "guard_rails", "total"} <= set(result.timings)
+    assert result.timings["total"] == result.seconds
+    assert sum(v for k, v in result.timings.items() if k != "total") <= result.seconds
+
+
+def test_resultDescribesItselfWithTheSummaryKeys():
+    """RefinementResult.toDict(): the keys and values the JSON summaries (report.json's refinement, refinement.json)
+    carry, with the landmark residuals once evaluateAgainstLandmarks has measured them."""
+    shape = (6, 7, 8)
+    m = _geometry(0.3)
+    shift = np.array([[1, 0, 0, 0.2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    result = refine.RefinementResult(AffineMapping(shift), np.zeros(shape + (3,)), m, -0.5, -0.6, 7, 1.5,
+                                     accepted=True, reason="test", settings=refine.refinementSettings())
+    summary = result.toDict()
+    assert list(summary) == ["accepted", "reason", "metric", "metric_before", "metric_after", "iterations", "seconds",
+                             "min_jacobian_determinant", "overlap_fraction", "histology_bias_corrected", "settings",
+                             "landmarks"]
+    assert summary["accepted"] is True and summary["metric_after"] == -0.6 and summary["iterations"] == 7
+    assert summary["landmarks"] is None and summary["settings"]["affineShrinkFactors"] == [2, 1]
+    points = refine._gridPoints(shape, m)[::40]
+    refine.evaluateAgainstLandmarks(result, points, points + [0.2, 0.0, 0.0])
+    landmarks = result.toDict(labels=[f"L{i}" for i in range(len(points))])["landmarks"]
+    assert landmarks["labels"][0] == "L0" and len(landmarks["residual_after_mm"]) == len(points)
+    assert landmarks["median_after_mm"] < 1e-12 and landmarks["tolerance_mm"] == 0.2
+    # the affine part starts inverse iterations: the landmark affine after the (here identity) affine stage
+    assert np.array_equal(result.linearMatrix(), shift)
 
 
 def test_jacobianDeterminantDetectsFolding():

@@ -49,11 +49,13 @@ landmark-only result. Callers keep the landmark-only mapping in that case.
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from MRIHistoRegLib.mapping import ComposedMapping, asPoints, jacobianOf
+from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints, jacobianOf
 from MRIHistoRegLib.progress import Cancelled, report
 from MRIHistoRegLib.volumes import sitkImageFromArray, spacingOf
 
@@ -180,7 +182,7 @@ def _trilinear(field, ijk):
     return out
 
 
-class DisplacementFieldMapping:
+class DisplacementFieldMapping(Mapping):
     """x -> x + d(x), d sampled on a grid ([k, j, i, 3] RAS mm, IJK->RAS geometry), trilinear, clamped outside.
 
     The same function as a Slicer grid transform node holding this field (linear interpolation)."""
@@ -247,7 +249,8 @@ def histologyFootprint(movingArray, erosionVoxels=2) -> np.ndarray:
 # Result
 # ----------------------------------------------------------------------------------------------------------
 
-class RefinementResult:
+@dataclass(eq=False)
+class RefinementResult(Mapping):
     """A mapping fixed (MRI) RAS -> moving (histology) RAS: transformPoints(x) = initial(refinement(x)).
 
     Attributes:
@@ -260,47 +263,58 @@ class RefinementResult:
       iterations          optimiser iterations over all stages and levels
       seconds             wall time of refineRegistration
       accepted, reason    whether the refinement should replace the landmark-only result, and why (not)
+      refinementAffine    4x4 RAS matrix found by the affine stage (identity without it)
+      settings            the settings used (refinementSettings)
       minJacobianDeterminant        of the refinement on the (subsampled) fixed grid
       overlapFraction     fraction of the fixed (mask) voxels the landmark mapping puts in the histology footprint
-      biasCorrected       True when the histology was registered with its N4-corrected intensities
       landmarkResiduals   filled by evaluateAgainstLandmarks: dict of before/after residuals
+      region              [k, j, i] (lo, hi) fixed-index box of the B-spline stage
+      biasCorrected       True when the histology was registered with its N4-corrected intensities
+      timings             wall time (s) of each step refineRegistration ran, and the total
+
+    toDict() is its JSON description (the keys of workflow.refinementSummary).
     """
 
-    def __init__(self, initialMapping, displacement, fieldIjkToRas, metricBefore=float("nan"),
-                 metricAfter=float("nan"), iterations=0, seconds=0.0, accepted=False, reason="",
-                 refinementAffine=None, settings=None):
-        self.initialMapping = initialMapping
-        self.refinement = DisplacementFieldMapping(displacement, fieldIjkToRas)
-        self.metricBefore = float(metricBefore)
-        self.metricAfter = float(metricAfter)
-        self.iterations = int(iterations)
-        self.seconds = float(seconds)
-        self.accepted = bool(accepted)
-        self.reason = str(reason)
-        self.refinementAffine = np.eye(4) if refinementAffine is None else np.asarray(refinementAffine, float)
-        self.settings = settings
-        self.minJacobianDeterminant = float("nan")
-        self.overlapFraction = float("nan")
-        self.landmarkResiduals = None
-        self.region = None  # [k, j, i] (lo, hi) fixed-index box of the B-spline stage
-        self.biasCorrected = False  # whether the histology's N4-corrected intensities were registered
-        self._composed = ComposedMapping([self.refinement, initialMapping])
+    initialMapping: object = field(repr=False)
+    displacement: np.ndarray = field(repr=False)
+    fieldIjkToRas: np.ndarray = field(repr=False)
+    metricBefore: float = float("nan")
+    metricAfter: float = float("nan")
+    iterations: int = 0
+    seconds: float = 0.0
+    accepted: bool = False
+    reason: str = ""
+    refinementAffine: Optional[np.ndarray] = field(default=None, repr=False)
+    settings: Optional[dict] = field(default=None, repr=False)
+    minJacobianDeterminant: float = float("nan")
+    overlapFraction: float = float("nan")
+    landmarkResiduals: Optional[dict] = field(default=None, repr=False)
+    region: Optional[tuple] = field(default=None, repr=False)
+    biasCorrected: bool = False
+    timings: Dict[str, float] = field(default_factory=dict)
 
-    @property
-    def displacement(self):
-        return self.refinement.displacement
+    def __post_init__(self):
+        # the field is validated (and held as float arrays) once, by the mapping that applies it
+        self.refinement = DisplacementFieldMapping(self.displacement, self.fieldIjkToRas)
+        self.displacement, self.fieldIjkToRas = self.refinement.displacement, self.refinement.ijkToRas
+        self.metricBefore, self.metricAfter = float(self.metricBefore), float(self.metricAfter)
+        self.iterations, self.seconds = int(self.iterations), float(self.seconds)
+        self.accepted, self.reason = bool(self.accepted), str(self.reason)
+        self.refinementAffine = (np.eye(4) if self.refinementAffine is None
+                                 else np.asarray(self.refinementAffine, float))
+        self._composed = ComposedMapping([self.refinement, self.initialMapping])
 
-    @property
-    def fieldIjkToRas(self):
-        return self.refinement.ijkToRas
-
-    @property
-    def affineMatrix(self):
-        """The affine part (initial's affine after the refinement's affine stage), for inverse initial guesses."""
-        initialAffine = getattr(self.initialMapping, "affineMatrix", None)
+    def linearMatrix(self):
+        """The affine part (initial's affine part after the refinement's affine stage), for inverse initial guesses."""
+        initialAffine = asMapping(self.initialMapping).linearMatrix()
         if initialAffine is None:
             return None
         return np.asarray(initialAffine, float) @ self.refinementAffine
+
+    @property
+    def affineMatrix(self):
+        """linearMatrix() (the name earlier callers used)."""
+        return self.linearMatrix()
 
     def transformPoints(self, points):
         return self._composed.transformPoints(points)
@@ -320,6 +334,26 @@ class RefinementResult:
         return (f"refinement {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
                 f"{self.iterations} iterations, {self.seconds:.1f} s, min Jacobian det {self.minJacobianDeterminant:.3f}, "
                 f"histology shading {'corrected (N4)' if self.biasCorrected else 'not corrected'}")
+
+    def toDict(self, labels: Sequence[str] = ()) -> dict:
+        """The refinement as JSON-ready-ish values (numpy arrays as lists; outputs.jsonReady cleans NaN): the keys
+        of workflow.refinementSummary. `labels` name the landmarks evaluateAgainstLandmarks measured."""
+        summary = {
+            "accepted": bool(self.accepted), "reason": self.reason,
+            "metric": "Mattes mutual information (negative: lower is better)",
+            "metric_before": self.metricBefore, "metric_after": self.metricAfter, "iterations": self.iterations,
+            "seconds": self.seconds, "min_jacobian_determinant": self.minJacobianDeterminant,
+            "overlap_fraction": self.overlapFraction, "histology_bias_corrected": self.biasCorrected,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (self.settings or {}).items()},
+            "landmarks": None,
+        }
+        check = self.landmarkResiduals
+        if check is not None:
+            summary["landmarks"] = {"labels": list(labels), "residual_before_mm": np.asarray(check["before"]).tolist(),
+                                    "residual_after_mm": np.asarray(check["after"]).tolist(),
+                                    "median_before_mm": check["medianBefore"], "median_after_mm": check["medianAfter"],
+                                    "tolerance_mm": check["toleranceMm"]}
+        return summary
 
 
 def _identityResult(initialMapping, fixedShape, fixedIjkToRas, settings, reason, start, metricBefore=float("nan")):
@@ -627,6 +661,274 @@ def _metric(settings, fixed, moving, fixedMask, movingMask, movingInitial, trans
     return method.MetricEvaluate(fixed, moving)
 
 
+class _Stop(Exception):
+    """refineRegistration ends early and keeps the landmark-only result, for `reason`."""
+
+    def __init__(self, reason, metricBefore=float("nan"), overlapFraction=None):
+        super().__init__(reason)
+        self.reason, self.metricBefore, self.overlapFraction = reason, metricBefore, overlapFraction
+
+
+@dataclass
+class _Inputs:
+    """refineRegistration's arguments, checked: 3-D arrays, 4x4 geometries, uint8 masks on their image's grid."""
+
+    fixed: np.ndarray
+    fixedIjkToRas: np.ndarray
+    moving: np.ndarray
+    movingIjkToRas: np.ndarray
+    fixedMask: Optional[np.ndarray]
+    movingMask: Optional[np.ndarray]  # the caller's; None: the histology footprint is computed
+
+
+@dataclass
+class _Images:
+    """The SimpleITK side of a refinement: normalised images, the metric's sampling mask in MRI space, the
+    landmark mapping as the moving initial transform, and the metric at the landmark start."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    samplingMask: sitk.Image
+    initial: sitk.Transform
+    footprint: np.ndarray  # the moving mask the metric uses (the caller's or the eroded footprint)
+    overlap: float
+    metricBefore: float = float("nan")
+    biasCorrected: bool = False
+
+
+@dataclass
+class _Region:
+    """Where both stages sample: the fixed-index box of the valid samples (`box`), the fixed image and sampling
+    mask cropped to it (+1 voxel), and the B-spline mesh's region (the box + one control spacing)."""
+
+    box: tuple
+    croppedFixed: sitk.Image
+    croppedMask: sitk.Image
+    validFraction: float
+    mesh: tuple  # [k, j, i] (lo, hi), RefinementResult.region
+    meshImage: sitk.Image
+    centre: tuple  # the affine's centre of rotation/scaling: the box's centre
+
+
+def _checkInputs(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, fixedMask, movingMask) -> _Inputs:
+    fixedArray, movingArray = np.asarray(fixedArray), np.asarray(movingArray)
+    if fixedArray.ndim != 3 or movingArray.ndim != 3:
+        raise ValueError(f"Refinement needs 3-D [k, j, i] volumes, got {fixedArray.shape} and {movingArray.shape}.")
+    if min(fixedArray.shape) < 4 or min(movingArray.shape) < 4:
+        raise ValueError("Refinement needs volumes at least 4 voxels along every axis.")
+    fixedIjkToRas, _ = _geometry(fixedIjkToRas)
+    movingIjkToRas, _ = _geometry(movingIjkToRas)
+    fixedMask = _checkMask(fixedMask, fixedArray.shape, fixedIjkToRas, "fixed (MRI)")
+    movingMask = _checkMask(movingMask, movingArray.shape, movingIjkToRas, "moving (histology)")
+    return _Inputs(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, fixedMask, movingMask)
+
+
+def _footprintAndOverlap(inputs, initialMapping, settings, progress):
+    """(moving mask, overlap fraction); stops on NaN voxels, an empty footprint or too little overlap."""
+    for label, array in (("MRI", inputs.fixed), ("histology", inputs.moving)):
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise _Stop(f"the {label} volume has voxels that are not a number (NaN/inf): the metric "
+                        f"would be NaN; fix or mask them")
+    footprint = inputs.movingMask
+    if footprint is None:
+        footprint = histologyFootprint(inputs.moving, settings["footprintErosionVoxels"])
+        if not footprint.any():
+            raise _Stop("the histology footprint is empty (stack blank or too small to erode)")
+    report(progress, 0.0, "refinement: preparing")
+    overlap, overlapVoxels = _overlap(initialMapping, inputs.fixed.shape, inputs.fixedIjkToRas, inputs.fixedMask,
+                                      inputs.moving.shape, inputs.movingIjkToRas, footprint)
+    if overlapVoxels < settings["minOverlapVoxels"]:
+        raise _Stop(
+            f"empty overlap: the landmark transform maps only ~{overlapVoxels} MRI voxels ({100 * overlap:.1f}%) into "
+            f"the histology footprint (needs {settings['minOverlapVoxels']}); check landmarks and stack spacing",
+            overlapFraction=overlap)
+    return footprint, overlap
+
+
+def _prepareImages(inputs, initialMapping, settings, progress) -> _Images:
+    """The images, the sampling mask and the landmark start's metric; stops when that metric is not a number."""
+    footprint, overlap = _footprintAndOverlap(inputs, initialMapping, settings, progress)
+    percentiles = settings["intensityPercentiles"]
+    fixed = _sitkImage(_normalized(inputs.fixed, inputs.fixedMask, percentiles), inputs.fixedIjkToRas)
+    moving = _sitkImage(_normalized(inputs.moving, footprint, percentiles), inputs.movingIjkToRas)
+    fixedMaskImage = None if inputs.fixedMask is None else _sitkImage(inputs.fixedMask, inputs.fixedIjkToRas, np.uint8)
+    movingMaskImage = _sitkImage(footprint, inputs.movingIjkToRas, np.uint8)
+    initial = initialTransform(initialMapping, inputs.fixed.shape, inputs.fixedIjkToRas, settings)
+    report(progress, 0.05, "refinement: landmark transform sampled")
+    # The metric is sampled in MRI space: the (masked) MRI voxels that the landmark mapping puts in the histology
+    # footprint. A mask on the moving side instead would let the optimiser improve the metric by pushing badly
+    # matching samples out of the footprint (biasing the deformation near the footprint's edges).
+    samplingMask = sitk.Resample(movingMaskImage, fixed, initial, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if fixedMaskImage is not None:
+        samplingMask = sitk.And(samplingMask, fixedMaskImage)
+    images = _Images(fixed, moving, samplingMask, initial, footprint, overlap)
+    images.metricBefore = _metric(settings, fixed, moving, samplingMask, None, initial, sitk.TranslationTransform(3))
+    if not math.isfinite(images.metricBefore):
+        raise _Stop("the similarity metric is not a number at the start (constant or NaN images?)")
+    return images
+
+
+def _correctHistologyShading(images, inputs, settings, progress):
+    """Registers the N4-flattened histology instead (images.moving, metricBefore, biasCorrected) unless that makes
+    the images much less alike at the landmark start."""
+    report(progress, 0.05, "refinement: correcting the histology's intensity non-uniformity (N4)")
+    # fitted over all the imaged tissue (the uneroded footprint, or the caller's mask): measured better than
+    # over the eroded metric footprint, whose edges the field would have to extrapolate
+    support = histologyFootprint(inputs.moving, 0) if inputs.movingMask is None else inputs.movingMask
+    flat = correctBiasField(inputs.moving, support, spacingOf(inputs.movingIjkToRas), settings["biasFieldSpacingMm"],
+                            settings["biasCorrectionMaxVoxels"])
+    corrected = _sitkImage(_normalized(flat, images.footprint, settings["intensityPercentiles"]), inputs.movingIjkToRas)
+    metricBefore = images.metricBefore
+    metricCorrected = _metric(settings, images.fixed, corrected, images.samplingMask, None, images.initial,
+                              sitk.TranslationTransform(3))
+    # Not used when it makes the images much less alike at the landmark start: N4 cannot tell shading from
+    # anatomy that varies as slowly (measured: a smooth-blob phantom lost 53 % of its mutual information).
+    # Removing real shading changes it little at a rough start and raises it near alignment (sample data,
+    # seeds 0-2, 12 and 6 landmarks, measured with N4's default three levels: -1.2 % to +4.5 %), hence a
+    # tolerance rather than "must improve".
+    if math.isfinite(metricCorrected) and \
+            metricCorrected <= metricBefore + settings["biasCorrectionTolerance"] * abs(metricBefore):
+        images.moving, images.metricBefore, images.biasCorrected = corrected, metricCorrected, True
+    else:
+        logging.warning("histology bias correction (N4) not used: it lowers the similarity at the start "
+                        "(%.4f -> %.4f; lower is better), so the field it found is probably anatomy",
+                        metricBefore, metricCorrected)
+
+
+def _samplingRegion(images, fixedShape, settings) -> _Region:
+    """Both stages sample the metric on the part of the MRI that sees histology, cropped tightly: ITK visits every
+    voxel of the fixed image it is given (dense sampling) or draws random ones from it (discarding those outside
+    the mask), so a loose crop costs time or valid samples. The B-spline mesh covers that box plus one control
+    spacing, so the deformation can reach the box's edges and taper off beyond them."""
+    samplingArray = sitk.GetArrayViewFromImage(images.samplingMask)
+    if not samplingArray.any():
+        raise _Stop("empty overlap: no MRI voxel maps into the histology footprint", images.metricBefore)
+    valid = np.argwhere(samplingArray)  # (n, 3) as (k, j, i)
+    box = (valid.min(axis=0), valid.max(axis=0))  # inclusive
+    lo, hi = np.maximum(box[0] - 1, 0), np.minimum(box[1] + 1, np.array(fixedShape) - 1)
+    regionShape = tuple(int(v) for v in hi - lo + 1)
+    croppedFixed = sitk.RegionOfInterest(images.fixed, list(regionShape[::-1]), [int(v) for v in lo[::-1]])
+    croppedMask = sitk.RegionOfInterest(images.samplingMask, croppedFixed.GetSize(), [int(v) for v in lo[::-1]])
+    validFraction = max(float(sitk.GetArrayViewFromImage(croppedMask).mean()), 1e-6)
+    spacingMm = float(settings["controlPointSpacingMm"])
+    pad = np.ceil(spacingMm / np.array(images.fixed.GetSpacing())[::-1]).astype(int)  # k, j, i
+    mesh = (np.maximum(box[0] - pad, 0), np.minimum(box[1] + pad, np.array(fixedShape) - 1))
+    meshShape = tuple(int(v) for v in mesh[1] - mesh[0] + 1)
+    meshImage = sitk.RegionOfInterest(images.fixed, list(meshShape[::-1]), [int(v) for v in mesh[0][::-1]])
+    centre = croppedFixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in croppedFixed.GetSize()])
+    return _Region(box, croppedFixed, croppedMask, validFraction, mesh, meshImage, centre)
+
+
+def _affineStage(images, region, affine, settings, progress, progressRange) -> int:
+    """Optimises `affine` in place over the sampled box; returns the iterations. Stops when the metric turns NaN."""
+    method = _method(settings, region.croppedMask, None, settings["affineShrinkFactors"],
+                     settings["affineSmoothingSigmas"], region.croppedFixed.GetSize()[::-1], region.validFraction,
+                     settings["affineMaxSamples"], settings["affineSamplingPercentage"])
+    # Regular-step gradient descent with physical-shift scales computed here from the region's corners
+    # (ITK's estimator samples randomly, with a wall-clock seed, when the moving transform is not purely
+    # affine: results would change from run to run). The first step shifts voxels by at most
+    # affineStepVoxels fixed voxels and halves on every change of direction, so a start that is already at
+    # the optimum (the landmark fit) stays within a fraction of a voxel of it.
+    step = float(settings["affineStepVoxels"] * min(images.fixed.GetSpacing()))
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=step, minStep=step / 200,
+                                                    numberOfIterations=int(settings["affineIterations"]),
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScales(_affineScales(region.croppedFixed, region.centre))
+    method.SetMovingInitialTransform(images.initial)
+    method.SetInitialTransform(affine, inPlace=True)
+    observer = _run(method, region.croppedFixed, images.moving, progress, *progressRange,
+                    len(settings["affineShrinkFactors"]), settings["affineIterations"], "affine")
+    if observer.nan:
+        raise _Stop("the affine stage diverged (metric became NaN)", images.metricBefore)
+    return observer.count
+
+
+def _bsplineStage(images, region, affine, settings, progress, progressRange):
+    """(B-spline transform, iterations) optimised after `affine`, each coefficient bounded so the B-spline cannot
+    fold. Stops when the metric turns NaN."""
+    # The mesh covers the region only: control points elsewhere would get no image force, and their
+    # number sets the cost of every metric evaluation (ITK's B-spline metric is samples x parameters).
+    spacingMm = float(settings["controlPointSpacingMm"])
+    physicalSize = np.array(region.meshImage.GetSpacing()) * (np.array(region.meshImage.GetSize()) - 1)
+    meshSize = [max(1, int(round(size / spacingMm))) for size in physicalSize]
+    bspline = sitk.BSplineTransformInitializer(region.meshImage, meshSize, order=3)
+    controlSpacing = np.maximum(physicalSize, 1e-6) / np.array(meshSize)
+    logging.info("refine B-spline mesh: %s control intervals, %s mm apart", meshSize,
+                 np.array2string(controlSpacing, precision=2))
+    bound = float(settings["maxCoefficientFraction"] * controlSpacing.min())
+    bsplineFixed, bsplineMask = _denseSamples(region.croppedFixed, region.croppedMask, settings["maxSamples"])
+    method = _method(settings, bsplineMask, None, settings["bsplineShrinkFactors"],
+                     settings["bsplineSmoothingSigmas"], bsplineFixed.GetSize()[::-1], percentage=1.0)
+    iterationsPerLevel = int(settings["bsplineIterations"])
+    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterationsPerLevel,
+                                maximumNumberOfCorrections=5,
+                                maximumNumberOfFunctionEvaluations=iterationsPerLevel,
+                                costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
+    method.SetMovingInitialTransform(sitk.CompositeTransform([images.initial, affine]))
+    method.SetInitialTransform(bspline, inPlace=True)
+    observer = _run(method, bsplineFixed, images.moving, progress, *progressRange,
+                    len(settings["bsplineShrinkFactors"]), iterationsPerLevel, "B-spline")
+    if observer.nan:
+        raise _Stop("the B-spline stage diverged (metric became NaN)", images.metricBefore)
+    return bspline, observer.count
+
+
+def _optimise(images, region, settings, progress, timings):
+    """(affine, B-spline or None, iterations) of the enabled stages; an ITK failure stops the refinement."""
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(region.centre)
+    stages = [s for s in ("affine", "bspline") if settings[s]]
+    ranges = {s: (0.05 + 0.85 * n / len(stages), 0.05 + 0.85 * (n + 1) / len(stages)) for n, s in enumerate(stages)}
+    bspline, iterations = None, 0
+    try:
+        if settings["affine"]:
+            began = time.perf_counter()
+            iterations += _affineStage(images, region, affine, settings, progress, ranges["affine"])
+            timings["affine"] = time.perf_counter() - began
+        if settings["bspline"]:
+            began = time.perf_counter()
+            bspline, count = _bsplineStage(images, region, affine, settings, progress, ranges["bspline"])
+            iterations += count
+            timings["bspline"] = time.perf_counter() - began
+    except RuntimeError as error:  # ITK exceptions: e.g. all samples map outside the moving image
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        raise _Stop(f"SimpleITK registration failed: {message}", images.metricBefore) from None
+    return affine, bspline, iterations
+
+
+def _refinementField(region, affine, bspline, fixedShape, fixedIjkToRas, settings):
+    """(displacement [k, j, i, 3] RAS mm, its grid's IJK->RAS, the affine stage's RAS matrix): the refinement
+    affine(bspline(x)) sampled on a lattice over the fixed grid."""
+    fieldShape, fieldMatrix = _coarsenedGrid(fixedShape, fixedIjkToRas, settings["maxFieldPoints"])
+    points = _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
+    if bspline is not None:
+        # ITK's B-spline is zero outside its domain: taper it to zero over the control spacing beyond the
+        # histology region so the refinement stays continuous (landmark-only + affine where there is no data).
+        taper = _taper(fieldShape, fieldMatrix, fixedIjkToRas, region.box, float(settings["controlPointSpacingMm"]))
+        points = points + taper[..., None] * _transformToField(bspline, fieldShape, fieldMatrix)
+    affineRas = _affineToRas(affine)
+    displacement = points @ affineRas[:3, :3].T + affineRas[:3, 3] - _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
+    return displacement, fieldMatrix, affineRas
+
+
+def _applyGuardRails(result, settings):
+    """Rejects a refinement that diverged, folds or makes the images less alike; else says how the metric moved."""
+    determinants = jacobianDeterminants(result.displacement, result.fieldIjkToRas, settings["jacobianSubsample"])
+    result.minJacobianDeterminant = float(determinants.min())
+    metricBefore, metricAfter = result.metricBefore, result.metricAfter
+    if not (math.isfinite(metricAfter) and np.all(np.isfinite(result.displacement))):
+        result.reject("the refinement diverged (metric or displacement not finite)")
+    elif result.minJacobianDeterminant <= 0:
+        result.reject(f"the refinement folds: Jacobian determinant down to {result.minJacobianDeterminant:.3f} "
+                      f"on {int((determinants <= 0).sum())} grid points")
+    elif metricAfter > metricBefore + settings["metricTolerance"] * abs(metricBefore):
+        result.reject(f"the similarity got worse (metric {metricBefore:.4f} -> {metricAfter:.4f}; lower is better)")
+    elif metricAfter < metricBefore:
+        result.reason = f"similarity improved ({metricBefore:.4f} -> {metricAfter:.4f})"
+    else:  # a start at the optimum: tiny changes of a sharply peaked full-resolution metric
+        result.reason = f"similarity unchanged within tolerance ({metricBefore:.4f} -> {metricAfter:.4f})"
+
+
 def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, initialMapping, fixedMask=None,
                        movingMask=None, settings=None, progress=None) -> RefinementResult:
     """Refine `initialMapping` (fixed/MRI RAS -> moving/histology RAS) by intensity registration.
@@ -643,194 +945,41 @@ def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, i
     """
     start = time.perf_counter()
     settings = refinementSettings(settings)
-    fixedArray, movingArray = np.asarray(fixedArray), np.asarray(movingArray)
-    if fixedArray.ndim != 3 or movingArray.ndim != 3:
-        raise ValueError(f"Refinement needs 3-D [k, j, i] volumes, got {fixedArray.shape} and {movingArray.shape}.")
-    if min(fixedArray.shape) < 4 or min(movingArray.shape) < 4:
-        raise ValueError("Refinement needs volumes at least 4 voxels along every axis.")
-    fixedIjkToRas, _ = _geometry(fixedIjkToRas)
-    movingIjkToRas, _ = _geometry(movingIjkToRas)
-    fixedMask = _checkMask(fixedMask, fixedArray.shape, fixedIjkToRas, "fixed (MRI)")
-    movingMask = _checkMask(movingMask, movingArray.shape, movingIjkToRas, "moving (histology)")
-    for label, array in (("MRI", fixedArray), ("histology", movingArray)):
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                                   f"the {label} volume has voxels that are not a number (NaN/inf): the metric "
-                                   f"would be NaN; fix or mask them", start)
-    userMovingMask = movingMask
-    if movingMask is None:
-        movingMask = histologyFootprint(movingArray, settings["footprintErosionVoxels"])
-        if not movingMask.any():
-            return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                                   "the histology footprint is empty (stack blank or too small to erode)", start)
-
-    report(progress, 0.0, "refinement: preparing")
-    overlap, overlapVoxels = _overlap(initialMapping, fixedArray.shape, fixedIjkToRas, fixedMask,
-                                           movingArray.shape, movingIjkToRas, movingMask)
-    if overlapVoxels < settings["minOverlapVoxels"]:
-        result = _identityResult(
-            initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-            f"empty overlap: the landmark transform maps only ~{overlapVoxels} MRI voxels ({100 * overlap:.1f}%) into "
-            f"the histology footprint (needs {settings['minOverlapVoxels']}); check landmarks and stack spacing", start)
-        result.overlapFraction = overlap
+    inputs = _checkInputs(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, fixedMask, movingMask)
+    timings = {}
+    try:
+        images = _prepareImages(inputs, initialMapping, settings, progress)
+        timings["prepare"] = time.perf_counter() - start
+        if settings["histologyBiasCorrection"]:
+            began = time.perf_counter()
+            _correctHistologyShading(images, inputs, settings, progress)
+            timings["bias_correction"] = time.perf_counter() - began
+        region = _samplingRegion(images, inputs.fixed.shape, settings)
+        affine, bspline, iterations = _optimise(images, region, settings, progress, timings)
+    except _Stop as stop:
+        result = _identityResult(initialMapping, inputs.fixed.shape, inputs.fixedIjkToRas, settings, stop.reason,
+                                 start, stop.metricBefore)
+        if stop.overlapFraction is not None:
+            result.overlapFraction = stop.overlapFraction
+        result.timings = dict(timings, total=result.seconds)
         return result
 
-    fixed = _sitkImage(_normalized(fixedArray, fixedMask, settings["intensityPercentiles"]), fixedIjkToRas)
-    moving = _sitkImage(_normalized(movingArray, movingMask, settings["intensityPercentiles"]), movingIjkToRas)
-    fixedMaskImage = None if fixedMask is None else _sitkImage(fixedMask, fixedIjkToRas, np.uint8)
-    movingMaskImage = _sitkImage(movingMask, movingIjkToRas, np.uint8)
-    initial = initialTransform(initialMapping, fixedArray.shape, fixedIjkToRas, settings)
-    report(progress, 0.05, "refinement: landmark transform sampled")
-    # The metric is sampled in MRI space: the (masked) MRI voxels that the landmark mapping puts in the histology
-    # footprint. A mask on the moving side instead would let the optimiser improve the metric by pushing badly
-    # matching samples out of the footprint (biasing the deformation near the footprint's edges).
-    samplingMask = sitk.Resample(movingMaskImage, fixed, initial, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    if fixedMaskImage is not None:
-        samplingMask = sitk.And(samplingMask, fixedMaskImage)
-
-    identity = sitk.TranslationTransform(3)
-    metricBefore = _metric(settings, fixed, moving, samplingMask, None, initial, identity)
-    if not math.isfinite(metricBefore):
-        return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                               "the similarity metric is not a number at the start (constant or NaN images?)", start)
-    biasCorrected = False
-    if settings["histologyBiasCorrection"]:
-        report(progress, 0.05, "refinement: correcting the histology's intensity non-uniformity (N4)")
-        # fitted over all the imaged tissue (the uneroded footprint, or the caller's mask): measured better than
-        # over the eroded metric footprint, whose edges the field would have to extrapolate
-        support = histologyFootprint(movingArray, 0) if userMovingMask is None else userMovingMask
-        flat = correctBiasField(movingArray, support, spacingOf(movingIjkToRas), settings["biasFieldSpacingMm"],
-                                settings["biasCorrectionMaxVoxels"])
-        corrected = _sitkImage(_normalized(flat, movingMask, settings["intensityPercentiles"]), movingIjkToRas)
-        metricCorrected = _metric(settings, fixed, corrected, samplingMask, None, initial, identity)
-        # Not used when it makes the images much less alike at the landmark start: N4 cannot tell shading from
-        # anatomy that varies as slowly (measured: a smooth-blob phantom lost 53 % of its mutual information).
-        # Removing real shading changes it little at a rough start and raises it near alignment (sample data,
-        # seeds 0-2, 12 and 6 landmarks, measured with N4's default three levels: -1.2 % to +4.5 %), hence a
-        # tolerance rather than "must improve".
-        if math.isfinite(metricCorrected) and \
-                metricCorrected <= metricBefore + settings["biasCorrectionTolerance"] * abs(metricBefore):
-            moving, metricBefore, biasCorrected = corrected, metricCorrected, True
-        else:
-            logging.warning("histology bias correction (N4) not used: it lowers the similarity at the start "
-                            "(%.4f -> %.4f; lower is better), so the field it found is probably anatomy",
-                            metricBefore, metricCorrected)
-
-    # Both stages sample the metric on the part of the MRI that sees histology, cropped tightly: ITK visits every
-    # voxel of the fixed image it is given (dense sampling) or draws random ones from it (discarding those outside
-    # the mask), so a loose crop costs time or valid samples. The B-spline mesh covers that box plus one control
-    # spacing (`meshRegion`), so the deformation can reach the box's edges and taper off beyond them.
-    samplingArray = sitk.GetArrayViewFromImage(samplingMask)
-    if not samplingArray.any():
-        return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                               "empty overlap: no MRI voxel maps into the histology footprint", start, metricBefore)
-    valid = np.argwhere(samplingArray)  # (n, 3) as (k, j, i)
-    box = (valid.min(axis=0), valid.max(axis=0))  # inclusive
-    lo, hi = np.maximum(box[0] - 1, 0), np.minimum(box[1] + 1, np.array(fixedArray.shape) - 1)
-    regionShape = tuple(int(v) for v in hi - lo + 1)
-    croppedFixed = sitk.RegionOfInterest(fixed, list(regionShape[::-1]), [int(v) for v in lo[::-1]])
-    croppedMask = sitk.RegionOfInterest(samplingMask, croppedFixed.GetSize(), [int(v) for v in lo[::-1]])
-    validFraction = max(float(sitk.GetArrayViewFromImage(croppedMask).mean()), 1e-6)
-    spacingMm = float(settings["controlPointSpacingMm"])
-    pad = np.ceil(spacingMm / np.array(fixed.GetSpacing())[::-1]).astype(int)  # k, j, i
-    region = (np.maximum(box[0] - pad, 0), np.minimum(box[1] + pad, np.array(fixedArray.shape) - 1))
-    meshShape = tuple(int(v) for v in region[1] - region[0] + 1)
-    meshRegion = sitk.RegionOfInterest(fixed, list(meshShape[::-1]), [int(v) for v in region[0][::-1]])
-    # The data box's centre is the affine's centre of rotation/scaling.
-    centre = croppedFixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in croppedFixed.GetSize()])
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(centre)
-    stages = [s for s in ("affine", "bspline") if settings[s]]
-    iterations = 0
-    ranges = {s: (0.05 + 0.85 * n / len(stages), 0.05 + 0.85 * (n + 1) / len(stages)) for n, s in enumerate(stages)}
-    bspline = None
-    try:
-        if settings["affine"]:
-            method = _method(settings, croppedMask, None, settings["affineShrinkFactors"],
-                             settings["affineSmoothingSigmas"], regionShape, validFraction,
-                             settings["affineMaxSamples"], settings["affineSamplingPercentage"])
-            # Regular-step gradient descent with physical-shift scales computed here from the region's corners
-            # (ITK's estimator samples randomly, with a wall-clock seed, when the moving transform is not purely
-            # affine: results would change from run to run). The first step shifts voxels by at most
-            # affineStepVoxels fixed voxels and halves on every change of direction, so a start that is already at
-            # the optimum (the landmark fit) stays within a fraction of a voxel of it.
-            step = float(settings["affineStepVoxels"] * min(fixed.GetSpacing()))
-            method.SetOptimizerAsRegularStepGradientDescent(learningRate=step, minStep=step / 200,
-                                                            numberOfIterations=int(settings["affineIterations"]),
-                                                            relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-            method.SetOptimizerScales(_affineScales(croppedFixed, centre))
-            method.SetMovingInitialTransform(initial)
-            method.SetInitialTransform(affine, inPlace=True)
-            observer = _run(method, croppedFixed, moving, progress, *ranges["affine"],
-                            len(settings["affineShrinkFactors"]), settings["affineIterations"], "affine")
-            iterations += observer.count
-            if observer.nan:
-                return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                                       "the affine stage diverged (metric became NaN)", start, metricBefore)
-        if settings["bspline"]:
-            # The mesh covers the region only: control points elsewhere would get no image force, and their
-            # number sets the cost of every metric evaluation (ITK's B-spline metric is samples x parameters).
-            physicalSize = np.array(meshRegion.GetSpacing()) * (np.array(meshRegion.GetSize()) - 1)
-            meshSize = [max(1, int(round(size / spacingMm))) for size in physicalSize]
-            bspline = sitk.BSplineTransformInitializer(meshRegion, meshSize, order=3)
-            controlSpacing = np.maximum(physicalSize, 1e-6) / np.array(meshSize)
-            logging.info("refine B-spline mesh: %s control intervals, %s mm apart", meshSize,
-                         np.array2string(controlSpacing, precision=2))
-            bound = float(settings["maxCoefficientFraction"] * controlSpacing.min())
-            bsplineFixed, bsplineMask = _denseSamples(croppedFixed, croppedMask, settings["maxSamples"])
-            method = _method(settings, bsplineMask, None, settings["bsplineShrinkFactors"],
-                             settings["bsplineSmoothingSigmas"], bsplineFixed.GetSize()[::-1], percentage=1.0)
-            iterationsPerLevel = int(settings["bsplineIterations"])
-            method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterationsPerLevel,
-                                        maximumNumberOfCorrections=5,
-                                        maximumNumberOfFunctionEvaluations=iterationsPerLevel,
-                                        costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)
-            method.SetMovingInitialTransform(sitk.CompositeTransform([initial, affine]))
-            method.SetInitialTransform(bspline, inPlace=True)
-            observer = _run(method, bsplineFixed, moving, progress, *ranges["bspline"],
-                            len(settings["bsplineShrinkFactors"]), iterationsPerLevel, "B-spline")
-            iterations += observer.count
-            if observer.nan:
-                return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                                       "the B-spline stage diverged (metric became NaN)", start, metricBefore)
-    except RuntimeError as error:  # ITK exceptions: e.g. all samples map outside the moving image
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        return _identityResult(initialMapping, fixedArray.shape, fixedIjkToRas, settings,
-                               f"SimpleITK registration failed: {message}", start, metricBefore)
-
     report(progress, 0.9, "refinement: sampling the displacement field")
-    fieldShape, fieldMatrix = _coarsenedGrid(fixedArray.shape, fixedIjkToRas, settings["maxFieldPoints"])
-    points = _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
-    if bspline is not None:
-        # ITK's B-spline is zero outside its domain: taper it to zero over the control spacing beyond the
-        # histology region so the refinement stays continuous (landmark-only + affine where there is no data).
-        taper = _taper(fieldShape, fieldMatrix, fixedIjkToRas, box, spacingMm)
-        points = points + taper[..., None] * _transformToField(bspline, fieldShape, fieldMatrix)
-    affineRas = _affineToRas(affine)
-    displacement = points @ affineRas[:3, :3].T + affineRas[:3, 3] - _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
-    del points
-    metricAfter = _metric(settings, fixed, moving, samplingMask, None, initial,
+    began = time.perf_counter()
+    displacement, fieldMatrix, affineRas = _refinementField(region, affine, bspline, inputs.fixed.shape,
+                                                            inputs.fixedIjkToRas, settings)
+    metricAfter = _metric(settings, images.fixed, images.moving, images.samplingMask, None, images.initial,
                           _fieldTransform(displacement, fieldMatrix))
-    result = RefinementResult(initialMapping, displacement, fieldMatrix, metricBefore, metricAfter, iterations,
+    timings["field"] = time.perf_counter() - began
+    result = RefinementResult(initialMapping, displacement, fieldMatrix, images.metricBefore, metricAfter, iterations,
                               time.perf_counter() - start, accepted=True, reason="", settings=settings,
-                              refinementAffine=affineRas)
-    result.overlapFraction = overlap
-    result.region = region
-    result.biasCorrected = biasCorrected
-    determinants = jacobianDeterminants(displacement, fieldMatrix, settings["jacobianSubsample"])
-    result.minJacobianDeterminant = float(determinants.min())
-    if not (math.isfinite(metricAfter) and np.all(np.isfinite(displacement))):
-        result.reject("the refinement diverged (metric or displacement not finite)")
-    elif result.minJacobianDeterminant <= 0:
-        result.reject(f"the refinement folds: Jacobian determinant down to {result.minJacobianDeterminant:.3f} "
-                      f"on {int((determinants <= 0).sum())} grid points")
-    elif metricAfter > metricBefore + settings["metricTolerance"] * abs(metricBefore):
-        result.reject(f"the similarity got worse (metric {metricBefore:.4f} -> {metricAfter:.4f}; lower is better)")
-    elif metricAfter < metricBefore:
-        result.reason = f"similarity improved ({metricBefore:.4f} -> {metricAfter:.4f})"
-    else:  # a start at the optimum: tiny changes of a sharply peaked full-resolution metric
-        result.reason = f"similarity unchanged within tolerance ({metricBefore:.4f} -> {metricAfter:.4f})"
+                              refinementAffine=affineRas, overlapFraction=images.overlap, region=region.mesh,
+                              biasCorrected=images.biasCorrected)
+    began = time.perf_counter()
+    _applyGuardRails(result, settings)
+    timings["guard_rails"] = time.perf_counter() - began
     result.seconds = time.perf_counter() - start
+    result.timings = dict(timings, total=result.seconds)
     report(progress, 1.0, "refinement: done")
     logging.info("%s", result.summary())
     return result
