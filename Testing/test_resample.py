@@ -272,6 +272,29 @@ def test_nearest_interpolation_and_fill_outside_the_source():
         resample.resampleToGrid((source, srcM), AffineMapping(shift), refShape, refM, interpolation="cubic")
 
 
+def test_every_mapping_class_derives_from_the_mapping_interface():
+    """Code asks mapping.Mapping for the affine part and the Jacobian: a mapping class that is not one would
+    silently lose its affine start and analytic Jacobian. Objects of the older duck-typed convention are wrapped
+    by asMapping (with their own Jacobian and affine part); anything else is refused."""
+    import inspect
+
+    from MRIHistoRegLib import compare, fitting, mapping, refine, sampledata, transforms
+
+    found = [cls for module in (mapping, fitting, refine, resample, compare, sampledata, transforms)
+             for _, cls in inspect.getmembers(module, inspect.isclass)
+             if cls.__module__ == module.__name__ and hasattr(cls, "transformPoints")]
+    assert len(found) >= 10
+    assert [cls for cls in found if not issubclass(cls, mapping.Mapping)] == []
+    warp = SineWarp(affine())
+    wrapped = mapping.asMapping(warp)
+    assert isinstance(wrapped, mapping.Mapping) and np.array_equal(wrapped.linearMatrix(), affine())
+    points = np.random.default_rng(0).uniform(0, 2, (5, 3))
+    assert np.array_equal(mapping.jacobianOf(warp, points), warp.jacobian(points))
+    assert mapping.asMapping(AffineMapping(affine())).isLinear
+    with pytest.raises(ValueError, match="transformPoints"):
+        mapping.asMapping(np.eye(4))
+
+
 def test_sitkImageGeometryIsTheRasMatrixInLps():
     """volumes.sitkImageFromArray: every voxel's SimpleITK (LPS) physical point is its RAS position, x/y negated."""
     from MRIHistoRegLib.volumes import sitkImageFromArray

@@ -626,8 +626,34 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
                          "LatticeMapping(mapping, referenceShape, referenceIjkToRas, inv(source ijkToRas)).")
     timings = {"lattice": time.perf_counter() - started}
 
-    # ---- the image to interpolate once: the source itself or an area-averaged level of it
     levelStart = time.perf_counter()
+    level = _interpolationLevel(src, lattice, interpolation, antiAlias, antiAliasThreshold, progress)
+    timings["level"] = time.perf_counter() - levelStart
+
+    sampleStart = time.perf_counter()
+    output = _interpolateOnce(src, lattice, level, shape, interpolation, fill, progress)
+    timings["resample"] = time.perf_counter() - sampleStart
+    timings["total"] = time.perf_counter() - started
+
+    info = _resamplingInfo(src, lattice, level, reference, interpolation, antiAlias, timings)
+    logging.info("Resampled onto %s: lattice step %s voxels (max error %.3g voxel), level spacing %s mm, %.2f s",
+                 shape[::-1], info["lattice_step_voxels"], lattice.maxErrorVoxels, info["level_spacing_mm"],
+                 timings["total"])
+    return output, info
+
+
+class _Level:
+    """The image resampleToGrid interpolates once: `array` (None: read the stack's planes as needed), its IJK->RAS
+    `geometry`, the affine `toLevel` from continuous source to level indices, the source's own footprint in level
+    indices (`bounds`), and how it was made (`by`, `factors`, `medianFootprint`)."""
+
+    def __init__(self, array, geometry, toLevel, bounds, by, factors, medianFootprint):
+        self.array, self.geometry, self.toLevel, self.bounds = array, geometry, toLevel, bounds
+        self.by, self.factors, self.medianFootprint = by, factors, medianFootprint
+
+
+def _interpolationLevel(src, lattice, interpolation, antiAlias, antiAliasThreshold, progress) -> _Level:
+    """The source itself or, where one output voxel covers many source voxels, an area-averaged level of it."""
     factors, medianFootprint = (_antiAliasFactors(lattice, src.shape, antiAliasThreshold) if antiAlias
                                 else (np.ones(3), None))
     level, levelGeometry, levelBy = None, src.ijkToRas, None
@@ -640,6 +666,7 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
         level = src.array
     # continuous source index -> continuous level index (affine, applied to the lattice's coordinates)
     toLevel = np.linalg.inv(levelGeometry) @ src.ijkToRas
+    bounds = None
     if level is not None:
         # the inside test uses the source's own footprint, expressed in level indices
         corners = np.array([[-0.5, -0.5, -0.5], np.array(src.shape[::-1], float) - 0.5])
@@ -647,15 +674,17 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
         bounds = tuple((float(min(cornersLevel[:, a])), float(max(cornersLevel[:, a]))) for a in range(3))
         if level.dtype.kind not in "fc" or level.dtype.itemsize > 4:
             level = level.astype(np.float32) if interpolation == "linear" else level
-    timings["level"] = time.perf_counter() - levelStart
+    return _Level(level, levelGeometry, toLevel, bounds, levelBy, factors, medianFootprint)
 
-    # ---- one interpolation, slab by slab over the output
-    sampleStart = time.perf_counter()
+
+def _interpolateOnce(src, lattice, level, shape, interpolation, fill, progress):
+    """One interpolation of the level (or the stack's planes), slab by slab over the output grid."""
     nk, nj, ni = shape
     output = np.empty(shape, np.float32)
     slab = max(1, _SLAB_VOXELS // (nj * ni))
     js = np.arange(nj, dtype=float)
     is_ = np.arange(ni, dtype=float)
+    toLevel = level.toLevel
     identity = np.allclose(toLevel, np.eye(4))
     sampler = sampleLinear if interpolation == "linear" else sampleNearest
     planeCache = {}
@@ -667,32 +696,30 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
             flatCoords[:] = (toLevel[:3, :3].astype(np.float32) @ flatCoords
                              + toLevel[:3, 3].astype(np.float32)[:, None])
         ci, cj, ck = coords[0], coords[1], coords[2]
-        if level is not None:
-            output[k0:k1] = sampler(level, ci, cj, ck, bounds=bounds, fill=fill)
+        if level.array is not None:
+            output[k0:k1] = sampler(level.array, ci, cj, ck, bounds=level.bounds, fill=fill)
         else:
             output[k0:k1] = _sampleFromStack(src, sampler, ci, cj, ck, planeCache, fill)
         progressLib.report(progress, 0.5 + 0.5 * k1 / nk, "resampling")
-    timings["resample"] = time.perf_counter() - sampleStart
-    timings["total"] = time.perf_counter() - started
+    return output
 
-    levelSpacing = spacingOf(levelGeometry)
+
+def _resamplingInfo(src, lattice, level, reference, interpolation, antiAlias, timings) -> dict:
     info = dict(lattice.info())
     info.update({
         "interpolation": interpolation,
         "anti_alias": bool(antiAlias),
-        "anti_alias_factors": [round(float(f), 4) for f in factors],
-        "median_footprint_source_voxels": None if medianFootprint is None else [round(float(f), 3) for f in medianFootprint],
-        "level_spacing_mm": [round(float(s), 6) for s in levelSpacing],
-        "level_shape_kji": list(level.shape) if level is not None and level is not src.array else None,
-        "level_by": levelBy,
+        "anti_alias_factors": [round(float(f), 4) for f in level.factors],
+        "median_footprint_source_voxels": (None if level.medianFootprint is None
+                                           else [round(float(f), 3) for f in level.medianFootprint]),
+        "level_spacing_mm": [round(float(s), 6) for s in spacingOf(level.geometry)],
+        "level_shape_kji": list(level.array.shape) if level.array is not None and level.array is not src.array else None,
+        "level_by": level.by,
         "source_spacing_mm": [round(float(s), 6) for s in spacingOf(src.ijkToRas)],
         "output_spacing_mm": [round(float(s), 6) for s in spacingOf(reference)],
         "timing_s": {key: round(value, 4) for key, value in timings.items()},
     })
-    logging.info("Resampled onto %s: lattice step %s voxels (max error %.3g voxel), level spacing %s mm, %.2f s",
-                 shape[::-1], info["lattice_step_voxels"], lattice.maxErrorVoxels, info["level_spacing_mm"],
-                 timings["total"])
-    return output, info
+    return info
 
 
 def _sampleFromStack(src, sampler, ci, cj, ck, planeCache, fill):
