@@ -6,7 +6,6 @@ All computation lives in MRIHistoRegLib (Qt-free, also used headless and by pyte
 to the panel.
 """
 import contextlib
-import logging
 import os
 import pathlib
 from typing import Annotated, Optional, Union

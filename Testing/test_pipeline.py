@@ -177,3 +177,26 @@ def test_refined_run_saves_the_whole_chain_in_transform_h5(sample, demoRun, tmp_
     _, truthPoints = landmarks.readPoints(sample / "eval_points_histology.csv")
     byLabel = {p["label"]: p["tre_histology_space_mm"] for p in report["evaluation"]["points"]}
     np.testing.assert_allclose(np.linalg.norm(points - truthPoints, axis=1), [byLabel[label] for label in labels], atol=1e-3)
+
+
+def test_the_cli_tells_a_user_error_from_a_bug(tmp_path, caplog, monkeypatch):
+    """A user error prints its fix and exits 2; an internal error (here a ValueError raised inside a step, as a bug
+    would) prints a traceback and exits 1 instead of being passed off as the user's mistake."""
+    import logging
+
+    from MRIHistoRegLib import cli, pipeline
+
+    caplog.set_level(logging.INFO)
+    assert cli.main(["run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")]) == 2
+    assert "Traceback" not in caplog.text
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal: shapes (3,) and (4,) not aligned")
+
+    monkeypatch.setattr(pipeline, "runPipeline", broken)
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    monkeypatch.setattr("MRIHistoRegLib.config.loadConfig", lambda path: None)
+    caplog.clear()
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "out")]) == 1
+    assert "Traceback" in caplog.text and "internal: shapes" in caplog.text

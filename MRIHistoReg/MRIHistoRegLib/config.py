@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-MODELS = ("rigid", "similarity", "affine", "affine+tps")
+from .settings import MODELS  # noqa: E402  (one table: settings.py)
+from .errors import UserInputError
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "working_spacing_mm",
                  "labels", "evaluate_points", "name", "tps_regularization"}
 
@@ -36,10 +37,22 @@ class RunConfig:
     tpsRegularization: float = 0.0
     labels: Dict[str, str] = field(default_factory=dict)
     evaluatePoints: Dict[str, str] = field(default_factory=dict)
+    refinePreset: str = "affine + B-spline"  # a name of settings.REFINE_PRESETS
+    refineOverrides: Dict[str, object] = field(default_factory=dict)  # on top of the preset (CLI options)
+    mriMask: Optional[str] = None
+    resample: bool = True  # the `refine` command stops before the resampling
+    bigWarpFlipXY: bool = True  # BigWarp point files: Fiji x, y -> RAS -x, -y (landmarks module)
+
+    @property
+    def refineSettings(self) -> dict:
+        from .settings import refineSettings
+
+        return refineSettings(self.refinePreset, self.refineOverrides)
 
     def inputFiles(self) -> Dict[str, str]:
-        """Every input path by role (for checksums in the report)."""
-        files = {"mri": self.mri, "histology": self.histology}
+        """Every input path by role (for checksums in the report); steps left out have none."""
+        files = {role: path for role, path in (("mri", self.mri), ("histology", self.histology), ("mri_mask", self.mriMask))
+                 if path}
         files.update({f"landmarks.{k}": v for k, v in self.landmarks.items()})
         files.update({f"labels.{k}": v for k, v in self.labels.items()})
         files.update({f"evaluate_points.{k}": v for k, v in self.evaluatePoints.items()})
@@ -50,34 +63,34 @@ def loadConfig(path) -> RunConfig:
     """Read and validate a run configuration; ValueError names the offending field and the fix."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
-        raise ValueError(f"Config file not found: {path}. Check the path.")
+        raise UserInputError(f"Config file not found: {path}. Check the path.")
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as error:
-        raise ValueError(f"Config {path} is not valid JSON ({error}). Fix the syntax at that line.") from None
+        raise UserInputError(f"Config {path} is not valid JSON ({error}). Fix the syntax at that line.") from None
     return parseConfig(raw, path)
 
 
 def parseConfig(raw, path) -> RunConfig:
     if not isinstance(raw, dict):
-        raise ValueError(f"Config {path}: the top level must be a JSON object with fields mri, histology, landmarks, ...")
+        raise UserInputError(f"Config {path}: the top level must be a JSON object with fields mri, histology, landmarks, ...")
     folder = os.path.dirname(os.path.abspath(path))
     unknown = sorted(set(raw) - _KNOWN_FIELDS)
     if unknown:
-        raise ValueError(f"Config {path}: unknown field(s) {unknown}; known fields are {sorted(_KNOWN_FIELDS)}.")
+        raise UserInputError(f"Config {path}: unknown field(s) {unknown}; known fields are {sorted(_KNOWN_FIELDS)}.")
 
     def requireField(key):
         if key not in raw:
-            raise ValueError(f"Config {path}: required field '{key}' is missing.")
+            raise UserInputError(f"Config {path}: required field '{key}' is missing.")
         return raw[key]
 
     def existingPath(key, value, kind="file or folder"):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"Config {path}: field '{key}' must be a path string, got {value!r}.")
+            raise UserInputError(f"Config {path}: field '{key}' must be a path string, got {value!r}.")
         full = value if os.path.isabs(value) else os.path.join(folder, value)
         if not os.path.exists(full):
-            raise ValueError(f"Config {path}: field '{key}' points to {full}, which does not exist. Fix the path "
+            raise UserInputError(f"Config {path}: field '{key}' points to {full}, which does not exist. Fix the path "
                              f"(relative paths resolve against the config's folder).")
         return os.path.normpath(full)
 
@@ -85,10 +98,10 @@ def parseConfig(raw, path) -> RunConfig:
         value = raw.get(key)
         if value is None:
             if required:
-                raise ValueError(f"Config {path}: required field '{key}' is missing; it needs {{\"mri\": ..., \"histology\": ...}}.")
+                raise UserInputError(f"Config {path}: required field '{key}' is missing; it needs {{\"mri\": ..., \"histology\": ...}}.")
             return {}
         if not isinstance(value, dict) or set(value) != {"mri", "histology"}:
-            raise ValueError(f"Config {path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
+            raise UserInputError(f"Config {path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
         return {side: existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
 
     spacing = raw.get("histology_spacing_um")
@@ -96,23 +109,23 @@ def parseConfig(raw, path) -> RunConfig:
         if (not isinstance(spacing, list) or len(spacing) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing)
                 or not all(math.isfinite(v) and v > 0 for v in spacing)):
-            raise ValueError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
+            raise UserInputError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
                              f"micrometres (i, j, k order), got {spacing!r}.")
         spacing = [float(v) for v in spacing]
 
     model = raw.get("model", "affine+tps")
     if model not in MODELS:
-        raise ValueError(f"Config {path}: field 'model' must be one of {list(MODELS)}, got {model!r}.")
+        raise UserInputError(f"Config {path}: field 'model' must be one of {list(MODELS)}, got {model!r}.")
     refine = raw.get("refine", False)
     if not isinstance(refine, bool):
-        raise ValueError(f"Config {path}: field 'refine' must be true or false, got {refine!r}.")
+        raise UserInputError(f"Config {path}: field 'refine' must be true or false, got {refine!r}.")
     working = _positiveNumber(raw.get("working_spacing_mm", 0.1), "working_spacing_mm", path)
     regularization = raw.get("tps_regularization", 0.0)
     if not isinstance(regularization, (int, float)) or isinstance(regularization, bool) or not (regularization >= 0):
-        raise ValueError(f"Config {path}: field 'tps_regularization' must be a number >= 0, got {regularization!r}.")
+        raise UserInputError(f"Config {path}: field 'tps_regularization' must be a number >= 0, got {regularization!r}.")
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
     if not isinstance(name, str):
-        raise ValueError(f"Config {path}: field 'name' must be a string, got {name!r}.")
+        raise UserInputError(f"Config {path}: field 'name' must be a string, got {name!r}.")
 
     return RunConfig(
         path=path,
@@ -132,5 +145,5 @@ def parseConfig(raw, path) -> RunConfig:
 
 def _positiveNumber(value, key, path):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Config {path}: field '{key}' must be a positive number (mm), got {value!r}.")
+        raise UserInputError(f"Config {path}: field '{key}' must be a positive number (mm), got {value!r}.")
     return float(value)

@@ -39,6 +39,7 @@ import numpy as np
 
 from MRIHistoRegLib.outputs import silentRemove
 from MRIHistoRegLib.progress import Cancelled, report
+from .errors import UserInputError
 
 LOG = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _factors(source, targetSpacingMm):
     factors = target / spacing
     if np.any(factors < 1 - 1e-6):
         axes = ", ".join(f"{'ijk'[a]}: {target[a]:.6g} < {spacing[a]:.6g} mm" for a in range(3) if factors[a] < 1 - 1e-6)
-        raise ValueError(f"Target spacing {tuple(target)} mm is finer than the stack's spacing {tuple(spacing)} mm ({axes}). "
+        raise UserInputError(f"Target spacing {tuple(target)} mm is finer than the stack's spacing {tuple(spacing)} mm ({axes}). "
                          f"Downsampling only makes voxels bigger: choose a target of at least the stack's spacing "
                          f"(or correct the stack's spacing first if it is wrong).")
     return np.maximum(factors, 1.0), target
@@ -124,7 +125,7 @@ def resolveCrop(source, crop):
         return tuple((0, n) for n in sizes)
     if isinstance(crop, dict):
         if set(crop) != {"mm"}:
-            raise ValueError("A crop dict must be {'mm': ((x0, x1), (y0, y1), (z0, z1))}; give voxel ranges as a plain tuple.")
+            raise UserInputError("A crop dict must be {'mm': ((x0, x1), (y0, y1), (z0, z1))}; give voxel ranges as a plain tuple.")
         ranges = []
         for axis, pair in enumerate(crop["mm"]):
             if pair is None:
@@ -134,7 +135,7 @@ def resolveCrop(source, crop):
             ranges.append((int(round(float(pair[0]) / s)), int(round(float(pair[1]) / s))))
         crop = ranges
     if len(crop) != 3:
-        raise ValueError(f"Crop must have three ranges (i, j, k), got {crop!r}.")
+        raise UserInputError(f"Crop must have three ranges (i, j, k), got {crop!r}.")
     result = []
     for axis, (pair, n) in enumerate(zip(crop, sizes)):
         if pair is None:
@@ -142,7 +143,7 @@ def resolveCrop(source, crop):
             continue
         a, b = (int(pair[0]) if pair[0] is not None else 0), (int(pair[1]) if pair[1] is not None else n)
         if not (0 <= a < b <= n):
-            raise ValueError(f"Crop range {'ijk'[axis]} = [{a}, {b}) is empty or outside the stack (0..{n}). "
+            raise UserInputError(f"Crop range {'ijk'[axis]} = [{a}, {b}) is empty or outside the stack (0..{n}). "
                              f"Give increasing ranges within the stack's size {sizes} (i, j, k).")
         result.append((a, b))
     return tuple(result)
@@ -570,13 +571,13 @@ def checkWritable(outPath):
     outPath = os.fspath(outPath)
     folder = os.path.dirname(os.path.abspath(outPath))
     if not os.path.isdir(folder):
-        raise ValueError(f"Cannot write {outPath}: folder {folder} does not exist. Create it or choose another --out.")
+        raise UserInputError(f"Cannot write {outPath}: folder {folder} does not exist. Create it or choose another --out.")
     if os.path.isdir(outPath):
-        raise ValueError(f"Cannot write {outPath}: it is a folder. Give a file name such as {os.path.join(outPath, 'downsampled.nrrd')}.")
+        raise UserInputError(f"Cannot write {outPath}: it is a folder. Give a file name such as {os.path.join(outPath, 'downsampled.nrrd')}.")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"Cannot write {outPath}: folder {folder} is not writable. Choose another output location.")
+        raise UserInputError(f"Cannot write {outPath}: folder {folder} is not writable. Choose another output location.")
     if os.path.exists(outPath) and not os.access(outPath, os.W_OK):
-        raise ValueError(f"Cannot write {outPath}: the file exists and is read-only. Remove it or choose another name.")
+        raise UserInputError(f"Cannot write {outPath}: the file exists and is read-only. Remove it or choose another name.")
 
 
 def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
@@ -614,7 +615,7 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
         os.replace(temp, outPath)
     except (OSError, RuntimeError) as error:
         silentRemove(temp)
-        raise ValueError(f"Cannot write {outPath} ({error}). Check the folder is writable and has free space.") from error
+        raise UserInputError(f"Cannot write {outPath} ({error}). Check the folder is writable and has free space.") from error
     except BaseException:
         silentRemove(temp)
         raise

@@ -28,7 +28,7 @@ import numpy as np
 
 from .mapping import Mapping, asPoints, invertPoints
 
-MODELS = ("rigid", "similarity", "affine", "affine+tps")
+from .settings import MODELS  # noqa: E402  (one table: settings.py)
 MINIMUM_POINTS = {"rigid": 3, "similarity": 3, "affine": 4, "affine+tps": 5}
 DUPLICATE_TOLERANCE_MM = 1e-6
 DEGENERACY_TOLERANCE = 1e-6  # singular value ratio below which points count as collinear / coplanar

@@ -39,6 +39,7 @@ import numpy as np
 import slicer
 
 from .mapping import asPoints
+from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def pairLandmarks(fixedNode, movingNode) -> LandmarkPairs:
     raised for unpaired points: they are listed in the result (and logged); fitting checks the count.
     """
     if fixedNode is None or movingNode is None:
-        raise ValueError("Pairing needs two markups point lists: select both the fixed (MRI) and the moving "
+        raise UserInputError("Pairing needs two markups point lists: select both the fixed (MRI) and the moving "
                          "(histology) list.")
     fixedRecords, movingRecords = _controlPoints(fixedNode), _controlPoints(movingNode)
     fixedLabels = [r[0] for r in fixedRecords if r[0]]
@@ -207,7 +208,7 @@ def _readWithStorageNode(path, storageClassName) -> PointRecords:
     scene.AddNode(storage)
     storage.SetFileName(os.fspath(path))
     if not storage.ReadData(node):
-        raise ValueError(f"Could not read markups from {path} (expected a Slicer markups file).")
+        raise UserInputError(f"Could not read markups from {path} (expected a Slicer markups file).")
     records = _controlPoints(node)
     return PointRecords([r[0] for r in records], np.array([r[1] for r in records], float).reshape(-1, 3),
                         [r[2] for r in records], [r[3] for r in records])
@@ -217,7 +218,7 @@ def _float(text, path, row):
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{path}, row {row}: '{text}' is not a number. Expected rows 'label,x,y,z' in mm.") from None
+        raise UserInputError(f"{path}, row {row}: '{text}' is not a number. Expected rows 'label,x,y,z' in mm.") from None
 
 
 def _readSlicerCsv(path) -> PointRecords:
@@ -246,7 +247,7 @@ def _readPlainCsv(path) -> PointRecords:
     labels, points = [], []
     for number, row in enumerate(rows, start=1):
         if len(row) < 4:
-            raise ValueError(f"{path}, row {number}: expected 'label,x,y,z' (RAS mm), got {','.join(row)}.")
+            raise UserInputError(f"{path}, row {number}: expected 'label,x,y,z' (RAS mm), got {','.join(row)}.")
         labels.append(row[0].strip())
         points.append([_float(v, path, number) for v in row[1:4]])
     return PointRecords(labels, np.array(points, float).reshape(-1, 3), [True] * len(labels), [True] * len(labels))
@@ -261,7 +262,7 @@ def readBigWarpLandmarks(path, flipXY=True):
     labels, fixed, moving, active = [], [], [], []
     for number, row in enumerate(rows, start=1):
         if len(row) != 8:
-            raise ValueError(f"{path}, row {number}: a 3-D BigWarp landmark row has 8 fields (name, active, moving "
+            raise UserInputError(f"{path}, row {number}: a 3-D BigWarp landmark row has 8 fields (name, active, moving "
                              f"x y z, fixed x y z), got {len(row)}.")
         labels.append(row[0])
         active.append(row[1].strip().lower() == "true")
@@ -278,7 +279,7 @@ def writeBigWarpLandmarks(path, labels, fixedPoints, movingPoints, active=None, 
     (default): RAS (r, a, s) -> Fiji (-r, -a, s); False: as given (see module notes)."""
     fixed, moving = asPoints(fixedPoints), asPoints(movingPoints)
     if not (len(labels) == len(fixed) == len(moving)):
-        raise ValueError(f"BigWarp export needs one label per pair: {len(labels)} labels, {len(fixed)} fixed, "
+        raise UserInputError(f"BigWarp export needs one label per pair: {len(labels)} labels, {len(fixed)} fixed, "
                          f"{len(moving)} moving points.")
     if flipXY:
         fixed, moving = fixed * [-1, -1, 1], moving * [-1, -1, 1]
@@ -296,7 +297,7 @@ def readPointRecords(path, role="fixed", flipXY=True) -> PointRecords:
     notes); other formats ignore flipXY."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"Point file not found: {path}. Check the path.")
+        raise UserInputError(f"Point file not found: {path}. Check the path.")
     kind = detectFormat(path)
     if kind == "mrk.json":
         return _readWithStorageNode(path, "vtkMRMLMarkupsJsonStorageNode")
@@ -306,7 +307,7 @@ def readPointRecords(path, role="fixed", flipXY=True) -> PointRecords:
         return _readSlicerCsv(path)
     if kind == "bigwarp":
         if role not in ("fixed", "moving"):
-            raise ValueError(f"{path} is a BigWarp pair file: choose role='fixed' or role='moving'.")
+            raise UserInputError(f"{path} is a BigWarp pair file: choose role='fixed' or role='moving'.")
         labels, fixed, moving, active = readBigWarpLandmarks(path, flipXY)
         return PointRecords(labels, fixed if role == "fixed" else moving, active, [True] * len(labels))
     return _readPlainCsv(path)
@@ -322,7 +323,7 @@ def _checkLabelledPoints(labels, points):
     points = np.asarray(points, float).reshape(-1, 3)
     labels = [str(label) for label in labels]
     if len(labels) != len(points):
-        raise ValueError(f"{len(labels)} labels for {len(points)} points: give one label per point.")
+        raise UserInputError(f"{len(labels)} labels for {len(points)} points: give one label per point.")
     return labels, points
 
 
@@ -335,7 +336,7 @@ def writePoints(path, labels, points, format=None, selected=None) -> str:
         lower = path.lower()
         format = "mrk.json" if lower.endswith(".json") else "fcsv" if lower.endswith(".fcsv") else "csv"
     if format not in FORMATS or format == "bigwarp":
-        raise ValueError(f"Unknown point format '{format}': use 'mrk.json', 'fcsv', 'slicer-csv' or 'csv' "
+        raise UserInputError(f"Unknown point format '{format}': use 'mrk.json', 'fcsv', 'slicer-csv' or 'csv' "
                          "(writeBigWarpLandmarks for BigWarp pairs).")
     selected = [True] * len(labels) if selected is None else [bool(s) for s in selected]
     folder = os.path.dirname(os.path.abspath(path))
@@ -350,7 +351,7 @@ def writePoints(path, labels, points, format=None, selected=None) -> str:
         scene.AddNode(storage)
         storage.SetFileName(path)
         if not storage.WriteData(node):
-            raise ValueError(f"Could not write {path}; check the folder is writable.")
+            raise UserInputError(f"Could not write {path}; check the folder is writable.")
         return path
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream, lineterminator="\n")
@@ -383,7 +384,7 @@ def markupsFromPoints(scene, labels, points, name="Landmarks", selected=None):
     labels, points = _checkLabelledPoints(labels, points)
     if not np.isfinite(points).all():
         bad = [labels[i] for i in np.flatnonzero(~np.isfinite(points).all(axis=1))]
-        raise ValueError(f"Points with NaN/infinite coordinates: {', '.join(bad)}. Fix or drop them first.")
+        raise UserInputError(f"Points with NaN/infinite coordinates: {', '.join(bad)}. Fix or drop them first.")
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
     _fillNode(node, labels, points, selected)
     node.CreateDefaultDisplayNodes()

@@ -28,9 +28,7 @@ from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-SPACING_UNITS = ("um", "mm")
-MODELS = ("rigid", "similarity", "affine", "affine+tps")
-REFERENCE_GRIDS = ("MRI", "custom spacing")
+from .settings import MODELS, REFERENCE_GRIDS, REFINE_PRESETS, SPACING_UNITS  # noqa: E402,F401 (the panel imports them here)
 
 # The MRML node types the methods take (annotations).
 VolumeNode = slicer.vtkMRMLScalarVolumeNode
@@ -40,8 +38,6 @@ TableNode = slicer.vtkMRMLTableNode
 RoiNode = slicer.vtkMRMLMarkupsROINode
 LabelsNode = Union[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode]
 ProgressCallback = Callable[[float, str], Optional[bool]]  # raises progress.Cancelled (or returns True) to cancel
-# Intensity refinement presets: overrides of refine.DEFAULT_SETTINGS
-REFINE_PRESETS = {"affine + B-spline": {}, "affine": {"bspline": False}}
 PAIR_LABEL_PREFIX = "P"
 
 

@@ -13,6 +13,60 @@ from .errors import UserInputError
 
 MARKER = ".mrihistoreg-output"
 
+# The ONE output layout: every front (run, demo, register, refine, the panel's Export report) writes these names
+# (README "What the demo writes", docs/ARCHITECTURE.md section 7).
+REPORT_JSON = "report.json"
+REPORT_CSV = "report.csv"
+TRANSFORM = "transform.h5"  # the whole MRI -> histology mapping (refined chain when accepted), from parent
+REFINEMENT_TRANSFORM = "refinement_transform.h5"  # the accepted refinement alone (grid transform)
+HISTOLOGY_ON_MRI = "histology_on_mri.nrrd"
+LABELS_ON_MRI = "histology_labels_on_mri.nrrd"
+LANDMARKS_MRI = "landmarks_mri.mrk.json"
+LANDMARKS_HISTOLOGY = "landmarks_histology.mrk.json"
+LANDMARK_ERRORS_FIGURE = "landmark_errors.png"
+JACOBIAN_FIGURE = "jacobian.png"
+# every section of report.json, present (null when a step did not run) whichever front wrote it
+REPORT_SECTIONS = ("name", "config", "inputs", "histology", "landmarks", "landmark_summary", "pairing", "transform",
+                   "jacobian", "refinement", "resampling", "evaluation", "labels", "figures", "warnings", "timing_s",
+                   "peak_memory_mb", "software")
+
+
+def writeReport(report: dict, folder) -> dict:
+    """Write report.json and report.csv into `folder` with every section of REPORT_SECTIONS (missing ones null);
+    returns the strict-JSON report that was written."""
+    import csv
+    import json
+
+    unknown = set(report) - set(REPORT_SECTIONS)
+    if unknown:
+        raise ValueError(f"report sections {sorted(unknown)} are not in outputs.REPORT_SECTIONS")
+    report = jsonReady({key: report.get(key) for key in REPORT_SECTIONS})
+    with open(os.path.join(folder, REPORT_JSON), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(folder, REPORT_CSV), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["section", "name", "quantity", "value"])
+        for row in report.get("landmarks") or []:
+            for key in ("residual_mm", "loo_mm", "outlier"):
+                writer.writerow(["landmark", row["label"], key, row.get(key)])
+        for label, row in (report.get("labels") or {}).items():
+            for key, value in row.items():
+                writer.writerow(["label", label, key, value])
+        if report.get("evaluation"):
+            for row in report["evaluation"]["points"]:
+                writer.writerow(["evaluation", row["label"], "tre_mm", row["tre_mm"]])
+            writer.writerow(["evaluation", "all", "tre_median_mm", report["evaluation"]["tre_median_mm"]])
+        for section in ("transform", "jacobian"):
+            for key, value in (report.get(section) or {}).items():
+                writer.writerow([section, "", key, value])
+        if report.get("refinement"):
+            for key in ("accepted", "reason", "metric_before", "metric_after", "seconds"):
+                writer.writerow(["refinement", "", key, report["refinement"].get(key)])
+        if report.get("timing_s"):
+            writer.writerow(["run", "", "total_s", report["timing_s"].get("total")])
+        writer.writerow(["run", "", "peak_memory_mb", report.get("peak_memory_mb")])
+    return report
+
 
 def checkDestination(outDir) -> str:
     """Absolute path of `outDir` if results may be written there, else ValueError naming the fix."""

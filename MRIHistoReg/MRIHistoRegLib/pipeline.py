@@ -8,7 +8,6 @@
 import contextlib
 import csv
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -19,7 +18,6 @@ import numpy as np
 
 from MRIHistoRegLib import context, outputs, progress as progressLib, volumes
 from MRIHistoRegLib.config import RunConfig, loadConfig
-from MRIHistoRegLib.outputs import jsonReady
 from .errors import UserInputError
 
 
@@ -104,171 +102,211 @@ def _checkInside(points, labels, shapeKji, ijkToRas, what, toleranceMm=0.0):
 
 
 def runPipeline(config: RunConfig, outDir, scene=None, progress=None) -> dict:
-    """Run one subject end to end and write its report folder atomically; returns the report dict."""
+    """Run one subject end to end and write its report folder atomically; returns the report dict. Steps whose
+    inputs the config leaves out are skipped (`register`: landmarks only; `refine`: no resampling), so every
+    command is this one orchestration and writes the same layout (outputs.py)."""
     with outputs.atomicFolder(outDir) as work:
         report = _runInto(config, work, scene, progress)
     return report
 
 
 def _runInto(config: RunConfig, work, scene, progress):
-    from MRIHistoRegLib import figures, fitting, landmarks, resample, spacing, stacks, transforms
-
-    start = time.perf_counter()
-    timed = _Timer()
-    scene = context.getScene(scene)
-    warnings = []
-
-    progressLib.report(progress, 0.0, "loading inputs")
-    with timed("load"):
-        mriNode = volumes.loadVolume(scene, config.mri, "MRI")
-        mriArray = volumes.arrayFromVolume(mriNode)
-        mriIjkToRas = volumes.ijkToRas(mriNode)
-        spacingMm = spacing.toMillimetres(config.histologySpacingUm, "um") if config.histologySpacingUm else None
-        source = stacks.openStack(config.histology, spacingMm=spacingMm)
-        verdict = spacing.checkPlausibility(source, source.spacingMm, referenceExtentMm=mriNode)
-        if not verdict.ok:
-            warnings.append(verdict.message)
-            logging.warning("%s", verdict.message)
-        histologyIjkToRas = source.ijkToRas()
-
-    progressLib.report(progress, 0.05, "fitting landmarks")
-    with timed("landmarks"):
-        fixedNode = landmarks.loadMarkups(scene, config.landmarks["mri"], "MRI landmarks")
-        movingNode = landmarks.loadMarkups(scene, config.landmarks["histology"], "Histology landmarks")
-        pairs = landmarks.pairLandmarks(fixedNode, movingNode)
-        for message in pairs.warnings():
-            warnings.append(message)
-            logging.warning("%s", message)
-        _checkInside(pairs.fixed, pairs.labels, mriArray.shape, mriIjkToRas, "MRI")
-        _checkInside(pairs.moving, pairs.labels, source.shape, histologyIjkToRas, "Histology")
-        model, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, config.model,
-                                                   regularization=config.tpsRegularization,
-                                                   shapeIjk=mriArray.shape[::-1], ijkToRas=mriIjkToRas)
-        jacobian = evaluation.get("jacobian") or fitting.jacobianSummary(model, mriArray.shape[::-1], mriIjkToRas)
-        landmarkRows = [{"label": label, "residual_mm": residual, "loo_mm": loo, "outlier": bool(outlier)}
-                        for label, residual, loo, outlier in zip(evaluation["labels"], evaluation["residual_mm"],
-                                                                 evaluation["loo_mm"], evaluation["outlier"])]
-        transformNode = transforms.createTransformNode(scene, model, "MRI to histology")
-    mapping = model
-
-    refinement = None
-    if config.refine:
-        progressLib.report(progress, 0.1, "refining by intensity")
-        with timed("refine"):
-            refinement, mapping, transformNode = _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs,
-                                                         transformNode, warnings, progressLib.scaled(progress, 0.1, 0.5))
-
-    if refinement is not None and refinement["accepted"]:
-        # the report describes the transform it ships: the refined chain
-        refinement["landmark_jacobian"] = jacobian
-        jacobian = fitting.jacobianSummary(mapping, mriArray.shape[::-1], mriIjkToRas)
-
-    progressLib.report(progress, 0.5, "resampling the original stack once")
-    with timed("resample"):
-        histologyOnMri, resampleInfo = resample.resampleToGrid(source, mapping, mriArray.shape, mriIjkToRas,
-                                                               progress=progressLib.scaled(progress, 0.5, 0.8))
-
-    evaluationReport = None
-    if config.evaluatePoints:
-        with timed("evaluation"):
-            evaluationReport = _evaluatePoints(config, mapping)
-
-    labelsReport = None
-    transferredLabels = None
-    if config.labels:
-        progressLib.report(progress, 0.8, "comparing tumour labels")
-        with timed("labels"):
-            labelsReport, transferredLabels = _compareLabels(scene, config, source, mapping, mriArray.shape, mriIjkToRas)
-
-    progressLib.report(progress, 0.9, "writing the report")
-    with timed("write"):
-        transforms.saveTransform(transformNode, os.path.join(work, "transform.h5"))
-        histologyNode = volumes.createVolumeNode(scene, histologyOnMri, mriIjkToRas, "Histology on MRI grid")
-        volumes.saveNode(histologyNode, os.path.join(work, "histology_on_mri.nrrd"))
-        if transferredLabels is not None:
-            labelNode = volumes.createVolumeNode(scene, transferredLabels, mriIjkToRas, "Histology labels on MRI grid", labelmap=True)
-            volumes.saveNode(labelNode, os.path.join(work, "histology_labels_on_mri.nrrd"))
-        figurePaths = figures.overlayFigures(mriArray, histologyOnMri, mriIjkToRas, work, landmarksRas=pairs.fixed)
-        figurePaths.append(figures.landmarkErrorChart(landmarkRows, os.path.join(work, "landmark_errors.png")))
-        figurePaths.append(_jacobianFigure(mapping, mriArray.shape, mriIjkToRas, histologyOnMri, os.path.join(work, "jacobian.png")))
-
-    report = {
-        "name": config.name,
-        # paths relative to the report folder stay true when the folder is moved into place (or with its inputs)
-        "config": os.path.relpath(config.path, work),
-        "inputs": {role: {"path": os.path.relpath(path, work), "sha256": sha256(path)}
-                   for role, path in config.inputFiles().items()},
-        "histology": {"shape_ijk": list(source.shape[::-1]), "dtype": str(source.dtype),
-                      "header_spacing_mm": source.headerSpacingMm, "metadata_spacing_mm": source.metadataSpacingMm,
-                      "spacing_mm": source.spacingMm, "plausibility": verdict.message},
-        "landmarks": landmarkRows,
-        "landmark_summary": {k: v for k, v in evaluation.items()
-                             if k not in ("labels", "residual_mm", "loo_mm", "outlier")},
-        "pairing": {"paired_by_index": pairs.pairedByIndex, "warnings": pairs.warnings()},
-        "transform": {"model": config.model, "scale": model.scale(),
-                      "shrinkage_volume_percent": float(model.shrinkageVolumePercent()),
-                      "file": "transform.h5"},
-        "jacobian": jacobian,
-        "refinement": refinement,
-        "resampling": resampleInfo,
-        "evaluation": evaluationReport,
-        "labels": labelsReport,
-        "figures": [os.path.basename(p) for p in figurePaths],
-        "warnings": warnings,
-        "timing_s": dict(timed.timings, total=round(time.perf_counter() - start, 3)),
-        "peak_memory_mb": peakMemoryMb(),
-        "software": softwareVersions(),
-    }
-    report = jsonReady(report)  # strict JSON: numpy -> Python, NaN -> null (once, for both writers)
-    with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    _writeReportCsv(report, os.path.join(work, "report.csv"))
+    run = _Run(config, work, context.getScene(scene), progress)
+    inputs = run.loadInputs()
+    fit = run.fitLandmarks(inputs)
+    refinement = run.refine(inputs, fit) if config.refine else None
+    mapping = refinement.mapping if refinement is not None else fit.model
+    if refinement is not None and refinement.accepted:  # the report describes the transform it ships
+        refinement.summary["landmark_jacobian"] = fit.jacobian
+    resampled = run.resample(inputs, mapping) if inputs.mri is not None and config.resample else None
+    evaluation = run.evaluatePoints(mapping) if config.evaluatePoints else None
+    labels = run.compareLabels(inputs, mapping) if config.labels else None
+    run.writeFiles(inputs, fit, refinement, resampled, labels)
+    report = run.report(inputs, fit, refinement, mapping, resampled, evaluation, labels)
     progressLib.report(progress, 1.0, "done")
     return report
 
 
-def _evaluatePoints(config, mapping):
-    """Held-out target registration error, measured in MRI space (mm): histology point mapped back vs MRI point."""
-    from MRIHistoRegLib import compare, landmarks
-
-    mriLabels, mriPoints = landmarks.readPoints(config.evaluatePoints["mri"])
-    histLabels, histPoints = landmarks.readPoints(config.evaluatePoints["histology"])
-    byLabel = dict(zip(histLabels, histPoints))
-    common = [label for label in mriLabels if label in byLabel]
-    if not common:
-        raise UserInputError("evaluate_points: no label appears in both point files; pair them by label (label,x,y,z).")
-    fixed = np.array([p for label, p in zip(mriLabels, mriPoints) if label in byLabel])
-    moving = np.array([byLabel[label] for label in common])
-    # started from the inverse of the mapping's linear part, never from the answer; raises if it does not converge
-    mapped = compare.InverseMapping(mapping).transformPoints(moving)
-    tre = np.linalg.norm(mapped - fixed, axis=1)
-    forward = np.linalg.norm(mapping.transformPoints(fixed) - moving, axis=1)
-    return {"points": [{"label": label, "tre_mm": float(t), "tre_histology_space_mm": float(f)}
-                       for label, t, f in zip(common, tre, forward)],
-            "tre_mm": [float(t) for t in tre], "tre_median_mm": float(np.median(tre)),
-            "tre_max_mm": float(tre.max()), "count": len(common)}
+class _Inputs:
+    def __init__(self):
+        self.mri = self.source = self.verdict = None
 
 
-def _compareLabels(scene, config, source, mapping, mriShape, mriIjkToRas):
-    from MRIHistoRegLib import compare, stacks
+class _Run:
+    """One subject's run: the steps of _runInto with their timings and warnings."""
+
+    def __init__(self, config, work, scene, progress):
+        self.config, self.work, self.scene, self.progress = config, work, scene, progress
+        self.timed = _Timer()
+        self.warnings = []
+        self.figures = []
+        self.start = time.perf_counter()
+
+    def warn(self, message):
+        self.warnings.append(message)
+        logging.warning("%s", message)
+
+    def loadInputs(self):
+        from MRIHistoRegLib import spacing, stacks, workflow
+
+        config, inputs = self.config, _Inputs()
+        progressLib.report(self.progress, 0.0, "loading inputs")
+        with self.timed("load"):
+            if config.mri:
+                node = volumes.loadVolume(self.scene, config.mri, "MRI")
+                inputs.mri = workflow.Image(volumes.arrayFromVolume(node), volumes.ijkToRas(node))
+            if config.histology:
+                spacingMm = spacing.toMillimetres(config.histologySpacingUm, "um") if config.histologySpacingUm else None
+                inputs.source = stacks.openStack(config.histology, spacingMm=spacingMm)
+                reference = None if inputs.mri is None else node
+                inputs.verdict = spacing.checkPlausibility(inputs.source, inputs.source.spacingMm,
+                                                           referenceExtentMm=reference)
+                if not inputs.verdict.ok:
+                    self.warn(inputs.verdict.message)
+        return inputs
+
+    def fitLandmarks(self, inputs):
+        from MRIHistoRegLib import landmarks, workflow
+
+        config = self.config
+        progressLib.report(self.progress, 0.05, "fitting landmarks")
+        with self.timed("landmarks"):
+            flip = config.bigWarpFlipXY
+            pairs = landmarks.pairLandmarks(
+                landmarks.loadMarkups(self.scene, config.landmarks["mri"], "MRI landmarks", role="fixed", flipXY=flip),
+                landmarks.loadMarkups(self.scene, config.landmarks["histology"], "Histology landmarks", role="moving",
+                                      flipXY=flip))
+            for message in pairs.warnings():
+                self.warn(message)
+            if inputs.mri is not None:
+                _checkInside(pairs.fixed, pairs.labels, inputs.mri.shape, inputs.mri.ijkToRas, "MRI")
+            if inputs.source is not None:
+                _checkInside(pairs.moving, pairs.labels, inputs.source.shape, inputs.source.ijkToRas(), "Histology")
+            return workflow.fitLandmarks(pairs, config.model, config.tpsRegularization, grid=inputs.mri)
+
+    def refine(self, inputs, fit):
+        from MRIHistoRegLib import workflow
+
+        if inputs.mri is None or inputs.source is None:
+            raise UserInputError("Refinement needs the MRI and the histology stack: give both.")
+        progressLib.report(self.progress, 0.1, "refining by intensity")
+        with self.timed("refine"):
+            mask = None
+            if self.config.mriMask:
+                maskNode = volumes.loadVolume(self.scene, self.config.mriMask, "MRI mask", labelmap=True)
+                mask = workflow.Image(volumes.arrayFromVolume(maskNode), volumes.ijkToRas(maskNode))
+            refinement = workflow.refine(inputs.mri, inputs.source, fit, settings=self.config.refineSettings,
+                                         workingSpacingMm=self.config.workingSpacingMm, mriMask=mask,
+                                         progress=progressLib.scaled(self.progress, 0.1, 0.5))
+        if not refinement.accepted:
+            self.warn(f"refinement not used: {refinement.reason}")
+        return refinement
+
+    def resample(self, inputs, mapping):
+        from MRIHistoRegLib import workflow
+
+        if inputs.source is None:
+            return None
+        progressLib.report(self.progress, 0.5, "resampling the original stack once")
+        with self.timed("resample"):
+            return workflow.resampleOnto(inputs.source, mapping, inputs.mri,
+                                         progress=progressLib.scaled(self.progress, 0.5, 0.8))
+
+    def evaluatePoints(self, mapping):
+        from MRIHistoRegLib import landmarks, workflow
+
+        with self.timed("evaluation"):
+            mriLabels, mriPoints = landmarks.readPoints(self.config.evaluatePoints["mri"])
+            histologyLabels, histologyPoints = landmarks.readPoints(self.config.evaluatePoints["histology"])
+            return workflow.evaluatePoints(mriLabels, mriPoints, histologyLabels, histologyPoints, mapping)
+
+    def compareLabels(self, inputs, mapping):
+        progressLib.report(self.progress, 0.8, "comparing tumour labels")
+        with self.timed("labels"):
+            return _compareLabels(self.scene, self.config, inputs, mapping)
+
+    def writeFiles(self, inputs, fit, refinement, resampled, labels):
+        from MRIHistoRegLib import figures, refine, transforms
+
+        work = self.work
+        progressLib.report(self.progress, 0.9, "writing the report")
+        with self.timed("write"):
+            node = transforms.createTransformNode(self.scene, fit.model, "MRI to histology")
+            if refinement is not None and refinement.accepted:
+                refinementNode = refine.refinementTransformNode(self.scene, refinement.result, "Intensity refinement")
+                transforms.saveTransform(refinementNode, os.path.join(work, outputs.REFINEMENT_TRANSFORM))
+                # one node holding landmark(refinement(x)), so transform.h5 is the whole chain (map-points, Slicer)
+                node = refine.composedTransformNode(self.scene, refinementNode, node)
+            transforms.saveTransform(node, os.path.join(work, outputs.TRANSFORM))
+            if resampled is not None:
+                (histologyOnMri, _), mri = resampled, inputs.mri
+                histologyNode = volumes.createVolumeNode(self.scene, histologyOnMri.array, mri.ijkToRas, "Histology on MRI grid")
+                volumes.saveNode(histologyNode, os.path.join(work, outputs.HISTOLOGY_ON_MRI))
+                self.figures += figures.overlayFigures(mri.array, histologyOnMri.array, mri.ijkToRas, work,
+                                                       landmarksRas=fit.pairs.fixed)
+            if labels is not None:
+                labelNode = volumes.createVolumeNode(self.scene, labels[1].array, labels[1].ijkToRas,
+                                                     "Histology labels on MRI grid", labelmap=True)
+                volumes.saveNode(labelNode, os.path.join(work, outputs.LABELS_ON_MRI))
+            self.figures.append(figures.landmarkErrorChart(fit.rows(), os.path.join(work, outputs.LANDMARK_ERRORS_FIGURE)))
+            if resampled is not None:
+                mapping = refinement.mapping if refinement is not None else fit.model
+                self.figures.append(_jacobianFigure(mapping, inputs.mri.shape, inputs.mri.ijkToRas, resampled[0].array,
+                                                    os.path.join(work, outputs.JACOBIAN_FIGURE)))
+
+    def report(self, inputs, fit, refinement, mapping, resampled, evaluation, labels):
+        from MRIHistoRegLib import fitting
+
+        config, work, source = self.config, self.work, inputs.source
+        jacobian = fit.jacobian
+        if refinement is not None and refinement.accepted and inputs.mri is not None:
+            jacobian = fitting.jacobianSummary(mapping, inputs.mri.shapeIjk, inputs.mri.ijkToRas)
+        histology = None
+        if source is not None:
+            histology = {"shape_ijk": list(source.shape[::-1]), "dtype": str(source.dtype),
+                         "header_spacing_mm": source.headerSpacingMm, "metadata_spacing_mm": source.metadataSpacingMm,
+                         "spacing_mm": source.spacingMm, "plausibility": inputs.verdict.message}
+        report = {
+            "name": config.name,
+            # paths relative to the report folder stay true when the folder is moved into place (or with its inputs)
+            "config": os.path.relpath(config.path, work) if config.path else None,
+            "inputs": {role: {"path": os.path.relpath(path, work), "sha256": sha256(path)}
+                       for role, path in config.inputFiles().items() if path},
+            "histology": histology, "landmarks": fit.rows(), "landmark_summary": fit.summary(),
+            "pairing": fit.pairing(), "transform": dict(fit.transformSection(), file=outputs.TRANSFORM),
+            "jacobian": jacobian, "refinement": None if refinement is None else refinement.summary,
+            "resampling": None if resampled is None else resampled[1], "evaluation": evaluation,
+            "labels": None if labels is None else labels[0],
+            "figures": [os.path.basename(p) for p in self.figures], "warnings": self.warnings,
+            "timing_s": dict(self.timed.timings, total=round(time.perf_counter() - self.start, 3)),
+            "peak_memory_mb": peakMemoryMb(), "software": softwareVersions(),
+        }
+        return outputs.writeReport(report, work)
+
+
+def _compareLabels(scene, config, inputs, mapping):
+    """The label maps from the config: the MRI's on the MRI grid, the histology's streamed from the stack's grid
+    (only the labelled box is kept)."""
+    from MRIHistoRegLib import compare, stacks, workflow
 
     mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
     mriLabels = volumes.arrayFromVolume(mriLabelNode)
-    if mriLabels.shape != tuple(mriShape):
-        raise UserInputError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has {tuple(mriShape)[::-1]}: "
-                         f"the MRI label map must be on the MRI's grid.")
-    # The histology label map is on the full-resolution stack's grid: stream it and keep the labelled box only.
+    if inputs.mri is not None and mriLabels.shape != inputs.mri.shape:
+        raise UserInputError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has "
+                             f"{inputs.mri.shapeIjk}: the MRI label map must be on the MRI's grid.")
+    source = inputs.source
     with stacks.openStack(config.labels["histology"]) as labelSource:
         if tuple(labelSource.shape) != tuple(source.shape):
-            raise UserInputError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the histology "
-                             f"stack has {tuple(source.shape)[::-1]}: the label map must be on the histology stack's grid.")
+            raise UserInputError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the "
+                                 f"histology stack has {tuple(source.shape)[::-1]}: the label map must be on the "
+                                 f"histology stack's grid.")
         # on the stack's grid, so the stack's corrected geometry applies whatever the label file's header claims
-        histLabels, histIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
-    for name, array in (("labels.mri", mriLabels), ("labels.histology", histLabels)):
+        histologyLabels, histologyIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
+    for name, array in (("labels.mri", mriLabels), ("labels.histology", histologyLabels)):
         if not np.any(array):
             raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
-    perLabel, transferred = compare.compareTumours(mriLabels, mriIjkToRas, histLabels, histIjkToRas, mapping)
-    return perLabel, transferred
+    mriImage = workflow.Image(mriLabels, inputs.mri.ijkToRas if inputs.mri is not None else volumes.ijkToRas(mriLabelNode))
+    return workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
 
 
 def _jacobianFigure(mapping, mriShape, mriIjkToRas, histologyOnMri, path):
@@ -289,49 +327,6 @@ def _jacobianFigure(mapping, mriShape, mriIjkToRas, histologyOnMri, path):
     image = figures.orientedSlice(determinant, mriIjkToRas, "axial", 0)[0]
     spacing = volumes.spacingOf(mriIjkToRas)
     return figures.jacobianFigure(image, spacing, path, title="Jacobian determinant (volume ratio), axial slice")
-
-
-def _refine(scene, config, source, mriArray, mriIjkToRas, model, pairs, transformNode, warnings, progress):
-    from MRIHistoRegLib import downsample, refine
-
-    moving, movingIjkToRas = downsample.downsampleStack(source, [config.workingSpacingMm] * 3, progress=progressLib.scaled(progress, 0, 0.3))
-    result = refine.refineRegistration(mriArray, mriIjkToRas, moving, movingIjkToRas, model,
-                                       progress=progressLib.scaled(progress, 0.3, 1.0))
-    check = refine.evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
-    summary = {"accepted": bool(result.accepted), "reason": result.reason, "metric_before": result.metricBefore,
-               "metric_after": result.metricAfter, "iterations": result.iterations, "seconds": result.seconds,
-               "histology_bias_corrected": result.biasCorrected,
-               "landmarks": check}
-    if not result.accepted:
-        warnings.append(f"refinement not used: {result.reason}")
-        return summary, model, transformNode
-    refineNode = refine.refinementTransformNode(scene, result, "Intensity refinement")
-    # one node holding landmark(refinement(x)), so transform.h5 is the whole chain (map-points, Slicer)
-    composite = refine.composedTransformNode(scene, refineNode, transformNode)
-    return summary, result, composite
-
-
-def _writeReportCsv(report, path):
-    """One flat table: landmark rows, then label rows, then summary figures (key, value)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["section", "name", "quantity", "value"])
-        for row in report["landmarks"]:
-            for key in ("residual_mm", "loo_mm", "outlier"):
-                writer.writerow(["landmark", row["label"], key, row.get(key)])
-        for label, row in (report.get("labels") or {}).items():
-            for key, value in row.items():
-                writer.writerow(["label", label, key, value])
-        if report.get("evaluation"):
-            for row in report["evaluation"]["points"]:
-                writer.writerow(["evaluation", row["label"], "tre_mm", row["tre_mm"]])
-            writer.writerow(["evaluation", "all", "tre_median_mm", report["evaluation"]["tre_median_mm"]])
-        for key, value in report["transform"].items():
-            writer.writerow(["transform", "", key, value])
-        for key, value in (report.get("jacobian") or {}).items():
-            writer.writerow(["jacobian", "", key, value])
-        writer.writerow(["run", "", "total_s", report["timing_s"]["total"]])
-        writer.writerow(["run", "", "peak_memory_mb", report["peak_memory_mb"]])
 
 
 def runCohort(configPaths, outDir, progress=None) -> list:

@@ -12,6 +12,7 @@ import numpy as np
 from MRIHistoRegLib.stacks.base import StackSource
 from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.units import toMillimetres, unitToMillimetres
+from .errors import UserInputError
 
 # Units and the NRRD header rewrite live with the stack readers (which need them and must not import this
 # module); these are still their public names.
@@ -34,7 +35,7 @@ def setVolumeSpacing(volumeNode, spacingMm):
     matrix = ijkToRas(volumeNode)
     current = spacingOf(matrix)
     if np.any(current <= 0):
-        raise ValueError(f"Volume '{volumeNode.GetName()}' has a degenerate geometry (spacing {current}); reload it.")
+        raise UserInputError(f"Volume '{volumeNode.GetName()}' has a degenerate geometry (spacing {current}); reload it.")
     matrix[:3, :3] = matrix[:3, :3] / current[None, :] * spacing[None, :]
     setIjkToRas(volumeNode, matrix)
     LOG.info("spacing of '%s' set to %s mm (was %s)", volumeNode.GetName(), tuple(spacing), tuple(current))
@@ -65,7 +66,7 @@ def _shapeIjk(shapeOrSource):
         return tuple(int(d) for d in dims)
     values = tuple(int(n) for n in shapeOrSource)
     if len(values) != 3:
-        raise ValueError(f"Shape must have three numbers (i, j, k), got {shapeOrSource!r}.")
+        raise UserInputError(f"Shape must have three numbers (i, j, k), got {shapeOrSource!r}.")
     return values
 
 
@@ -96,7 +97,7 @@ def _ownSpacing(shapeOrSource):
         from MRIHistoRegLib.volumes import ijkToRas, spacingOf
 
         return spacingOf(ijkToRas(shapeOrSource))
-    raise ValueError("checkPlausibility needs spacingMm for a bare shape.")
+    raise UserInputError("checkPlausibility needs spacingMm for a bare shape.")
 
 
 def checkPlausibility(shapeOrSource, spacingMm=None, referenceExtentMm=None):

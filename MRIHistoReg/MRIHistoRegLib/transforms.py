@@ -23,6 +23,7 @@ import vtk
 from .context import moduleLogic
 from .mapping import Mapping, asPoints
 from .volumes import matrixToNumpy, numpyToMatrix
+from .errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,9 @@ def vtkTransformFromModel(model) -> "vtk.vtkAbstractTransform":
 
 def _checkModel(model):
     if not hasattr(model, "isLinear") or not hasattr(model, "affineMatrix"):
-        raise ValueError(f"Expected a fitted LandmarkModel (fitting.fitLandmarks), got {type(model).__name__}.")
+        raise UserInputError(f"Expected a fitted LandmarkModel (fitting.fitLandmarks), got {type(model).__name__}.")
     if not np.isfinite(model.affineMatrix).all():
-        raise ValueError("The landmark model holds non-finite numbers; refit it from valid landmarks.")
+        raise UserInputError("The landmark model holds non-finite numbers; refit it from valid landmarks.")
 
 
 def createTransformNode(scene, model, name="LandmarkTransform", generic=False):
@@ -100,7 +101,7 @@ def updateTransformNode(node, model) -> None:
     hold a TPS: ValueError (create the node with generic=True for model switching)."""
     _checkModel(model)
     if node.IsA("vtkMRMLLinearTransformNode") and not model.isLinear:
-        raise ValueError(f"Transform node '{node.GetName()}' is linear and cannot hold the {model.model} model; "
+        raise UserInputError(f"Transform node '{node.GetName()}' is linear and cannot hold the {model.model} model; "
                          "create a new node with createTransformNode(..., generic=True).")
     _setFromParent(node, model, vtkTransformFromModel(model))
     _describe(node, model)
@@ -151,7 +152,7 @@ def saveTransform(node, path) -> str:
     storage = slicer.vtkMRMLTransformStorageNode()
     storage.SetFileName(path)
     if not storage.WriteData(node):
-        raise ValueError(f"Could not write transform '{node.GetName()}' to {path}; check the folder is writable "
+        raise UserInputError(f"Could not write transform '{node.GetName()}' to {path}; check the folder is writable "
                          "and the extension is .h5, .tfm or .txt.")
     return path
 
@@ -160,10 +161,10 @@ def loadTransform(scene, path, name=None):
     """Read a transform file (.h5, .tfm, ...) into a new node (linear or not, as the file says)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"Transform file not found: {path}. Check the path.")
+        raise UserInputError(f"Transform file not found: {path}. Check the path.")
     node = moduleLogic(scene, "Transforms").AddTransform(path, scene)
     if node is None:
-        raise ValueError(f"Could not read a transform from {path}: not an ITK/Slicer transform file.")
+        raise UserInputError(f"Could not read a transform from {path}: not an ITK/Slicer transform file.")
     if name:
         node.SetName(name)
     return node
@@ -245,7 +246,7 @@ class LiveLandmarkRegistration:
         from . import fitting
 
         if model not in fitting.MODELS:
-            raise ValueError(f"Unknown landmark model '{model}'; choose one of {', '.join(fitting.MODELS)}.")
+            raise UserInputError(f"Unknown landmark model '{model}'; choose one of {', '.join(fitting.MODELS)}.")
         self.scene = scene
         self.fixedNode = fixedNode
         self.movingNode = movingNode
@@ -373,7 +374,7 @@ def mapPoints(node, points, direction="fixed-to-moving"):
 
     points = asPoints(points)
     if direction not in ("fixed-to-moving", "moving-to-fixed"):
-        raise ValueError(f"Unknown direction '{direction}': use fixed-to-moving or moving-to-fixed.")
+        raise UserInputError(f"Unknown direction '{direction}': use fixed-to-moving or moving-to-fixed.")
     model = modelFromTransformNode(node)
     forward = model if model is not None else mappingFromTransformNode(node)
     if direction == "fixed-to-moving":

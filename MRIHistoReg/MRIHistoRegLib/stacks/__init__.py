@@ -24,6 +24,7 @@ from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack, nrrdDtype
 from MRIHistoRegLib.stacks.tiff import TIFF_EXTENSIONS, TiffSeries, TiffStack, naturalSortKey
 from MRIHistoRegLib.stacks.units import toMillimetres, unitToMillimetres
+from ..errors import UserInputError
 
 __all__ = ["ArraySource", "NrrdStack", "StackSource", "TiffSeries", "TiffStack", "availableMemoryBytes",
            "checkMemoryFor", "formatNrrdHeader", "naturalSortKey", "nrrdDtype", "openStack", "rewriteNrrdSpacing",
@@ -38,7 +39,7 @@ def openStack(path, spacingMm=None):
     if os.path.isdir(path):
         return TiffSeries(path, spacingMm=spacingMm)
     if not os.path.isfile(path):
-        raise ValueError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
+        raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
     lower = path.lower()
     if lower.endswith(NRRD_EXTENSIONS):
         return NrrdStack(path, spacingMm=spacingMm)
@@ -50,4 +51,4 @@ def openStack(path, spacingMm=None):
         return NrrdStack(path, spacingMm=spacingMm)
     if magic[:2] in (b"II", b"MM"):
         return TiffStack(path, spacingMm=spacingMm)
-    raise ValueError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")
+    raise UserInputError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")

@@ -2,6 +2,7 @@
 import numpy as np
 
 from MRIHistoRegLib.stacks.base import StackSource
+from ..errors import UserInputError
 
 
 class ArraySource(StackSource):
@@ -16,15 +17,15 @@ class ArraySource(StackSource):
     def __init__(self, array, ijkToRas, name="<array>"):
         array = np.asarray(array)
         if array.ndim != 3 or min(array.shape) < 1:
-            raise ValueError(f"A source array must be 3-D [k, j, i] and not empty, got shape {array.shape}.")
+            raise UserInputError(f"A source array must be 3-D [k, j, i] and not empty, got shape {array.shape}.")
         matrix = np.asarray(ijkToRas, dtype=float)
         if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
-            raise ValueError(f"A source's ijkToRas must be a finite 4x4 matrix, got {matrix.shape}.")
+            raise UserInputError(f"A source's ijkToRas must be a finite 4x4 matrix, got {matrix.shape}.")
         from MRIHistoRegLib.volumes import spacingOf
 
         spacing = spacingOf(matrix)
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12 or np.any(spacing <= 0):
-            raise ValueError(f"The source's ijkToRas is singular (spacing {spacing.tolist()}): fix its spacing/directions.")
+            raise UserInputError(f"The source's ijkToRas is singular (spacing {spacing.tolist()}): fix its spacing/directions.")
         super().__init__(name, array.shape, array.dtype, headerSpacingMm=spacing)
         self.array = array
         self._matrix = matrix.copy()

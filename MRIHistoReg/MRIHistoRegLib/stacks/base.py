@@ -14,6 +14,7 @@ import threading
 import numpy as np
 
 from MRIHistoRegLib.stacks.units import toMillimetres
+from ..errors import UserInputError
 
 LOG = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def checkMemoryFor(nbytes, what, availableBytes=None):
         LOG.debug("available memory unknown: not checking %s (%d bytes)", what, nbytes)
         return
     if nbytes > available:
-        raise ValueError(
+        raise UserInputError(
             f"Loading {what} needs {_human(nbytes)} but only {_human(available)} of memory is available. "
             f"Use the streamed downsampling instead (MRIHistoRegLib.downsample.downsampleToNode, or "
             f"`python -m MRIHistoRegLib downsample INPUT --target-mm 0.05`), which needs one plane plus the output, "
@@ -141,7 +142,7 @@ class StackSource:
         if out is None:
             out = np.empty(self.planeShape, self.dtype)
         elif out.shape != self.planeShape or out.dtype != self.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"readPlane: `out` must be a C-contiguous {self.dtype} array of shape {self.planeShape}")
+            raise UserInputError(f"readPlane: `out` must be a C-contiguous {self.dtype} array of shape {self.planeShape}")
         self._readPlaneInto(k, out)
         return out
 
@@ -211,7 +212,7 @@ class StackSource:
                 break
             got += more
         if got != len(view):
-            raise ValueError(f"{self.dataPath} is truncated: rows {j0}..{j1} need {len(view)} bytes "
+            raise UserInputError(f"{self.dataPath} is truncated: rows {j0}..{j1} need {len(view)} bytes "
                              f"at offset {start} but the file has only {max(got, 0)} there. Re-copy or re-export the file.")
         return rows
 
@@ -261,7 +262,7 @@ def _tupleOrNone(values):
 def _validSpacing(spacingMm):
     values = np.broadcast_to(np.asarray(spacingMm, dtype=float).ravel(), (3,)) if np.size(spacingMm) in (1, 3) else None
     if values is None:
-        raise ValueError(f"Spacing must be one value or three (i, j, k), got {spacingMm!r}.")
+        raise UserInputError(f"Spacing must be one value or three (i, j, k), got {spacingMm!r}.")
     return tuple(toMillimetres(values, "mm"))
 
 
@@ -275,5 +276,5 @@ def _readExactly(fh, offset, view, path, what):
             break
         got += more
     if got != len(view):
-        raise ValueError(f"{path} is truncated: {what} needs {len(view)} bytes at offset {offset} but the file has only "
+        raise UserInputError(f"{path} is truncated: {what} needs {len(view)} bytes at offset {offset} but the file has only "
                          f"{got} there. Re-export or re-copy the file.")

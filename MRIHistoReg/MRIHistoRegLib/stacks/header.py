@@ -11,6 +11,7 @@ import numpy as np
 from MRIHistoRegLib.outputs import silentRemove
 from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack
 from MRIHistoRegLib.stacks.units import toMillimetres
+from ..errors import UserInputError
 
 
 def rewriteNrrdSpacing(path, spacingMm, outPath=None, overwrite=False):
@@ -31,11 +32,11 @@ def rewriteNrrdSpacing(path, spacingMm, outPath=None, overwrite=False):
     if outPath is not None:
         outPath = os.fspath(outPath)
         if os.path.abspath(outPath) == os.path.abspath(path) and not overwrite:
-            raise ValueError(f"Refusing to overwrite the original {path}: choose another outPath or pass overwrite=True.")
+            raise UserInputError(f"Refusing to overwrite the original {path}: choose another outPath or pass overwrite=True.")
         if os.path.abspath(outPath) in (os.path.abspath(path), os.path.abspath(source.dataPath)) and overwrite:
             return _rewriteInPlace(path, header, source)
         if not outPath.lower().endswith(".nhdr"):
-            raise ValueError(f"A header-only rewrite writes a detached header: name it .nhdr, not {outPath}.")
+            raise UserInputError(f"A header-only rewrite writes a detached header: name it .nhdr, not {outPath}.")
         header = _pointAtData(header, source, outPath)
         _writeHeaderAtomically(outPath, header)
         return outPath
@@ -157,7 +158,7 @@ def _writeHeaderAtomically(outPath, header):
         os.replace(temp, outPath)
     except OSError as error:
         silentRemove(temp)
-        raise ValueError(f"Cannot write {outPath} ({error}): is the folder writable?") from error
+        raise UserInputError(f"Cannot write {outPath} ({error}): is the folder writable?") from error
 
 
 def _rewriteInPlace(path, header, source):
@@ -179,7 +180,7 @@ def _rewriteInPlace(path, header, source):
         os.replace(temp, path)
     except OSError as error:
         silentRemove(temp)
-        raise ValueError(f"Cannot rewrite {path} ({error}): is the folder writable?") from error
+        raise UserInputError(f"Cannot rewrite {path} ({error}): is the folder writable?") from error
     return path
 
 

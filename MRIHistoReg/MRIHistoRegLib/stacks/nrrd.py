@@ -13,6 +13,7 @@ import numpy as np
 
 from MRIHistoRegLib.stacks.base import StackSource, _readExactly
 from MRIHistoRegLib.stacks.units import unitToMillimetres
+from ..errors import UserInputError
 
 NRRD_EXTENSIONS = (".nrrd", ".nhdr")
 
@@ -33,13 +34,13 @@ def nrrdDtype(header, path="NRRD") -> np.dtype:
     """The numpy dtype (with byte order) of a NRRD's voxels from its parsed header; ValueError when unsupported."""
     code = _NRRD_TYPES.get(str(header.get("type", "")).strip().lower())
     if code is None:
-        raise ValueError(f"{path}: unsupported NRRD type '{header.get('type')}' (a stack must hold integer or float "
+        raise UserInputError(f"{path}: unsupported NRRD type '{header.get('type')}' (a stack must hold integer or float "
                          "scalars). Re-export it.")
     dtype = np.dtype(code)
     if dtype.itemsize > 1 and str(header.get("encoding", "raw")).lower() not in ("ascii", "text", "txt"):
         endian = str(header.get("endian", "")).strip().lower()
         if endian not in ("little", "big"):
-            raise ValueError(f"{path}: the NRRD header has no valid 'endian' field ({header.get('endian')!r}) for "
+            raise UserInputError(f"{path}: the NRRD header has no valid 'endian' field ({header.get('endian')!r}) for "
                              f"{dtype.itemsize}-byte voxels. Add 'endian: little' (or big) to the header.")
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
     return dtype
@@ -63,7 +64,7 @@ def _readHeader(path):
             header = nrrd.read_header(fh)
             return header, fh.tell()
     except Exception as error:
-        raise ValueError(f"{path} is not a readable NRRD header ({error}). Check the file.") from error
+        raise UserInputError(f"{path} is not a readable NRRD header ({error}). Check the file.") from error
 
 
 def _stackSizes(header, path):
@@ -72,7 +73,7 @@ def _stackSizes(header, path):
     if len(sizes) == 2:
         sizes = sizes + [1]
     if len(sizes) != 3:
-        raise ValueError(f"{path} has {len(sizes)} dimensions {sizes}; a stack must be 3-D (one channel).")
+        raise UserInputError(f"{path} has {len(sizes)} dimensions {sizes}; a stack must be 3-D (one channel).")
     return sizes
 
 
@@ -82,7 +83,7 @@ def _streamableEncoding(header, path):
     if encoding in ("gz",):
         encoding = "gzip"
     if encoding not in ("raw", "gzip"):
-        raise ValueError(f"{path}: NRRD encoding '{encoding}' is not supported for streaming; re-save it as raw or gzip.")
+        raise UserInputError(f"{path}: NRRD encoding '{encoding}' is not supported for streaming; re-save it as raw or gzip.")
     return encoding
 
 
@@ -94,10 +95,10 @@ def _dataLocation(header, path, headerEnd):
         dataPath, start = path, headerEnd
     else:
         if isinstance(dataFile, (list, tuple)):
-            raise ValueError(f"{path}: multi-file NRRD data is not supported; save it as one data file.")
+            raise UserInputError(f"{path}: multi-file NRRD data is not supported; save it as one data file.")
         dataPath = dataFile if os.path.isabs(dataFile) else os.path.join(os.path.dirname(path), dataFile)
         if not os.path.isfile(dataPath):
-            raise ValueError(f"{path} points to data file {dataPath}, which does not exist. Keep the .nhdr next to its data.")
+            raise UserInputError(f"{path} points to data file {dataPath}, which does not exist. Keep the .nhdr next to its data.")
         start = 0
     if lineSkip:
         with open(dataPath, "rb") as fh:
@@ -115,7 +116,7 @@ def _rawDataOffset(dataPath, start, byteSkip, sizes, fileDtype):
     fileSize = os.path.getsize(dataPath)
     start = fileSize - total if byteSkip == -1 else start + byteSkip
     if start < 0 or fileSize - start < total:
-        raise ValueError(f"{dataPath} is truncated: the NRRD header promises {total} bytes of voxels "
+        raise UserInputError(f"{dataPath} is truncated: the NRRD header promises {total} bytes of voxels "
                          f"({sizes[0]}x{sizes[1]}x{sizes[2]} {fileDtype}) but the file holds {max(fileSize - max(start, 0), 0)}. "
                          f"Re-copy or re-export the file.")
     return start
@@ -284,11 +285,11 @@ class NrrdStack(StackSource):
                 got += n
         except (EOFError, OSError, Exception) as error:  # zlib.error, isal_zlib.error, BadGzipFile
             self._closeStream()
-            raise ValueError(f"{self.dataPath}: the gzip data is corrupt or truncated while reading {what} "
+            raise UserInputError(f"{self.dataPath}: the gzip data is corrupt or truncated while reading {what} "
                              f"({type(error).__name__}: {error}). Re-copy or re-export the file.") from error
         if got < len(view):
             self._closeStream()
-            raise ValueError(f"{self.dataPath} is truncated: the NRRD header promises {self.shape[0]} planes of "
+            raise UserInputError(f"{self.dataPath} is truncated: the NRRD header promises {self.shape[0]} planes of "
                              f"{self.planeBytes} bytes but the gzip data ends in {what}. Re-copy or re-export the file.")
 
     def _readGzipPlane(self, k, view):

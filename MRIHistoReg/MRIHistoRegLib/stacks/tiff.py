@@ -12,6 +12,7 @@ import numpy as np
 
 from MRIHistoRegLib.stacks.base import StackSource, _readExactly
 from MRIHistoRegLib.stacks.units import unitToMillimetres
+from ..errors import UserInputError
 
 LOG = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class _TiffPlaneReader:
         try:
             self.tif = tifffile.TiffFile(path)
         except Exception as error:  # tifffile raises TiffFileError, struct.error, ...
-            raise ValueError(f"{path} is not a readable TIFF file ({error}). Check the file or re-export it.") from error
+            raise UserInputError(f"{path} is not a readable TIFF file ({error}). Check the file or re-export it.") from error
         self.byteorder = self.tif.byteorder
         self.size = os.path.getsize(path)
 
@@ -46,7 +47,7 @@ class _TiffPlaneReader:
         """(shape, dtype) of a 2-D grayscale page; ValueError for colour/multi-sample pages."""
         # a tifffile guard, not a protocol: a page type without samplesperpixel holds one sample
         if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
-            raise ValueError(f"{self.path}: page shape {page.shape} is not a 2-D grayscale image (colour or multi-sample "
+            raise UserInputError(f"{self.path}: page shape {page.shape} is not a 2-D grayscale image (colour or multi-sample "
                              f"TIFF pages are not supported). Export one channel as grayscale.")
         return tuple(page.shape), np.dtype(page.dtype)
 
@@ -84,10 +85,10 @@ class _TiffPlaneReader:
         try:
             data = page.asarray()
         except Exception as error:
-            raise ValueError(f"{self.path}: page {pageIndex} is corrupt or unreadable ({type(error).__name__}: {error}). "
+            raise UserInputError(f"{self.path}: page {pageIndex} is corrupt or unreadable ({type(error).__name__}: {error}). "
                              f"Re-export the stack or remove that page.") from error
         if data.shape != shape:
-            raise ValueError(f"{self.path}: page {pageIndex} has shape {data.shape}, expected {shape}. Re-export the stack.")
+            raise UserInputError(f"{self.path}: page {pageIndex} has shape {data.shape}, expected {shape}. Re-export the stack.")
         np.copyto(out, data, casting="unsafe")
         return out
 
@@ -111,16 +112,16 @@ class TiffStack(StackSource):
             with problems:
                 count = len(pages)
         except Exception as error:
-            raise ValueError(f"{path}: cannot read the TIFF page index ({error}). The file may be truncated.") from error
+            raise UserInputError(f"{path}: cannot read the TIFF page index ({error}). The file may be truncated.") from error
         if problems.messages:
-            raise ValueError(f"{path} is truncated or corrupt: {problems.messages[0]} after {count} readable pages. "
+            raise UserInputError(f"{path} is truncated or corrupt: {problems.messages[0]} after {count} readable pages. "
                              f"Re-copy or re-export the stack.")
         declared = _declaredPlanes(tif)
         if declared is not None and declared > count:
-            raise ValueError(f"{path} is truncated: its metadata declares {declared} planes but only {count} pages are "
+            raise UserInputError(f"{path} is truncated: its metadata declares {declared} planes but only {count} pages are "
                              f"readable. Re-copy or re-export the stack.")
         if count == 0:
-            raise ValueError(f"{path} has no image pages.")
+            raise UserInputError(f"{path} has no image pages.")
         first = _firstPage(tif)
         planeShape, dtype = self._reader.pageInfo(first)
         _refuseMultiChannel(tif, path)
@@ -140,7 +141,7 @@ class TiffStack(StackSource):
         except Exception:  # no usable series description: pages are located one by one
             self._contiguousOffset = None
         if self._contiguousOffset is not None and self._contiguousOffset + self.nbytes > self._reader.size:
-            raise ValueError(f"{path} is truncated: its {count} planes need {self.nbytes} bytes from offset "
+            raise UserInputError(f"{path} is truncated: its {count} planes need {self.nbytes} bytes from offset "
                              f"{self._contiguousOffset} but the file has {self._reader.size} bytes. Re-copy or re-export it.")
 
     def _page(self, k):
@@ -150,9 +151,9 @@ class TiffStack(StackSource):
                 try:
                     page = self._reader.tif.pages[k]
                 except Exception as error:
-                    raise ValueError(f"{self.path}: page {k} is corrupt or unreadable ({error}). Re-export the stack.") from error
+                    raise UserInputError(f"{self.path}: page {k} is corrupt or unreadable ({error}). Re-export the stack.") from error
                 if tuple(page.shape) != self.planeShape or np.dtype(page.dtype) != self.dtype:
-                    raise ValueError(f"{self.path}: page {k} has shape {page.shape} {page.dtype}, expected "
+                    raise UserInputError(f"{self.path}: page {k} has shape {page.shape} {page.dtype}, expected "
                                      f"{self.planeShape} {self.dtype}. Re-export the stack as one 2-D image per page.")
                 self._pages[k] = page
         return page
@@ -208,7 +209,7 @@ class TiffSeries(StackSource):
                      if name.lower().endswith(TIFF_EXTENSIONS) and not name.startswith(".")]
         files = sorted(files, key=naturalSortKey)
         if not files:
-            raise ValueError(f"{folder} holds no .tif/.tiff files. Point to a TIFF file, a folder of TIFF slices or a NRRD.")
+            raise UserInputError(f"{folder} holds no .tif/.tiff files. Point to a TIFF file, a folder of TIFF slices or a NRRD.")
         self.files = files
         reference = None
         metadata, source = None, None
@@ -217,21 +218,21 @@ class TiffSeries(StackSource):
                 with tifffile.TiffFile(name) as tif:
                     page = _firstPage(tif)
                     if len(tif.pages) != 1:
-                        raise ValueError(f"{name} has {len(tif.pages)} pages; a TIFF series needs one 2-D image per file. "
+                        raise UserInputError(f"{name} has {len(tif.pages)} pages; a TIFF series needs one 2-D image per file. "
                                          f"Open a multipage TIFF as a file, not as a folder.")
                     if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
-                        raise ValueError(f"{name} is not a 2-D grayscale image (shape {page.shape}).")
+                        raise UserInputError(f"{name} is not a 2-D grayscale image (shape {page.shape}).")
                     info = (tuple(page.shape), np.dtype(page.dtype))
                     if index == 0:
                         metadata, source = _tiffMetadataSpacing(tif, page, planar=True)
             except ValueError:
                 raise
             except Exception as error:
-                raise ValueError(f"{name} is not a readable TIFF file ({error}). Remove it from the folder or re-export it.") from error
+                raise UserInputError(f"{name} is not a readable TIFF file ({error}). Remove it from the folder or re-export it.") from error
             if reference is None:
                 reference = info
             elif info != reference:
-                raise ValueError(
+                raise UserInputError(
                     f"TIFF series {folder} is inconsistent: {os.path.basename(name)} is {info[0][1]}x{info[0][0]} {info[1]} "
                     f"but {os.path.basename(files[0])} is {reference[0][1]}x{reference[0][0]} {reference[1]}. "
                     f"All slices must have the same size and type: remove or re-export the odd file.")
@@ -243,7 +244,7 @@ class TiffSeries(StackSource):
         try:
             page = _firstPage(reader.tif)
             if tuple(page.shape) != self.planeShape or np.dtype(page.dtype) != self.dtype:
-                raise ValueError(f"{self.files[k]} changed since the series was opened (now {page.shape} {page.dtype}).")
+                raise UserInputError(f"{self.files[k]} changed since the series was opened (now {page.shape} {page.dtype}).")
             reader.read(page, out, pageIndex=0)
         finally:
             reader.close()
@@ -262,7 +263,7 @@ def _refuseMultiChannel(tif, path):
         return
     extra = [f"{axis}={size}" for axis, size in zip(axes, shape) if axis in "CTS" and size > 1]
     if extra:
-        raise ValueError(f"{path} holds a {axes} {tuple(shape)} image with {', '.join(extra)}: its pages are not one "
+        raise UserInputError(f"{path} holds a {axes} {tuple(shape)} image with {', '.join(extra)}: its pages are not one "
                          f"z stack. Export a single channel and time point (e.g. in Fiji: Image > Duplicate, one "
                          f"channel) and open that.")
 
@@ -380,6 +381,6 @@ def _omeSpacing(xml):
             sy = values[1] if values[1] is not None else sx
             sz = values[2] if values[2] is not None else sx
             if min(sx, sy, sz) <= 0:
-                raise ValueError(f"non-positive PhysicalSize {values}")
+                raise UserInputError(f"non-positive PhysicalSize {values}")
             return (sx, sy, sz)
     return None

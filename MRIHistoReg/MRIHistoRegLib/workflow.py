@@ -1,0 +1,181 @@
+"""The pipeline's steps, free of MRML nodes: every front (the panel's logic, `run`, `demo`, `register`, `refine`,
+the console) calls these, so one input gives the same numbers under the same names everywhere.
+
+    fitLandmarks -> refine (optional) -> resampleOnto -> evaluatePoints / compareLabels -> report (outputs.py)
+
+Images travel as `Image` (array [k, j, i] + IJK->RAS), mappings as MRI RAS -> histology RAS objects
+(fitting models, refinement results; docs/ARCHITECTURE.md section 3), stacks as stack sources.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import progress as progressLib
+from .errors import UserInputError
+
+ProgressCallback = Callable[[float, str], Optional[bool]]
+
+
+@dataclass
+class Image:
+    """Voxels indexed [k, j, i] and the grid's IJK->RAS matrix (spacing, directions, origin)."""
+
+    array: np.ndarray
+    ijkToRas: np.ndarray
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def shapeIjk(self) -> Tuple[int, int, int]:
+        return tuple(self.array.shape[::-1])
+
+
+@dataclass
+class LandmarkFit:
+    """A fitted landmark model with its errors (fitting.evaluateAndFit) and the pairing it was fitted on."""
+
+    model: object
+    modelName: str
+    evaluation: dict
+    pairs: object
+    jacobian: Optional[dict] = None
+
+    def rows(self) -> List[dict]:
+        e = self.evaluation
+        return [{"label": label, "residual_mm": residual, "loo_mm": loo, "outlier": bool(outlier)}
+                for label, residual, loo, outlier in zip(e["labels"], e["residual_mm"], e["loo_mm"], e["outlier"])]
+
+    def summary(self) -> dict:
+        """The evaluation's scalar figures (the per-pair arrays are in rows())."""
+        return {k: v for k, v in self.evaluation.items() if k not in ("labels", "residual_mm", "loo_mm", "outlier")}
+
+    def pairing(self) -> dict:
+        p = self.pairs
+        return {"paired_by_index": p.pairedByIndex, "unmatched_fixed": p.unmatchedFixed,
+                "unmatched_moving": p.unmatchedMoving, "duplicates": p.duplicates, "excluded": p.excluded,
+                "undefined": p.undefined, "warnings": p.warnings()}
+
+    def transformSection(self) -> dict:
+        return {"model": self.modelName, "scale": self.model.scale(),
+                "shrinkage_volume_percent": float(self.model.shrinkageVolumePercent()),
+                "direction": "from parent = MRI (fixed) RAS mm -> histology (moving) RAS mm"}
+
+
+@dataclass
+class Refinement:
+    """The intensity refinement's outcome: `mapping` is the refined chain when accepted, else the landmark model."""
+
+    accepted: bool
+    reason: str
+    mapping: object
+    result: object  # refine.RefinementResult
+    summary: dict = field(default_factory=dict)
+
+
+def fitLandmarks(pairs, modelName: str, regularization: float = 0.0, grid: Optional[Image] = None) -> LandmarkFit:
+    """Fit `modelName` to paired landmarks; the Jacobian (folding) is summarised over `grid` when given, else over
+    the landmarks' box, so the same pairs give the same numbers whoever asks."""
+    from . import fitting
+
+    if modelName not in fitting.MODELS:
+        raise UserInputError(f"Unknown model '{modelName}': choose one of {', '.join(fitting.MODELS)}.")
+    shapeIjk = ijkToRas = None
+    if grid is not None:
+        shapeIjk, ijkToRas = grid.shapeIjk, grid.ijkToRas
+    model, evaluation = fitting.evaluateAndFit(pairs.fixed, pairs.moving, pairs.labels, modelName, regularization,
+                                               shapeIjk=shapeIjk, ijkToRas=ijkToRas)
+    jacobian = evaluation.get("jacobian")
+    if jacobian is None and grid is not None:
+        jacobian = fitting.jacobianSummary(model, grid.shapeIjk, grid.ijkToRas)
+    return LandmarkFit(model, modelName, evaluation, pairs, jacobian)
+
+
+def refinementSummary(result, check: Optional[dict], labels: Sequence[str]) -> dict:
+    """The ONE description of a refinement (report.json's 'refinement', the panel's result, the `refine` command)."""
+    summary = {
+        "accepted": bool(result.accepted), "reason": result.reason,
+        "metric": "Mattes mutual information (negative: lower is better)",
+        "metric_before": result.metricBefore, "metric_after": result.metricAfter, "iterations": result.iterations,
+        "seconds": result.seconds, "min_jacobian_determinant": result.minJacobianDeterminant,
+        "overlap_fraction": result.overlapFraction, "histology_bias_corrected": result.biasCorrected,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (result.settings or {}).items()},
+        "landmarks": None,
+    }
+    if check is not None:
+        summary["landmarks"] = {"labels": list(labels), "residual_before_mm": np.asarray(check["before"]).tolist(),
+                                "residual_after_mm": np.asarray(check["after"]).tolist(),
+                                "median_before_mm": check["medianBefore"], "median_after_mm": check["medianAfter"],
+                                "tolerance_mm": check["toleranceMm"]}
+    return summary
+
+
+def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = None,
+           workingSpacingMm: Optional[float] = None, mriMask: Optional[Image] = None,
+           progress: Optional[ProgressCallback] = None) -> Refinement:
+    """Intensity refinement started from `fit`: `histology` is a stack source (streamed down to `workingSpacingMm`)
+    or an Image already at a working resolution. A refinement that the guard rails reject keeps the landmark model."""
+    from . import downsample, refine as refineLib
+
+    if isinstance(histology, Image):
+        moving = histology
+    else:
+        if not workingSpacingMm or workingSpacingMm <= 0:
+            raise UserInputError(f"The working spacing must be positive (mm), got {workingSpacingMm}.")
+        array, matrix = downsample.downsampleStack(histology, [float(workingSpacingMm)] * 3,
+                                                   progress=progressLib.scaled(progress, 0.0, 0.3))
+        moving = Image(array, matrix)
+    mask = None if mriMask is None else (mriMask.array, mriMask.ijkToRas)
+    result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
+                                          fixedMask=mask, settings=settings,
+                                          progress=progressLib.scaled(progress, 0.3, 1.0))
+    check = None
+    if fit.pairs is not None and len(fit.pairs.labels):
+        check = refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)
+    summary = refinementSummary(result, check, fit.pairs.labels if fit.pairs is not None else [])
+    return Refinement(bool(result.accepted), result.reason, result if result.accepted else fit.model, result, summary)
+
+
+def resampleOnto(source, mapping, grid: Image, progress: Optional[ProgressCallback] = None) -> Tuple[Image, dict]:
+    """The ORIGINAL stack (or an Image's volume node) resampled once through `mapping` onto `grid`."""
+    from . import resample
+
+    array, info = resample.resampleToGrid(source, mapping, grid.shape, grid.ijkToRas, progress=progress)
+    return Image(array, np.asarray(grid.ijkToRas)), info
+
+
+def evaluatePoints(mriLabels: Sequence[str], mriPoints, histologyLabels: Sequence[str], histologyPoints,
+                   mapping) -> dict:
+    """Held-out target registration error (mm), measured in MRI space: each histology point mapped back to MRI
+    space (inverse started from the mapping's linear part, never from the answer) against its MRI point."""
+    from . import compare
+
+    byLabel = dict(zip(histologyLabels, histologyPoints))
+    common = [label for label in mriLabels if label in byLabel]
+    if not common:
+        raise UserInputError("evaluate_points: no label appears in both point files; pair them by label (label,x,y,z).")
+    fixed = np.array([p for label, p in zip(mriLabels, mriPoints) if label in byLabel])
+    moving = np.array([byLabel[label] for label in common])
+    mapped = compare.InverseMapping(mapping).transformPoints(moving)
+    tre = np.linalg.norm(mapped - fixed, axis=1)
+    forward = np.linalg.norm(mapping.transformPoints(fixed) - moving, axis=1)
+    return {"points": [{"label": label, "tre_mm": float(t), "tre_histology_space_mm": float(f)}
+                       for label, t, f in zip(common, tre, forward)],
+            "tre_mm": [float(t) for t in tre], "tre_median_mm": float(np.median(tre)),
+            "tre_max_mm": float(tre.max()), "count": len(common)}
+
+
+def compareLabels(mriLabels: Image, histologyLabels: Image, mapping,
+                  progress: Optional[ProgressCallback] = None) -> Tuple[Dict[object, dict], Image]:
+    """Per label: volumes (MRI, histology native, in MRI space resampled and Jacobian-integrated), Dice, HD95; and
+    the histology labels carried onto the MRI labels' grid."""
+    from . import compare
+
+    for name, image in (("MRI labels", mriLabels), ("histology labels", histologyLabels)):
+        if not np.any(image.array):
+            raise UserInputError(f"The {name} are empty (no labelled voxel). Check the label file or segmentation.")
+    rows, transferred = compare.compareTumours(mriLabels.array, mriLabels.ijkToRas, histologyLabels.array,
+                                               histologyLabels.ijkToRas, mapping, progress=progress)
+    return rows, Image(transferred, np.asarray(mriLabels.ijkToRas))
