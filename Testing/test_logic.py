@@ -301,11 +301,12 @@ def test_report_folder_holds_the_results_and_refuses_foreign_folders(logic, scen
     folder = logic.exportReport(str(tmp_path / "report"), result["transformNode"], result["tableNode"], None, resampled,
                                 mri, histology, mriVolume)
     names = set(os.listdir(folder))
-    assert {"transform.h5", "landmark_errors.csv", "histology_resampled.nrrd", "landmarks_mri.mrk.json",
-            "landmarks_histology.mrk.json", "summary.json", "landmark_errors.png", "overlay_axial.png"} <= names
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    assert summary["transform"]["model"] == "affine+tps"
-    assert float(summary["landmark_fit"]["shrinkage_volume_percent"]) == pytest.approx(100 * (1 - 0.8 ** 3), abs=1e-6)
+    assert {"transform.h5", "histology_on_mri.nrrd", "landmarks_mri.mrk.json", "landmarks_histology.mrk.json",
+            "report.json", "report.csv", "landmark_errors.png", "overlay_axial.png"} <= names
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["transform"]["model"] == "affine+tps"
+    assert report["transform"]["shrinkage_volume_percent"] == pytest.approx(100 * (1 - 0.8 ** 3), abs=1e-6)
+    assert [row["label"] for row in report["landmarks"]] == [f"P{i + 1}" for i in range(8)]
     # the nodes still point at no report file (a temporary storage node wrote them)
     assert resampled.GetStorageNode() is None
     # the written transform maps like the node
@@ -341,19 +342,20 @@ def test_full_resolution_load_checks_memory_once_for_its_one_copy(logic, scene, 
     import tifffile
 
     from MRIHistoRegLib import stacks
+    import MRIHistoRegLib.stacks.base  # noqa: F401  (the memory guard lives there)
 
     array = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
     path = str(tmp_path / "stack.tif")
     tifffile.imwrite(path, array, photometric="minisblack")  # one page per k
     checks = []
-    monkeypatch.setattr(stacks, "availableMemoryBytes", lambda: checks.append(1) or array.nbytes)
+    monkeypatch.setattr(stacks.base, "availableMemoryBytes", lambda: checks.append(1) or array.nbytes)
     before = scene.GetNumberOfNodes()
     node = logic.loadFullResolution(path, [0.01, 0.02, 0.03])
     assert len(checks) == 1  # checked once, and a stack of exactly the available size loads
     np.testing.assert_array_equal(volumes.arrayFromVolume(node), array)
     assert volumes.arrayFromVolume(node).dtype == np.uint16
     np.testing.assert_allclose(volumes.spacingOf(volumes.ijkToRas(node)), [0.01, 0.02, 0.03], rtol=1e-9)
-    monkeypatch.setattr(stacks, "availableMemoryBytes", lambda: array.nbytes - 1)
+    monkeypatch.setattr(stacks.base, "availableMemoryBytes", lambda: array.nbytes - 1)
     count = scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="streamed downsampling"):
         logic.loadFullResolution(path, [0.01, 0.02, 0.03])

@@ -470,9 +470,9 @@ def test_phantomRefinementAgainstGroundTruth(phantom):
     assert reduction[6] > reduction[12], reduction  # refinement matters more when the landmarks are fewer
 
 def test_refineCommandWritesTransformsThatMapLikeTheResult(phantom, tmp_path, scene, monkeypatch):
-    """`python -m MRIHistoRegLib refine ...` on the sample files: refinement.json and, accepted, the chained
-    transform file, which (read back through MRML) maps held-out points like the in-memory refinement the
-    command computed (captured here). --affine-only keeps it cheap (~1.5 s instead of ~40 s): the refinement is
+    """`python -m MRIHistoRegLib refine ...` on the sample files: report.json's refinement and, accepted, the
+    chained transform.h5, which (read back through MRML) maps held-out points like the in-memory refinement the
+    command computed (captured here). --preset affine keeps it cheap (~1.5 s instead of ~40 s): the refinement is
     written as the same grid transform + landmark chain either way; the default B-spline refinement's accuracy
     is test_phantomRefinementAgainstGroundTruth's."""
     import json
@@ -491,17 +491,18 @@ def test_refineCommandWritesTransformsThatMapLikeTheResult(phantom, tmp_path, sc
     spacingUm = [str(v) for v in phantom["truth"]["histology"]["true_spacing_um"]]
     code = cli.main(["refine", "--mri", str(folder / "mri.nrrd"), "--histology", str(folder / "histology.tif"),
                      "--spacing-um", *spacingUm, "--fixed-points", str(folder / "landmarks_mri.csv"),
-                     "--moving-points", str(folder / "landmarks_histology.csv"), "--out", str(out), "--affine-only"])
+                     "--moving-points", str(folder / "landmarks_histology.csv"), "--out", str(out), "--preset", "affine"])
     assert code == 0 and len(computed) == 1
     result = computed[0]
     assert result.settings["bspline"] is False and result.accepted, result.reason
-    summary = json.loads((out / "refinement.json").read_text())
+    summary = json.loads((out / "report.json").read_text())["refinement"]
     assert summary["accepted"] and summary["metric_after"] < summary["metric_before"]
     assert summary["metric_after"] == pytest.approx(result.metricAfter, rel=1e-12)
-    assert summary["landmark_count"] == 12 and summary["landmarks"]["median_after_mm"] < 0.15
-    assert sorted(summary["files"]) == ["refined_transform.h5", "refinement.json", "refinement_transform.h5"]
+    assert len(summary["landmarks"]["labels"]) == 12 and summary["landmarks"]["median_after_mm"] < 0.15
+    assert {"transform.h5", "refinement_transform.h5", "report.json", "report.csv"} <= {p.name for p in out.iterdir()}
+    assert not (out / "histology_on_mri.nrrd").exists()  # refine stops before the resampling
     evalMri = phantom["evalMri"]
-    node = transforms.loadTransform(scene, str(out / "refined_transform.h5"))
+    node = transforms.loadTransform(scene, str(out / "transform.h5"))
     mapped = transforms.mappingFromTransformNode(node).transformPoints(evalMri)
     # the written chain maps like the in-memory refined result (measured 2e-8 mm) and is not the landmark-only
     # mapping (0.068 mm away: the refinement is in it); the refinement grid file alone is result.refinement

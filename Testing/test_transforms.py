@@ -1,6 +1,5 @@
 """Transform nodes from landmark models: direction checked through MRML's own API, .h5 round trips, live update,
 results table, CLI register / map-points."""
-import csv
 import json
 
 import numpy as np
@@ -248,18 +247,18 @@ def test_cliRegisterAndMapPoints(tmp_path):
     out = tmp_path / "result"
     assert cli.main(["register", "--fixed-points", str(tmp_path / "mri.mrk.json"), "--moving-points",
                      str(tmp_path / "histology.csv"), "--model", "affine+tps", "--out", str(out)]) == 0
-    summary = json.loads((out / "landmark_registration.json").read_text())
-    assert summary["model"] == "affine+tps" and summary["count"] == 15 and summary["residual_max_mm"] < 1e-9
-    with open(out / "landmark_errors.csv", newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    assert [row["label"] for row in rows] == labels
+    report = json.loads((out / "report.json").read_text())
+    summary = report["landmark_summary"]
+    assert report["transform"]["model"] == "affine+tps" and summary["count"] == 15 and summary["residual_max_mm"] < 1e-9
+    assert [row["label"] for row in report["landmarks"]] == labels
+    assert report["refinement"] is None and report["resampling"] is None  # steps that did not run: null, not absent
     # map the MRI points to histology and back, through the written .h5
-    assert cli.main(["map-points", "--transform", str(out / "landmark_transform.h5"), "--points",
+    assert cli.main(["map-points", "--transform", str(out / "transform.h5"), "--points",
                      str(tmp_path / "mri.mrk.json"), "--direction", "fixed-to-moving", "--out", str(tmp_path / "h.csv")]) == 0
     mappedLabels, mapped = landmarks.readPoints(tmp_path / "h.csv")
     assert mappedLabels == labels
     np.testing.assert_allclose(mapped, moving, atol=1e-6)
-    assert cli.main(["map-points", "--transform", str(out / "landmark_transform.h5"), "--points",
+    assert cli.main(["map-points", "--transform", str(out / "transform.h5"), "--points",
                      str(tmp_path / "h.csv"), "--direction", "moving-to-fixed", "--out", str(tmp_path / "m.csv")]) == 0
     np.testing.assert_allclose(landmarks.readPoints(tmp_path / "m.csv")[1], fixed, atol=1e-6)
     # a user error: exit code 2, nothing written
@@ -268,30 +267,34 @@ def test_cliRegisterAndMapPoints(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_registerPointFilesReplacesTheFolderWhole(tmp_path):
+def test_registerReplacesTheFolderWhole(tmp_path):
     """register writes through an atomic folder: a failed rerun leaves the earlier result as it was, a new run
     replaces it whole, and a folder of someone else's files is refused untouched."""
+    from MRIHistoRegLib import cli
+
+    def register(moving, model, out):
+        return cli.main(["register", "--fixed-points", str(tmp_path / "mri.csv"), "--moving-points", str(moving),
+                         "--model", model, "--out", str(out)])
+
     labels, fixed, moving = _pairs(12)
     landmarks.writePoints(tmp_path / "mri.csv", labels, fixed)
     landmarks.writePoints(tmp_path / "histology.csv", labels, moving)
     landmarks.writePoints(tmp_path / "few.csv", labels[:3], moving[:3])
     out = tmp_path / "result"
-    transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "affine+tps", out)
+    assert register(tmp_path / "histology.csv", "affine+tps", out) == 0
     first = {name: (out / name).read_bytes() for name in sorted(p.name for p in out.iterdir())}
-    assert {"landmark_transform.h5", "landmark_errors.csv", "landmark_registration.json"} <= set(first)
-    with pytest.raises(ValueError):
-        transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "few.csv", "affine+tps", out)
+    assert {"transform.h5", "report.json", "report.csv"} <= set(first)
+    assert register(tmp_path / "few.csv", "affine+tps", out) == 2
     assert {name: (out / name).read_bytes() for name in sorted(p.name for p in out.iterdir())} == first
     (out / "stale.txt").write_text("from an older run")
-    transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "similarity", out)
+    assert register(tmp_path / "histology.csv", "similarity", out) == 0
     assert not (out / "stale.txt").exists()
-    assert json.loads((out / "landmark_registration.json").read_text())["model"] == "similarity"
+    assert json.loads((out / "report.json").read_text())["transform"]["model"] == "similarity"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty"):
-        transforms.registerPointFiles(tmp_path / "mri.csv", tmp_path / "histology.csv", "affine", foreign)
+    assert register(tmp_path / "histology.csv", "affine", foreign) == 2
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 

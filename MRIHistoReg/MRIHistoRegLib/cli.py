@@ -90,28 +90,29 @@ def _addRegister(subparsers):
     p.add_argument("--moving-points", required=True, help="histology points (same formats; a BigWarp file gives its moving columns)")
     p.add_argument("--model", default="affine+tps", help="rigid, similarity, affine or affine+tps (default)")
     p.add_argument("--regularization", type=float, default=0.0, help="TPS smoothing (mm, >= 0; 0 interpolates)")
-    p.add_argument("--out", default="output/landmarks", help="folder for landmark_transform.h5, landmark_errors.csv, landmark_registration.json")
+    p.add_argument("--out", default="output/landmarks", help="report folder: transform.h5, report.json, report.csv")
     _addBigWarpFlag(p)
     p.set_defaults(func=_runRegister)
 
 
 def _runRegister(args):
-    from MRIHistoRegLib import transforms
+    from MRIHistoRegLib import pipeline
+    from MRIHistoRegLib.config import RunConfig
 
-    result = transforms.registerPointFiles(args.fixed_points, args.moving_points, args.model, args.out, args.regularization,
-                                           bigWarpFlipXY=not args.bigwarp_no_flip)
-    logging.info("%s fit of %d pairs: residual RMS %.3f mm, leave-one-out RMS %.3f mm (max %.3f), shrinkage %.1f%% by volume",
-                 result["model"], result["count"], result["residual_rms_mm"], result["loo_rms_mm"], result["loo_max_mm"],
-                 result["shrinkage_volume_percent"])
-    if result["outliers"]:
-        logging.warning("possible outliers (leave-one-out > 3x median): %s", ", ".join(result["outliers"]))
+    config = RunConfig(path=None, name="register", mri=None, histology=None, model=args.model,
+                       landmarks={"mri": os.path.abspath(args.fixed_points), "histology": os.path.abspath(args.moving_points)},
+                       tpsRegularization=args.regularization, bigWarpFlipXY=not args.bigwarp_no_flip)
+    report = pipeline.runPipeline(config, args.out)
+    _printSummary(report)
+    if report["landmark_summary"].get("outliers"):
+        logging.warning("possible outliers (leave-one-out > 3x median): %s", ", ".join(report["landmark_summary"]["outliers"]))
     logging.info("written to %s", args.out)
     return 0
 
 
 def _addMapPoints(subparsers):
     p = subparsers.add_parser("map-points", help="map points through a transform file (.h5), keeping labels")
-    p.add_argument("--transform", required=True, help="transform file written by register (.h5)")
+    p.add_argument("--transform", required=True, help="transform file written by run, register or refine (transform.h5)")
     p.add_argument("--points", required=True, help="point file (plain CSV label,x,y,z in RAS mm, or any format register reads)")
     p.add_argument("--direction", default="fixed-to-moving", choices=("fixed-to-moving", "moving-to-fixed"))
     p.add_argument("--out", required=True, help="output plain CSV label,x,y,z")
@@ -120,9 +121,9 @@ def _addMapPoints(subparsers):
 
 
 def _runMapPoints(args):
-    from MRIHistoRegLib import transforms
+    from MRIHistoRegLib import workflow
 
-    result = transforms.mapPointFile(args.transform, args.points, args.direction, args.out,
+    result = workflow.mapPointFile(args.transform, args.points, args.direction, args.out,
                                    bigWarpFlipXY=not args.bigwarp_no_flip)
     logging.info("%d points mapped %s (max inverse residual %.2g mm) -> %s", result["count"], args.direction,
                  result["max_residual_mm"], args.out)
@@ -224,7 +225,9 @@ def _runDownsample(args):
 
 
 def _addRefine(subparsers):
-    p = subparsers.add_parser("refine", help="landmark fit + automatic intensity refinement (Mattes MI, affine + B-spline)")
+    from MRIHistoRegLib.settings import DEFAULT_REFINE_PRESET, REFINE_PRESETS
+
+    p = subparsers.add_parser("refine", help="landmark fit + automatic intensity refinement (no resampling)")
     p.add_argument("--mri", required=True, help="MRI volume (NRRD, NIfTI, ...)")
     p.add_argument("--histology", required=True, help="histology stack (multipage TIFF, folder of TIFFs, NRRD)")
     _addSpacingArguments(p)
@@ -233,34 +236,38 @@ def _addRefine(subparsers):
     p.add_argument("--model", default="affine+tps", help="landmark model the refinement starts from (default affine+tps)")
     p.add_argument("--working-mm", type=float, default=0.1, help="spacing the stack is streamed down to (default 0.1)")
     p.add_argument("--mri-mask", help="optional MRI brain mask (label map on the MRI grid)")
-    p.add_argument("--affine-only", action="store_true", help="skip the B-spline stage")
-    p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: refine.DEFAULT_SETTINGS)")
-    p.add_argument("--out", default="output/refine", help="folder for refinement.json and, when accepted, the transforms")
+    p.add_argument("--preset", default=DEFAULT_REFINE_PRESET, choices=list(REFINE_PRESETS),
+                   help=f"refinement preset (default {DEFAULT_REFINE_PRESET!r})")
+    p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: the preset's)")
+    p.add_argument("--out", default="output/refine", help="report folder: transform.h5 (the refined chain when accepted, "
+                   "else the landmark fit), refinement_transform.h5 when accepted, report.json, report.csv")
     _addBigWarpFlag(p)
     p.set_defaults(func=_runRefine)
 
 
 def _runRefine(args):
-    from MRIHistoRegLib import refine
+    from MRIHistoRegLib import pipeline
+    from MRIHistoRegLib.config import RunConfig
     from MRIHistoRegLib.progress import TerminalProgress
+
     spacing = _spacingFromArgs(args)
-    settings = {}
-    if args.affine_only:
-        settings["bspline"] = False
-    if args.control_spacing_mm is not None:
-        settings["controlPointSpacingMm"] = args.control_spacing_mm
-    summary = refine.refineFiles(args.mri, args.histology, args.fixed_points, args.moving_points, args.out,
-                                 bigWarpFlipXY=not args.bigwarp_no_flip,
-                                 histologySpacingMm=spacing, workingSpacingMm=args.working_mm, model=args.model,
-                                 mriMaskPath=args.mri_mask, settings=settings, progress=TerminalProgress("refine"))
-    landmarks = summary["landmarks"]
-    logging.info("metric %.4f -> %.4f, %d iterations, %.1f s; landmark residual median %.3f -> %.3f mm",
-                 summary["metric_before"], summary["metric_after"] if summary["metric_after"] is not None else float("nan"),
-                 summary["iterations"], summary["seconds"], landmarks["median_before_mm"], landmarks["median_after_mm"])
+    overrides = {} if args.control_spacing_mm is None else {"controlPointSpacingMm": args.control_spacing_mm}
+    config = RunConfig(path=None, name="refine", mri=os.path.abspath(args.mri), histology=os.path.abspath(args.histology),
+                       landmarks={"mri": os.path.abspath(args.fixed_points), "histology": os.path.abspath(args.moving_points)},
+                       histologySpacingUm=None if spacing is None else [1000.0 * v for v in spacing], model=args.model,
+                       refine=True, workingSpacingMm=args.working_mm, refinePreset=args.preset,
+                       refineOverrides=overrides, mriMask=os.path.abspath(args.mri_mask) if args.mri_mask else None,
+                       resample=False, bigWarpFlipXY=not args.bigwarp_no_flip)
+    report = pipeline.runPipeline(config, args.out, progress=TerminalProgress("refine"))
+    summary = report["refinement"]
+    landmarks = summary["landmarks"] or {}
+    logging.info("metric %s -> %s, %d iterations, %.1f s; landmark residual median %s -> %s mm",
+                 summary["metric_before"], summary["metric_after"], summary["iterations"] or 0, summary["seconds"] or 0.0,
+                 landmarks.get("median_before_mm"), landmarks.get("median_after_mm"))
     if summary["accepted"]:
-        logging.info("refinement accepted (%s): %s", summary["reason"], ", ".join(summary["files"]))
+        logging.info("refinement accepted (%s): transform.h5 is the refined chain", summary["reason"])
     else:
-        logging.warning("refinement NOT accepted: %s. No transform written: keep the landmark-only result.", summary["reason"])
+        logging.warning("refinement NOT accepted: %s. transform.h5 holds the landmark-only result.", summary["reason"])
     return 0
 
 

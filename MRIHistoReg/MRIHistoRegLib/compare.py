@@ -14,6 +14,7 @@ from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.mapping import AffineMapping, Mapping, asMapping, asPoints, invertPoints, jacobianOf
 from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, sampleNearest
 from MRIHistoRegLib.volumes import spacingOf
+from .errors import UserInputError
 
 INVERSE_TOLERANCE_MM = 1e-3
 _SLAB_VOXELS = 1 << 18
@@ -39,7 +40,7 @@ class InverseMapping(Mapping):
         x, residual = invertPoints(self.forward, points, initialGuess=guess, tolerance=self.toleranceMm * 1e-3)
         worst = float(residual.max(initial=0.0))
         if worst > self.toleranceMm:
-            raise ValueError(f"The transform could not be inverted at {int((residual > self.toleranceMm).sum())} of "
+            raise UserInputError(f"The transform could not be inverted at {int((residual > self.toleranceMm).sum())} of "
                              f"{len(points)} points (residual up to {worst:.3g} mm): it folds or the points lie far "
                              f"outside the landmarks. Use a smoother model (affine, or TPS regularization).")
         return x
@@ -115,7 +116,7 @@ def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inver
     geometry = _asMatrix(labelIjkToRas, "labelIjkToRas")
     voxels = np.argwhere(labelArray == label)  # (n, 3) as (k, j, i)
     if len(voxels) == 0:
-        raise ValueError(f"Label {label} is empty in the histology label map: check the label value.")
+        raise UserInputError(f"Label {label} is empty in the histology label map: check the label value.")
     def blocksOf(size):
         key = voxels // size
         key = (key[:, 0] * (1 << 21) + key[:, 1]) * (1 << 21) + key[:, 2]
@@ -142,7 +143,7 @@ def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inver
         fixed = asPoints(inverter.transformPoints(chunk))
         determinant = np.abs(np.linalg.det(jacobianOf(mapping, fixed)))
         if np.any(determinant < 1e-12):
-            raise ValueError("The transform's Jacobian determinant vanishes inside the label (the mapping folds): "
+            raise UserInputError("The transform's Jacobian determinant vanishes inside the label (the mapping folds): "
                              "use a smoother model.")
         total += float(np.sum(weights[start:start + 50000] / determinant))
     return total * _voxelVolume(geometry)
@@ -164,7 +165,7 @@ def _outputDtype(labelArray):
         return np.dtype(np.uint8)
     high = int(np.max(labelArray)) if np.size(labelArray) else 0
     if int(np.min(labelArray)) < 0:
-        raise ValueError("Label maps must hold non-negative label values.")
+        raise UserInputError("Label maps must hold non-negative label values.")
     return np.dtype(np.uint8 if high < 256 else np.uint16 if high < 65536 else np.uint32)
 
 
@@ -215,10 +216,10 @@ def transferLabels(labelArray, labelIjkToRas, mapping, referenceShape, reference
     5-voxel radii), so it is the resampled volume to compare with the Jacobian-integrated one.
     """
     if method not in ("partial-volume", "nearest"):
-        raise ValueError(f"method must be 'partial-volume' or 'nearest', got {method!r}.")
+        raise UserInputError(f"method must be 'partial-volume' or 'nearest', got {method!r}.")
     labelArray = np.asarray(labelArray)
     if labelArray.ndim != 3:
-        raise ValueError(f"A label map must be 3-D [k, j, i], got shape {labelArray.shape}.")
+        raise UserInputError(f"A label map must be 3-D [k, j, i], got shape {labelArray.shape}.")
     shape = _asShape(referenceShape)
     reference = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
     labelGeometry = _asMatrix(labelIjkToRas, "labelIjkToRas")
@@ -298,7 +299,7 @@ def dice(a, b):
     a = np.asarray(a) != 0
     b = np.asarray(b) != 0
     if a.shape != b.shape:
-        raise ValueError(f"Dice needs masks on the same grid, got shapes {a.shape} and {b.shape}.")
+        raise UserInputError(f"Dice needs masks on the same grid, got shapes {a.shape} and {b.shape}.")
     total = int(a.sum()) + int(b.sum())
     return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
@@ -329,7 +330,7 @@ def surfaceDistancesMm(a, b, ijkToRas):
     a = np.asarray(a) != 0
     b = np.asarray(b) != 0
     if a.shape != b.shape:
-        raise ValueError(f"Surface distances need masks on the same grid, got shapes {a.shape} and {b.shape}.")
+        raise UserInputError(f"Surface distances need masks on the same grid, got shapes {a.shape} and {b.shape}.")
     spacing = spacingOf(_asMatrix(ijkToRas, "ijkToRas"))
     surfaceA, surfaceB = _surface(a), _surface(b)
     fromA = _distanceTo(surfaceB, spacing)[surfaceA]
@@ -361,7 +362,7 @@ def compareLabels(mriLabels, histologyLabelsInMri, ijkToRas, labels=None, histol
     mriLabels = np.asarray(mriLabels)
     histologyLabelsInMri = np.asarray(histologyLabelsInMri)
     if mriLabels.shape != histologyLabelsInMri.shape:
-        raise ValueError(f"The label maps must share the MRI grid: shapes {mriLabels.shape} and "
+        raise UserInputError(f"The label maps must share the MRI grid: shapes {mriLabels.shape} and "
                          f"{histologyLabelsInMri.shape}. Transfer the histology labels first (transferLabels).")
     mriVolumes = labelVolumesMm3(mriLabels, ijkToRas)
     histologyVolumes = labelVolumesMm3(histologyLabelsInMri, ijkToRas)
@@ -421,7 +422,7 @@ def labelArrayFromNode(node, referenceNode=None, scene=None):
     from MRIHistoRegLib import volumes
 
     if node is None:
-        raise ValueError("No label node given: pick a label map volume or a segmentation.")
+        raise UserInputError("No label node given: pick a label map volume or a segmentation.")
     if node.IsA("vtkMRMLSegmentationNode"):
         import slicer
 
@@ -432,7 +433,7 @@ def labelArrayFromNode(node, referenceNode=None, scene=None):
                 if referenceNode is None else \
                 slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(node, labelNode, referenceNode)
             if not ok or labelNode.GetImageData() is None:
-                raise ValueError(f"Segmentation '{node.GetName()}' could not be exported to a label map: does it have "
+                raise UserInputError(f"Segmentation '{node.GetName()}' could not be exported to a label map: does it have "
                                  f"segments with a binary labelmap representation?")
             array = np.array(volumes.arrayFromVolume(labelNode))
             geometry = volumes.ijkToRas(labelNode)
@@ -440,15 +441,15 @@ def labelArrayFromNode(node, referenceNode=None, scene=None):
             scene.RemoveNode(labelNode)
     elif node.IsA("vtkMRMLVolumeNode"):
         if node.GetImageData() is None:
-            raise ValueError(f"Label map '{node.GetName()}' has no voxels: load it first.")
+            raise UserInputError(f"Label map '{node.GetName()}' has no voxels: load it first.")
         array = np.array(volumes.arrayFromVolume(node))
         geometry = volumes.ijkToRas(node)
     else:
-        raise ValueError(f"'{node.GetName()}' is a {node.GetClassName()}: labels must be a label map volume or a "
+        raise UserInputError(f"'{node.GetName()}' is a {node.GetClassName()}: labels must be a label map volume or a "
                          f"segmentation node.")
     if array.dtype.kind not in "ub":
         if np.any(array < 0) or np.any(array != np.round(array)):
-            raise ValueError(f"Label map '{node.GetName()}' holds negative or fractional values: labels must be "
+            raise UserInputError(f"Label map '{node.GetName()}' holds negative or fractional values: labels must be "
                              f"non-negative integers.")
         array = array.astype(_outputDtype(array.astype(np.int64)))
     return array, geometry

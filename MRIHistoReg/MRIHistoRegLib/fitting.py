@@ -29,6 +29,7 @@ import numpy as np
 from .mapping import Mapping, asPoints, invertPoints
 
 from .settings import MODELS  # noqa: E402  (one table: settings.py)
+from .errors import UserInputError
 MINIMUM_POINTS = {"rigid": 3, "similarity": 3, "affine": 4, "affine+tps": 5}
 DUPLICATE_TOLERANCE_MM = 1e-6
 DEGENERACY_TOLERANCE = 1e-6  # singular value ratio below which points count as collinear / coplanar
@@ -42,7 +43,7 @@ def _labelsFor(labels, count):
         return [f"#{i}" for i in range(count)]
     labels = [str(label) for label in labels]
     if len(labels) != count:
-        raise ValueError(f"{len(labels)} labels given for {count} point pairs; give one label per pair.")
+        raise UserInputError(f"{len(labels)} labels given for {count} point pairs; give one label per pair.")
     return labels
 
 
@@ -62,7 +63,7 @@ def validateLandmarks(fixedPoints, movingPoints, model, labels=None):
     too few pairs, duplicated positions, collinear (rigid/similarity) or coplanar (affine, affine+tps) points.
     """
     if model not in MODELS:
-        raise ValueError(f"Unknown landmark model '{model}'; choose one of {', '.join(MODELS)}.")
+        raise UserInputError(f"Unknown landmark model '{model}'; choose one of {', '.join(MODELS)}.")
     fixed = np.asarray(fixedPoints, dtype=float)
     moving = np.asarray(movingPoints, dtype=float)
     if fixed.ndim == 1 and fixed.size == 0:
@@ -71,32 +72,32 @@ def validateLandmarks(fixedPoints, movingPoints, model, labels=None):
         moving = moving.reshape(0, 3)
     fixed, moving = asPoints(fixed), asPoints(moving)
     if len(fixed) != len(moving):
-        raise ValueError(f"{len(fixed)} fixed points but {len(moving)} moving points: pair the lists first "
+        raise UserInputError(f"{len(fixed)} fixed points but {len(moving)} moving points: pair the lists first "
                          "(landmarks.pairLandmarks) so each fixed point has exactly one moving partner.")
     labels = _labelsFor(labels, len(fixed))
     bad = np.flatnonzero(~(np.isfinite(fixed).all(axis=1) & np.isfinite(moving).all(axis=1)))
     if len(bad):
-        raise ValueError(f"Landmark pairs with NaN/infinite coordinates: {_names(labels, bad)}. "
+        raise UserInputError(f"Landmark pairs with NaN/infinite coordinates: {_names(labels, bad)}. "
                          "Place these points or exclude them (unselect) before fitting.")
     needed = MINIMUM_POINTS[model]
     if len(fixed) < needed:
-        raise ValueError(f"The {model} model needs at least {needed} point pairs, got {len(fixed)}"
+        raise UserInputError(f"The {model} model needs at least {needed} point pairs, got {len(fixed)}"
                          f"{' (' + ', '.join(labels) + ')' if labels else ''}. Add more landmark pairs.")
     for name, points in (("fixed (MRI)", fixed), ("moving (histology)", moving)):
         distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
         i, j = np.nonzero(np.triu(distances < DUPLICATE_TOLERANCE_MM, k=1))
         if len(i):
             pairs = ", ".join(f"{labels[a]} = {labels[b]}" for a, b in list(zip(i, j))[:12])
-            raise ValueError(f"Duplicate {name} landmark positions: {pairs}. Two labels sit on the same point; "
+            raise UserInputError(f"Duplicate {name} landmark positions: {pairs}. Two labels sit on the same point; "
                              "move or delete one of them.")
     for name, points in (("fixed (MRI)", fixed), ("moving (histology)", moving)):
         singular = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
         scaleOf = max(singular[0], 1e-300)
         if singular[1] / scaleOf < DEGENERACY_TOLERANCE:
-            raise ValueError(f"The {name} landmarks ({_names(labels, range(len(labels)))}) are collinear: a "
+            raise UserInputError(f"The {name} landmarks ({_names(labels, range(len(labels)))}) are collinear: a "
                              f"{model} fit is undetermined. Add a landmark off that line.")
         if model in ("affine", "affine+tps") and singular[2] / scaleOf < DEGENERACY_TOLERANCE:
-            raise ValueError(f"The {name} landmarks ({_names(labels, range(len(labels)))}) are coplanar: an "
+            raise UserInputError(f"The {name} landmarks ({_names(labels, range(len(labels)))}) are coplanar: an "
                              f"{model} fit needs points spread in 3-D. Add a landmark off that plane "
                              "(or use the rigid/similarity model).")
     return fixed, moving, labels
@@ -270,7 +271,7 @@ def _solveTps(centres, values, regularization):
     try:
         solution = np.linalg.solve(system, rhs)
     except np.linalg.LinAlgError as error:
-        raise ValueError("The thin-plate spline system is singular (duplicate or degenerate landmarks).") from error
+        raise UserInputError("The thin-plate spline system is singular (duplicate or degenerate landmarks).") from error
     weights = solution[:n]
     polynomial = np.zeros((4, 4))
     polynomial[:3, :3] = solution[n:n + 3].T
@@ -292,7 +293,7 @@ def _fitValidated(fixed, moving, model, regularization):
     """fitLandmarks on arrays validateLandmarks has already checked (no second N^2 / SVD pass)."""
     regularization = float(regularization or 0.0)
     if regularization < 0 or not np.isfinite(regularization):
-        raise ValueError(f"TPS regularization must be a finite number >= 0 (mm), got {regularization}.")
+        raise UserInputError(f"TPS regularization must be a finite number >= 0 (mm), got {regularization}.")
     if model == "rigid":
         return LandmarkModel(model, _umeyama(fixed, moving, withScale=False))
     if model == "similarity":
@@ -416,7 +417,7 @@ def jacobianSummary(model, shapeIjk, ijkToRas, step=None, maxSamples=250000) -> 
     """
     shape = [int(s) for s in shapeIjk]
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shapeIjk must be three positive voxel counts (ni, nj, nk), got {shapeIjk}.")
+        raise UserInputError(f"shapeIjk must be three positive voxel counts (ni, nj, nk), got {shapeIjk}.")
     if step is None:
         step = max(1, int(np.ceil((np.prod(shape, dtype=float) / maxSamples) ** (1.0 / 3.0))))
     axes = [np.arange(step // 2 if s > step else 0, s, step) for s in shape]
@@ -443,7 +444,7 @@ def jacobianSummaryForVolume(model, volumeNode, step=None, maxSamples=250000) ->
 
     imageData = volumeNode.GetImageData()
     if imageData is None:
-        raise ValueError(f"Volume '{volumeNode.GetName()}' has no voxels; load it before summarising the Jacobian.")
+        raise UserInputError(f"Volume '{volumeNode.GetName()}' has no voxels; load it before summarising the Jacobian.")
     return jacobianSummary(model, imageData.GetDimensions(), ijkToRas(volumeNode), step, maxSamples)
 
 

@@ -18,11 +18,13 @@ import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import json
+
 import numpy as np
 import slicer
 import vtk
 
-from . import context, volumes
+from . import context, outputs, volumes
 from .progress import report as reportProgress
 from .errors import UserInputError
 
@@ -396,22 +398,22 @@ class MRIHistoRegLogicCore:
         and the per-pair errors in `tableNode` (created when None). Returns the evaluation dict (residual and
         leave-one-out errors, outliers, shrinkage %, Jacobian summary) with 'transformNode', 'tableNode' and
         'messages' (unpaired/excluded labels) added."""
-        from . import fitting, landmarks, transforms
+        from . import landmarks, transforms, workflow
 
         if model not in MODELS:
             raise UserInputError(f"Unknown model '{model}': choose one of {', '.join(MODELS)}.")
         pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
-        shapeIjk = ijkToRas = None
+        grid = None
         if referenceVolume is not None and referenceVolume.GetImageData() is not None:
-            shapeIjk, ijkToRas = referenceVolume.GetImageData().GetDimensions(), volumes.ijkToRas(referenceVolume)
-        fitted, evaluation = fitting.evaluateAndFit(
-            pairs.fixed, pairs.moving, pairs.labels, model, regularization, shapeIjk=shapeIjk, ijkToRas=ijkToRas
-        )
+            grid = self._image(referenceVolume)
+        fit = workflow.fitLandmarks(pairs, model, regularization, grid=grid)
+        fitted, evaluation = fit.model, dict(fit.evaluation, jacobian=fit.jacobian)
         if transformNode is None:
             transformNode = transforms.createTransformNode(self.scene, fitted, "MRI to histology", generic=True)
         else:
             transforms.updateTransformNode(transformNode, fitted)
         tableNode = transforms.resultsTable(self.scene, evaluation, "Landmark errors", pairs=pairs, tableNode=tableNode)
+        tableNode.SetAttribute("MRIHistoReg.regularization", repr(float(regularization)))  # to refit for the report
         evaluation = dict(evaluation, transformNode=transformNode, tableNode=tableNode, messages=pairs.messages())
         return evaluation
 
@@ -547,33 +549,32 @@ class MRIHistoRegLogicCore:
             raise UserInputError("Select the MRI and the (downsampled) histology volume to refine with.")
         if transformNode is None:
             raise UserInputError("Fit the landmarks first: refinement starts from the landmark transform.")
+        from . import settings, workflow
+
         initial = transforms.mappingFromWorldToNode(transformNode)
-        result = refine.refineRegistration(
-            volumes.arrayFromVolume(mriVolume),
-            volumes.ijkToRas(mriVolume),
-            volumes.arrayFromVolume(histologyVolume),
-            volumes.ijkToRas(histologyVolume),
-            initial,
-            settings=REFINE_PRESETS[preset],
-            progress=progress,
-        )
-        check = None
+        pairs = None
         if mriLandmarks is not None and histologyLandmarks is not None:
             pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
-            if pairs.count:
-                check = refine.evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
+        fit = workflow.LandmarkFit(initial, transformNode.GetAttribute("MRIHistoReg.landmarkModel") or "",
+                                   {}, pairs if pairs is not None and pairs.count else None)
+        refinement = workflow.refine(self._image(mriVolume), self._image(histologyVolume), fit,
+                                     settings=settings.refineSettings(preset), progress=progress)
+        result = refinement.result
         answer = {
             "accepted": result.accepted,
             "reason": result.reason,
             "summary": result.summary(),
             "transformNode": None,
             "refinementNode": None,
-            "landmarks": None if check is None else {k: v for k, v in check.items() if not isinstance(v, np.ndarray)},
+            "landmarks": refinement.summary["landmarks"],
+            "report": refinement.summary,
         }
         if not result.accepted:
             return answer
         refinementNode = refine.refinementTransformNode(self.scene, result, "Intensity refinement")
         outputTransform = self.composeRefinedTransform(transformNode, refinementNode, outputTransform)
+        # the report's refinement section, saved with the scene on the node it describes
+        outputTransform.SetAttribute("MRIHistoReg.refinement", json.dumps(outputs.jsonReady(refinement.summary)))
         answer.update(transformNode=outputTransform, refinementNode=refinementNode)
         return answer
 
@@ -694,87 +695,75 @@ class MRIHistoRegLogicCore:
         histologyLandmarks: Optional[PointListNode] = None,
         mriVolume: Optional[VolumeNode] = None,
     ) -> str:
-        """Write what the panel produced into `folder` (atomically: complete or untouched; an existing folder is
-        replaced only if it is an earlier MRIHistoReg output): transform.h5, landmark_errors.csv (+ chart),
-        label_comparison.csv, histology_resampled.nrrd, the two point lists (.mrk.json), overlay figures of the
-        MRI and the resampled histology (with `mriVolume`, on the same grid) and summary.json.
+        """Write what the panel produced into `folder` in the layout `run` writes (outputs.py; atomically:
+        complete or untouched, and an existing folder is replaced only if it is an earlier MRIHistoReg output):
+        transform.h5, histology_on_mri.nrrd (the resampled histology, on the MRI grid when `mriVolume` is given),
+        the point lists, report.json / report.csv with run's sections (landmark errors refitted from the point
+        lists, refinement, resampling and label comparison where done; null otherwise) and the figures.
         Returns the folder's absolute path."""
-        import json
-
-        from . import figures, outputs, transforms
-
         if not self.pathOrNone(folder):
             raise UserInputError("Choose a report folder first.")
-        written = {}
+        if transformNode is None and resampledVolume is None and mriLandmarks is None:
+            raise UserInputError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
         with outputs.atomicFolder(folder) as work:
-            if transformNode is not None:
-                written["transform"] = os.path.basename(
-                    transforms.saveTransform(transformNode, os.path.join(work, "transform.h5"))
-                )
-            for key, node, name in (
-                ("landmark_errors", landmarkTable, "landmark_errors.csv"),
-                ("label_comparison", resultsTable, "label_comparison.csv"),
-                ("histology_resampled", resampledVolume, "histology_resampled.nrrd"),
-                ("mri_landmarks", mriLandmarks, "landmarks_mri.mrk.json"),
-                ("histology_landmarks", histologyLandmarks, "landmarks_histology.mrk.json"),
-            ):
-                if node is not None:
-                    _writeNode(self.scene, node, os.path.join(work, name))
-                    written[key] = name
-            if not written:
-                raise UserInputError("Nothing to export yet: fit the landmarks (and resample/compare) first.")
-            figurePaths = []
-            if landmarkTable is not None and landmarkTable.GetNumberOfRows():
-                rows = [
-                    {
-                        "label": row["label"],
-                        "residual_mm": float(row["residual_mm"]),
-                        "loo_mm": float(row["loo_mm"]),
-                        "outlier": row.get("outlier") == "1",
-                    }
-                    for row in transforms.tableToRows(landmarkTable)
-                ]
-                figurePaths.append(figures.landmarkErrorChart(rows, os.path.join(work, "landmark_errors.png")))
-            if mriVolume is not None and resampledVolume is not None:
-                mriArray, histologyArray = volumes.arrayFromVolume(mriVolume), volumes.arrayFromVolume(resampledVolume)
-                if mriArray.shape != histologyArray.shape or not np.allclose(
-                    volumes.ijkToRas(mriVolume), volumes.ijkToRas(resampledVolume), atol=1e-6
-                ):
-                    raise UserInputError(
-                        "The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
-                        "for the overlay figures (or export without the MRI)."
-                    )
-                points = None
-                if mriLandmarks is not None:
-                    points = np.array(
-                        [
-                            mriLandmarks.GetNthControlPointPositionWorld(i)
-                            for i in range(mriLandmarks.GetNumberOfControlPoints())
-                        ]
-                    ).reshape(-1, 3)
-                figurePaths.extend(
-                    figures.overlayFigures(
-                        mriArray, histologyArray, volumes.ijkToRas(mriVolume), work, landmarksRas=points
-                    )
-                )
-            written["figures"] = [os.path.basename(path) for path in figurePaths]
-            summary = {"files": written}
-            if landmarkTable is not None:
-                summary["landmark_fit"] = {
-                    key[len("MRIHistoReg.") :]: landmarkTable.GetAttribute(key)
-                    for key in landmarkTable.GetAttributeNames()
-                    if key.startswith("MRIHistoReg.")
-                }
-            if transformNode is not None:
-                summary["transform"] = {
-                    "name": transformNode.GetName(),
-                    "class": transformNode.GetClassName(),
-                    "model": transformNode.GetAttribute("MRIHistoReg.landmarkModel"),
-                    "direction": "from parent = MRI RAS -> histology RAS",
-                }
-            with open(os.path.join(work, "summary.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
+            report = {"name": "panel", "warnings": [], "software": _softwareVersions()}
+            fit = self._refitForReport(transformNode, landmarkTable, mriLandmarks, histologyLandmarks, mriVolume)
+            figurePaths = self._writePanelFiles(work, transformNode, resampledVolume, mriLandmarks,
+                                                histologyLandmarks, mriVolume, fit)
+            if fit is not None:
+                report.update(landmarks=fit.rows(), landmark_summary=fit.summary(), pairing=fit.pairing(),
+                              transform=dict(fit.transformSection(), file=outputs.TRANSFORM), jacobian=fit.jacobian)
+            if transformNode is not None and transformNode.GetAttribute("MRIHistoReg.refinement"):
+                report["refinement"] = json.loads(transformNode.GetAttribute("MRIHistoReg.refinement"))
+            if resampledVolume is not None and resampledVolume.GetAttribute("MRIHistoReg.resampling"):
+                report["resampling"] = json.loads(resampledVolume.GetAttribute("MRIHistoReg.resampling"))
+            if resultsTable is not None:
+                report["labels"] = {row.pop("label"): {k: float(v) for k, v in row.items()}
+                                    for row in _tableRows(resultsTable)}
+            report["figures"] = [os.path.basename(path) for path in figurePaths]
+            outputs.writeReport(report, work)
         return os.path.abspath(folder)
+
+    def _refitForReport(self, transformNode, landmarkTable, mriLandmarks, histologyLandmarks, mriVolume):
+        """The landmark fit the transform came from, recomputed from the point lists (milliseconds) so the report
+        carries the same figures `run` writes; None without the lists or a landmark model."""
+        from . import landmarks, workflow
+
+        model = transformNode.GetAttribute("MRIHistoReg.landmarkModel") if transformNode is not None else None
+        if mriLandmarks is None or histologyLandmarks is None or model is None:
+            return None
+        regularization = 0.0
+        if landmarkTable is not None and landmarkTable.GetAttribute("MRIHistoReg.regularization"):
+            regularization = float(landmarkTable.GetAttribute("MRIHistoReg.regularization"))
+        pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+        grid = self._image(mriVolume) if mriVolume is not None else None
+        return workflow.fitLandmarks(pairs, model, regularization, grid=grid)
+
+    def _writePanelFiles(self, work, transformNode, resampledVolume, mriLandmarks, histologyLandmarks, mriVolume, fit):
+        from . import figures, transforms
+
+        if transformNode is not None:
+            transforms.saveTransform(transformNode, os.path.join(work, outputs.TRANSFORM))
+        for node, name in ((resampledVolume, outputs.HISTOLOGY_ON_MRI), (mriLandmarks, outputs.LANDMARKS_MRI),
+                           (histologyLandmarks, outputs.LANDMARKS_HISTOLOGY)):
+            if node is not None:
+                _writeNode(self.scene, node, os.path.join(work, name))
+        figurePaths = []
+        if mriVolume is not None and resampledVolume is not None:
+            mriArray, histologyArray = volumes.arrayFromVolume(mriVolume), volumes.arrayFromVolume(resampledVolume)
+            if mriArray.shape != histologyArray.shape or not np.allclose(
+                volumes.ijkToRas(mriVolume), volumes.ijkToRas(resampledVolume), atol=1e-6
+            ):
+                raise UserInputError(
+                    "The resampled histology is not on the MRI grid: resample with reference grid 'MRI' "
+                    "for the overlay figures (or export without the MRI)."
+                )
+            points = None if fit is None else fit.pairs.fixed
+            figurePaths.extend(figures.overlayFigures(mriArray, histologyArray, volumes.ijkToRas(mriVolume), work,
+                                                      landmarksRas=points))
+        if fit is not None:
+            figurePaths.append(figures.landmarkErrorChart(fit.rows(), os.path.join(work, outputs.LANDMARK_ERRORS_FIGURE)))
+        return figurePaths
 
     # --- display ----------------------------------------------------------------------------------------------
 
@@ -887,6 +876,12 @@ class MRIHistoRegLogicCore:
         tableNode.SetAndObserveTable(table)
         return tableNode
 
+    @staticmethod
+    def _image(volumeNode):
+        from . import workflow
+
+        return workflow.Image(volumes.arrayFromVolume(volumeNode), volumes.ijkToRas(volumeNode))
+
     def _openSource(self, path, spacingMm=None):
         """A StackSource for `path` with `spacingMm` (opening reads metadata only; use it in a `with` block so its
         file handles are closed). Opened afresh each time, so a file replaced on disk is never read stale."""
@@ -898,6 +893,18 @@ class MRIHistoRegLogicCore:
             )
         spacing = None if spacingMm is None else list(self.spacingToMm(spacingMm, "mm"))
         return stacks.openStack(os.fspath(path), spacingMm=spacing)
+
+
+def _tableRows(tableNode) -> list:
+    table = tableNode.GetTable()
+    return [{table.GetColumnName(c): table.GetValue(r, c).ToString() for c in range(table.GetNumberOfColumns())}
+            for r in range(table.GetNumberOfRows())]
+
+
+def _softwareVersions() -> dict:
+    from .pipeline import softwareVersions
+
+    return softwareVersions()
 
 
 def _listOrNone(values):

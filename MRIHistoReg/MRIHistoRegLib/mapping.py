@@ -17,6 +17,7 @@ composition, the numerical Jacobian and an iterative inverse for any smooth mapp
 import abc
 
 import numpy as np
+from .errors import UserInputError
 
 FINITE_DIFFERENCE_STEP_MM = 1e-3
 
@@ -27,7 +28,7 @@ def asPoints(points) -> np.ndarray:
     if array.ndim == 1:
         array = array[None, :]
     if array.ndim != 2 or array.shape[1] != 3:
-        raise ValueError(f"Points must be an (N, 3) array of RAS coordinates in mm, got shape {array.shape}.")
+        raise UserInputError(f"Points must be an (N, 3) array of RAS coordinates in mm, got shape {array.shape}.")
     return array
 
 
@@ -102,7 +103,7 @@ def asMapping(mapping) -> Mapping:
     if isinstance(mapping, Mapping):
         return mapping
     if not callable(getattr(mapping, "transformPoints", None)):
-        raise ValueError("mapping must have transformPoints(points) (fixed RAS -> moving RAS); see mapping.py.")
+        raise UserInputError("mapping must have transformPoints(points) (fixed RAS -> moving RAS); see mapping.py.")
     return _DuckTypedMapping(mapping)
 
 
@@ -112,7 +113,7 @@ class AffineMapping(Mapping):
     def __init__(self, matrix):
         self.matrix = np.array(matrix, dtype=float)
         if self.matrix.shape != (4, 4):
-            raise ValueError(f"An affine mapping needs a 4x4 matrix, got {self.matrix.shape}.")
+            raise UserInputError(f"An affine mapping needs a 4x4 matrix, got {self.matrix.shape}.")
 
     @property
     def isLinear(self) -> bool:

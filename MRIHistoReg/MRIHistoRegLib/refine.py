@@ -58,6 +58,7 @@ import SimpleITK as sitk
 from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints, jacobianOf
 from MRIHistoRegLib.progress import Cancelled, report
 from MRIHistoRegLib.volumes import sitkImageFromArray, spacingOf
+from .errors import UserInputError
 
 _FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
 
@@ -103,14 +104,14 @@ def refinementSettings(settings=None) -> dict:
     if settings:
         unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
         if unknown:
-            raise ValueError(f"Unknown refinement setting(s) {unknown}; valid names: {sorted(DEFAULT_SETTINGS)}.")
+            raise UserInputError(f"Unknown refinement setting(s) {unknown}; valid names: {sorted(DEFAULT_SETTINGS)}.")
         merged.update(settings)
     if len(merged["affineShrinkFactors"]) != len(merged["affineSmoothingSigmas"]):
-        raise ValueError("affineShrinkFactors and affineSmoothingSigmas need one entry per level each.")
+        raise UserInputError("affineShrinkFactors and affineSmoothingSigmas need one entry per level each.")
     if len(merged["bsplineShrinkFactors"]) != len(merged["bsplineSmoothingSigmas"]):
-        raise ValueError("bsplineShrinkFactors and bsplineSmoothingSigmas need one entry per level each.")
+        raise UserInputError("bsplineShrinkFactors and bsplineSmoothingSigmas need one entry per level each.")
     if not merged["controlPointSpacingMm"] > 0:
-        raise ValueError("controlPointSpacingMm must be > 0 (about 1 mm suits a mouse brain).")
+        raise UserInputError("controlPointSpacingMm must be > 0 (about 1 mm suits a mouse brain).")
     return merged
 
 
@@ -121,10 +122,10 @@ def refinementSettings(settings=None) -> dict:
 def _geometry(ijkToRas):
     m = np.asarray(ijkToRas, dtype=float)
     if m.shape != (4, 4):
-        raise ValueError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
+        raise UserInputError(f"Geometry must be a 4x4 IJK->RAS matrix, got shape {m.shape}.")
     spacing = spacingOf(m)
     if np.any(spacing <= 0):
-        raise ValueError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
+        raise UserInputError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
     return m, spacing
 
 
@@ -190,7 +191,7 @@ class DisplacementFieldMapping(Mapping):
     def __init__(self, displacement, ijkToRas):
         self.displacement = np.asarray(displacement, dtype=float)
         if self.displacement.ndim != 4 or self.displacement.shape[3] != 3:
-            raise ValueError(f"A displacement field is a [k, j, i, 3] array, got shape {self.displacement.shape}.")
+            raise UserInputError(f"A displacement field is a [k, j, i, 3] array, got shape {self.displacement.shape}.")
         self.ijkToRas, _ = _geometry(ijkToRas)
         self._rasToIjk = np.linalg.inv(self.ijkToRas)
 
@@ -387,14 +388,14 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
     ras = _gridPoints(shape, lattice)
     mapped = _evaluateChunked(mapping, ras)
     if not np.all(np.isfinite(mapped)):
-        raise ValueError("The initial (landmark) mapping gives non-finite points on the MRI grid: refit the landmarks.")
+        raise UserInputError("The initial (landmark) mapping gives non-finite points on the MRI grid: refit the landmarks.")
     lps, mappedLps = ras @ _FLIP, mapped @ _FLIP
     design = np.hstack([lps, np.ones((len(lps), 1))])
     solution, *_ = np.linalg.lstsq(design[::7], mappedLps[::7], rcond=None)
     affineLps = np.eye(4)
     affineLps[:3, :3], affineLps[:3, 3] = solution[:3].T, solution[3]
     if abs(np.linalg.det(affineLps[:3, :3])) < 1e-9:
-        raise ValueError("The initial (landmark) mapping is degenerate (collapses the MRI): refit the landmarks.")
+        raise UserInputError("The initial (landmark) mapping is degenerate (collapses the MRI): refit the landmarks.")
     inverse = np.linalg.inv(affineLps)
     residual = (mappedLps @ inverse[:3, :3].T + inverse[:3, 3]) - lps
     fieldImage = sitkImageFromArray(residual.reshape(shape + (3,)), lattice, dtype=np.float64, isVector=True)
@@ -452,11 +453,11 @@ def _checkMask(mask, shape, ijkToRas, which):
         mask, geometry = mask
     mask = np.asarray(mask)
     if mask.shape != tuple(shape) or (geometry is not None and not np.allclose(geometry, ijkToRas, atol=1e-6)):
-        raise ValueError(
+        raise UserInputError(
             f"The {which} mask is on a different grid (shape {mask.shape}) than the {which} image (shape "
             f"{tuple(shape)}): resample the mask onto the {which} image grid (nearest neighbour) first.")
     if not mask.any():
-        raise ValueError(f"The {which} mask is empty: give a mask with the region to register, or none.")
+        raise UserInputError(f"The {which} mask is empty: give a mask with the region to register, or none.")
     return (mask > 0).astype(np.uint8)
 
 
@@ -713,9 +714,9 @@ class _Region:
 def _checkInputs(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, fixedMask, movingMask) -> _Inputs:
     fixedArray, movingArray = np.asarray(fixedArray), np.asarray(movingArray)
     if fixedArray.ndim != 3 or movingArray.ndim != 3:
-        raise ValueError(f"Refinement needs 3-D [k, j, i] volumes, got {fixedArray.shape} and {movingArray.shape}.")
+        raise UserInputError(f"Refinement needs 3-D [k, j, i] volumes, got {fixedArray.shape} and {movingArray.shape}.")
     if min(fixedArray.shape) < 4 or min(movingArray.shape) < 4:
-        raise ValueError("Refinement needs volumes at least 4 voxels along every axis.")
+        raise UserInputError("Refinement needs volumes at least 4 voxels along every axis.")
     fixedIjkToRas, _ = _geometry(fixedIjkToRas)
     movingIjkToRas, _ = _geometry(movingIjkToRas)
     fixedMask = _checkMask(fixedMask, fixedArray.shape, fixedIjkToRas, "fixed (MRI)")
@@ -999,7 +1000,7 @@ def evaluateAgainstLandmarks(result, fixedPoints, movingPoints, toleranceMm=None
     summary numbers."""
     fixedPoints, movingPoints = asPoints(fixedPoints), asPoints(movingPoints)
     if len(fixedPoints) != len(movingPoints):
-        raise ValueError(f"Landmark lists differ in length ({len(fixedPoints)} vs {len(movingPoints)}): pair them by label first.")
+        raise UserInputError(f"Landmark lists differ in length ({len(fixedPoints)} vs {len(movingPoints)}): pair them by label first.")
     if toleranceMm is None:
         toleranceMm = (result.settings or DEFAULT_SETTINGS)["landmarkToleranceMm"]
     before = np.linalg.norm(result.initialMapping.transformPoints(fixedPoints) - movingPoints, axis=1)
@@ -1072,7 +1073,7 @@ def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to hist
     import vtk
 
     if outputNode is not None and outputNode in (refinementNode, landmarkNode):
-        raise ValueError("The refined transform must be a separate node: pick or create another output transform.")
+        raise UserInputError("The refined transform must be a separate node: pick or create another output transform.")
     landmarkChain = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, landmarkNode, landmarkChain)
     general = vtk.vtkGeneralTransform()
@@ -1089,73 +1090,3 @@ def composedTransformNode(scene, refinementNode, landmarkNode, name="MRI to hist
     node.SetAndObserveTransformNodeID(None)
     node.SetAndObserveTransformFromParent(general)
     return node
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files in, files out (the `refine` command)
-# ----------------------------------------------------------------------------------------------------------
-
-def refineFiles(mriPath, histologyPath, fixedPointsPath, movingPointsPath, outDir, histologySpacingMm=None,
-                workingSpacingMm=0.1, model="affine+tps", mriMaskPath=None, settings=None, progress=None,
-                bigWarpFlipXY=True) -> dict:
-    """Landmark fit + intensity refinement from files; writes into outDir and returns the summary dict.
-
-    histologyPath: the stack (TIFF file/folder, NRRD) at its true spacing (histologySpacingMm overrides the
-    file's), streamed down to workingSpacingMm for the refinement. Written: refinement.json (always: accepted,
-    reason, metric, iterations, seconds, landmark residuals before/after) and, only when the refinement is
-    accepted, refinement_transform.h5 (the refinement grid alone, from parent) and refined_transform.h5 (the
-    whole chain landmark(refinement(x)) in one node, MRI -> histology, for resampling/hardening in Slicer).
-    A rejected refinement writes no transform: keep the landmark-only result (`register`). outDir is replaced
-    as a whole (outputs.atomicFolder): it must be new, empty or an earlier MRIHistoReg output. bigWarpFlipXY:
-    BigWarp point files' Fiji x, y -> RAS -x, -y (default; landmarks module notes)."""
-    import json
-    import os
-
-    from MRIHistoRegLib import downsample, fitting, landmarks, outputs, progress as progressLib, stacks, transforms, volumes
-    from MRIHistoRegLib.context import createScene
-
-    outputs.checkDestination(outDir)  # refuse a bad folder before the long work
-    scene = createScene()
-    mriNode = volumes.loadVolume(scene, mriPath, "MRI")
-    mriArray, mriIjkToRas = volumes.arrayFromVolume(mriNode), volumes.ijkToRas(mriNode)
-    mriMask = None
-    if mriMaskPath:
-        maskNode = volumes.loadVolume(scene, mriMaskPath, "MRI mask", labelmap=True)
-        mriMask = (volumes.arrayFromVolume(maskNode), volumes.ijkToRas(maskNode))
-    pairs = landmarks.pairLandmarks(
-        landmarks.loadMarkups(scene, fixedPointsPath, "fixed", role="fixed", flipXY=bigWarpFlipXY),
-        landmarks.loadMarkups(scene, movingPointsPath, "moving", role="moving", flipXY=bigWarpFlipXY))
-    fitted = fitting.fitLandmarks(pairs.fixed, pairs.moving, model, labels=pairs.labels)
-    source = stacks.openStack(histologyPath, spacingMm=histologySpacingMm)
-    moving, movingIjkToRas = downsample.downsampleStack(source, [float(workingSpacingMm)] * 3,
-                                                        progress=progressLib.scaled(progress, 0.0, 0.2))
-    result = refineRegistration(mriArray, mriIjkToRas, moving, movingIjkToRas, fitted, fixedMask=mriMask,
-                                settings=settings, progress=progressLib.scaled(progress, 0.2, 0.95))
-    check = evaluateAgainstLandmarks(result, pairs.fixed, pairs.moving)
-    summary = {
-        "accepted": result.accepted, "reason": result.reason, "metric": "Mattes mutual information (negative: lower is better)",
-        "metric_before": result.metricBefore, "metric_after": result.metricAfter, "iterations": result.iterations,
-        "seconds": result.seconds, "min_jacobian_determinant": result.minJacobianDeterminant,
-        "overlap_fraction": result.overlapFraction, "histology_bias_corrected": result.biasCorrected,
-        "model": model, "landmark_count": len(pairs.labels),
-        "landmarks": {"labels": list(pairs.labels), "residual_before_mm": check["before"].tolist(),
-                      "residual_after_mm": check["after"].tolist(), "median_before_mm": check["medianBefore"],
-                      "median_after_mm": check["medianAfter"], "tolerance_mm": check["toleranceMm"]},
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (result.settings or {}).items()},
-        "direction": "MRI (fixed) RAS mm -> histology (moving) RAS mm = landmark(refinement(x)), from parent",
-        "files": ["refinement.json"],
-    }
-    # the whole folder is replaced at once: a rejected rerun never leaves an older accepted transform beside
-    # the new refinement.json, and a failure leaves the previous folder as it was
-    with outputs.atomicFolder(outDir) as folder:
-        if result.accepted:
-            refinementNode = refinementTransformNode(scene, result, "Intensity refinement")
-            landmarkNode = transforms.createTransformNode(scene, fitted, "LandmarkTransform")
-            chain = composedTransformNode(scene, refinementNode, landmarkNode, "MRI to histology (refined)")
-            for node, name in ((refinementNode, "refinement_transform.h5"), (chain, "refined_transform.h5")):
-                transforms.saveTransform(node, os.path.join(folder, name))
-                summary["files"].append(name)
-        with open(os.path.join(folder, "refinement.json"), "w", encoding="utf-8") as stream:
-            json.dump(outputs.jsonReady(summary), stream, indent=1)
-    progressLib.report(progress, 1.0, "refinement written")
-    return summary

@@ -34,6 +34,7 @@ from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.fitting import LandmarkModel
 from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints
 from MRIHistoRegLib.volumes import spacingOf
+from .errors import UserInputError
 
 _SLAB_VOXELS = 1 << 18          # output voxels processed at a time (fits the CPU caches well)
 _MAX_REFINEMENTS = 8
@@ -44,16 +45,16 @@ _INTERPOLATIONS = ("linear", "nearest")
 def _asMatrix(matrix, what):
     matrix = np.asarray(matrix, dtype=float)
     if matrix.shape != (4, 4):
-        raise ValueError(f"{what} must be a 4x4 IJK->RAS matrix, got shape {matrix.shape}.")
+        raise UserInputError(f"{what} must be a 4x4 IJK->RAS matrix, got shape {matrix.shape}.")
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
-        raise ValueError(f"{what} is singular (zero spacing?): fix the volume's spacing/directions.")
+        raise UserInputError(f"{what} is singular (zero spacing?): fix the volume's spacing/directions.")
     return matrix
 
 
 def _asShape(shape, what="referenceShape"):
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{what} must be three positive sizes (nk, nj, ni), got {shape}.")
+        raise UserInputError(f"{what} must be three positive sizes (nk, nj, ni), got {shape}.")
     return shape
 
 
@@ -81,7 +82,7 @@ class _Source:
             source = ArraySource(source[0], _asMatrix(source[1], "The source's ijkToRas"))
         elif not isinstance(source, StackSource):
             if not _isVolumeNode(source):
-                raise ValueError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) "
+                raise UserInputError("source must be a StackSource (stacks.openStack), an (array [k, j, i], ijkToRas) "
                                  f"tuple or a scalar volume node, got {type(source).__name__}.")
             from MRIHistoRegLib import volumes
 
@@ -178,7 +179,7 @@ class LatticeMapping(Mapping):
         self.targetRasToIjk = np.eye(4) if targetRasToIjk is None else np.asarray(targetRasToIjk, float)
         self.targetIjkToRas = np.linalg.inv(self.targetRasToIjk)
         if not maxErrorVoxels > 0:
-            raise ValueError(f"maxErrorVoxels must be > 0 (e.g. 0.1 output voxel), got {maxErrorVoxels}.")
+            raise UserInputError(f"maxErrorVoxels must be > 0 (e.g. 0.1 output voxel), got {maxErrorVoxels}.")
         self.maxErrorTarget = float(maxErrorVoxels)
         self.p99ErrorTarget = float(p99ErrorVoxels) if p99ErrorVoxels is not None else self.maxErrorTarget / 5.0
         started = time.perf_counter()
@@ -610,7 +611,7 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
     intermediate level's spacing and shape, timings in seconds). Outside the source: `fill`.
     """
     if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}.")
+        raise UserInputError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}.")
     asMapping(mapping)  # ValueError now for an object that is no mapping, not deep inside the lattice
     shape = _asShape(referenceShape)
     reference = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
@@ -622,7 +623,7 @@ def resampleToGrid(source, mapping, referenceShape, referenceIjkToRas, interpola
         lattice = LatticeMapping(mapping, shape, reference, targetRasToIjk=sourceRasToIjk,
                                  maxErrorVoxels=maxErrorVoxels, progress=progressLib.scaled(progress, 0.0, 0.05))
     elif lattice.shape != shape or not np.allclose(lattice.targetRasToIjk, sourceRasToIjk):
-        raise ValueError("The lattice given was built for another grid or source: build it with "
+        raise UserInputError("The lattice given was built for another grid or source: build it with "
                          "LatticeMapping(mapping, referenceShape, referenceIjkToRas, inv(source ijkToRas)).")
     timings = {"lattice": time.perf_counter() - started}
 
@@ -752,7 +753,7 @@ def resampleToReference(scene, source, mapping, referenceNode, name, **options):
 
     imageData = referenceNode.GetImageData() if referenceNode is not None else None
     if imageData is None:
-        raise ValueError("referenceNode has no image data: pick a loaded volume as the reference grid.")
+        raise UserInputError("referenceNode has no image data: pick a loaded volume as the reference grid.")
     dims = imageData.GetDimensions()
     geometry = volumes.ijkToRas(referenceNode)
     array, info = resampleToGrid(source, mapping, (dims[2], dims[1], dims[0]), geometry, **options)
@@ -776,7 +777,7 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
     sourceIjkToRas = _asMatrix(sourceIjkToRas, "sourceIjkToRas")
     spacing = np.broadcast_to(np.asarray(spacingMm, float), (3,)).copy()
     if np.any(spacing <= 0):
-        raise ValueError(f"spacingMm must be > 0, got {spacingMm}.")
+        raise UserInputError(f"spacingMm must be > 0, got {spacingMm}.")
     directions = np.eye(3)
     if referenceIjkToRas is not None:
         matrix = _asMatrix(referenceIjkToRas, "referenceIjkToRas")
@@ -803,7 +804,7 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
         initial = None if linear is None else _applyMatrix(np.linalg.inv(linear), moving)
         fixed, residual = invertPoints(mapping, moving, initialGuess=initial)
         if residual.max(initial=0.0) > 1e-3:
-            raise ValueError(f"Could not carry the histology footprint into MRI space (inverse residual "
+            raise UserInputError(f"Could not carry the histology footprint into MRI space (inverse residual "
                              f"{residual.max():.3g} mm): the transform folds near the stack's border; pass an "
                              f"explicit reference grid instead.")
     local = fixed @ directions  # coordinates along the grid's axes
@@ -811,7 +812,7 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
     high = local.max(axis=0) + marginMm
     counts = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
     if float(np.prod(counts.astype(float))) > maxVoxels:
-        raise ValueError(f"The footprint grid would have {np.prod(counts.astype(float)):.3g} voxels at {spacing.tolist()} mm: "
+        raise UserInputError(f"The footprint grid would have {np.prod(counts.astype(float)):.3g} voxels at {spacing.tolist()} mm: "
                          f"choose a coarser spacing.")
     ijkToRas = np.eye(4)
     ijkToRas[:3, :3] = directions * spacing[None, :]

@@ -179,3 +179,23 @@ def compareLabels(mriLabels: Image, histologyLabels: Image, mapping,
     rows, transferred = compare.compareTumours(mriLabels.array, mriLabels.ijkToRas, histologyLabels.array,
                                                histologyLabels.ijkToRas, mapping, progress=progress)
     return rows, Image(transferred, np.asarray(mriLabels.ijkToRas))
+
+
+def mapPointFile(transformPath, pointsPath, direction: str, outPath, bigWarpFlipXY: bool = True) -> dict:
+    """Points from any point file mapped through a transform file (fixed-to-moving = MRI -> histology, or back),
+    written as plain CSV label,x,y,z with their labels. Returns {count, max_residual_mm}."""
+    import logging
+
+    from .context import createScene
+    from .landmarks import readPoints, writePoints
+    from .transforms import loadTransform, mapPoints
+
+    labels, points = readPoints(pointsPath, flipXY=bigWarpFlipXY)
+    node = loadTransform(createScene(), transformPath)
+    mapped, residual = mapPoints(node, points, direction)
+    if len(residual) and not (residual < 1e-3).all():
+        bad = [labels[i] for i in np.flatnonzero(~(residual < 1e-3))]
+        logging.getLogger(__name__).warning("Points whose inverse mapping did not converge (residual > 1e-3 mm): %s",
+                                            ", ".join(bad))
+    writePoints(outPath, labels, mapped, format="csv")
+    return {"count": len(labels), "max_residual_mm": float(residual.max()) if len(residual) else 0.0}
