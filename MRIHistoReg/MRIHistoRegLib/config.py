@@ -73,46 +73,77 @@ def loadConfig(path) -> RunConfig:
 
 
 def parseConfig(raw, path) -> RunConfig:
+    """A RunConfig from the decoded JSON `raw` of the config file at `path`; UserInputError names the field."""
     if not isinstance(raw, dict):
         raise UserInputError(f"Config {path}: the top level must be a JSON object with fields mri, histology, landmarks, ...")
-    folder = os.path.dirname(os.path.abspath(path))
     unknown = sorted(set(raw) - _KNOWN_FIELDS)
     if unknown:
         raise UserInputError(f"Config {path}: unknown field(s) {unknown}; known fields are {sorted(_KNOWN_FIELDS)}.")
+    spacing = _histologySpacing(raw.get("histology_spacing_um"), path)
+    options = _options(raw, path)
+    fields = _PathFields(raw, path)
+    return RunConfig(
+        path=path,
+        name=options["name"],
+        mri=fields.existingPath("mri", fields.require("mri")),
+        histology=fields.existingPath("histology", fields.require("histology")),
+        landmarks=fields.pair("landmarks", required=True),
+        histologySpacingUm=spacing,
+        model=options["model"],
+        refine=options["refine"],
+        workingSpacingMm=options["workingSpacingMm"],
+        tpsRegularization=options["tpsRegularization"],
+        labels=fields.pair("labels", required=False),
+        evaluatePoints=fields.pair("evaluate_points", required=False),
+    )
 
-    def requireField(key):
-        if key not in raw:
-            raise UserInputError(f"Config {path}: required field '{key}' is missing.")
-        return raw[key]
 
-    def existingPath(key, value, kind="file or folder"):
+class _PathFields:
+    """The config's path fields: required ones, relative paths resolved against the config's folder, and the
+    {"mri": ..., "histology": ...} pairs; every path must exist."""
+
+    def __init__(self, raw, path):
+        self.raw, self.path = raw, path
+        self.folder = os.path.dirname(os.path.abspath(path))
+
+    def require(self, key):
+        if key not in self.raw:
+            raise UserInputError(f"Config {self.path}: required field '{key}' is missing.")
+        return self.raw[key]
+
+    def existingPath(self, key, value):
         if not isinstance(value, str) or not value:
-            raise UserInputError(f"Config {path}: field '{key}' must be a path string, got {value!r}.")
-        full = value if os.path.isabs(value) else os.path.join(folder, value)
+            raise UserInputError(f"Config {self.path}: field '{key}' must be a path string, got {value!r}.")
+        full = value if os.path.isabs(value) else os.path.join(self.folder, value)
         if not os.path.exists(full):
-            raise UserInputError(f"Config {path}: field '{key}' points to {full}, which does not exist. Fix the path "
-                             f"(relative paths resolve against the config's folder).")
+            raise UserInputError(f"Config {self.path}: field '{key}' points to {full}, which does not exist. Fix the path "
+                                 f"(relative paths resolve against the config's folder).")
         return os.path.normpath(full)
 
-    def pair(key, required):
-        value = raw.get(key)
+    def pair(self, key, required):
+        value = self.raw.get(key)
         if value is None:
             if required:
-                raise UserInputError(f"Config {path}: required field '{key}' is missing; it needs {{\"mri\": ..., \"histology\": ...}}.")
+                raise UserInputError(f"Config {self.path}: required field '{key}' is missing; it needs {{\"mri\": ..., \"histology\": ...}}.")
             return {}
         if not isinstance(value, dict) or set(value) != {"mri", "histology"}:
-            raise UserInputError(f"Config {path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
-        return {side: existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
+            raise UserInputError(f"Config {self.path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
+        return {side: self.existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
 
-    spacing = raw.get("histology_spacing_um")
-    if spacing is not None:
-        if (not isinstance(spacing, list) or len(spacing) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing)
-                or not all(math.isfinite(v) and v > 0 for v in spacing)):
-            raise UserInputError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
+
+def _histologySpacing(spacing, path) -> Optional[List[float]]:
+    if spacing is None:
+        return None
+    if (not isinstance(spacing, list) or len(spacing) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spacing)
+            or not all(math.isfinite(v) and v > 0 for v in spacing)):
+        raise UserInputError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
                              f"micrometres (i, j, k order), got {spacing!r}.")
-        spacing = [float(v) for v in spacing]
+    return [float(v) for v in spacing]
 
+
+def _options(raw, path) -> dict:
+    """The config's scalar fields, checked in the order the file documents them (the first bad one is named)."""
     model = raw.get("model", "affine+tps")
     if model not in MODELS:
         raise UserInputError(f"Config {path}: field 'model' must be one of {list(MODELS)}, got {model!r}.")
@@ -126,21 +157,8 @@ def parseConfig(raw, path) -> RunConfig:
     name = raw.get("name") or os.path.splitext(os.path.basename(path))[0]
     if not isinstance(name, str):
         raise UserInputError(f"Config {path}: field 'name' must be a string, got {name!r}.")
-
-    return RunConfig(
-        path=path,
-        name=name,
-        mri=existingPath("mri", requireField("mri")),
-        histology=existingPath("histology", requireField("histology")),
-        landmarks=pair("landmarks", required=True),
-        histologySpacingUm=spacing,
-        model=model,
-        refine=refine,
-        workingSpacingMm=working,
-        tpsRegularization=float(regularization),
-        labels=pair("labels", required=False),
-        evaluatePoints=pair("evaluate_points", required=False),
-    )
+    return {"model": model, "refine": refine, "workingSpacingMm": working,
+            "tpsRegularization": float(regularization), "name": name}
 
 
 def _positiveNumber(value, key, path):

@@ -109,41 +109,64 @@ def pairLandmarks(fixedNode, movingNode) -> LandmarkPairs:
         raise UserInputError("Pairing needs two markups point lists: select both the fixed (MRI) and the moving "
                          "(histology) list.")
     fixedRecords, movingRecords = _controlPoints(fixedNode), _controlPoints(movingNode)
-    fixedLabels = [r[0] for r in fixedRecords if r[0]]
-    movingLabels = [r[0] for r in movingRecords if r[0]]
-    common = set(fixedLabels) & set(movingLabels)
+    fixedLabels = {r[0] for r in fixedRecords if r[0]}
+    movingLabels = {r[0] for r in movingRecords if r[0]}
     result = LandmarkPairs([], np.zeros((0, 3)), np.zeros((0, 3)))
-    pairs = []  # (label, fixedRecord, movingRecord)
-    if common:
-        for records in (fixedRecords, movingRecords):
-            seen = set()
-            for label, *_ in records:
-                if label and label in seen and label not in result.duplicates:
-                    result.duplicates.append(label)
-                seen.add(label)
-        movingByLabel = {r[0]: r for r in movingRecords}
-        fixedSet = set(fixedLabels)
-        for i, record in enumerate(fixedRecords):
-            label = record[0] or f"(unlabelled fixed #{i + 1})"
-            if label in result.duplicates:
-                continue
-            if record[0] and record[0] in movingByLabel:
-                pairs.append((label, record, movingByLabel[record[0]]))
-            else:
-                result.unmatchedFixed.append(label)
-        for i, record in enumerate(movingRecords):
-            if not (record[0] and (record[0] in fixedSet or record[0] in result.duplicates)):
-                result.unmatchedMoving.append(record[0] or f"(unlabelled moving #{i + 1})")
+    if fixedLabels & movingLabels:
+        pairs = _pairByLabel(result, fixedRecords, movingRecords)
     else:
-        result.pairedByIndex = True
-        shared = min(len(fixedRecords), len(movingRecords))
-        for i in range(shared):
-            label = fixedRecords[i][0] or movingRecords[i][0] or f"#{i + 1}"
-            if fixedRecords[i][0] and movingRecords[i][0] and fixedRecords[i][0] != movingRecords[i][0]:
-                label = f"{fixedRecords[i][0]}/{movingRecords[i][0]}"
-            pairs.append((label, fixedRecords[i], movingRecords[i]))
-        result.unmatchedFixed = [r[0] or f"#{i + 1}" for i, r in enumerate(fixedRecords) if i >= shared]
-        result.unmatchedMoving = [r[0] or f"#{i + 1}" for i, r in enumerate(movingRecords) if i >= shared]
+        pairs = _pairByIndex(result, fixedRecords, movingRecords)
+    _keepUsable(result, pairs)
+    for message in result.warnings():
+        log.warning("Landmark pairing (%s / %s): %s", fixedNode.GetName(), movingNode.GetName(), message)
+    return result
+
+
+def _pairByLabel(result, fixedRecords, movingRecords):
+    """[(label, fixedRecord, movingRecord)] of the labels both lists hold once; the rest is noted in `result`
+    (labels used twice in a list are ambiguous and skipped on both sides)."""
+    for records in (fixedRecords, movingRecords):
+        seen = set()
+        for label, *_ in records:
+            if label and label in seen and label not in result.duplicates:
+                result.duplicates.append(label)
+            seen.add(label)
+    movingByLabel = {r[0]: r for r in movingRecords}
+    fixedSet = {r[0] for r in fixedRecords if r[0]}
+    pairs = []
+    for i, record in enumerate(fixedRecords):
+        label = record[0] or f"(unlabelled fixed #{i + 1})"
+        if label in result.duplicates:
+            continue
+        if record[0] and record[0] in movingByLabel:
+            pairs.append((label, record, movingByLabel[record[0]]))
+        else:
+            result.unmatchedFixed.append(label)
+    for i, record in enumerate(movingRecords):
+        if not (record[0] and (record[0] in fixedSet or record[0] in result.duplicates)):
+            result.unmatchedMoving.append(record[0] or f"(unlabelled moving #{i + 1})")
+    return pairs
+
+
+def _pairByIndex(result, fixedRecords, movingRecords):
+    """[(label, fixedRecord, movingRecord)] by position in the lists (no label shared); the longer list's tail is
+    noted in `result`."""
+    result.pairedByIndex = True
+    shared = min(len(fixedRecords), len(movingRecords))
+    pairs = []
+    for i in range(shared):
+        fixedLabel, movingLabel = fixedRecords[i][0], movingRecords[i][0]
+        label = fixedLabel or movingLabel or f"#{i + 1}"
+        if fixedLabel and movingLabel and fixedLabel != movingLabel:
+            label = f"{fixedLabel}/{movingLabel}"
+        pairs.append((label, fixedRecords[i], movingRecords[i]))
+    result.unmatchedFixed = [r[0] or f"#{i + 1}" for i, r in enumerate(fixedRecords) if i >= shared]
+    result.unmatchedMoving = [r[0] or f"#{i + 1}" for i, r in enumerate(movingRecords) if i >= shared]
+    return pairs
+
+
+def _keepUsable(result, pairs):
+    """Fills result.labels/fixed/moving with the pairs placed and selected in both lists; notes the others."""
     labels, fixed, moving = [], [], []
     for label, fixedRecord, movingRecord in pairs:
         if not (fixedRecord[3] and movingRecord[3]):
@@ -157,9 +180,6 @@ def pairLandmarks(fixedNode, movingNode) -> LandmarkPairs:
     result.labels = labels
     result.fixed = np.array(fixed, float).reshape(-1, 3)
     result.moving = np.array(moving, float).reshape(-1, 3)
-    for message in result.warnings():
-        log.warning("Landmark pairing (%s / %s): %s", fixedNode.GetName(), movingNode.GetName(), message)
-    return result
 
 
 # --- point files -----------------------------------------------------------------------------------------------
