@@ -718,8 +718,7 @@ class MRIHistoRegLogicCore:
             if resampledVolume is not None and resampledVolume.GetAttribute("MRIHistoReg.resampling"):
                 report["resampling"] = json.loads(resampledVolume.GetAttribute("MRIHistoReg.resampling"))
             if resultsTable is not None:
-                report["labels"] = {row.pop("label"): {k: float(v) for k, v in row.items()}
-                                    for row in _tableRows(resultsTable)}
+                report["labels"] = {row.pop("label"): row for row in _tableRows(resultsTable)}
             report["figures"] = [os.path.basename(path) for path in figurePaths]
             outputs.writeReport(report, work)
         return os.path.abspath(folder)
@@ -896,9 +895,11 @@ class MRIHistoRegLogicCore:
 
 
 def _tableRows(tableNode) -> list:
+    """Rows as dicts, numbers at full precision (vtkVariant.ToString keeps 6 digits)."""
     table = tableNode.GetTable()
-    return [{table.GetColumnName(c): table.GetValue(r, c).ToString() for c in range(table.GetNumberOfColumns())}
-            for r in range(table.GetNumberOfRows())]
+    columns = [table.GetColumn(c) for c in range(table.GetNumberOfColumns())]
+    return [{column.GetName(): (column.GetValue(r) if column.IsA("vtkStringArray") else float(column.GetValue(r)))
+             for column in columns} for r in range(table.GetNumberOfRows())]
 
 
 def _softwareVersions() -> dict:
