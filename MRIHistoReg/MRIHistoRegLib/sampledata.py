@@ -852,35 +852,16 @@ def generateSampleData(outDir, size="small", seed=0, progress=None) -> dict:
 
 def _generateInto(folder, grid, sizeName, factor, seed, progress):
     from . import context
-    from .volumes import createVolumeNode, saveNode
 
     anatomy = PhantomAnatomy()
     forward = _buildMapping(seed, anatomy)
     progressLib.report(progress, 0.0, "MRI")
-
-    mri, mriLabel = _renderMri(anatomy, seed, progressLib.scaled(progress, 0.0, 0.15))
     scene = context.createScene()
-    saveNode(createVolumeNode(scene, mri, MRI_IJK_TO_RAS, "mri"), os.path.join(folder, "mri.nrrd"))
-    saveNode(createVolumeNode(scene, mriLabel, MRI_IJK_TO_RAS, "mri_tumour_label", labelmap=True),
-             os.path.join(folder, "mri_tumour_label.nrrd"))
-    mriLabelVoxels = int(np.count_nonzero(mriLabel))
-    del mri, mriLabel
-
+    mriLabelVoxels = _writeMriVolumes(folder, scene, anatomy, seed, progressLib.scaled(progress, 0.0, 0.15))
     stats = _writeHistology(folder, anatomy, forward, grid, seed, progress=progressLib.scaled(progress, 0.2, 0.95))
-
-    labels, names, lmMri, lmHistology, lmMriTrue, lmHistologyTrue = _landmarks(anatomy, forward, grid, seed)
-    _writeMarkups(scene, os.path.join(folder, "landmarks_mri.mrk.json"), "landmarks_mri", labels, lmMri)
-    _writeMarkups(scene, os.path.join(folder, "landmarks_histology.mrk.json"), "landmarks_histology", labels, lmHistology)
-    _writeCsv(os.path.join(folder, "landmarks_mri.csv"), labels, lmMri)
-    _writeCsv(os.path.join(folder, "landmarks_histology.csv"), labels, lmHistology)
-    evalLabels, evalMri, evalHistology = _evalPoints(anatomy, forward, grid, seed)
-    _writeCsv(os.path.join(folder, "eval_points_mri.csv"), evalLabels, evalMri)
-    _writeCsv(os.path.join(folder, "eval_points_histology.csv"), evalLabels, evalHistology)
+    points = _writePointFiles(folder, scene, anatomy, forward, grid, seed)
     progressLib.report(progress, 0.97, "ground truth")
 
-    mriVolume = anatomy.tumourVolumeMm3()
-    histologyVolume = _histologyVolumeByQuadrature(forward, anatomy)
-    voxelMm3 = float(np.prod(grid.spacingMm))
     truth = {
         "description": "MRIHistoReg sample data: ground truth. Histology coordinates are RAS mm in the stack's "
                        "corrected frame RAS = (-i*sx, -j*sy, k*sz) with the TRUE spacing; the stack files claim 1 mm.",
@@ -890,47 +871,92 @@ def _generateInto(folder, grid, sizeName, factor, seed, progress):
         "mri": {"file": "mri.nrrd", "label_file": "mri_tumour_label.nrrd", "shape_ijk": list(MRI_SHAPE_IJK),
                 "array_shape_kji": list(MRI_SHAPE_IJK[::-1]), "spacing_mm": [MRI_SPACING_MM] * 3,
                 "ijk_to_ras": MRI_IJK_TO_RAS.tolist(), "dtype": "int16", "contrast": "T2-like (CSF bright), Rician noise"},
-        "histology": {"files": ["histology.tif", "histology.nrrd"], "label_file": "histology_tumour_label.nrrd",
-                      "shape_ijk": list(grid.shapeIjk), "array_shape_kji": list(grid.shapeIjk[::-1]), "dtype": "uint16",
-                      "true_spacing_um": list(grid.spacingUm), "true_spacing_mm": grid.spacingMm.tolist(),
-                      "header_spacing_mm": [1.0, 1.0, 1.0],
-                      "file_claims": {
-                          "histology.tif": {"metadata": "ImageJ", "unit": "mm", "spacing_mm": [1.0, 1.0, 1.0],
-                                            "resolution_px_per_unit": [1.0, 1.0], "slice_spacing": 1.0},
-                          "histology.nrrd": {"metadata": "NRRD space directions", "space": "left-posterior-superior",
-                                             "spacing_mm": [1.0, 1.0, 1.0]},
-                          "histology_tumour_label.nrrd": {"metadata": "NRRD space directions",
-                                                          "space": "left-posterior-superior",
-                                                          "spacing_mm": [1.0, 1.0, 1.0]}},
-                      "true_ijk_to_ras": grid.ijkToRas.tolist(),
-                      "header_ijk_to_ras": [[-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
-                      "background_counts": HISTOLOGY_BACKGROUND, "striping": "along i (rows vary along j)",
-                      "lattice_step_voxels": stats["lattice_step"], "intensity_range": [stats["min"], stats["max"]]},
+        "histology": _histologyTruth(grid, stats),
         "mapping": dict(forward.parameters(), **{
             "direction": "histology RAS (true spacing) -> MRI RAS",
             "formula": "x = A y + t_mm + sum_m amplitude_m * exp(-|y - centre_m|^2 / (2 sigma_m^2))",
             "rotation_axis": list(ROTATION_AXIS), "rotation_deg": ROTATION_DEG, "linear_expansion": 1.0 / LINEAR_SHRINK}),
         "shrinkage": {"linear_scale": LINEAR_SHRINK, "volume_ratio": LINEAR_SHRINK ** 3,
                       "volume_shrinkage_percent": 100.0 * (1 - LINEAR_SHRINK ** 3)},
-        "tumour": {"label_value": 1, "centre_mri_ras_mm": list(anatomy.tumourCentre),
-                   "semi_axes_mm": list(anatomy.tumourAxes), "rotation": anatomy.tumourRotation.tolist(),
-                   "mri_volume_mm3": mriVolume,
-                   "histology_volume_mm3": histologyVolume,
-                   "histology_volume_method": "Gauss quadrature over the MRI ellipsoid of det(d histology / d MRI)",
-                   "mri_label_voxels": mriLabelVoxels, "mri_label_volume_mm3": mriLabelVoxels * MRI_SPACING_MM ** 3,
-                   "histology_label_voxels": stats["label_voxels"],
-                   "histology_label_volume_mm3": stats["label_voxels"] * voxelMm3},
-        "landmarks": {"labels": labels, "names": names, "mri_noise_sd_mm": LANDMARK_NOISE_MRI_MM,
+        "tumour": _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels),
+        "landmarks": {"labels": points["labels"], "names": points["names"], "mri_noise_sd_mm": LANDMARK_NOISE_MRI_MM,
                       "histology_noise_sd_mm": LANDMARK_NOISE_HISTOLOGY_MM,
-                      "mri_true_ras_mm": lmMriTrue.tolist(), "histology_true_ras_mm": lmHistologyTrue.tolist(),
+                      "mri_true_ras_mm": points["mriTrue"].tolist(),
+                      "histology_true_ras_mm": points["histologyTrue"].tolist(),
                       "files": ["landmarks_mri.mrk.json", "landmarks_histology.mrk.json", "landmarks_mri.csv",
                                 "landmarks_histology.csv"]},
-        "eval_points": {"count": len(evalLabels), "noise_free": True,
+        "eval_points": {"count": points["evalCount"], "noise_free": True,
                         "files": ["eval_points_mri.csv", "eval_points_histology.csv"]},
         "files": list(FILES),
     }
     with open(os.path.join(folder, "truth.json"), "w", encoding="utf-8") as f:
         json.dump(truth, f, indent=1)
+    _writeRunConfig(folder, grid)
+    progressLib.report(progress, 1.0, "done")
+    return truth
+
+
+def _writeMriVolumes(folder, scene, anatomy, seed, progress) -> int:
+    """mri.nrrd and mri_tumour_label.nrrd; returns the label's voxel count."""
+    from .volumes import createVolumeNode, saveNode
+
+    mri, mriLabel = _renderMri(anatomy, seed, progress)
+    saveNode(createVolumeNode(scene, mri, MRI_IJK_TO_RAS, "mri"), os.path.join(folder, "mri.nrrd"))
+    saveNode(createVolumeNode(scene, mriLabel, MRI_IJK_TO_RAS, "mri_tumour_label", labelmap=True),
+             os.path.join(folder, "mri_tumour_label.nrrd"))
+    return int(np.count_nonzero(mriLabel))
+
+
+def _writePointFiles(folder, scene, anatomy, forward, grid, seed) -> dict:
+    """The landmark files (noisy, both formats) and the noise-free evaluation points; returns what truth.json
+    records of them."""
+    labels, names, lmMri, lmHistology, lmMriTrue, lmHistologyTrue = _landmarks(anatomy, forward, grid, seed)
+    _writeMarkups(scene, os.path.join(folder, "landmarks_mri.mrk.json"), "landmarks_mri", labels, lmMri)
+    _writeMarkups(scene, os.path.join(folder, "landmarks_histology.mrk.json"), "landmarks_histology", labels, lmHistology)
+    _writeCsv(os.path.join(folder, "landmarks_mri.csv"), labels, lmMri)
+    _writeCsv(os.path.join(folder, "landmarks_histology.csv"), labels, lmHistology)
+    evalLabels, evalMri, evalHistology = _evalPoints(anatomy, forward, grid, seed)
+    _writeCsv(os.path.join(folder, "eval_points_mri.csv"), evalLabels, evalMri)
+    _writeCsv(os.path.join(folder, "eval_points_histology.csv"), evalLabels, evalHistology)
+    return {"labels": labels, "names": names, "mriTrue": lmMriTrue, "histologyTrue": lmHistologyTrue,
+            "evalCount": len(evalLabels)}
+
+
+def _histologyTruth(grid, stats) -> dict:
+    """truth.json's 'histology': the true geometry and what each file claims instead."""
+    return {"files": ["histology.tif", "histology.nrrd"], "label_file": "histology_tumour_label.nrrd",
+            "shape_ijk": list(grid.shapeIjk), "array_shape_kji": list(grid.shapeIjk[::-1]), "dtype": "uint16",
+            "true_spacing_um": list(grid.spacingUm), "true_spacing_mm": grid.spacingMm.tolist(),
+            "header_spacing_mm": [1.0, 1.0, 1.0],
+            "file_claims": {
+                "histology.tif": {"metadata": "ImageJ", "unit": "mm", "spacing_mm": [1.0, 1.0, 1.0],
+                                  "resolution_px_per_unit": [1.0, 1.0], "slice_spacing": 1.0},
+                "histology.nrrd": {"metadata": "NRRD space directions", "space": "left-posterior-superior",
+                                   "spacing_mm": [1.0, 1.0, 1.0]},
+                "histology_tumour_label.nrrd": {"metadata": "NRRD space directions",
+                                                "space": "left-posterior-superior",
+                                                "spacing_mm": [1.0, 1.0, 1.0]}},
+            "true_ijk_to_ras": grid.ijkToRas.tolist(),
+            "header_ijk_to_ras": [[-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]],
+            "background_counts": HISTOLOGY_BACKGROUND, "striping": "along i (rows vary along j)",
+            "lattice_step_voxels": stats["lattice_step"], "intensity_range": [stats["min"], stats["max"]]}
+
+
+def _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels) -> dict:
+    """truth.json's 'tumour': the analytic volumes in both spaces and the labels' voxel counts."""
+    voxelMm3 = float(np.prod(grid.spacingMm))
+    return {"label_value": 1, "centre_mri_ras_mm": list(anatomy.tumourCentre),
+            "semi_axes_mm": list(anatomy.tumourAxes), "rotation": anatomy.tumourRotation.tolist(),
+            "mri_volume_mm3": anatomy.tumourVolumeMm3(),
+            "histology_volume_mm3": _histologyVolumeByQuadrature(forward, anatomy),
+            "histology_volume_method": "Gauss quadrature over the MRI ellipsoid of det(d histology / d MRI)",
+            "mri_label_voxels": mriLabelVoxels, "mri_label_volume_mm3": mriLabelVoxels * MRI_SPACING_MM ** 3,
+            "histology_label_voxels": stats["label_voxels"],
+            "histology_label_volume_mm3": stats["label_voxels"] * voxelMm3}
+
+
+def _writeRunConfig(folder, grid):
+    """config.json: the `run` command's configuration for this sample (refinement on)."""
     config = {"mri": "mri.nrrd", "histology": "histology.tif", "histology_spacing_um": list(grid.spacingUm),
               "landmarks": {"mri": "landmarks_mri.mrk.json", "histology": "landmarks_histology.mrk.json"},
               "model": "affine+tps", "refine": True, "working_spacing_mm": 0.1,
@@ -938,5 +964,3 @@ def _generateInto(folder, grid, sizeName, factor, seed, progress):
               "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
-    progressLib.report(progress, 1.0, "done")
-    return truth
