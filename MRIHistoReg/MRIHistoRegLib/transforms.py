@@ -62,7 +62,10 @@ def vtkTransformFromModel(model) -> "vtk.vtkAbstractTransform":
 
 
 def _checkModel(model):
-    if not hasattr(model, "isLinear") or not hasattr(model, "affineMatrix"):
+    from .fitting import LandmarkModel
+
+    # by type: every Mapping has isLinear now, and only a LandmarkModel becomes a linear or TPS node
+    if not isinstance(model, LandmarkModel):
         raise UserInputError(f"Expected a fitted LandmarkModel (fitting.fitLandmarks), got {type(model).__name__}.")
     if not np.isfinite(model.affineMatrix).all():
         raise UserInputError("The landmark model holds non-finite numbers; refit it from valid landmarks.")
