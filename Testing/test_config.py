@@ -5,7 +5,7 @@ import os
 import pytest
 
 from MRIHistoRegLib import outputs
-from MRIHistoRegLib.config import loadConfig
+from MRIHistoRegLib.config import loadConfig, parseConfig
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_relative_paths_resolve_against_the_config_folder(subject, monkeypatch, 
     config = loadConfig(write(folder, raw))
     assert config.mri == str(folder / "mri.nrrd")
     assert config.landmarks == {"mri": str(folder / "a.csv"), "histology": str(folder / "b.csv")}
-    assert config.histologySpacingUm == [3.25, 3.25, 5.0]
+    assert config.histologySpacingMm == pytest.approx((0.00325, 0.00325, 0.005), rel=1e-12)  # mm inside, once
     assert config.model == "affine+tps" and config.refine is False
 
 
@@ -88,3 +88,17 @@ def test_atomic_folder_leaves_nothing_on_failure_and_keeps_foreign_folders(tmp_p
         with outputs.atomicFolder(foreign):
             pass
     assert (foreign / "thesis.docx").read_text() == "precious"
+
+
+def test_refine_preset_and_mask_are_read_and_checked(tmp_path):
+    from MRIHistoRegLib import settings
+
+    for name in ("mri.nrrd", "hist.tif", "a.csv", "b.csv", "mask.nrrd"):
+        (tmp_path / name).write_text("x")
+    raw = {"mri": "mri.nrrd", "histology": "hist.tif", "landmarks": {"mri": "a.csv", "histology": "b.csv"},
+           "refine_preset": "affine", "mri_mask": "mask.nrrd"}
+    config = parseConfig(raw, str(tmp_path / "c.json"))
+    assert config.refinePreset == "affine" and config.refineSettings == settings.REFINE_PRESETS["affine"]
+    assert config.mriMask == str(tmp_path / "mask.nrrd")
+    with pytest.raises(ValueError, match="refine_preset"):
+        parseConfig(dict(raw, refine_preset="B-spline only"), str(tmp_path / "c.json"))

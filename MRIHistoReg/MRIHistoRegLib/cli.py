@@ -254,7 +254,7 @@ def _runRefine(args):
     overrides = {} if args.control_spacing_mm is None else {"controlPointSpacingMm": args.control_spacing_mm}
     config = RunConfig(path=None, name="refine", mri=os.path.abspath(args.mri), histology=os.path.abspath(args.histology),
                        landmarks={"mri": os.path.abspath(args.fixed_points), "histology": os.path.abspath(args.moving_points)},
-                       histologySpacingUm=None if spacing is None else [1000.0 * v for v in spacing], model=args.model,
+                       histologySpacingMm=None if spacing is None else tuple(spacing), model=args.model,
                        refine=True, workingSpacingMm=args.working_mm, refinePreset=args.preset,
                        refineOverrides=overrides, mriMask=os.path.abspath(args.mri_mask) if args.mri_mask else None,
                        resample=False, bigWarpFlipXY=not args.bigwarp_no_flip)

@@ -15,11 +15,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Tuple
 
-from .settings import MODELS  # noqa: E402  (one table: settings.py)
+from .settings import DEFAULT_REFINE_PRESET, MODELS, REFINE_PRESETS  # noqa: E402  (one table each: settings.py)
 from .errors import UserInputError
-_KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "working_spacing_mm",
+_KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "refine_preset",
+                 "mri_mask", "working_spacing_mm",
                  "labels", "evaluate_points", "name", "tps_regularization"}
 
 
@@ -30,7 +31,7 @@ class RunConfig:
     mri: str
     histology: str
     landmarks: Dict[str, str]
-    histologySpacingUm: Optional[List[float]] = None
+    histologySpacingMm: Optional[Tuple[float, float, float]] = None  # converted once, here, from the config's um
     model: str = "affine+tps"
     refine: bool = False
     workingSpacingMm: float = 0.1
@@ -88,14 +89,22 @@ def parseConfig(raw, path) -> RunConfig:
         mri=fields.existingPath("mri", fields.require("mri")),
         histology=fields.existingPath("histology", fields.require("histology")),
         landmarks=fields.pair("landmarks", required=True),
-        histologySpacingUm=spacing,
+        histologySpacingMm=spacing,
         model=options["model"],
         refine=options["refine"],
         workingSpacingMm=options["workingSpacingMm"],
         tpsRegularization=options["tpsRegularization"],
         labels=fields.pair("labels", required=False),
         evaluatePoints=fields.pair("evaluate_points", required=False),
+        refinePreset=_refinePreset(raw.get("refine_preset", DEFAULT_REFINE_PRESET), path),
+        mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
     )
+
+
+def _refinePreset(name, path) -> str:
+    if name not in REFINE_PRESETS:
+        raise UserInputError(f"Config {path}: field 'refine_preset' must be one of {list(REFINE_PRESETS)}, got {name!r}.")
+    return name
 
 
 class _PathFields:
@@ -131,7 +140,7 @@ class _PathFields:
         return {side: self.existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
 
 
-def _histologySpacing(spacing, path) -> Optional[List[float]]:
+def _histologySpacing(spacing, path) -> Optional[Tuple[float, float, float]]:
     if spacing is None:
         return None
     if (not isinstance(spacing, list) or len(spacing) != 3
@@ -139,7 +148,7 @@ def _histologySpacing(spacing, path) -> Optional[List[float]]:
             or not all(math.isfinite(v) and v > 0 for v in spacing)):
         raise UserInputError(f"Config {path}: field 'histology_spacing_um' must be three positive numbers [x, y, z] in "
                              f"micrometres (i, j, k order), got {spacing!r}.")
-    return [float(v) for v in spacing]
+    return tuple(float(v) / 1000.0 for v in spacing)
 
 
 def _options(raw, path) -> dict:

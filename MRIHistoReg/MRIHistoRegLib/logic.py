@@ -617,9 +617,7 @@ class MRIHistoRegLogicCore:
         footprint (axes of the reference). The source is the ORIGINAL stack at `stackPath` (true spacing
         `spacingMm`, streamed) when given, else `histologyVolume`. Returns the output volume node (`outputNode`
         reused when given); the resampling report is in its 'MRIHistoReg.resampling' attribute (JSON)."""
-        import json
-
-        from . import resample, transforms
+        from . import resample, stacks, transforms
 
         if transformNode is None:
             raise UserInputError("Fit the landmarks first: resampling needs the MRI-to-histology transform.")
@@ -631,8 +629,9 @@ class MRIHistoRegLogicCore:
         referenceIjkToRas = volumes.ijkToRas(referenceVolume)
         with self._openSource(stackPath, spacingMm) if stackPath else contextlib.nullcontext(histologyVolume) as source:
             if outputSpacingMm:
-                sourceShape = source.shape if hasattr(source, "readPlane") else volumes.arrayFromVolume(source).shape
-                sourceIjkToRas = source.ijkToRas() if hasattr(source, "readPlane") else volumes.ijkToRas(source)
+                isStack = isinstance(source, stacks.StackSource)
+                sourceShape = source.shape if isStack else volumes.arrayFromVolume(source).shape
+                sourceIjkToRas = source.ijkToRas() if isStack else volumes.ijkToRas(source)
                 shape, ijkToRas = resample.referenceGridFromFootprint(
                     sourceShape, sourceIjkToRas, mapping, float(outputSpacingMm), referenceIjkToRas=referenceIjkToRas
                 )

@@ -156,8 +156,7 @@ class _Run:
                 node = volumes.loadVolume(self.scene, config.mri, "MRI")
                 inputs.mri = workflow.Image(volumes.arrayFromVolume(node), volumes.ijkToRas(node))
             if config.histology:
-                spacingMm = spacing.toMillimetres(config.histologySpacingUm, "um") if config.histologySpacingUm else None
-                inputs.source = stacks.openStack(config.histology, spacingMm=spacingMm)
+                inputs.source = stacks.openStack(config.histology, spacingMm=config.histologySpacingMm)
                 reference = None if inputs.mri is None else node
                 inputs.verdict = spacing.checkPlausibility(inputs.source, inputs.source.spacingMm,
                                                            referenceExtentMm=reference)
