@@ -197,7 +197,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._spacingUnit = panel.SpacingUnitFollower()
         self._flickerTimer = None
         self._flickerOn = False
-        self._stackInfo = None  # logic.openStack's description of the inspected stack
+        self._stackInfo = None  # logic.StackInfo of the inspected stack
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -347,7 +347,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._runner.action(_("Failed to switch landmark auto-update.")):
             self._applyAutoUpdate()
 
-    def _setStackInfo(self, info: Optional[dict]) -> None:
+    def _setStackInfo(self, info) -> None:
         """Remember the inspected stack and show it; the buttons that need it follow at once."""
         self._stackInfo = info
         self.ui.stackInfoLabel.text = self.logic.describeStack(info) if info else ""
@@ -393,7 +393,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _stackPath(self):
         """The stack file to read from, once inspected (its spacing is then in the spacing fields), else None."""
         stack = panel.inspectedStack(self._parameterNode, self._stackInfo)
-        return None if stack is None else stack["path"]
+        return None if stack is None else stack.path
 
     # --- Inputs ------------------------------------------------------------------------------------------
 
@@ -408,7 +408,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with self._action(_("Failed to open the histology stack.")):
             info = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume)
-            self.logic.setSpacingFields(p, info["spacingMm"])
+            self.logic.setSpacingFields(p, info.spacingMm)
             self._setStackInfo(info)
 
     def onBrowseStackFolder(self) -> None:
@@ -434,7 +434,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onUseMetadataSpacing(self) -> None:
         with self._action(_("Failed to use the metadata spacing.")):
-            self.logic.setSpacingFields(self._parameterNode, self._stackInfo["metadataSpacingMm"])
+            self.logic.setSpacingFields(self._parameterNode, self._stackInfo.metadataSpacingMm)
 
     def onApplySpacing(self) -> None:
         p = self._parameterNode

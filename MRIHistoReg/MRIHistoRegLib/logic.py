@@ -19,6 +19,7 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import slicer
@@ -41,6 +42,22 @@ RoiNode = slicer.vtkMRMLMarkupsROINode
 LabelsNode = Union[slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode]
 ProgressCallback = Callable[[float, str], Optional[bool]]  # raises progress.Cancelled (or returns True) to cancel
 PAIR_LABEL_PREFIX = "P"
+
+
+@dataclass
+class StackInfo:
+    """What 'Inspect stack' learns from a stack's header and metadata (nothing of its voxels is read)."""
+
+    path: str
+    shapeIjk: List[int]
+    dtype: str
+    headerSpacingMm: Optional[List[float]]
+    metadataSpacingMm: Optional[List[float]]
+    spacingMm: List[float]  # in use: the given spacing, else the metadata's, else the header's
+    spacingSource: str
+    physicalSizeMm: List[float]
+    plausible: bool
+    verdict: str
 
 
 class MRIHistoRegLogicCore:
@@ -163,45 +180,42 @@ class MRIHistoRegLogicCore:
 
     def openStack(
         self, path: str, spacingMm: Optional[Sequence[float]] = None, referenceVolume: Optional[VolumeNode] = None
-    ) -> dict:
-        """Open a TIFF file/folder or NRRD stack lazily (header and metadata only) and describe it.
-
-        Returns {'path', 'shapeIjk', 'dtype', 'headerSpacingMm', 'metadataSpacingMm', 'spacingMm' (in use: given >
-        metadata > header), 'spacingSource', 'physicalSizeMm', 'plausible', 'verdict'}; the verdict compares the
-        physical size at that spacing with `referenceVolume`'s (the MRI) or, without it, a mouse brain's.
-        """
+    ) -> "StackInfo":
+        """Open a TIFF file/folder or NRRD stack lazily (header and metadata only) and describe it (StackInfo; the
+        spacing in use is the given one, else the metadata's, else the header's). The verdict compares the physical
+        size at that spacing with `referenceVolume`'s (the MRI) or, without it, a mouse brain's."""
         from . import spacing as spacingLib
 
         with self._openSource(path, spacingMm) as source:
             verdict = spacingLib.checkPlausibility(source, source.spacingMm, referenceExtentMm=referenceVolume)
         shapeIjk = [int(n) for n in source.shape[::-1]]
-        return {
-            "path": os.fspath(path),
-            "shapeIjk": shapeIjk,
-            "dtype": str(source.dtype),
-            "headerSpacingMm": _listOrNone(source.headerSpacingMm),
-            "metadataSpacingMm": _listOrNone(source.metadataSpacingMm),
-            "spacingMm": [float(v) for v in source.spacingMm],
-            "spacingSource": source.spacingSource,
-            "physicalSizeMm": self.physicalSizeMm(shapeIjk, source.spacingMm),
-            "plausible": bool(verdict.ok),
-            "verdict": verdict.message,
-        }
+        return StackInfo(
+            path=os.fspath(path),
+            shapeIjk=shapeIjk,
+            dtype=str(source.dtype),
+            headerSpacingMm=_listOrNone(source.headerSpacingMm),
+            metadataSpacingMm=_listOrNone(source.metadataSpacingMm),
+            spacingMm=[float(v) for v in source.spacingMm],
+            spacingSource=source.spacingSource,
+            physicalSizeMm=self.physicalSizeMm(shapeIjk, source.spacingMm),
+            plausible=bool(verdict.ok),
+            verdict=verdict.message,
+        )
 
     @staticmethod
-    def describeStack(info: dict) -> str:
+    def describeStack(info: "StackInfo") -> str:
         """The stack summary shown under 'Inspect stack' (from openStack's dict)."""
 
         def mm(values):
             return "none" if values is None else " x ".join(f"{v:.6g}" for v in values) + " mm"
 
-        shape = " x ".join(str(n) for n in info["shapeIjk"])
-        size = " x ".join(f"{v:.3g}" for v in info["physicalSizeMm"])
+        shape = " x ".join(str(n) for n in info.shapeIjk)
+        size = " x ".join(f"{v:.3g}" for v in info.physicalSizeMm)
         return (
-            f"{shape} voxels ({info['dtype']})\nheader spacing: {mm(info['headerSpacingMm'])}\n"
-            f"metadata spacing: {mm(info['metadataSpacingMm'])}\n"
-            f"in use ({info['spacingSource']}): {mm(info['spacingMm'])} -> {size} mm\n"
-            f"{'OK' if info['plausible'] else 'CHECK'}: {info['verdict']}"
+            f"{shape} voxels ({info.dtype})\nheader spacing: {mm(info.headerSpacingMm)}\n"
+            f"metadata spacing: {mm(info.metadataSpacingMm)}\n"
+            f"in use ({info.spacingSource}): {mm(info.spacingMm)} -> {size} mm\n"
+            f"{'OK' if info.plausible else 'CHECK'}: {info.verdict}"
         )
 
     def applySpacing(self, volumeNode: VolumeNode, spacingMm: Sequence[float]) -> None:

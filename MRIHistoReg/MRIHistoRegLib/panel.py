@@ -33,15 +33,15 @@ def pathOrNone(path) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
-def inspectedStack(parameters, stackInfo: Optional[dict]) -> Optional[dict]:
-    """`stackInfo` (logic.openStack's description) when it describes the stack the panel's path field names now,
+def inspectedStack(parameters, stackInfo):
+    """`stackInfo` (logic.StackInfo) when it describes the stack the panel's path field names now,
     else None: the stack steps read the spacing fields, which hold that stack's spacing once it is inspected."""
     if not stackInfo or pathOrNone(parameters.stackPath) is None:
         return None
-    return stackInfo if os.fspath(stackInfo["path"]) == os.fspath(parameters.stackPath) else None
+    return stackInfo if os.fspath(stackInfo.path) == os.fspath(parameters.stackPath) else None
 
 
-def actionStates(parameters, stackInfo: Optional[dict]) -> Dict[str, bool]:
+def actionStates(parameters, stackInfo) -> Dict[str, bool]:
     """Which of the panel's buttons and fields can be used now, by widget name (the .ui's objectName)."""
     p = parameters
     stack = inspectedStack(p, stackInfo)
@@ -52,7 +52,7 @@ def actionStates(parameters, stackInfo: Optional[dict]) -> Dict[str, bool]:
     return {
         "openStackButton": pathOrNone(p.stackPath) is not None,
         "loadFullResolutionButton": stack is not None,
-        "useMetadataSpacingButton": stack is not None and stack.get("metadataSpacingMm") is not None,
+        "useMetadataSpacingButton": stack is not None and stack.metadataSpacingMm is not None,
         "applySpacingButton": hasHistology,
         "downsampleButton": stack is not None and (hasMri or not p.targetSpacingFromMri),
         "targetSpacingSpinBox": not p.targetSpacingFromMri,
@@ -80,7 +80,7 @@ def spacingFieldsMm(parameters) -> Sequence[float]:
     return MRIHistoRegLogicCore.spacingToMm(values, parameters.spacingUnit)
 
 
-def physicalSizeText(parameters, stackInfo: Optional[dict]) -> str:
+def physicalSizeText(parameters, stackInfo) -> str:
     """The live 'physical size' readout of the inspected stack at the spacing in the fields ('' before inspecting)."""
     stack = inspectedStack(parameters, stackInfo)
     if stack is None:
@@ -89,7 +89,7 @@ def physicalSizeText(parameters, stackInfo: Optional[dict]) -> str:
         spacingMm = spacingFieldsMm(parameters)
     except ValueError:
         return "Enter three positive spacing values."
-    size = [float(n) * float(s) for n, s in zip(stack["shapeIjk"], spacingMm)]
+    size = [float(n) * float(s) for n, s in zip(stack.shapeIjk, spacingMm)]
     return "Physical size at this spacing: " + " x ".join(f"{v:.3g}" for v in size) + " mm"
 
 

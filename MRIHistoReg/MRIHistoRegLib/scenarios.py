@@ -146,14 +146,14 @@ def fixSpacingScenario(scene, workFolder) -> None:
     shapeIjk = truth["histology"]["shape_ijk"]
     for stackFile in truth["histology"]["files"]:
         info = logic.openStack(os.path.join(folder, stackFile), referenceVolume=mri)
-        assert info["shapeIjk"] == shapeIjk
+        assert info.shapeIjk == shapeIjk
         # what the file claims (NRRD header, or the TIFF's ImageJ metadata: the seed's 1 mm mistake)
-        np.testing.assert_allclose(info["spacingMm"], truth["histology"]["header_spacing_mm"])
+        np.testing.assert_allclose(info.spacingMm, truth["histology"]["header_spacing_mm"])
         # 270 px x 1 mm = 270 mm against a ~20 mm MRI: far outside any plausible brain
-        assert not info["plausible"], f"{stackFile}: 1 mm spacing judged plausible: {info['verdict']}"
+        assert not info.plausible, f"{stackFile}: 1 mm spacing judged plausible: {info.verdict}"
         fixed = logic.openStack(os.path.join(folder, stackFile), trueSpacing, referenceVolume=mri)
-        assert fixed["plausible"], f"{stackFile}: true spacing judged implausible: {fixed['verdict']}"
-        np.testing.assert_allclose(fixed["physicalSizeMm"], np.multiply(shapeIjk, trueSpacing), rtol=1e-12)
+        assert fixed.plausible, f"{stackFile}: true spacing judged implausible: {fixed.verdict}"
+        np.testing.assert_allclose(fixed.physicalSizeMm, np.multiply(shapeIjk, trueSpacing), rtol=1e-12)
 
     histology = volumes.loadVolume(scene, os.path.join(folder, "histology.nrrd"), "Histology")
     np.testing.assert_allclose(volumes.ijkToRas(histology), truth["histology"]["header_ijk_to_ras"], atol=1e-12)
