@@ -11,9 +11,9 @@ with det J_{H->M}(y) = 1 / det J_{M->H}(x), x = inverse(y) (Newton, residuals ch
 import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
+from MRIHistoRegLib.geometry import applyMatrixElementwise, spacingOf
 from MRIHistoRegLib.mapping import AffineMapping, Mapping, asMapping, asPoints, invertPoints, jacobianOf
-from MRIHistoRegLib.resample import LatticeMapping, _applyMatrix, _asMatrix, _asShape, sampleNearest
-from MRIHistoRegLib.volumes import spacingOf
+from MRIHistoRegLib.resample import LatticeMapping, _asMatrix, _asShape, sampleNearest
 from .errors import UserInputError
 
 INVERSE_TOLERANCE_MM = 1e-3
@@ -135,7 +135,7 @@ def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inver
         voxels, weights = centroid, counts.astype(float)
     else:
         weights = np.ones(len(voxels))
-    ras = _applyMatrix(geometry, voxels[:, ::-1].astype(float))
+    ras = applyMatrixElementwise(geometry, voxels[:, ::-1].astype(float))
     inverter = inverseMapping if inverseMapping is not None else InverseMapping(mapping)
     total = 0.0
     for start in range(0, len(ras), 50000):

@@ -37,6 +37,7 @@ import threading
 
 import numpy as np
 
+from MRIHistoRegLib.geometry import flipGeometryLpsRas
 from MRIHistoRegLib.outputs import silentRemove
 from MRIHistoRegLib.progress import Cancelled, report
 from .errors import UserInputError
@@ -590,8 +591,7 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
     folder = os.path.dirname(os.path.abspath(outPath))
     base = os.path.basename(outPath)
     temp = os.path.join(folder, f".tmp{os.getpid()}_{threading.get_ident()}_{base}")
-    lps = np.asarray(ijkToRasMatrix, float).copy()
-    lps[:2, :] *= -1  # RAS -> LPS rows
+    lps = flipGeometryLpsRas(ijkToRasMatrix)  # IJK -> LPS, as NRRD's space directions and origin want
     if outPath.lower().endswith(".nrrd"):
         from MRIHistoRegLib.deps import requirePackage
 

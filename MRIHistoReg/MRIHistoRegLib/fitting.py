@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from .geometry import applyMatrix, ijkToRasPoints
 from .mapping import Mapping, asPoints, invertPoints
 
 from .settings import MODELS  # noqa: E402  (one table: settings.py)
@@ -177,7 +178,7 @@ class LandmarkModel(Mapping):
         """Fixed (MRI) RAS -> moving (histology) RAS, (N,3) -> (N,3)."""
         points = asPoints(points)
         matrix = self.linearMatrix()
-        result = points @ matrix[:3, :3].T + matrix[:3, 3]
+        result = applyMatrix(matrix, points)
         if not self.isLinear:
             for start in range(0, len(points), 65536):  # bounded memory: 64 k points x N centres at a time
                 chunk = points[start:start + 65536]
@@ -215,10 +216,10 @@ class LandmarkModel(Mapping):
         points = asPoints(points)
         if self.isLinear:
             inverse = np.linalg.inv(self.affineMatrix)
-            result = points @ inverse[:3, :3].T + inverse[:3, 3]
+            result = applyMatrix(inverse, points)
         else:
             inverse = np.linalg.inv(self.linearMatrix())
-            start = points @ inverse[:3, :3].T + inverse[:3, 3]
+            start = applyMatrix(inverse, points)
             result, _ = invertPoints(self, points, initialGuess=start, tolerance=1e-9, maxIterations=100)
         residual = np.linalg.norm(self.transformPoints(result) - points, axis=1)
         bad = np.flatnonzero(~(residual < INVERSE_TOLERANCE_MM))
@@ -301,7 +302,7 @@ def _fitValidated(fixed, moving, model, regularization):
     affine = _affineLeastSquares(fixed, moving)
     if model == "affine":
         return LandmarkModel(model, affine)
-    residual = moving - (fixed @ affine[:3, :3].T + affine[:3, 3])
+    residual = moving - applyMatrix(affine, fixed)
     weights, polynomial = _solveTps(fixed, residual, regularization)
     return LandmarkModel(model, affine, tpsCentres=fixed, tpsWeights=weights, tpsAffine=polynomial,
                          regularization=regularization)
@@ -422,8 +423,7 @@ def jacobianSummary(model, shapeIjk, ijkToRas, step=None, maxSamples=250000) -> 
         step = max(1, int(np.ceil((np.prod(shape, dtype=float) / maxSamples) ** (1.0 / 3.0))))
     axes = [np.arange(step // 2 if s > step else 0, s, step) for s in shape]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
-    matrix = np.asarray(ijkToRas, float)
-    points = grid @ matrix[:3, :3].T + matrix[:3, 3]
+    points = ijkToRasPoints(ijkToRas, grid)
     determinants = np.empty(len(points))
     for start in range(0, len(points), 16384):
         determinants[start:start + 16384] = np.linalg.det(model.jacobian(points[start:start + 16384]))

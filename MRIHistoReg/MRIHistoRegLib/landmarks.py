@@ -38,6 +38,7 @@ from typing import List
 import numpy as np
 import slicer
 
+from .geometry import flipPointsLpsRas
 from .mapping import asPoints
 from .errors import UserInputError
 
@@ -290,7 +291,7 @@ def readBigWarpLandmarks(path, flipXY=True):
         fixed.append([_float(v, path, number) for v in row[5:8]])
     fixed, moving = np.array(fixed, float).reshape(-1, 3), np.array(moving, float).reshape(-1, 3)
     if flipXY:
-        fixed, moving = fixed * [-1, -1, 1], moving * [-1, -1, 1]
+        fixed, moving = flipPointsLpsRas(fixed), flipPointsLpsRas(moving)  # Fiji's x, y are LPS-like
     return labels, fixed, moving, active
 
 
@@ -302,7 +303,7 @@ def writeBigWarpLandmarks(path, labels, fixedPoints, movingPoints, active=None, 
         raise UserInputError(f"BigWarp export needs one label per pair: {len(labels)} labels, {len(fixed)} fixed, "
                          f"{len(moving)} moving points.")
     if flipXY:
-        fixed, moving = fixed * [-1, -1, 1], moving * [-1, -1, 1]
+        fixed, moving = flipPointsLpsRas(fixed), flipPointsLpsRas(moving)  # Fiji's x, y are LPS-like
     active = [True] * len(labels) if active is None else list(active)
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream, quoting=csv.QUOTE_ALL, lineterminator="\n")

@@ -17,7 +17,9 @@ composition, the numerical Jacobian and an iterative inverse for any smooth mapp
 import abc
 
 import numpy as np
+
 from .errors import UserInputError
+from .geometry import applyMatrix
 
 FINITE_DIFFERENCE_STEP_MM = 1e-3
 
@@ -124,7 +126,7 @@ class AffineMapping(Mapping):
 
     def transformPoints(self, points):
         points = asPoints(points)
-        return points @ self.matrix[:3, :3].T + self.matrix[:3, 3]
+        return applyMatrix(self.matrix, points)
 
     def jacobian(self, points):
         return np.broadcast_to(self.matrix[:3, :3], (len(asPoints(points)), 3, 3)).copy()

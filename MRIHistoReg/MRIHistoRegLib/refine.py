@@ -55,12 +55,14 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from MRIHistoRegLib.geometry import (applyMatrix, flipPointsLpsRas, flipTransformLpsRas, gridPoints, ijkToRasPoints,
+                                     indexToIndex, rasToIjkPoints, spacingOf)
 from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints, jacobianOf
 from MRIHistoRegLib.progress import Cancelled, report
-from MRIHistoRegLib.volumes import sitkImageFromArray, spacingOf
+from MRIHistoRegLib.volumes import sitkImageFromArray
 from .errors import UserInputError
 
-_FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS, its own inverse
+_gridPoints = gridPoints  # the private name the refinement (and its tests) have always used
 
 # Default settings. Smoothing sigmas are in voxels of each pyramid level's input (scale-free).
 DEFAULT_SETTINGS = {
@@ -153,14 +155,6 @@ def _coarsenedGrid(shape, ijkToRas, maxPoints, margin=0.0):
     return countKji, newMatrix
 
 
-def _gridPoints(shape, ijkToRas):
-    """RAS points of every voxel of a [k, j, i] grid, in C order, (N, 3)."""
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)
-    m = np.asarray(ijkToRas, float)
-    return ijk @ m[:3, :3].T + m[:3, 3]
-
-
 def _trilinear(field, ijk):
     """Trilinear interpolation of field [k, j, i, C] at continuous (i, j, k), clamped to the grid (as VTK's grid
     transform does outside its grid)."""
@@ -197,7 +191,7 @@ class DisplacementFieldMapping(Mapping):
 
     def displacementAt(self, points):
         points = asPoints(points)
-        ijk = points @ self._rasToIjk[:3, :3].T + self._rasToIjk[:3, 3]
+        ijk = applyMatrix(self._rasToIjk, points)
         return _trilinear(self.displacement, ijk)
 
     def transformPoints(self, points):
@@ -389,7 +383,7 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
     mapped = _evaluateChunked(mapping, ras)
     if not np.all(np.isfinite(mapped)):
         raise UserInputError("The initial (landmark) mapping gives non-finite points on the MRI grid: refit the landmarks.")
-    lps, mappedLps = ras @ _FLIP, mapped @ _FLIP
+    lps, mappedLps = flipPointsLpsRas(ras), flipPointsLpsRas(mapped)
     design = np.hstack([lps, np.ones((len(lps), 1))])
     solution, *_ = np.linalg.lstsq(design[::7], mappedLps[::7], rcond=None)
     affineLps = np.eye(4)
@@ -397,7 +391,7 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
     if abs(np.linalg.det(affineLps[:3, :3])) < 1e-9:
         raise UserInputError("The initial (landmark) mapping is degenerate (collapses the MRI): refit the landmarks.")
     inverse = np.linalg.inv(affineLps)
-    residual = (mappedLps @ inverse[:3, :3].T + inverse[:3, 3]) - lps
+    residual = applyMatrix(inverse, mappedLps) - lps
     fieldImage = sitkImageFromArray(residual.reshape(shape + (3,)), lattice, dtype=np.float64, isVector=True)
     affine = sitk.AffineTransform(3)
     affine.SetMatrix([float(v) for v in affineLps[:3, :3].ravel()])
@@ -407,7 +401,7 @@ def initialTransform(mapping, fixedShape, fixedIjkToRas, settings=None):
 
 def _fieldTransform(displacement, ijkToRas):
     """SimpleITK DisplacementFieldTransform (LPS) of a RAS displacement field [k, j, i, 3] on a grid."""
-    image = sitkImageFromArray(displacement @ _FLIP, ijkToRas, dtype=np.float64, isVector=True)
+    image = sitkImageFromArray(flipPointsLpsRas(displacement), ijkToRas, dtype=np.float64, isVector=True)
     return sitk.DisplacementFieldTransform(image)
 
 
@@ -429,8 +423,7 @@ def _affineToRas(affine):
     lps = np.eye(4)
     lps[:3, :3] = matrix
     lps[:3, 3] = translation + center - matrix @ center
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ lps @ flip
+    return flipTransformLpsRas(lps)
 
 
 def _transformToField(transform, shape, ijkToRas):
@@ -438,7 +431,7 @@ def _transformToField(transform, shape, ijkToRas):
     reference = _sitkImage(np.zeros(shape, np.uint8), ijkToRas, np.uint8)
     field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
                                               reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
-    return sitk.GetArrayFromImage(field) @ _FLIP  # flip x, y components back to RAS
+    return flipPointsLpsRas(sitk.GetArrayFromImage(field))  # flip x, y components back to RAS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,11 +475,9 @@ def _overlap(initialMapping, fixedShape, fixedIjkToRas, fixedMask, movingShape, 
     ijk = np.stack([i[keep], j[keep], k[keep]], axis=1).astype(float)
     if len(ijk) == 0:
         return 0.0, 0
-    m = np.asarray(fixedIjkToRas, float)
-    mapped = _evaluateChunked(initialMapping, ijk @ m[:3, :3].T + m[:3, 3])
-    toIjk = np.linalg.inv(movingIjkToRas)
+    mapped = _evaluateChunked(initialMapping, ijkToRasPoints(fixedIjkToRas, ijk))
     with np.errstate(invalid="ignore"):
-        mijk = np.rint(np.nan_to_num(mapped @ toIjk[:3, :3].T + toIjk[:3, 3], nan=-1.0, posinf=-1.0, neginf=-1.0))
+        mijk = np.rint(np.nan_to_num(rasToIjkPoints(movingIjkToRas, mapped), nan=-1.0, posinf=-1.0, neginf=-1.0))
     mijk = mijk.astype(np.int64)
     upper = np.array(movingShape[::-1])
     inside = np.all((mijk >= 0) & (mijk < upper), axis=1)
@@ -499,8 +490,7 @@ def _overlap(initialMapping, fixedShape, fixedIjkToRas, fixedMask, movingShape, 
 def _taper(shape, ijkToRas, fixedIjkToRas, box, rampMm):
     """Weights on a [k, j, i] lattice: 1 inside the fixed-index box, smoothly (cubic smoothstep) down to 0 at
     `rampMm` outside it."""
-    m = np.asarray(ijkToRas, float)
-    toFixed = np.linalg.inv(fixedIjkToRas) @ m  # lattice ijk -> fixed ijk
+    toFixed = indexToIndex(ijkToRas, fixedIjkToRas)  # lattice ijk -> fixed ijk
     spacing = spacingOf(fixedIjkToRas)[::-1]  # k, j, i
     weight = np.ones(shape)
     lo, hi = box
@@ -908,7 +898,7 @@ def _refinementField(region, affine, bspline, fixedShape, fixedIjkToRas, setting
         taper = _taper(fieldShape, fieldMatrix, fixedIjkToRas, region.box, float(settings["controlPointSpacingMm"]))
         points = points + taper[..., None] * _transformToField(bspline, fieldShape, fieldMatrix)
     affineRas = _affineToRas(affine)
-    displacement = points @ affineRas[:3, :3].T + affineRas[:3, 3] - _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
+    displacement = applyMatrix(affineRas, points) - _gridPoints(fieldShape, fieldMatrix).reshape(fieldShape + (3,))
     return displacement, fieldMatrix, affineRas
 
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.fitting import LandmarkModel
+from MRIHistoRegLib.geometry import applyMatrix, applyMatrixElementwise, indexToIndex, spacingOf
 from MRIHistoRegLib.mapping import ComposedMapping, Mapping, asMapping, asPoints
-from MRIHistoRegLib.volumes import spacingOf
 from .errors import UserInputError
 
 _SLAB_VOXELS = 1 << 18          # output voxels processed at a time (fits the CPU caches well)
@@ -56,16 +56,6 @@ def _asShape(shape, what="referenceShape"):
     if len(shape) != 3 or min(shape) < 1:
         raise UserInputError(f"{what} must be three positive sizes (nk, nj, ni), got {shape}.")
     return shape
-
-
-def _applyMatrix(matrix, points):
-    """(N, 3) points through a 4x4 affine matrix (elementwise: numpy's matmul with an inner size of 3 is slow)."""
-    points = np.asarray(points, float)
-    result = np.empty(points.shape)
-    for row in range(3):
-        result[:, row] = (points[:, 0] * matrix[row, 0] + points[:, 1] * matrix[row, 1]
-                          + points[:, 2] * matrix[row, 2] + matrix[row, 3])
-    return result
 
 
 # ------------------------------------------------------------------------------------------------- the source
@@ -145,7 +135,7 @@ def evaluateExact(mapping, points, blockPoints=256, precision=np.float64):
     minusTwoCt = (-2.0 * c.T).astype(precision)
     cc = (c * c).sum(axis=1)
     weights = np.asarray(weights, float).astype(precision)
-    result = _applyMatrix(matrix, points)
+    result = applyMatrixElementwise(matrix, points)
     for start in range(0, len(points), blockPoints):
         x = (points[start:start + blockPoints] - shift).astype(precision)
         squared = x @ minusTwoCt
@@ -223,9 +213,9 @@ class LatticeMapping(Mapping):
         return self.maxErrorVoxels <= self.maxErrorTarget and self.p99ErrorVoxels <= self.p99ErrorTarget
 
     def _exactAt(self, positions, precision=np.float64):
-        ras = _applyMatrix(self.referenceIjkToRas, positions)
+        ras = applyMatrixElementwise(self.referenceIjkToRas, positions)
         moving = evaluateExact(self.mapping, ras, precision=precision)
-        return _applyMatrix(self.targetRasToIjk, moving)
+        return applyMatrixElementwise(self.targetRasToIjk, moving)
 
     def _makeProbes(self, count, seed):
         rng = np.random.default_rng(seed)
@@ -234,7 +224,7 @@ class LatticeMapping(Mapping):
         centres = _tpsCentres(self.mapping)
         if centres is not None and len(centres):
             # the worst places for a piecewise-linear approximation: at and right around the kernels' cones
-            index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), centres)
+            index = applyMatrixElementwise(np.linalg.inv(self.referenceIjkToRas), centres)
             index = index[np.all((index >= -0.5) & (index <= sizes - 0.5), axis=1)]
             near = np.concatenate([index, index + rng.uniform(-1.0, 1.0, size=index.shape)])
             positions = np.concatenate([positions, np.clip(near, -0.5, sizes - 0.5)])
@@ -274,7 +264,7 @@ class LatticeMapping(Mapping):
         centres, weights = np.asarray(tps.tpsCentres, float).reshape(-1, 3), tps.tpsWeights
         if len(centres) == 0:
             return
-        index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), centres)
+        index = applyMatrixElementwise(np.linalg.inv(self.referenceIjkToRas), centres)
         cell = np.floor((index - self.origin) / self.step)
         frac = (index - self.origin) / self.step - cell
         boxStart = (cell - (frac < 0.5)).astype(np.int64)  # first of the two cells nearest to the centre
@@ -285,7 +275,7 @@ class LatticeMapping(Mapping):
         """Corrections (N, 3) at arbitrary positions whose lattice cells are `cells` (N, 3: i, j, k)."""
         centres, boxStart, targetWeights = self._cones
         correction = np.zeros((len(positions), 3))
-        ras = _applyMatrix(self.referenceIjkToRas, positions)
+        ras = applyMatrixElementwise(self.referenceIjkToRas, positions)
         for di in (0, 1):
             for dj in (0, 1):
                 for dk in (0, 1):
@@ -311,7 +301,7 @@ class LatticeMapping(Mapping):
                         for cj in (0, 1):
                             for ck in (0, 1):
                                 corner = self.origin + (nodesAt + np.array([ci, cj, ck])) * self.step
-                                value = np.linalg.norm(_applyMatrix(self.referenceIjkToRas, corner) - centres[centre], axis=1)
+                                value = np.linalg.norm(applyMatrixElementwise(self.referenceIjkToRas, corner) - centres[centre], axis=1)
                                 weight = ((u[:, 0] if ci else 1 - u[:, 0]) * (u[:, 1] if cj else 1 - u[:, 1])
                                           * (u[:, 2] if ck else 1 - u[:, 2]))
                                 interpolated += weight * value
@@ -353,11 +343,11 @@ class LatticeMapping(Mapping):
             start = boxStart[sl]
             # cone values at the 27 local nodes
             nodePos = self.origin + (start[:, None, None, None, :] + nodeOffsets[None, ..., ::-1]) * self.step
-            nodeRas = nodePos @ A.T + self.referenceIjkToRas[:3, 3]
+            nodeRas = applyMatrix(self.referenceIjkToRas, nodePos)
             nodeValues = np.linalg.norm(nodeRas - c[:, None, None, None, :], axis=-1)  # (n, 3k, 3j, 3i)
             interpolated = np.einsum("nabc,ka,jb,ic->nkji", nodeValues, mk, mj, mi, optimize=True)
             # exact cone on the box's voxels
-            d0 = (voxelStart[sl] @ A.T + self.referenceIjkToRas[:3, 3]) - c  # (n, 3)
+            d0 = applyMatrix(self.referenceIjkToRas, voxelStart[sl]) - c  # (n, 3)
             squared = 0.0
             for axis in range(3):
                 component = (d0[:, axis][:, None, None, None]
@@ -405,8 +395,8 @@ class LatticeMapping(Mapping):
 
     def transformPoints(self, points):
         """The mapping's protocol (fixed RAS -> target space), through the lattice."""
-        index = _applyMatrix(np.linalg.inv(self.referenceIjkToRas), asPoints(points))
-        return _applyMatrix(self.targetIjkToRas, self.interpolate(index))
+        index = applyMatrixElementwise(np.linalg.inv(self.referenceIjkToRas), asPoints(points))
+        return applyMatrixElementwise(self.targetIjkToRas, self.interpolate(index))
 
     def evaluateGrid(self, ks, js, is_):
         """Target coordinates on the tensor grid ks x js x is_ (1-D continuous reference indices):
@@ -666,12 +656,12 @@ def _interpolationLevel(src, lattice, interpolation, antiAlias, antiAliasThresho
     elif src.array is not None:
         level = src.array
     # continuous source index -> continuous level index (affine, applied to the lattice's coordinates)
-    toLevel = np.linalg.inv(levelGeometry) @ src.ijkToRas
+    toLevel = indexToIndex(src.ijkToRas, levelGeometry)
     bounds = None
     if level is not None:
         # the inside test uses the source's own footprint, expressed in level indices
         corners = np.array([[-0.5, -0.5, -0.5], np.array(src.shape[::-1], float) - 0.5])
-        cornersLevel = _applyMatrix(toLevel, corners)
+        cornersLevel = applyMatrixElementwise(toLevel, corners)
         bounds = tuple((float(min(cornersLevel[:, a])), float(max(cornersLevel[:, a]))) for a in range(3))
         if level.dtype.kind not in "fc" or level.dtype.itemsize > 4:
             level = level.astype(np.float32) if interpolation == "linear" else level
@@ -796,12 +786,12 @@ def referenceGridFromFootprint(sourceShape, sourceIjkToRas, mapping, spacingMm, 
             faces.append(points)
     unit = np.concatenate(faces)
     index = -0.5 + unit * sizes[None, :]
-    moving = _applyMatrix(sourceIjkToRas, index)
+    moving = applyMatrixElementwise(sourceIjkToRas, index)
     if inverseMapping is not None:
         fixed = asPoints(inverseMapping.transformPoints(moving))
     else:
         linear = asMapping(mapping).linearMatrix()
-        initial = None if linear is None else _applyMatrix(np.linalg.inv(linear), moving)
+        initial = None if linear is None else applyMatrixElementwise(np.linalg.inv(linear), moving)
         fixed, residual = invertPoints(mapping, moving, initialGuess=initial)
         if residual.max(initial=0.0) > 1e-3:
             raise UserInputError(f"Could not carry the histology footprint into MRI space (inverse residual "

@@ -51,6 +51,7 @@ import zlib
 import numpy as np
 
 from . import mapping as mappingLib
+from .geometry import applyMatrix
 from . import progress as progressLib
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ class HistologyToMriMapping(mappingLib.Mapping):
 
     def transformPoints(self, points):
         points = mappingLib.asPoints(points)
-        return points @ self.linear.T + self.translation + self.warp(points)
+        return applyMatrix(self.affineMatrix, points) + self.warp(points)
 
     def transformGridPlane(self, xs, ys, z):
         """Mapped MRI coordinates (3 arrays [len(ys), len(xs)]) of the histology plane grid xs x ys at height z.

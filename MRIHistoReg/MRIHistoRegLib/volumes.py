@@ -11,6 +11,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 from .errors import UserInputError
+from .geometry import LPS_RAS_SIGNS, flipPointsLpsRas, spacingOf  # noqa: F401 (spacingOf: callers import it from here)
 
 
 def matrixToNumpy(vtkMatrix) -> np.ndarray:
@@ -32,11 +33,6 @@ def ijkToRas(volumeNode) -> np.ndarray:
     return matrixToNumpy(m)
 
 
-def spacingOf(ijkToRasMatrix) -> np.ndarray:
-    """Voxel spacing (i, j, k) in mm from an IJK->RAS matrix (column norms)."""
-    return np.linalg.norm(np.asarray(ijkToRasMatrix, float)[:3, :3], axis=0)
-
-
 def setSitkGeometry(image, ijkToRasMatrix):
     """Give a SimpleITK image (LPS physical space) the geometry of a RAS IJK->RAS matrix: spacing = column norms,
     direction and origin with x and y negated (RAS <-> LPS). Returns the image."""
@@ -46,10 +42,9 @@ def setSitkGeometry(image, ijkToRasMatrix):
     spacing = spacingOf(m)
     if np.any(spacing <= 0):
         raise UserInputError("IJK->RAS matrix has a zero-length axis: set the voxel spacing.")
-    flip = np.array([-1.0, -1.0, 1.0])
     image.SetSpacing([float(v) for v in spacing])
-    image.SetDirection([float(v) for v in (flip[:, None] * (m[:3, :3] / spacing)).ravel()])
-    image.SetOrigin([float(v) for v in flip * m[:3, 3]])
+    image.SetDirection([float(v) for v in (LPS_RAS_SIGNS[:, None] * (m[:3, :3] / spacing)).ravel()])
+    image.SetOrigin([float(v) for v in flipPointsLpsRas(m[:3, 3])])
     return image
 
 

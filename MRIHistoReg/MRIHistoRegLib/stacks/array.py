@@ -1,6 +1,7 @@
 """An in-memory array behind the StackSource interface."""
 import numpy as np
 
+from MRIHistoRegLib.geometry import spacingOf
 from MRIHistoRegLib.stacks.base import StackSource
 from ..errors import UserInputError
 
@@ -21,8 +22,6 @@ class ArraySource(StackSource):
         matrix = np.asarray(ijkToRas, dtype=float)
         if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
             raise UserInputError(f"A source's ijkToRas must be a finite 4x4 matrix, got {matrix.shape}.")
-        from MRIHistoRegLib.volumes import spacingOf
-
         spacing = spacingOf(matrix)
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12 or np.any(spacing <= 0):
             raise UserInputError(f"The source's ijkToRas is singular (spacing {spacing.tolist()}): fix its spacing/directions.")

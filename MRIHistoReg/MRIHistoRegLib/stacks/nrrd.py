@@ -11,6 +11,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from MRIHistoRegLib.geometry import LPS_RAS_SIGNS, spacingOf
 from MRIHistoRegLib.stacks.base import StackSource, _readExactly
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
@@ -51,7 +52,6 @@ def nrrdDtype(header, path="NRRD") -> np.dtype:
 # space) or None, origin (header space, mm), the flip taking the header's space to RAS, and whether the spacing
 # came from space directions (which makes it metadata, not just a header default).
 _NrrdGeometry = namedtuple("_NrrdGeometry", "spacing directions origin toRasFlip fromDirections")
-_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 
 def _readHeader(path):
@@ -141,8 +141,6 @@ def _directionsAndSpacing(header, unitFactor):
         rows = [d for d in np.asarray(directions, dtype=float) if np.all(np.isfinite(d))]
         if len(rows) < 3:
             return None, None
-        from MRIHistoRegLib.volumes import spacingOf
-
         matrix = np.array(rows[:3], dtype=float).T * unitFactor  # columns = i, j, k axes
         return matrix, tuple(spacingOf(matrix))
     if header.get("spacings") is not None:
@@ -158,7 +156,7 @@ def _toRasFlip(header):
         return np.ones(3)
     if space in ("left-anterior-superior", "las"):
         return np.array([-1.0, 1.0, 1.0])
-    return _LPS_TO_RAS.copy()
+    return LPS_RAS_SIGNS.copy()
 
 
 def _nrrdGeometry(header):
@@ -211,7 +209,7 @@ class NrrdStack(StackSource):
         m = np.eye(4)
         if self._directions is None:
             directions = np.diag([1.0, 1.0, 1.0])  # LPS axes along i, j, k, like ITK without directions
-            flip = np.array([-1.0, -1.0, 1.0])
+            flip = LPS_RAS_SIGNS
         else:
             directions = self._directions
             flip = self._toRasFlip
