@@ -267,7 +267,7 @@ class RefinementResult(Mapping):
       biasCorrected       True when the histology was registered with its N4-corrected intensities
       timings             wall time (s) of each step refineRegistration ran, and the total
 
-    toDict() is its JSON description (the keys of workflow.refinementSummary).
+    toDict() is its JSON description: report.json's refinement section, for every front.
     """
 
     initialMapping: object = field(repr=False)
@@ -332,7 +332,7 @@ class RefinementResult(Mapping):
 
     def toDict(self, labels: Sequence[str] = ()) -> dict:
         """The refinement as JSON-ready-ish values (numpy arrays as lists; outputs.jsonReady cleans NaN): the keys
-        of workflow.refinementSummary. `labels` name the landmarks evaluateAgainstLandmarks measured."""
+        of report.json's refinement section. `labels` name the landmarks evaluateAgainstLandmarks measured."""
         summary = {
             "accepted": bool(self.accepted), "reason": self.reason,
             "metric": "Mattes mutual information (negative: lower is better)",

@@ -93,25 +93,6 @@ def fitLandmarks(pairs, modelName: str, regularization: float = 0.0, grid: Optio
     return LandmarkFit(model, modelName, evaluation, pairs, jacobian)
 
 
-def refinementSummary(result, check: Optional[dict], labels: Sequence[str]) -> dict:
-    """The ONE description of a refinement (report.json's 'refinement', the panel's result, the `refine` command)."""
-    summary = {
-        "accepted": bool(result.accepted), "reason": result.reason,
-        "metric": "Mattes mutual information (negative: lower is better)",
-        "metric_before": result.metricBefore, "metric_after": result.metricAfter, "iterations": result.iterations,
-        "seconds": result.seconds, "min_jacobian_determinant": result.minJacobianDeterminant,
-        "overlap_fraction": result.overlapFraction, "histology_bias_corrected": result.biasCorrected,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (result.settings or {}).items()},
-        "landmarks": None,
-    }
-    if check is not None:
-        summary["landmarks"] = {"labels": list(labels), "residual_before_mm": np.asarray(check["before"]).tolist(),
-                                "residual_after_mm": np.asarray(check["after"]).tolist(),
-                                "median_before_mm": check["medianBefore"], "median_after_mm": check["medianAfter"],
-                                "tolerance_mm": check["toleranceMm"]}
-    return summary
-
-
 def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = None,
            workingSpacingMm: Optional[float] = None, mriMask: Optional[Image] = None,
            progress: Optional[ProgressCallback] = None) -> Refinement:
@@ -131,10 +112,11 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
     result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
                                           fixedMask=mask, settings=settings,
                                           progress=progressLib.scaled(progress, 0.3, 1.0))
-    check = None
+    labels = []
     if fit.pairs is not None and len(fit.pairs.labels):
-        check = refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)
-    summary = refinementSummary(result, check, fit.pairs.labels if fit.pairs is not None else [])
+        refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
+        labels = list(fit.pairs.labels)
+    summary = result.toDict(labels)  # the ONE description of a refinement (report.json, panel, refine command)
     return Refinement(bool(result.accepted), result.reason, result if result.accepted else fit.model, result, summary)
 
 
