@@ -10,15 +10,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 root=$PWD
 
 pick_python() {
-  # slicer-core ships wheels for CPython 3.10-3.13
-  for candidate in "${PYTHON:-}" python3.12 python3.11 python3.13 python3.10 python3; do
+  # slicer-core ships wheels for CPython 3.10-3.13; the pinned tifffile and matplotlib need 3.11 or later
+  for candidate in "${PYTHON:-}" python3.12 python3.11 python3.13 python3; do
     [ -n "$candidate" ] || continue
     if command -v "$candidate" >/dev/null 2>&1 &&
-       "$candidate" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null; then
+       "$candidate" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else 1)' 2>/dev/null; then
       echo "$candidate"; return 0
     fi
   done
-  echo "run.sh: needs Python 3.10-3.13 (slicer-core wheels); set PYTHON=/path/to/python3.x" >&2
+  echo "run.sh: needs Python 3.11-3.13 (slicer-core wheels, the pinned tifffile); set PYTHON=/path/to/python3.x" >&2
   return 1
 }
 

@@ -30,7 +30,7 @@ def test_one_release_per_package_for_each_slicer_python(slicer, python):
 
 
 def test_slicer_pins_are_requirements_txts_pins_for_the_same_python():
-    """The environment that runs this suite (Python 3.10-3.13) takes the same lines as Slicer 5.10+ (Python 3.12)."""
+    """The environment that runs this suite (Python 3.11-3.13) takes the same lines as Slicer 5.10+ (Python 3.12)."""
     development = _pins(REPO / "requirements.txt")
     for name, requirement in deps.slicerRequirements().items():
         assert requirement == f"{name}=={development[name]}", (requirement, development.get(name))
