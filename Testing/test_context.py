@@ -36,8 +36,10 @@ def test_a_scene_and_its_logics_are_freed_with_the_last_reference():
 
 
 def test_memory_stays_flat_across_a_cohort(sampleData, tmp_path):
-    """Subjects run one after another in one process (a cohort): resident memory after the 4th is within a few MB
-    of after the 1st. Measured in a fresh process (the test runner's own memory is not the product's)."""
+    """Subjects run one after another in one process (a cohort): after a first subject (which also pays the lazy
+    imports: tifffile, matplotlib, SimpleITK filters) resident memory stays within a few MB over the next four.
+    Measured in a fresh process (the test runner's own memory is not the product's). Before the scene-owned context
+    it grew about 16 MB per subject."""
     import json
     import shutil
     import subprocess
@@ -59,7 +61,7 @@ from MRIHistoRegLib.config import loadConfig
 def rss():
     return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
 sizes = []
-for i in range(4):
+for i in range(5):
     pipeline.runPipeline(loadConfig({str(configPath)!r}), {str(tmp_path)!r} + "/run%d" % i)
     gc.collect()
     sizes.append(rss())
@@ -67,4 +69,4 @@ print(sizes)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     sizes = eval(result.stdout.strip().splitlines()[-1])
-    assert max(sizes[1:]) - sizes[0] < 8.0, f"RSS after each subject (MB): {sizes}"
+    assert max(sizes[2:]) - sizes[1] < 8.0, f"RSS after each subject (MB): {sizes}"
