@@ -31,6 +31,7 @@ def demoRun(sample, tmp_path_factory):
     return out, json.loads((out / "report.json").read_text()), sampledata.loadTruth(sample), before
 
 
+@pytest.mark.bspline_refinement
 def test_report_figures_match_ground_truth(demoRun, sample):
     out, report, truth, before = demoRun
     voxel = 0.1  # MRI spacing (mm)
@@ -53,6 +54,7 @@ def test_report_figures_match_ground_truth(demoRun, sample):
     assert _checksums(sample) == before, "the pipeline must never modify its inputs"
 
 
+@pytest.mark.bspline_refinement
 def test_report_folder_contents_and_consistency(demoRun):
     out, report, truth, _ = demoRun
     for name in ("report.json", "report.csv", "transform.h5", "histology_on_mri.nrrd", "histology_labels_on_mri.nrrd",
@@ -71,6 +73,7 @@ def test_report_folder_contents_and_consistency(demoRun):
     np.testing.assert_allclose(mri.GetSpacing(), (0.1, 0.1, 0.1), atol=1e-6)
 
 
+@pytest.mark.bspline_refinement
 def test_transform_file_maps_points_like_the_report(demoRun, sample, tmp_path):
     out, report, truth, _ = demoRun
     mapped = tmp_path / "mapped.csv"
@@ -155,6 +158,7 @@ def test_cohort_mode_writes_one_summary(sample, tmp_path):
     assert (tmp_path / "cohort" / "mouseA" / "report.json").exists()
 
 
+@pytest.mark.bspline_refinement
 def test_refined_run_saves_the_whole_chain_in_transform_h5(sample, demoRun, tmp_path):
     """refine: true (the sample's config, demoRun) composes landmark(refinement(x)) into the one saved transform;
     figures stay truthful."""

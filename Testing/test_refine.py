@@ -430,6 +430,7 @@ def _tumourDice(data, mapping):
     return compare.dice(data["mriLabels"] == 1, transferred == 1)
 
 
+@pytest.mark.bspline_refinement
 def test_phantomRefinementAgainstGroundTruth(phantom):
     """Sample data (known truth), default settings: landmark-only affine+TPS vs refined, held-out TRE (30
     noise-free points) and tumour Dice, with the default 12 landmarks and with every other one (6). Issue 5's
