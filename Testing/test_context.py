@@ -54,7 +54,7 @@ def test_memory_stays_flat_across_a_cohort(sampleData, tmp_path):
     configPath = sample / "subject.json"
     configPath.write_text(json.dumps(config))
     script = f"""
-import gc, sys
+import ctypes, gc, sys
 sys.path.insert(0, {str(REPO / "MRIHistoReg")!r})
 from MRIHistoRegLib import pipeline
 from MRIHistoRegLib.config import loadConfig
@@ -64,6 +64,7 @@ sizes = []
 for i in range(5):
     pipeline.runPipeline(loadConfig({str(configPath)!r}), {str(tmp_path)!r} + "/run%d" % i)
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS shows what is still held
     sizes.append(rss())
 print(sizes)
 """
