@@ -156,8 +156,9 @@ class MRIHistoRegLogicCore:
     @staticmethod
     def pathOrNone(path) -> Optional[str]:
         """`path` as a string, or None when it is empty ('' or '.', what an empty path field holds)."""
-        text = "" if path is None else os.fspath(path)
-        return None if text in ("", ".") else text
+        from .panel import pathOrNone
+
+        return pathOrNone(path)
 
     # --- inputs: stack, spacing -----------------------------------------------------------------------------
 
