@@ -89,7 +89,9 @@ def physicalSizeText(parameters, stackInfo) -> str:
         spacingMm = spacingFieldsMm(parameters)
     except ValueError:
         return "Enter three positive spacing values."
-    size = [float(n) * float(s) for n, s in zip(stack.shapeIjk, spacingMm)]
+    from .logic import MRIHistoRegLogicCore
+
+    size = MRIHistoRegLogicCore.physicalSizeMm(stack.shapeIjk, spacingMm)
     return "Physical size at this spacing: " + " x ".join(f"{v:.3g}" for v in size) + " mm"
 
 

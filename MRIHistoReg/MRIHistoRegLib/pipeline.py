@@ -84,16 +84,10 @@ def softwareVersions() -> dict:
     return versions
 
 
-def _extentBox(shapeKji, ijkToRas):
-    """Axis-aligned RAS bounding box (min, max) of a grid's voxel centres' corners."""
-    nk, nj, ni = shapeKji
-    corners = np.array([[i, j, k, 1.0] for i in (-0.5, ni - 0.5) for j in (-0.5, nj - 0.5) for k in (-0.5, nk - 0.5)])
-    ras = corners @ np.asarray(ijkToRas).T
-    return ras[:, :3].min(axis=0), ras[:, :3].max(axis=0)
-
-
 def _checkInside(points, labels, shapeKji, ijkToRas, what, toleranceMm=0.0):
-    low, high = _extentBox(shapeKji, ijkToRas)
+    from MRIHistoRegLib.geometry import cornerBox
+
+    low, high = cornerBox(shapeKji, ijkToRas)
     outside = [label for label, p in zip(labels, points) if np.any(p < low - toleranceMm) or np.any(p > high + toleranceMm)]
     if outside:
         raise UserInputError(f"{what} landmark(s) {outside} lie outside the image (RAS box {np.round(low, 3).tolist()} .. "
