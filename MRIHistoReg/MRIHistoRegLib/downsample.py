@@ -102,6 +102,11 @@ class _AxisPlan:
         return (self.edges[:-1] + self.edges[1:]) / 2.0 - 0.5
 
 
+def _millimetres(values) -> str:
+    """(0.1, 0.1, 0.12): plain numbers, whatever numpy's repr of its scalars."""
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
 def _factors(source, targetSpacingMm):
     from MRIHistoRegLib.spacing import toMillimetres
 
@@ -110,7 +115,8 @@ def _factors(source, targetSpacingMm):
     factors = target / spacing
     if np.any(factors < 1 - 1e-6):
         axes = ", ".join(f"{'ijk'[a]}: {target[a]:.6g} < {spacing[a]:.6g} mm" for a in range(3) if factors[a] < 1 - 1e-6)
-        raise UserInputError(f"Target spacing {tuple(target)} mm is finer than the stack's spacing {tuple(spacing)} mm ({axes}). "
+        raise UserInputError(f"Target spacing {_millimetres(target)} mm is finer than the stack's spacing "
+                             f"{_millimetres(spacing)} mm ({axes}). "
                          f"Downsampling only makes voxels bigger: choose a target of at least the stack's spacing "
                          f"(or correct the stack's spacing first if it is wrong).")
     return np.maximum(factors, 1.0), target

@@ -647,8 +647,12 @@ def _metric(settings, fixed, moving, fixedMask, movingMask, movingInitial, trans
     if movingMask is not None:
         method.SetMetricMovingMask(movingMask)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetMovingInitialTransform(movingInitial)
-    method.SetInitialTransform(transform)
+    # `transform` rides in the moving initial transform, the optimised one is the identity: ITK requires an
+    # optimised displacement field to share the fixed image's grid, and the refinement's field is sampled on a
+    # coarser lattice whenever the MRI has more than maxFieldPoints voxels (a 50 um MRI raised "Virtual domain
+    # and moving transform displacement field must have the same size").
+    method.SetMovingInitialTransform(sitk.CompositeTransform([movingInitial, transform]))
+    method.SetInitialTransform(sitk.TranslationTransform(3))
     return method.MetricEvaluate(fixed, moving)
 
 
@@ -882,8 +886,7 @@ def _optimise(images, region, settings, progress, timings):
             iterations += count
             timings["bspline"] = time.perf_counter() - began
     except RuntimeError as error:  # ITK exceptions: e.g. all samples map outside the moving image
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        raise _Stop(f"SimpleITK registration failed: {message}", images.metricBefore) from None
+        raise _Stop(f"SimpleITK registration failed: {failureMessage(error)}", images.metricBefore) from None
     return affine, bspline, iterations
 
 
@@ -939,21 +942,45 @@ def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, i
     inputs = _checkInputs(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, fixedMask, movingMask)
     timings = {}
     try:
-        images = _prepareImages(inputs, initialMapping, settings, progress)
-        timings["prepare"] = time.perf_counter() - start
-        if settings["histologyBiasCorrection"]:
-            began = time.perf_counter()
-            _correctHistologyShading(images, inputs, settings, progress)
-            timings["bias_correction"] = time.perf_counter() - began
-        region = _samplingRegion(images, inputs.fixed.shape, settings)
-        affine, bspline, iterations = _optimise(images, region, settings, progress, timings)
+        result = _refineChecked(inputs, initialMapping, settings, progress, timings, start)
     except _Stop as stop:
         result = _identityResult(initialMapping, inputs.fixed.shape, inputs.fixedIjkToRas, settings, stop.reason,
                                  start, stop.metricBefore)
         if stop.overlapFraction is not None:
             result.overlapFraction = stop.overlapFraction
-        result.timings = dict(timings, total=result.seconds)
-        return result
+    except (RuntimeError, FloatingPointError, MemoryError, np.linalg.LinAlgError) as error:
+        # ITK exceptions reach Python as RuntimeError, wherever they happen (metric evaluation, resampling, the
+        # optimisers): the refinement is then rejected with ITK's message and the landmark-only result stands.
+        logging.warning("refinement failed", exc_info=True)
+        result = _identityResult(initialMapping, inputs.fixed.shape, inputs.fixedIjkToRas, settings,
+                                 f"the registration failed: {failureMessage(error)}", start)
+    result.seconds = time.perf_counter() - start
+    result.timings = dict(timings, total=result.seconds)
+    logging.info("%s", result.summary())
+    return result
+
+
+def failureMessage(error) -> str:
+    """The last line of an exception's text (ITK's messages end with the description), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def failedRefinement(initialMapping, fixedShape, fixedIjkToRas, reason, settings=None) -> RefinementResult:
+    """A rejected refinement (identity field) that keeps `initialMapping`, for a failure outside the optimiser."""
+    return _identityResult(initialMapping, tuple(fixedShape), fixedIjkToRas, refinementSettings(settings), reason,
+                           time.perf_counter())
+
+
+def _refineChecked(inputs, initialMapping, settings, progress, timings, start) -> RefinementResult:
+    images = _prepareImages(inputs, initialMapping, settings, progress)
+    timings["prepare"] = time.perf_counter() - start
+    if settings["histologyBiasCorrection"]:
+        began = time.perf_counter()
+        _correctHistologyShading(images, inputs, settings, progress)
+        timings["bias_correction"] = time.perf_counter() - began
+    region = _samplingRegion(images, inputs.fixed.shape, settings)
+    affine, bspline, iterations = _optimise(images, region, settings, progress, timings)
 
     report(progress, 0.9, "refinement: sampling the displacement field")
     began = time.perf_counter()
@@ -969,10 +996,7 @@ def refineRegistration(fixedArray, fixedIjkToRas, movingArray, movingIjkToRas, i
     began = time.perf_counter()
     _applyGuardRails(result, settings)
     timings["guard_rails"] = time.perf_counter() - began
-    result.seconds = time.perf_counter() - start
-    result.timings = dict(timings, total=result.seconds)
     report(progress, 1.0, "refinement: done")
-    logging.info("%s", result.summary())
     return result
 
 

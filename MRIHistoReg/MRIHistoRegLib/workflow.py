@@ -6,6 +6,7 @@ the console) calls these, so one input gives the same numbers under the same nam
 Images travel as `Image` (array [k, j, i] + IJK->RAS), mappings as MRI RAS -> histology RAS objects
 (fitting models, refinement results; docs/ARCHITECTURE.md section 3), stacks as stack sources.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -96,28 +97,45 @@ def fitLandmarks(pairs, modelName: str, regularization: float = 0.0, grid: Optio
 def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = None,
            workingSpacingMm: Optional[float] = None, mriMask: Optional[Image] = None,
            progress: Optional[ProgressCallback] = None) -> Refinement:
-    """Intensity refinement started from `fit`: `histology` is a stack source (streamed down to `workingSpacingMm`)
-    or an Image already at a working resolution. A refinement that the guard rails reject keeps the landmark model."""
-    from . import downsample, refine as refineLib
+    """Intensity refinement started from `fit`: `histology` is a stack source (streamed down to `workingSpacingMm`,
+    kept at its own spacing along axes where it is already coarser) or an Image already at a working resolution.
 
-    if isinstance(histology, Image):
-        moving = histology
-    else:
-        if not workingSpacingMm or workingSpacingMm <= 0:
-            raise UserInputError(f"The working spacing must be positive (mm), got {workingSpacingMm}.")
-        array, matrix = downsample.downsampleStack(histology, [float(workingSpacingMm)] * 3,
-                                                   progress=progressLib.scaled(progress, 0.0, 0.3))
-        moving = Image(array, matrix)
-    mask = None if mriMask is None else (mriMask.array, mriMask.ijkToRas)
-    result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
-                                          fixedMask=mask, settings=settings,
-                                          progress=progressLib.scaled(progress, 0.3, 1.0))
+    A refinement that fails (ITK exception, NaN metric, no overlap, divergence, folding) or that the guard rails
+    reject keeps the landmark model: it never raises for the data it is given, only for invalid settings."""
+    from . import refine as refineLib
+
+    settings = refineLib.refinementSettings(settings)  # invalid settings are the user's to fix: they raise
+    try:
+        moving = histology if isinstance(histology, Image) else _workingHistology(histology, workingSpacingMm, progress)
+        mask = None if mriMask is None else (mriMask.array, mriMask.ijkToRas)
+        result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
+                                              fixedMask=mask, settings=settings,
+                                              progress=progressLib.scaled(progress, 0.3, 1.0))
+    except progressLib.Cancelled:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever breaks, the landmark-only result must still be delivered
+        logging.getLogger(__name__).warning("refinement failed; the landmark-only mapping is kept", exc_info=True)
+        result = refineLib.failedRefinement(fit.model, mri.shape, mri.ijkToRas,
+                                            f"the refinement could not run: {refineLib.failureMessage(error)}",
+                                            settings)
     labels = []
     if fit.pairs is not None and len(fit.pairs.labels):
         refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
         labels = list(fit.pairs.labels)
     summary = result.toDict(labels)  # the ONE description of a refinement (report.json, panel, refine command)
     return Refinement(bool(result.accepted), result.reason, result if result.accepted else fit.model, result, summary)
+
+
+def _workingHistology(source, workingSpacingMm, progress) -> Image:
+    """The stack area-averaged down to the working spacing; along an axis where the stack is already coarser it
+    keeps its own spacing (the registration interpolates it there), so no stack spacing can refuse a refinement."""
+    from . import downsample
+
+    if not workingSpacingMm or workingSpacingMm <= 0:
+        raise UserInputError(f"The working spacing must be positive (mm), got {workingSpacingMm}.")
+    target = [max(float(workingSpacingMm), float(s)) for s in source.spacingMm]
+    array, matrix = downsample.downsampleStack(source, target, progress=progressLib.scaled(progress, 0.0, 0.3))
+    return Image(array, matrix)
 
 
 def resampleOnto(source, mapping, grid: Image, progress: Optional[ProgressCallback] = None) -> Tuple[Image, dict]:
