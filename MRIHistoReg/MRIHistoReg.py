@@ -34,7 +34,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MRIHistoRegLib import panel, scenarios
-from MRIHistoRegLib.logic import MODELS, REFERENCE_GRIDS, REFINE_PRESETS, SPACING_UNITS, MRIHistoRegLogicCore
+from MRIHistoRegLib.logic import MODELS, REFERENCE_GRIDS, REFINE_PRESETS, SPACING_UNITS, MRIHistoRegLogicCore, SampleNodes
 from MRIHistoRegLib.panel import SPACING_DECIMALS
 from MRIHistoRegLib.progress import Cancelled
 
@@ -85,11 +85,11 @@ def sampleDataFolder() -> str:
     return os.path.join(slicer.app.temporaryPath, "MRIHistoRegSample")
 
 
-def loadGeneratedSampleData(source=None) -> Optional[dict]:
+def loadGeneratedSampleData(source=None) -> Optional[SampleNodes]:
     """SampleData 'customDownloader': generate the sample (first time only) and load it into the scene.
 
     Loads the MRI, the histology volume with its true spacing applied, both landmark lists and both tumour label
-    maps, and selects them in the module's parameter node. Returns the nodes by role (None after a failure, which
+    maps, and selects them in the module's parameter node. Returns the SampleNodes (None after a failure, which
     is shown once: SampleData calls this straight from a button's clicked() signal).
     """
     logic = MRIHistoRegLogic()
@@ -99,7 +99,7 @@ def loadGeneratedSampleData(source=None) -> Optional[dict]:
     with runner.action(_("Failed to generate or load the MRIHistoReg sample data.")):
         nodes = logic.loadSampleData(sampleDataFolder())
         logic.selectSampleNodes(logic.getParameterNode(), nodes)
-        slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5,
+        slicer.util.setSliceViewerLayers(background=nodes.mri, foreground=nodes.histology, foregroundOpacity=0.5,
                                           fit=True)
     return nodes
 
@@ -401,8 +401,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Failed to generate or load the sample data."), _("Sample data")) as progress:
             nodes = self.logic.loadSampleData(sampleDataFolder(), progress=progress)
             self.logic.selectSampleNodes(self._parameterNode, nodes)
-            self._setStackInfo(self.logic.openStack(nodes["stackPath"], self._spacingMm(), referenceVolume=nodes["mri"]))
-            slicer.util.setSliceViewerLayers(background=nodes["mri"], foreground=nodes["histology"], foregroundOpacity=0.5, fit=True)
+            self._setStackInfo(self.logic.openStack(nodes.stackPath, self._spacingMm(), referenceVolume=nodes.mri))
+            slicer.util.setSliceViewerLayers(background=nodes.mri, foreground=nodes.histology, foregroundOpacity=0.5, fit=True)
 
     def onOpenStack(self) -> None:
         p = self._parameterNode
@@ -489,8 +489,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Landmark fit failed.")):
             result = self.logic.fitLandmarks(p.mriLandmarks, p.histologyLandmarks, p.model, p.landmarkTransform,
                                              p.landmarkTable, p.tpsRegularization, referenceVolume=p.mriVolume)
-            p.landmarkTransform = result["transformNode"]
-            p.landmarkTable = result["tableNode"]
+            p.landmarkTransform = result.transformNode
+            p.landmarkTable = result.tableNode
             self.ui.shrinkageLabel.text = self.logic.describeFit(result)
 
     def _applyAutoUpdate(self) -> None:
@@ -505,7 +505,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             nodes = self.logic.setAutoUpdate(wanted, p.mriLandmarks, p.histologyLandmarks, p.model, p.landmarkTransform,
                                              p.landmarkTable, p.tpsRegularization)
             if nodes is not None:
-                p.landmarkTransform, p.landmarkTable = nodes["transformNode"], nodes["tableNode"]
+                p.landmarkTransform, p.landmarkTable = nodes.transformNode, nodes.tableNode
 
     def _observeLandmarkTable(self, tableNode) -> None:
         """Follow edits of the table's 'included' column (the include checkbox of each pair)."""
@@ -551,9 +551,9 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = self.logic.refineRegistration(p.mriVolume, p.histologyVolume, p.landmarkTransform, p.refinePreset,
                                                    outputTransform=p.refinedTransform, mriLandmarks=p.mriLandmarks,
                                                    histologyLandmarks=p.histologyLandmarks, progress=progress)
-            if result["accepted"]:
-                p.refinedTransform = result["transformNode"]
-            self.ui.refineResultLabel.text = result["summary"]
+            if result.accepted:
+                p.refinedTransform = result.transformNode
+            self.ui.refineResultLabel.text = result.summary
 
     # --- Resample and compare ----------------------------------------------------------------------------
 
@@ -578,7 +578,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Label comparison failed."), _("Comparing labels")) as progress:
             result = self.logic.compareLabels(p.mriLabels, p.histologyLabels, self._registrationTransform(),
                                               tableNode=p.resultsTable, mriVolume=p.mriVolume, progress=progress)
-            p.resultsTable = result["tableNode"]
+            p.resultsTable = result.tableNode
 
     def onExportReport(self) -> None:
         p = self._parameterNode

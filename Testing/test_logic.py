@@ -68,14 +68,14 @@ def test_place_pair_labels_and_inclusion(logic, scene):
 def test_include_column_of_the_table_drives_the_fit(logic, scene):
     mri, histology, fixed, moving = _pairs(scene, np.diag([0.8, 0.8, 0.8, 1.0]))
     result = logic.fitLandmarks(mri, histology, "affine")
-    table = result["tableNode"]
+    table = result.tableNode
     assert logic.applyIncludedFromTable(table, mri, histology) == 0  # table and lists agree after a fit
     labels = [table.GetTable().GetValueByName(r, "label").ToString() for r in range(table.GetNumberOfRows())]
     row = labels.index("P2")
     table.GetTable().SetValueByName(row, "included", vtk.vtkVariant(0))  # the user unticks P2
     assert logic.applyIncludedFromTable(table, mri, histology) == 1
-    refit = logic.fitLandmarks(mri, histology, "affine", result["transformNode"], table)
-    assert "P2" not in refit["labels"] and refit["count"] == len(fixed) - 1
+    refit = logic.fitLandmarks(mri, histology, "affine", result.transformNode, table)
+    assert "P2" not in refit.evaluation["labels"] and refit.evaluation["count"] == len(fixed) - 1
     assert logic.applyIncludedFromTable(table, mri, histology) == 0  # the excluded row stays, unticked
 
 
@@ -87,15 +87,15 @@ def test_fit_recovers_a_known_similarity_and_its_shrinkage(logic, scene):
     matrix[:3, 3] = [1.0, -2.0, 0.5]
     mri, histology, fixed, moving = _pairs(scene, matrix)
     result = logic.fitLandmarks(mri, histology, "similarity")
-    assert result["shrinkage_volume_percent"] == pytest.approx(100 * (1 - scale ** 3), abs=1e-6)
-    assert result["residual_max_mm"] < 1e-9
+    assert result.evaluation["shrinkage_volume_percent"] == pytest.approx(100 * (1 - scale ** 3), abs=1e-6)
+    assert result.evaluation["residual_max_mm"] < 1e-9
     fromParent = vtk.vtkMatrix4x4()
-    result["transformNode"].GetMatrixTransformFromParent(fromParent)
+    result.transformNode.GetMatrixTransformFromParent(fromParent)
     np.testing.assert_allclose(volumes.matrixToNumpy(fromParent), matrix, atol=1e-9)
     assert "48.8% by volume" in logic.describeFit(result)
     # refit into the same nodes with another model: no new nodes
     count = scene.GetNumberOfNodes()
-    logic.fitLandmarks(mri, histology, "affine", result["transformNode"], result["tableNode"])
+    logic.fitLandmarks(mri, histology, "affine", result.transformNode, result.tableNode)
     assert scene.GetNumberOfNodes() == count
     with pytest.raises(ValueError, match="Unknown model"):
         logic.fitLandmarks(mri, histology, "bspline")
@@ -130,7 +130,7 @@ def test_points_placed_on_the_aligned_histology_are_stored_in_histology_space(lo
     matrix[:3, 3] = [2.0, -1.0, 0.5]
     mri, histology, fixed, moving = _pairs(scene, matrix)
     result = logic.fitLandmarks(mri, histology, "affine")
-    transformNode, tableNode = result["transformNode"], result["tableNode"]
+    transformNode, tableNode = result.transformNode, result.tableNode
     volume = volumes.createVolumeNode(scene, np.zeros((2, 2, 2), np.float32), np.eye(4), "histology")
     logic.setHistologyAligned(volume, transformNode, True, histologyLandmarks=histology)
     assert volume.GetParentTransformNode() is transformNode and histology.GetParentTransformNode() is transformNode
@@ -146,7 +146,7 @@ def test_points_placed_on_the_aligned_histology_are_stored_in_histology_space(lo
     np.testing.assert_allclose(local, matrix[:3, :3] @ clicked + matrix[:3, 3], atol=1e-9)
     np.testing.assert_allclose(local, transforms.mappingFromWorldToNode(transformNode).transformPoints(clicked[None])[0], atol=1e-9)
     refit = logic.fitLandmarks(mri, histology, "affine", transformNode, tableNode)
-    assert refit["count"] == len(fixed) + 1 and refit["residual_max_mm"] < 1e-9
+    assert refit.evaluation["count"] == len(fixed) + 1 and refit.evaluation["residual_max_mm"] < 1e-9
     fromParent = vtk.vtkMatrix4x4()
     transformNode.GetMatrixTransformFromParent(fromParent)
     np.testing.assert_allclose(volumes.matrixToNumpy(fromParent), matrix, atol=1e-9)
@@ -168,7 +168,7 @@ def test_points_placed_on_the_aligned_histology_are_stored_in_histology_space(lo
 def test_auto_update_refits_when_a_point_moves_and_stops(logic, scene):
     mri, histology, fixed, moving = _pairs(scene, np.diag([0.8, 0.8, 0.8, 1.0]))
     nodes = logic.setAutoUpdate(True, mri, histology, "affine")
-    transformNode, tableNode = nodes["transformNode"], nodes["tableNode"]
+    transformNode, tableNode = nodes.transformNode, nodes.tableNode
     assert tableNode.GetNumberOfRows() == len(fixed)
 
     def mapped(point):
@@ -227,7 +227,7 @@ def test_refined_transform_is_the_landmark_transform_after_the_refinement(logic,
     from MRIHistoRegLib import refine, transforms
 
     mri, histology, fixed, _ = _pairs(scene, np.array([[0.8, 0.1, 0, 1.0], [-0.1, 0.8, 0, 2.0], [0, 0, 0.75, -1.0], [0, 0, 0, 1]]))
-    landmarkNode = logic.fitLandmarks(mri, histology, "affine+tps")["transformNode"]
+    landmarkNode = logic.fitLandmarks(mri, histology, "affine+tps").transformNode
     parentMatrix = np.array([[0, -1, 0, 0.5], [1, 0, 0, -0.25], [0, 0, 1, 0.3], [0, 0, 0, 1.0]])  # 90 deg about z + shift
     parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "parent")
     parent.SetMatrixTransformFromParent(volumes.numpyToMatrix(parentMatrix))
@@ -298,7 +298,7 @@ def test_report_folder_holds_the_results_and_refuses_foreign_folders(logic, scen
     grid = np.diag([0.5, 0.5, 0.5, 1.0])
     mriVolume = volumes.createVolumeNode(scene, np.random.default_rng(1).uniform(0, 1, (12, 12, 12)), grid, "mri")
     resampled = volumes.createVolumeNode(scene, np.random.default_rng(2).uniform(0, 1, (12, 12, 12)), grid, "resampled")
-    folder = logic.exportReport(str(tmp_path / "report"), result["transformNode"], result["tableNode"], None, resampled,
+    folder = logic.exportReport(str(tmp_path / "report"), result.transformNode, result.tableNode, None, resampled,
                                 mri, histology, mriVolume)
     names = set(os.listdir(folder))
     assert {"transform.h5", "histology_on_mri.nrrd", "landmarks_mri.mrk.json", "landmarks_histology.mrk.json",
@@ -317,12 +317,12 @@ def test_report_folder_holds_the_results_and_refuses_foreign_folders(logic, scen
     assert storage.ReadData(reread)
     point = [1.0, 2.0, -1.0]
     np.testing.assert_allclose(reread.GetTransformFromParent().TransformPoint(point),
-                               result["transformNode"].GetTransformFromParent().TransformPoint(point), atol=1e-6)
+                               result.transformNode.GetTransformFromParent().TransformPoint(point), atol=1e-6)
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="not empty"):
-        logic.exportReport(str(foreign), result["transformNode"])
+        logic.exportReport(str(foreign), result.transformNode)
     assert os.listdir(foreign) == ["holiday.jpg"]
 
 

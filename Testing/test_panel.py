@@ -143,12 +143,12 @@ def test_after_loading_the_sample_the_stack_steps_are_ready(scene, parameters, s
     before = panel.actionStates(parameters, None)
     assert not before["downsampleButton"]
     logic.selectSampleNodes(parameters, nodes)
-    info = logic.openStack(nodes["stackPath"], panel.spacingFieldsMm(parameters), referenceVolume=nodes["mri"])
+    info = logic.openStack(nodes.stackPath, panel.spacingFieldsMm(parameters), referenceVolume=nodes.mri)
     states = panel.actionStates(parameters, info)
     for name in ("downsampleButton", "loadFullResolutionButton", "useMetadataSpacingButton", "fitButton",
                  "placePairButton", "applySpacingButton"):
         assert states[name], f"{name} is disabled after loading the sample"
-    truthSize = [n * s for n, s in zip(info.shapeIjk, nodes["truth"]["histology"]["true_spacing_mm"])]
+    truthSize = [n * s for n, s in zip(info.shapeIjk, nodes.truth["histology"]["true_spacing_mm"])]
     assert panel.physicalSizeText(parameters, info) == (
         "Physical size at this spacing: " + " x ".join(f"{v:.3g}" for v in truthSize) + " mm")
     parameters.stackPath = type(parameters.stackPath)(str(folder / "histology.nrrd"))  # another stack: not inspected

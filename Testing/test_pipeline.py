@@ -225,15 +225,15 @@ def test_the_panel_and_run_write_the_same_files_under_the_same_names(sample, tmp
 
     logic = MRIHistoRegLogicCore(scene)
     nodes = logic.loadSampleData(str(tmp_path / "panelSample"))  # the same seed-0 sample, generated for the panel
-    truthSpacing = nodes["truth"]["histology"]["true_spacing_mm"]
-    fit = logic.fitLandmarks(nodes["mriLandmarks"], nodes["histologyLandmarks"], config["model"],
-                             referenceVolume=nodes["mri"])
-    resampled = logic.resampleHistology(fit["transformNode"], nodes["mri"], stackPath=nodes["stackPath"],
+    truthSpacing = nodes.truth["histology"]["true_spacing_mm"]
+    fit = logic.fitLandmarks(nodes.mriLandmarks, nodes.histologyLandmarks, config["model"],
+                             referenceVolume=nodes.mri)
+    resampled = logic.resampleHistology(fit.transformNode, nodes.mri, stackPath=nodes.stackPath,
                                         spacingMm=truthSpacing)
-    compared = logic.compareLabels(nodes["mriLabels"], nodes["histologyLabels"], fit["transformNode"],
-                                   mriVolume=nodes["mri"])
-    logic.exportReport(str(tmp_path / "panel"), fit["transformNode"], fit["tableNode"], compared["tableNode"],
-                       resampled, nodes["mriLandmarks"], nodes["histologyLandmarks"], nodes["mri"])
+    compared = logic.compareLabels(nodes.mriLabels, nodes.histologyLabels, fit.transformNode,
+                                   mriVolume=nodes.mri)
+    logic.exportReport(str(tmp_path / "panel"), fit.transformNode, fit.tableNode, compared.tableNode,
+                       resampled, nodes.mriLandmarks, nodes.histologyLandmarks, nodes.mri)
 
     runFiles, panelFiles = set(os.listdir(tmp_path / "run")), set(os.listdir(tmp_path / "panel"))
     shared = {outputs.TRANSFORM, outputs.HISTOLOGY_ON_MRI, outputs.REPORT_JSON, outputs.REPORT_CSV,

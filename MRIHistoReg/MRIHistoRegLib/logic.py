@@ -60,6 +60,66 @@ class StackInfo:
     verdict: str
 
 
+@dataclass
+class SampleNodes:
+    """The generated sample loaded into the scene (loadSampleData): its nodes by role, the folder, truth.json and
+    the TIFF stack's path (for the stack-based steps: downsampling, resampling from the original)."""
+
+    folder: str
+    truth: dict
+    stackPath: str
+    mri: VolumeNode
+    histology: VolumeNode  # histology.nrrd with its TRUE spacing applied (header only)
+    mriLandmarks: PointListNode
+    histologyLandmarks: PointListNode
+    mriLabels: VolumeNode
+    histologyLabels: VolumeNode
+
+
+@dataclass
+class LandmarkFitResult:
+    """What 'Fit' produced: the nodes it filled, fitting.evaluateAndFit's figures (model, count, labels,
+    residual_/loo_ RMS and max in mm, outliers, shrinkage %, 'jacobian' summary) and the pairing messages."""
+
+    transformNode: TransformNode
+    tableNode: TableNode
+    evaluation: dict
+    messages: List[str]
+
+
+@dataclass
+class LiveFitNodes:
+    """The nodes live landmark registration (setAutoUpdate) keeps updating."""
+
+    transformNode: TransformNode
+    tableNode: TableNode
+
+
+@dataclass
+class RefinementOutcome:
+    """What 'Refine' produced: `transformNode` is the refined chain (None when rejected: the landmark transform stays
+    in use), `summary` the one-line readout, `report` the report's refinement section, `landmarks` its
+    before/after landmark residuals (None without point lists)."""
+
+    accepted: bool
+    reason: str
+    summary: str
+    report: dict
+    landmarks: Optional[dict] = None
+    transformNode: Optional[TransformNode] = None
+    refinementNode: Optional[TransformNode] = None
+
+
+@dataclass
+class LabelComparison:
+    """What 'Compare labels' produced: one row of figures per label ({label: {quantity: value}}), the table node
+    showing them and the histology labels carried onto the MRI labels' grid."""
+
+    rows: Dict[object, dict]
+    tableNode: TableNode
+    transferredNode: VolumeNode
+
+
 class MRIHistoRegLogicCore:
     """Every action of the MRIHistoReg panel, usable without Qt (`MRIHistoRegLogicCore(scene)`)."""
 
@@ -88,14 +148,12 @@ class MRIHistoRegLogicCore:
 
     def loadSampleData(
         self, folder: str, size: str = "small", seed: int = 0, progress: Optional[ProgressCallback] = None
-    ) -> Dict[str, object]:
+    ) -> SampleNodes:
         """Load the generated sample from `folder`, generating it there first unless its truth.json already matches
         `size` and `seed`. Loads the MRI, the histology volume (histology.nrrd) with its TRUE spacing applied
         (header only), both landmark lists and both tumour label maps (the histology one at the true spacing too).
 
-        Returns the nodes by role: 'mri', 'histology', 'mriLandmarks', 'histologyLandmarks', 'mriLabels',
-        'histologyLabels', plus 'folder', 'truth' (truth.json) and 'stackPath' (the TIFF stack, for the
-        stack-based steps: downsampling, resampling from the original).
+        Returns the nodes by role with the folder, truth.json and the TIFF stack's path (SampleNodes).
         """
         from . import sampledata
 
@@ -117,34 +175,36 @@ class MRIHistoRegLogicCore:
             return os.path.join(folder, name)
 
         trueSpacingMm = [float(v) for v in truth["histology"]["true_spacing_mm"]]
-        nodes = {"folder": folder, "truth": truth, "stackPath": path("histology.tif")}
-        nodes["mri"] = volumes.loadVolume(self.scene, path(truth["mri"]["file"]), "MRI")
-        nodes["histology"] = volumes.loadVolume(self.scene, path("histology.nrrd"), "Histology")
-        self.applySpacing(nodes["histology"], trueSpacingMm)
-        nodes["mriLandmarks"] = self.loadPointList(path("landmarks_mri.mrk.json"), "MRI landmarks")
-        nodes["histologyLandmarks"] = self.loadPointList(path("landmarks_histology.mrk.json"), "Histology landmarks")
-        nodes["mriLabels"] = volumes.loadVolume(
-            self.scene, path(truth["mri"]["label_file"]), "MRI tumour", labelmap=True
+        nodes = SampleNodes(
+            folder=folder,
+            truth=truth,
+            stackPath=path("histology.tif"),
+            mri=volumes.loadVolume(self.scene, path(truth["mri"]["file"]), "MRI"),
+            histology=volumes.loadVolume(self.scene, path("histology.nrrd"), "Histology"),
+            mriLandmarks=self.loadPointList(path("landmarks_mri.mrk.json"), "MRI landmarks"),
+            histologyLandmarks=self.loadPointList(path("landmarks_histology.mrk.json"), "Histology landmarks"),
+            mriLabels=volumes.loadVolume(self.scene, path(truth["mri"]["label_file"]), "MRI tumour", labelmap=True),
+            histologyLabels=volumes.loadVolume(
+                self.scene, path(truth["histology"]["label_file"]), "Histology tumour", labelmap=True
+            ),
         )
-        nodes["histologyLabels"] = volumes.loadVolume(
-            self.scene, path(truth["histology"]["label_file"]), "Histology tumour", labelmap=True
-        )
-        self.applySpacing(nodes["histologyLabels"], trueSpacingMm)
+        self.applySpacing(nodes.histology, trueSpacingMm)
+        self.applySpacing(nodes.histologyLabels, trueSpacingMm)
         reportProgress(progress, 1.0, "sample data loaded")
         return nodes
 
-    def selectSampleNodes(self, parameterNode: object, nodes: dict) -> None:
-        """Put loaded sample nodes (loadSampleData's dict) into the module's parameter node, stack path and true
-        spacing (in um) included, so the panel is ready for every step."""
-        parameterNode.mriVolume = nodes["mri"]
-        parameterNode.histologyVolume = nodes["histology"]
-        parameterNode.mriLandmarks = nodes["mriLandmarks"]
-        parameterNode.histologyLandmarks = nodes["histologyLandmarks"]
-        parameterNode.mriLabels = nodes["mriLabels"]
-        parameterNode.histologyLabels = nodes["histologyLabels"]
-        parameterNode.stackPath = type(parameterNode.stackPath)(nodes["stackPath"])
+    def selectSampleNodes(self, parameterNode: object, nodes: SampleNodes) -> None:
+        """Put loaded sample nodes (loadSampleData's SampleNodes) into the module's parameter node, stack path and
+        true spacing (in um) included, so the panel is ready for every step."""
+        parameterNode.mriVolume = nodes.mri
+        parameterNode.histologyVolume = nodes.histology
+        parameterNode.mriLandmarks = nodes.mriLandmarks
+        parameterNode.histologyLandmarks = nodes.histologyLandmarks
+        parameterNode.mriLabels = nodes.mriLabels
+        parameterNode.histologyLabels = nodes.histologyLabels
+        parameterNode.stackPath = type(parameterNode.stackPath)(nodes.stackPath)
         parameterNode.spacingUnit = "um"
-        self.setSpacingFields(parameterNode, nodes["truth"]["histology"]["true_spacing_mm"])
+        self.setSpacingFields(parameterNode, nodes.truth["histology"]["true_spacing_mm"])
 
     def setSpacingFields(self, parameterNode: object, spacingMm: Sequence[float]) -> None:
         """Write `spacingMm` (x, y, z) into the parameter node's spacing fields, in its current unit."""
@@ -408,11 +468,11 @@ class MRIHistoRegLogicCore:
         tableNode: Optional[TableNode] = None,
         regularization: float = 0.0,
         referenceVolume: Optional[VolumeNode] = None,
-    ) -> dict:
+    ) -> LandmarkFitResult:
         """Pair the lists by label, fit `model` (MRI -> histology) and store it in `transformNode` (created when None)
-        and the per-pair errors in `tableNode` (created when None). Returns the evaluation dict (residual and
-        leave-one-out errors, outliers, shrinkage %, Jacobian summary) with 'transformNode', 'tableNode' and
-        'messages' (unpaired/excluded labels) added."""
+        and the per-pair errors in `tableNode` (created when None). Returns the nodes with the evaluation (residual
+        and leave-one-out errors, outliers, shrinkage %, Jacobian summary) and the pairing messages
+        (unpaired/excluded labels)."""
         from . import landmarks, transforms, workflow
 
         if model not in MODELS:
@@ -429,12 +489,12 @@ class MRIHistoRegLogicCore:
             transforms.updateTransformNode(transformNode, fitted)
         tableNode = transforms.resultsTable(self.scene, evaluation, "Landmark errors", pairs=pairs, tableNode=tableNode)
         tableNode.SetAttribute("MRIHistoReg.regularization", repr(float(regularization)))  # to refit for the report
-        evaluation = dict(evaluation, transformNode=transformNode, tableNode=tableNode, messages=pairs.messages())
-        return evaluation
+        return LandmarkFitResult(transformNode, tableNode, evaluation, list(pairs.messages()))
 
     @staticmethod
-    def describeFit(evaluation: dict) -> str:
+    def describeFit(fit: LandmarkFitResult) -> str:
         """One-paragraph readout of a fit: errors and shrinkage (for the panel)."""
+        evaluation = fit.evaluation
         text = (
             f"{evaluation['model']}, {evaluation['count']} pairs: residual RMS {evaluation['residual_rms_mm']:.3f} mm, "
             f"leave-one-out RMS {evaluation['loo_rms_mm']:.3f} mm. Shrinkage {evaluation['shrinkage_volume_percent']:.1f}% "
@@ -444,7 +504,7 @@ class MRIHistoRegLogicCore:
             text += f" Possible outliers: {', '.join(evaluation['outliers'])}."
         if evaluation.get("jacobian"):
             text += f" Folded fraction {100 * evaluation['jacobian']['folded_fraction']:.2f}%."
-        for message in evaluation.get("messages", []):
+        for message in fit.messages:
             text += f"\n{message}"
         return text
 
@@ -457,10 +517,10 @@ class MRIHistoRegLogicCore:
         transformNode: Optional[TransformNode] = None,
         tableNode: Optional[TableNode] = None,
         regularization: float = 0.0,
-    ) -> Optional[dict]:
+    ) -> Optional[LiveFitNodes]:
         """Start (refit whenever a point is added, moved or removed) or stop live landmark registration.
 
-        Returns {'transformNode', 'tableNode'} being updated (created when None; a linear transform node is
+        Returns the nodes being updated (LiveFitNodes) (created when None; a linear transform node is
         replaced by a general one, which can hold every model), or None when stopped."""
         from . import transforms
 
@@ -489,7 +549,7 @@ class MRIHistoRegLogicCore:
         if live.transformNode is None:  # the first fit failed (too few pairs yet): an empty node to be filled
             live.transformNode = self.scene.AddNewNodeByClass("vtkMRMLTransformNode", "MRI to histology")
         self._liveRegistration = live
-        return {"transformNode": live.transformNode, "tableNode": live.tableNode}
+        return LiveFitNodes(live.transformNode, live.tableNode)
 
     @property
     def autoUpdateError(self) -> Optional[str]:
@@ -547,15 +607,14 @@ class MRIHistoRegLogicCore:
         mriLandmarks: Optional[PointListNode] = None,
         histologyLandmarks: Optional[PointListNode] = None,
         progress: Optional[ProgressCallback] = None,
-    ) -> dict:
+    ) -> RefinementOutcome:
         """Refine the landmark transform by intensity registration (SimpleITK, Mattes MI) of the MRI and the
         (downsampled) histology volume, started from `transformNode`.
 
         With both point lists the result is also checked against the landmarks and rejected if it moves them away.
         An accepted refinement is stored as 'Intensity refinement' (grid transform) and the whole chain
         (refinement, then landmarks) in `outputTransform` (created when None); a rejected one leaves the landmark
-        result in use. Returns {'accepted', 'reason', 'summary', 'transformNode' (None when rejected),
-        'refinementNode', 'landmarks' (residuals before/after, or None)}."""
+        result in use. Returns a RefinementOutcome (its nodes None when rejected)."""
         from . import landmarks, refine, transforms
 
         if preset not in REFINE_PRESETS:
@@ -575,22 +634,20 @@ class MRIHistoRegLogicCore:
         refinement = workflow.refine(self._image(mriVolume), self._image(histologyVolume), fit,
                                      settings=settings.refineSettings(preset), progress=progress)
         result = refinement.result
-        answer = {
-            "accepted": result.accepted,
-            "reason": result.reason,
-            "summary": result.summary(),
-            "transformNode": None,
-            "refinementNode": None,
-            "landmarks": refinement.summary["landmarks"],
-            "report": refinement.summary,
-        }
+        answer = RefinementOutcome(
+            accepted=result.accepted,
+            reason=result.reason,
+            summary=result.summary(),
+            report=refinement.summary,
+            landmarks=refinement.summary["landmarks"],
+        )
         if not result.accepted:
             return answer
         refinementNode = refine.refinementTransformNode(self.scene, result, "Intensity refinement")
         outputTransform = self.composeRefinedTransform(transformNode, refinementNode, outputTransform)
         # the report's refinement section, saved with the scene on the node it describes
         outputTransform.SetAttribute("MRIHistoReg.refinement", json.dumps(outputs.jsonReady(refinement.summary)))
-        answer.update(transformNode=outputTransform, refinementNode=refinementNode)
+        answer.transformNode, answer.refinementNode = outputTransform, refinementNode
         return answer
 
     def composeRefinedTransform(
@@ -672,13 +729,13 @@ class MRIHistoRegLogicCore:
         tableNode: Optional[TableNode] = None,
         mriVolume: Optional[VolumeNode] = None,
         progress: Optional[ProgressCallback] = None,
-    ) -> dict:
+    ) -> LabelComparison:
         """Transfer the histology labels onto the MRI labels' grid through `transformNode` and compare per label:
         MRI volume, histology volume (native, transferred, Jacobian-integrated), ratios, Dice, HD95.
 
         Label maps or segmentations are accepted (compare.labelArrayFromNode: an MRI segmentation is exported on
         `mriVolume`'s grid when given, a histology segmentation on its own geometry).
-        Returns {'rows': {label: row}, 'tableNode', 'transferredNode'}."""
+        Returns the rows ({label: row}), the table node and the transferred label map (LabelComparison)."""
         from . import compare, transforms
 
         if transformNode is None:
@@ -696,7 +753,7 @@ class MRIHistoRegLogicCore:
             self.scene, transferred, mriIjkToRas, "Histology labels on MRI", labelmap=True
         )
         tableNode = self._rowsToTable(rows, tableNode, "Label comparison")
-        return {"rows": rows, "tableNode": tableNode, "transferredNode": transferredNode}
+        return LabelComparison(rows, tableNode, transferredNode)
 
     def exportReport(
         self,

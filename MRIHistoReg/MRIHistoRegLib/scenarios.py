@@ -52,11 +52,12 @@ def loadSampleScenario(scene, workFolder) -> None:
     with the header's voxels unchanged, both landmark lists paired by label, tumour volumes within voxelisation
     error of the analytic volumes."""
     nodes = _loadSample(scene, workFolder)
-    truth = nodes["truth"]
+    truth = nodes.truth
     for role in ("mri", "histology", "mriLandmarks", "histologyLandmarks", "mriLabels", "histologyLabels"):
-        assert nodes[role] is not None and scene.IsNodePresent(nodes[role]), f"{role} was not loaded into the scene"
+        node = getattr(nodes, role)
+        assert node is not None and scene.IsNodePresent(node), f"{role} was not loaded into the scene"
 
-    mri, histology = nodes["mri"], nodes["histology"]
+    mri, histology = nodes.mri, nodes.histology
     np.testing.assert_allclose(volumes.ijkToRas(mri), truth["mri"]["ijk_to_ras"], atol=1e-9)
     assert list(volumes.arrayFromVolume(mri).shape) == truth["mri"]["array_shape_kji"]
     np.testing.assert_allclose(volumes.ijkToRas(histology), truth["histology"]["true_ijk_to_ras"], atol=1e-9)
@@ -66,13 +67,13 @@ def loadSampleScenario(scene, workFolder) -> None:
 
     labels = truth["landmarks"]["labels"]
     for role in ("mriLandmarks", "histologyLandmarks"):
-        node = nodes[role]
+        node = getattr(nodes, role)
         names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
         assert names == labels, f"{role}: labels {names} differ from truth {labels}"
     # the landmarks sit within placement noise (4 SD) of their true positions, in each image's corrected space
     for role, key, sd in (("mriLandmarks", "mri_true_ras_mm", truth["landmarks"]["mri_noise_sd_mm"]),
                           ("histologyLandmarks", "histology_true_ras_mm", truth["landmarks"]["histology_noise_sd_mm"])):
-        node = nodes[role]
+        node = getattr(nodes, role)
         placed = np.array([node.GetNthControlPointPosition(i) for i in range(node.GetNumberOfControlPoints())])  # local = own space
         distance = np.linalg.norm(placed - np.array(truth["landmarks"][key]), axis=1)
         assert distance.max() < 4 * np.sqrt(3) * sd, f"{role}: a point lies {distance.max():.3f} mm from its true position"
@@ -80,7 +81,7 @@ def loadSampleScenario(scene, workFolder) -> None:
     # tumour volumes: label voxels x voxel volume vs the analytic volumes (voxelisation error: one voxel shell)
     tumour = truth["tumour"]
     for role, analytic in (("mriLabels", tumour["mri_volume_mm3"]), ("histologyLabels", tumour["histology_volume_mm3"])):
-        node = nodes[role]
+        node = getattr(nodes, role)
         measured = np.count_nonzero(volumes.arrayFromVolume(node) == tumour["label_value"]) * _voxelVolumeMm3(node)
         semiAxes = np.array(tumour["semi_axes_mm"]) * (1.0 if role == "mriLabels" else truth["shrinkage"]["linear_scale"])
         spacing = volumes.spacingOf(volumes.ijkToRas(node))
@@ -88,7 +89,7 @@ def loadSampleScenario(scene, workFolder) -> None:
         shell = 4 * np.pi * np.mean(semiAxes) ** 2 * 0.5 * spacing.max()
         assert abs(measured - analytic) < shell, f"{role}: {measured:.4f} mm3 vs analytic {analytic:.4f} mm3 (bound {shell:.4f})"
     # the histology label map lies on the histology grid, at the same true spacing
-    np.testing.assert_allclose(volumes.ijkToRas(nodes["histologyLabels"]), truth["histology"]["true_ijk_to_ras"], atol=1e-9)
+    np.testing.assert_allclose(volumes.ijkToRas(nodes.histologyLabels), truth["histology"]["true_ijk_to_ras"], atol=1e-9)
 
 
 def landmarkFitScenario(scene, workFolder) -> None:
@@ -98,7 +99,7 @@ def landmarkFitScenario(scene, workFolder) -> None:
     from . import landmarks, transforms
 
     nodes = _loadSample(scene, workFolder)
-    truth, folder = nodes["truth"], nodes["folder"]
+    truth, folder = nodes.truth, nodes.folder
     logic = _logic(scene)
     mriEvalLabels, mriEval = landmarks.readPoints(os.path.join(folder, "eval_points_mri.csv"))
     histEvalLabels, histEval = landmarks.readPoints(os.path.join(folder, "eval_points_histology.csv"))
@@ -107,29 +108,30 @@ def landmarkFitScenario(scene, workFolder) -> None:
     noise = np.hypot(truth["landmarks"]["mri_noise_sd_mm"], truth["landmarks"]["histology_noise_sd_mm"])
     untransformed = np.median(np.linalg.norm(mriEval - histEval, axis=1))
     for model in ("similarity", "affine+tps"):
-        result = logic.fitLandmarks(nodes["mriLandmarks"], nodes["histologyLandmarks"], model, referenceVolume=nodes["mri"])
-        transformNode = result["transformNode"]
-        assert scene.IsNodePresent(transformNode) and scene.IsNodePresent(result["tableNode"])
-        assert result["count"] == len(truth["landmarks"]["labels"])
-        assert result["tableNode"].GetNumberOfRows() == result["count"]
+        result = logic.fitLandmarks(nodes.mriLandmarks, nodes.histologyLandmarks, model, referenceVolume=nodes.mri)
+        transformNode = result.transformNode
+        assert scene.IsNodePresent(transformNode) and scene.IsNodePresent(result.tableNode)
+        assert result.evaluation["count"] == len(truth["landmarks"]["labels"])
+        assert result.tableNode.GetNumberOfRows() == result.evaluation["count"]
         mapped = transforms.mappingFromTransformNode(transformNode).transformPoints(mriEval)
         tre = np.linalg.norm(mapped - histEval, axis=1)
         # 12 noisy pairs over a ~5 mm brain: held-out error a few times the placement noise, far below no-fit
         assert np.median(tre) < 4 * noise, f"{model}: median held-out error {np.median(tre):.3f} mm (noise {noise:.3f} mm)"
         assert np.median(tre) < 0.05 * untransformed
         # shrinkage: the fitted volume ratio vs truth (0.843^3); linear noise ~noise/baseline per axis
-        assert abs(result["shrinkage_volume_percent"] - truth["shrinkage"]["volume_shrinkage_percent"]) < 5.0
+        assert abs(result.evaluation["shrinkage_volume_percent"] - truth["shrinkage"]["volume_shrinkage_percent"]) < 5.0
         if model == "affine+tps":
-            assert result["residual_max_mm"] < 1e-6, "an unregularised TPS interpolates its pairs"
-            assert result["loo_rms_mm"] > result["residual_rms_mm"]
-            assert result["jacobian"]["folded_fraction"] == 0.0, "the sample's true warp does not fold"
+            assert result.evaluation["residual_max_mm"] < 1e-6, "an unregularised TPS interpolates its pairs"
+            assert result.evaluation["loo_rms_mm"] > result.evaluation["residual_rms_mm"]
+            assert result.evaluation["jacobian"]["folded_fraction"] == 0.0, "the sample's true warp does not fold"
 
     # excluding a pair (the panel's include checkbox) removes it from the fit and shows it as excluded
     excluded = truth["landmarks"]["labels"][0]
-    logic.setPairIncluded(nodes["mriLandmarks"], nodes["histologyLandmarks"], excluded, False)
-    result = logic.fitLandmarks(nodes["mriLandmarks"], nodes["histologyLandmarks"], "affine+tps")
-    assert result["count"] == len(truth["landmarks"]["labels"]) - 1 and excluded not in result["labels"]
-    assert any(excluded in message for message in result["messages"])
+    logic.setPairIncluded(nodes.mriLandmarks, nodes.histologyLandmarks, excluded, False)
+    result = logic.fitLandmarks(nodes.mriLandmarks, nodes.histologyLandmarks, "affine+tps")
+    evaluation = result.evaluation
+    assert evaluation["count"] == len(truth["landmarks"]["labels"]) - 1 and excluded not in evaluation["labels"]
+    assert any(excluded in message for message in result.messages)
 
 
 def fixSpacingScenario(scene, workFolder) -> None:
@@ -224,9 +226,9 @@ def downsampleScenario(scene, workFolder) -> None:
 
 def _fittedSample(scene, workFolder, model="affine+tps"):
     nodes = _loadSample(scene, workFolder)
-    result = _logic(scene).fitLandmarks(nodes["mriLandmarks"], nodes["histologyLandmarks"], model,
-                                        referenceVolume=nodes["mri"])
-    return nodes, result["transformNode"]
+    result = _logic(scene).fitLandmarks(nodes.mriLandmarks, nodes.histologyLandmarks, model,
+                                        referenceVolume=nodes.mri)
+    return nodes, result.transformNode
 
 
 def refineScenario(scene, workFolder) -> None:
@@ -238,30 +240,30 @@ def refineScenario(scene, workFolder) -> None:
     from . import landmarks, transforms
 
     nodes = _loadSample(scene, workFolder)
-    truth, folder, logic = nodes["truth"], nodes["folder"], _logic(scene)
+    truth, folder, logic = nodes.truth, nodes.folder, _logic(scene)
     _, mriEval = landmarks.readPoints(os.path.join(folder, "eval_points_mri.csv"))
     _, histEval = landmarks.readPoints(os.path.join(folder, "eval_points_histology.csv"))
-    histology = logic.downsampleStack(nodes["stackPath"], 0.1, truth["histology"]["true_spacing_mm"])
-    fit = logic.fitLandmarks(nodes["mriLandmarks"], nodes["histologyLandmarks"], "affine")
+    histology = logic.downsampleStack(nodes.stackPath, 0.1, truth["histology"]["true_spacing_mm"])
+    fit = logic.fitLandmarks(nodes.mriLandmarks, nodes.histologyLandmarks, "affine")
     offset = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "offset")
     matrix = vtk.vtkMatrix4x4()
     matrix.SetElement(0, 3, 0.2)
     matrix.SetElement(1, 3, -0.15)
     offset.SetMatrixTransformToParent(matrix)
-    fit["transformNode"].SetAndObserveTransformNodeID(offset.GetID())
+    fit.transformNode.SetAndObserveTransformNodeID(offset.GetID())
 
     def heldOutError(node):
         mapped = transforms.mappingFromWorldToNode(node).transformPoints(mriEval)
         return float(np.median(np.linalg.norm(mapped - histEval, axis=1)))
 
-    start = heldOutError(fit["transformNode"])
+    start = heldOutError(fit.transformNode)
     assert start > 0.2, f"the displaced start should be ~0.25 mm off, is {start:.3f} mm"
-    result = logic.refineRegistration(nodes["mri"], histology, fit["transformNode"], "affine")
-    assert result["accepted"], result["summary"]
-    refined = heldOutError(result["transformNode"])
+    result = logic.refineRegistration(nodes.mri, histology, fit.transformNode, "affine")
+    assert result.accepted, result.summary
+    refined = heldOutError(result.transformNode)
     # at least halved (the placement noise of the landmarks, not the 0.25 mm offset, then dominates)
-    assert refined < 0.5 * start, f"held-out error {start:.3f} -> {refined:.3f} mm: {result['summary']}"
-    assert result["transformNode"].GetParentTransformNode() is None, "the refined chain is one hardened node"
+    assert refined < 0.5 * start, f"held-out error {start:.3f} -> {refined:.3f} mm: {result.summary}"
+    assert result.transformNode.GetParentTransformNode() is None, "the refined chain is one hardened node"
 
 
 def resampleScenario(scene, workFolder) -> None:
@@ -271,9 +273,9 @@ def resampleScenario(scene, workFolder) -> None:
     import vtk
 
     nodes, transformNode = _fittedSample(scene, workFolder)
-    truth, logic = nodes["truth"], _logic(scene)
+    truth, logic = nodes.truth, _logic(scene)
     spacing = truth["histology"]["true_spacing_mm"]
-    stack = volumes.arrayFromVolume(nodes["histology"])
+    stack = volumes.arrayFromVolume(nodes.histology)
 
     # 1. exact: reference = a block of the stack's own grid, mapping = shift by (3, 2, 1) voxels
     shiftIjk = np.array([3, 2, 1])
@@ -288,18 +290,18 @@ def resampleScenario(scene, workFolder) -> None:
     referenceIjkToRas = trueIjkToRas.copy()
     referenceIjkToRas[:3, 3] = (trueIjkToRas @ np.array([block[2].start, block[1].start, block[0].start, 1.0]))[:3]
     reference = volumes.createVolumeNode(scene, np.zeros((20, 40, 40), np.float32), referenceIjkToRas, "block grid")
-    resampled = logic.resampleHistology(shift, reference, stackPath=nodes["stackPath"], spacingMm=spacing)
+    resampled = logic.resampleHistology(shift, reference, stackPath=nodes.stackPath, spacingMm=spacing)
     expected = stack[block[0].start + shiftIjk[2]: block[0].stop + shiftIjk[2],
                      block[1].start + shiftIjk[1]: block[1].stop + shiftIjk[1],
                      block[2].start + shiftIjk[0]: block[2].stop + shiftIjk[0]]
     np.testing.assert_allclose(volumes.arrayFromVolume(resampled), expected, rtol=1e-5, atol=1e-2)
 
     # 2. realistic: the original stack onto the MRI grid through the landmark TPS
-    output = logic.resampleHistology(transformNode, nodes["mri"], stackPath=nodes["stackPath"], spacingMm=spacing)
-    np.testing.assert_allclose(volumes.ijkToRas(output), volumes.ijkToRas(nodes["mri"]), atol=1e-12)
+    output = logic.resampleHistology(transformNode, nodes.mri, stackPath=nodes.stackPath, spacingMm=spacing)
+    np.testing.assert_allclose(volumes.ijkToRas(output), volumes.ijkToRas(nodes.mri), atol=1e-12)
     histologyOnMri = volumes.arrayFromVolume(output)
-    assert histologyOnMri.shape == volumes.arrayFromVolume(nodes["mri"]).shape
-    tumour = volumes.arrayFromVolume(nodes["mriLabels"]) == truth["tumour"]["label_value"]
+    assert histologyOnMri.shape == volumes.arrayFromVolume(nodes.mri).shape
+    tumour = volumes.arrayFromVolume(nodes.mriLabels) == truth["tumour"]["label_value"]
     inside = histologyOnMri[tumour]
     covered = histologyOnMri > truth["histology"]["background_counts"] * 1.5  # tissue in the stack's field of view
     elsewhere = histologyOnMri[covered & ~tumour]
@@ -314,11 +316,11 @@ def compareScenario(scene, workFolder) -> None:
     shrinkage), overlap with the MRI label is high and the 95% surface distance a fraction of the tumour radius;
     a segmentation gives the same numbers as the label map."""
     nodes, transformNode = _fittedSample(scene, workFolder)
-    truth, logic = nodes["truth"], _logic(scene)
+    truth, logic = nodes.truth, _logic(scene)
     tumour = truth["tumour"]
-    result = logic.compareLabels(nodes["mriLabels"], nodes["histologyLabels"], transformNode)
-    row = result["rows"][tumour["label_value"]]
-    assert result["tableNode"].GetNumberOfRows() == len(result["rows"])
+    result = logic.compareLabels(nodes.mriLabels, nodes.histologyLabels, transformNode)
+    row = result.rows[tumour["label_value"]]
+    assert result.tableNode.GetNumberOfRows() == len(result.rows)
     np.testing.assert_allclose(row["mri_mm3"], tumour["mri_label_volume_mm3"], rtol=1e-9)
     np.testing.assert_allclose(row["histology_native_mm3"], tumour["histology_label_volume_mm3"], rtol=1e-9)
     # registration error ~0.06 mm at a ~0.57 mm radius: ~10% in volume, Dice above 0.8
@@ -331,9 +333,9 @@ def compareScenario(scene, workFolder) -> None:
     from . import context
 
     segmentationLogic = context.moduleLogic(scene, "Segmentations")
-    assert segmentationLogic.ImportLabelmapToSegmentationNode(nodes["mriLabels"], segmentation)
-    fromSegmentation = logic.compareLabels(segmentation, nodes["histologyLabels"], transformNode, mriVolume=nodes["mri"])
-    rowSegmentation = fromSegmentation["rows"][tumour["label_value"]]
+    assert segmentationLogic.ImportLabelmapToSegmentationNode(nodes.mriLabels, segmentation)
+    fromSegmentation = logic.compareLabels(segmentation, nodes.histologyLabels, transformNode, mriVolume=nodes.mri)
+    rowSegmentation = fromSegmentation.rows[tumour["label_value"]]
     np.testing.assert_allclose(rowSegmentation["mri_mm3"], row["mri_mm3"], rtol=1e-9)
     np.testing.assert_allclose(rowSegmentation["dice"], row["dice"], rtol=1e-9)  # the same voxels on the MRI grid
 
@@ -355,14 +357,14 @@ def panelScenario(scene, workFolder, newParameterNode=None) -> None:
     nodes = _loadSample(scene, workFolder)
     logic.selectSampleNodes(parameters, nodes)
     for role in ("mriLabels", "histologyLabels", "mriLandmarks", "histologyLandmarks"):
-        assert getattr(parameters, role) is nodes[role], f"{role} is not the loaded node"
-    info = logic.openStack(nodes["stackPath"], panel.spacingFieldsMm(parameters), referenceVolume=nodes["mri"])
+        assert getattr(parameters, role) is getattr(nodes, role), f"{role} is not the loaded node"
+    info = logic.openStack(nodes.stackPath, panel.spacingFieldsMm(parameters), referenceVolume=nodes.mri)
     states = panel.actionStates(parameters, info)
     ready = ("downsampleButton", "loadFullResolutionButton", "useMetadataSpacingButton", "placePairButton", "fitButton")
     assert all(states[name] for name in ready), {name: states[name] for name in ready}
     assert panel.physicalSizeText(parameters, info), "the physical size is shown after loading"
 
-    trueSpacing = nodes["truth"]["histology"]["true_spacing_mm"]
+    trueSpacing = nodes.truth["histology"]["true_spacing_mm"]
     np.testing.assert_allclose(panel.spacingFieldsMm(parameters), trueSpacing, rtol=1e-9)
     follower = panel.SpacingUnitFollower(parameters)
     for unit in ("mm", "um"):
