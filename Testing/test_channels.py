@@ -67,3 +67,36 @@ def test_single_channel_tiff_is_c0(tmp_path):
     assert source.channelNames == ["C0"] or tuple(source.channelNames) == ("C0",)
     with pytest.raises(UserInputError):
         stacks.openStack(path, channel=1)
+
+
+def test_downsampled_channel_is_its_area_average(tmp_path):
+    from MRIHistoRegLib import downsample
+
+    data = np.random.default_rng(0).integers(0, 4000, (2, 4, 6, 8)).astype(np.uint16)
+    path = _ome(tmp_path / "two.ome.tif", data)
+    source = stacks.openStack(path, channel="tumour")
+    out = downsample.downsampleToFile(source.withSpacing((0.01, 0.01, 0.01)), 0.02, tmp_path / "d.nrrd")
+    import nrrd
+
+    result, _ = nrrd.read(str(out if isinstance(out, str) else tmp_path / "d.nrrd"), index_order="C")
+    expected = data[1].astype(float).reshape(2, 2, 3, 2, 4, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=0.51)
+
+
+def test_cli_wrong_channel_writes_nothing(tmp_path):
+    from MRIHistoRegLib import cli
+
+    path = _ome(tmp_path / "two.ome.tif", _czyx())
+    out = tmp_path / "out.nrrd"
+    assert cli.main(["downsample", str(path), "--channel", "GFP", "--target-mm", "0.02", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert cli.main(["info", str(path), "--channel", "tumour"]) == 0
+
+
+BRAINREG = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brainreg" / "brain"
+
+
+@pytest.mark.skipif(not BRAINREG.is_dir(), reason="real light-sheet data ../shared/data/brainreg absent")
+def test_real_light_sheet_stack_is_one_channel_c0():
+    source = stacks.openStack(BRAINREG)
+    assert list(source.channelNames) == ["C0"] and source.channelIndex == 0
