@@ -100,3 +100,21 @@ BRAINREG = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "s
 def test_real_light_sheet_stack_is_one_channel_c0():
     source = stacks.openStack(BRAINREG)
     assert list(source.channelNames) == ["C0"] and source.channelIndex == 0
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_nrrd_channel_axis(tmp_path, encoding):
+    import nrrd
+
+    data = _czyx()  # [c, k, j, i]
+    path = tmp_path / "c.nrrd"
+    nrrd.write(str(path), np.ascontiguousarray(data.transpose(1, 2, 3, 0)), index_order="C", header={
+        "encoding": encoding, "kinds": ["list", "domain", "domain", "domain"], "labels": ["auto,tumour", "", "", ""],
+        "space": "left-posterior-superior", "space directions": [[np.nan] * 3, [0.01, 0, 0], [0, 0.01, 0], [0, 0, 0.02]]})
+    source = stacks.openStack(path, channel="tumour")
+    assert source.channelNames == ["auto", "tumour"] and source.shape == (4, 6, 5)
+    assert np.allclose(source.spacingMm, (0.01, 0.01, 0.02))
+    np.testing.assert_array_equal(source.readAll(), data[1])
+    np.testing.assert_array_equal(stacks.openStack(path).readAll(), data[0])
+    with pytest.raises(UserInputError, match="tumour"):
+        stacks.openStack(path, channel=5)

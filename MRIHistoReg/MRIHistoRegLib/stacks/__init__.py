@@ -37,7 +37,7 @@ def openStack(path, spacingMm=None, channel=None):
     spacingMm: (i, j, k) in mm (or one value), overriding whatever the file says. channel: index or name of the
     channel to read (default 0); a wrong one is a UserInputError listing `source.channelNames`."""
     source = _open(os.fspath(path), spacingMm, channel)
-    if channel is not None and not isinstance(source, TiffStack):
+    if channel is not None and not isinstance(source, (TiffStack, NrrdStack)):
         chooseChannel(channel, source.channelNames, source.path)
     return source
 
@@ -50,13 +50,13 @@ def _open(path, spacingMm, channel):
         raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
     lower = path.lower()
     if lower.endswith(NRRD_EXTENSIONS):
-        return NrrdStack(path, spacingMm=spacingMm)
+        return NrrdStack(path, spacingMm=spacingMm, channel=channel)
     if lower.endswith(TIFF_EXTENSIONS) or lower.endswith((".btf", ".tf8", ".ome.tif")):
         return TiffStack(path, spacingMm=spacingMm, channel=channel)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"NRRD":
-        return NrrdStack(path, spacingMm=spacingMm)
+        return NrrdStack(path, spacingMm=spacingMm, channel=channel)
     if magic[:2] in (b"II", b"MM"):
         return TiffStack(path, spacingMm=spacingMm, channel=channel)
     raise UserInputError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")
