@@ -100,15 +100,15 @@ def test_ome_and_imagej_spacing_metadata(tmp_path):
     assert source.spacingMm == (1.0, 1.0, 1.0)
 
 
-def test_multichannel_tiff_refused(tmp_path):
+def test_multichannel_tiff_opens_channel_0(tmp_path):
     import tifffile
 
+    # multi-channel files are read one channel at a time (issue 14; test_channels.py checks the voxels)
     tifffile.imwrite(tmp_path / "c.ome.tif", np.zeros((2, 5, 6, 7), np.uint16), ome=True, metadata={"axes": "CZYX"})
-    with pytest.raises(ValueError, match=r"C=2.*single channel"):
-        stacks.openStack(tmp_path / "c.ome.tif")
+    assert stacks.openStack(tmp_path / "c.ome.tif").shape == (5, 6, 7)
     tifffile.imwrite(tmp_path / "c.ij.tif", np.zeros((5, 2, 6, 7), np.uint16), imagej=True, metadata={"axes": "ZCYX"})
-    with pytest.raises(ValueError, match=r"C=2"):
-        stacks.openStack(tmp_path / "c.ij.tif")
+    source = stacks.openStack(tmp_path / "c.ij.tif")
+    assert source.shape == (5, 6, 7) and len(source.channelNames) == 2
 
 
 def test_tiff_series_natural_sort_and_one_file(tmp_path):

@@ -154,13 +154,19 @@ def _spacingFromArgs(args):
 def _openFromArgs(args):
     from MRIHistoRegLib.stacks import openStack
 
-    return openStack(args.input, spacingMm=_spacingFromArgs(args))
+    return openStack(args.input, spacingMm=_spacingFromArgs(args), channel=getattr(args, "channel", None))
+
+
+def _addChannelArgument(p):
+    p.add_argument("--channel", metavar="INDEX|NAME",
+                   help="channel of a multi-channel stack to read, by index or name (`info` lists them; default 0)")
 
 
 def _addInfo(subparsers):
     p = subparsers.add_parser("info", help="describe a stack (TIFF file, TIFF folder or NRRD) without reading its voxels")
     p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
     _addSpacingArguments(p)
+    _addChannelArgument(p)
     p.add_argument("--reference", help="reference volume (e.g. the MRI) whose size the plausibility check compares with")
     p.add_argument("--reference-mm", type=float, nargs="+", help="reference size in mm (one value or x y z) instead")
     p.set_defaults(func=_runInfo)
@@ -187,6 +193,7 @@ def _addDownsample(subparsers):
     p = subparsers.add_parser("downsample", help="streamed, exact area-weighted downsampling of a huge stack to a NRRD")
     p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
     _addSpacingArguments(p)
+    _addChannelArgument(p)
     p.add_argument("--target-mm", nargs="+", type=float, required=True, metavar="T",
                    help="output spacing in mm: one value (isotropic) or three (x y z)")
     p.add_argument("--crop", nargs=6, type=int, metavar=("I0", "I1", "J0", "J1", "K0", "K1"),

@@ -19,7 +19,7 @@ an in-memory array as a source), units (spacing units, shared with spacing.py).
 import os
 
 from MRIHistoRegLib.stacks.array import ArraySource
-from MRIHistoRegLib.stacks.base import StackSource, availableMemoryBytes, checkMemoryFor
+from MRIHistoRegLib.stacks.base import StackSource, chooseChannel, availableMemoryBytes, checkMemoryFor
 from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack, nrrdDtype
 from MRIHistoRegLib.stacks.tiff import TIFF_EXTENSIONS, TiffSeries, TiffStack, naturalSortKey
@@ -31,10 +31,18 @@ __all__ = ["ArraySource", "NrrdStack", "StackSource", "TiffSeries", "TiffStack",
            "toMillimetres", "unitToMillimetres"]
 
 
-def openStack(path, spacingMm=None):
+def openStack(path, spacingMm=None, channel=None):
     """Open a multipage TIFF, a folder of 2-D TIFFs or a NRRD (.nrrd/.nhdr) without reading voxels.
 
-    spacingMm: (i, j, k) in mm (or one value), overriding whatever the file says."""
+    spacingMm: (i, j, k) in mm (or one value), overriding whatever the file says. channel: index or name of the
+    channel to read (default 0); a wrong one is a UserInputError listing `source.channelNames`."""
+    source = _open(os.fspath(path), spacingMm, channel)
+    if channel is not None and not isinstance(source, (TiffStack, NrrdStack)):
+        chooseChannel(channel, source.channelNames, source.path)
+    return source
+
+
+def _open(path, spacingMm, channel):
     path = os.fspath(path)
     if os.path.isdir(path):
         return TiffSeries(path, spacingMm=spacingMm)
@@ -42,13 +50,13 @@ def openStack(path, spacingMm=None):
         raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
     lower = path.lower()
     if lower.endswith(NRRD_EXTENSIONS):
-        return NrrdStack(path, spacingMm=spacingMm)
+        return NrrdStack(path, spacingMm=spacingMm, channel=channel)
     if lower.endswith(TIFF_EXTENSIONS) or lower.endswith((".btf", ".tf8", ".ome.tif")):
-        return TiffStack(path, spacingMm=spacingMm)
+        return TiffStack(path, spacingMm=spacingMm, channel=channel)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"NRRD":
-        return NrrdStack(path, spacingMm=spacingMm)
+        return NrrdStack(path, spacingMm=spacingMm, channel=channel)
     if magic[:2] in (b"II", b"MM"):
-        return TiffStack(path, spacingMm=spacingMm)
+        return TiffStack(path, spacingMm=spacingMm, channel=channel)
     raise UserInputError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")

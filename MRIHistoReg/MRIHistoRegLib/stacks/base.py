@@ -75,6 +75,8 @@ class StackSource:
     methods (parallelReads, rawPlaneOffset, openPositionalHandle, readPlaneWith)."""
 
     kind = None
+    channelNames = ("C0",)  # the file's channels (names from its metadata, else C0, C1, ...)
+    channelIndex = 0  # the channel whose planes this source reads
 
     def __init__(self, path, shape, dtype, headerSpacingMm=None, metadataSpacingMm=None, metadataSpacingSource=None,
                  spacingMm=None):
@@ -236,6 +238,8 @@ class StackSource:
         return [
             f"path: {self.path}",
             f"kind: {self.kind}",
+            "channels: " + ", ".join(f"{i}: {n}" + (" (read)" if i == self.channelIndex else "")
+                                     for i, n in enumerate(self.channelNames)),
             f"shape (k, j, i): {self.shape}   dtype: {self.dtype}   size: {_human(self.nbytes)}",
             f"header spacing (i, j, k) mm: {_fmt(self.headerSpacingMm)}",
             f"metadata spacing (i, j, k) mm: {_fmt(self.metadataSpacingMm)}"
@@ -278,3 +282,22 @@ def _readExactly(fh, offset, view, path, what):
     if got != len(view):
         raise UserInputError(f"{path} is truncated: {what} needs {len(view)} bytes at offset {offset} but the file has only "
                          f"{got} there. Re-export or re-copy the file.")
+
+
+def chooseChannel(channel, names, path):
+    """Index of `channel` (an index, a numeric string or a name) among `names`; None means 0 (logged when there
+    are several). A wrong channel is a UserInputError listing the available ones."""
+    available = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+    if channel is None:
+        if len(names) > 1:
+            LOG.info("%s has %d channels (%s): reading channel 0 (%s); choose another with --channel / "
+                     "histology_channel", path, len(names), available, names[0])
+        return 0
+    if isinstance(channel, str) and channel in names:
+        return list(names).index(channel)
+    if isinstance(channel, str) and channel.strip().lstrip("-").isdigit():
+        channel = int(channel)
+    if isinstance(channel, int) and not isinstance(channel, bool) and 0 <= channel < len(names):
+        return channel
+    raise UserInputError(f"{path}: no channel {channel!r}. Available channels (index: name): {available}. "
+                         f"Give one of these indices or names.")

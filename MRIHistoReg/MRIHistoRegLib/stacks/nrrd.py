@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 
 from MRIHistoRegLib.geometry import LPS_RAS_SIGNS, spacingOf
-from MRIHistoRegLib.stacks.base import StackSource, _readExactly
+from MRIHistoRegLib.stacks.base import StackSource, _readExactly, chooseChannel
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -67,9 +67,27 @@ def _readHeader(path):
         raise UserInputError(f"{path} is not a readable NRRD header ({error}). Check the file.") from error
 
 
-def _stackSizes(header, path):
-    """The header's sizes (i, j, k); a 2-D image is a stack of one plane."""
+def _channelAxis(header, path):
+    """(number of channels, names) of a NRRD whose first axis is a channel axis (kinds list/vector/...), else
+    (1, ["C0"]); the header's sizes are then those of one channel."""
     sizes = [int(n) for n in header["sizes"]]
+    kinds = [str(k).lower() for k in (header.get("kinds") or [])]
+    if len(sizes) != 4 or not kinds or kinds[0] not in ("list", "vector", "point", "covariant-vector", "normal",
+                                                        "rgb-color", "rgba-color", "hsv-color", "xyz-color"):
+        return 1, ["C0"]
+    labels = list(header.get("labels") or [])
+    nc = sizes[0]
+    names = [f"C{i}" for i in range(nc)]
+    if labels and str(labels[0]).strip():
+        parts = [p.strip() for p in str(labels[0]).strip('"').split(",")]
+        if len(parts) == nc and len(set(parts)) == nc and all(parts):
+            names = parts
+    return nc, names
+
+
+def _stackSizes(header, path, nc=1):
+    """The header's sizes (i, j, k); a 2-D image is a stack of one plane."""
+    sizes = [int(n) for n in header["sizes"]][(1 if nc > 1 else 0):]
     if len(sizes) == 2:
         sizes = sizes + [1]
     if len(sizes) != 3:
@@ -179,22 +197,25 @@ class NrrdStack(StackSource):
 
     kind = "nrrd"
 
-    def __init__(self, path, spacingMm=None):
+    def __init__(self, path, spacingMm=None, channel=None):
         path = os.fspath(path)
         header, headerEnd = _readHeader(path)
         self.header = header
-        sizes = _stackSizes(header, path)
+        self.nChannels, self.channelNames = _channelAxis(header, path)
+        self.channelIndex = chooseChannel(channel, self.channelNames, path)
+        sizes = _stackSizes(header, path, self.nChannels)
         self.fileDtype = nrrdDtype(header, path)
         self.encoding = _streamableEncoding(header, path)
         byteSkip = int(header.get("byte skip", header.get("byteskip", 0)))
         self._dataPath, start = _dataLocation(header, path, headerEnd)
         if self.encoding == "raw":
-            self.dataOffset = _rawDataOffset(self._dataPath, start, byteSkip, sizes, self.fileDtype)
+            self.dataOffset = _rawDataOffset(self._dataPath, start, byteSkip, sizes[:2] + [sizes[2] * self.nChannels],
+                                             self.fileDtype)
             self.decompressedSkip = 0
         else:  # the byte skip counts decompressed bytes
             self.dataOffset = start
             self.decompressedSkip = max(byteSkip, 0)
-        self.planeBytes = sizes[0] * sizes[1] * self.fileDtype.itemsize
+        self.planeBytes = sizes[0] * sizes[1] * self.fileDtype.itemsize * self.nChannels  # all channels' voxels
         geometry = _nrrdGeometry(header)
         self._directions, self._origin, self._toRasFlip = geometry.directions, geometry.origin, geometry.toRasFlip
         metadataSpacing = geometry.spacing if geometry.fromDirections else None
@@ -226,11 +247,19 @@ class NrrdStack(StackSource):
         return self.encoding == "raw"  # a gzip stream has one position: its planes are read in order by one thread
 
     def rawPlaneOffset(self, k):
-        if self.encoding != "raw" or not self.fileDtype.isnative and self.fileDtype.itemsize > 1:
+        if self.encoding != "raw" or self.nChannels > 1 or not self.fileDtype.isnative and self.fileDtype.itemsize > 1:
             return None
         return self.dataOffset + int(k) * self.planeBytes
 
     def _readPlaneInto(self, k, out):
+        if self.nChannels > 1:  # the channel axis is the fastest: read the interleaved plane, keep one channel
+            both = np.empty(self.planeShape + (self.nChannels,), out.dtype)
+            self._readRawPlane(k, both)
+            np.copyto(out, both[..., self.channelIndex])
+            return
+        self._readRawPlane(k, out)
+
+    def _readRawPlane(self, k, out):
         view = memoryview(out.reshape(-1).view(np.uint8))
         if self.encoding == "raw":
             with self._lock:
@@ -247,7 +276,7 @@ class NrrdStack(StackSource):
         return open(self.dataPath, "rb", buffering=0) if self.encoding == "raw" else None
 
     def readPlaneWith(self, k, out, handle):
-        if handle is None:  # gzip: the one shared stream
+        if handle is None or self.nChannels > 1:  # gzip: the one shared stream
             return self.readPlane(k, out=out)
         view = memoryview(out.reshape(-1).view(np.uint8))
         _readExactly(handle, self.dataOffset + k * self.planeBytes, view, self.dataPath, f"plane {k}")

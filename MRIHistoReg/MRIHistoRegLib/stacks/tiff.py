@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from MRIHistoRegLib.stacks.base import StackSource, _readExactly
+from MRIHistoRegLib.stacks.base import StackSource, _readExactly, chooseChannel
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -101,7 +101,7 @@ class TiffStack(StackSource):
 
     kind = "tiff"
 
-    def __init__(self, path, spacingMm=None):
+    def __init__(self, path, spacingMm=None, channel=None):
         path = os.fspath(path)
         self._reader = _TiffPlaneReader(path)
         tif = self._reader.tif
@@ -124,10 +124,11 @@ class TiffStack(StackSource):
             raise UserInputError(f"{path} has no image pages.")
         first = _firstPage(tif)
         planeShape, dtype = self._reader.pageInfo(first)
-        _refuseMultiChannel(tif, path)
+        self._pageOf, nz, self.channelNames = _channelLayout(tif, path, count)
+        self.channelIndex = chooseChannel(channel, self.channelNames, path)
         self._pages = [first] + [None] * (count - 1)
         metadata, source = _tiffMetadataSpacing(tif, first)
-        super().__init__(path, (count,) + planeShape, dtype, metadataSpacingMm=metadata, metadataSpacingSource=source,
+        super().__init__(path, (nz,) + planeShape, dtype, metadataSpacingMm=metadata, metadataSpacingSource=source,
                          spacingMm=spacingMm)
         # tifffile/ImageJ-written stacks store all planes as one contiguous run: plane k is at offset + k x plane
         self._contiguousOffset = None
@@ -140,11 +141,12 @@ class TiffStack(StackSource):
                 self._contiguousOffset = int(offset)
         except Exception:  # no usable series description: pages are located one by one
             self._contiguousOffset = None
-        if self._contiguousOffset is not None and self._contiguousOffset + self.nbytes > self._reader.size:
+        if self._contiguousOffset is not None and self._contiguousOffset + self.nbytes * len(self.channelNames) > self._reader.size:
             raise UserInputError(f"{path} is truncated: its {count} planes need {self.nbytes} bytes from offset "
                              f"{self._contiguousOffset} but the file has {self._reader.size} bytes. Re-copy or re-export it.")
 
     def _page(self, k):
+        k = self._pageOf(k, self.channelIndex)
         page = self._pages[k]
         if page is None:
             with self._lock:
@@ -169,7 +171,7 @@ class TiffStack(StackSource):
         if self._reader.byteorder == ">" and self.dtype.itemsize > 1:
             return None
         if self._contiguousOffset is not None:
-            return self._contiguousOffset + int(k) * self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize
+            return self._contiguousOffset + self._pageOf(int(k), self.channelIndex) * self.planeShape[0] * self.planeShape[1] * self.dtype.itemsize
         return self.pageOffset(k)
 
     @property
@@ -254,18 +256,50 @@ class TiffSeries(StackSource):
         return True  # every plane is its own file: threads share nothing (no positional handle needed)
 
 
-def _refuseMultiChannel(tif, path):
-    """Pages of a multi-channel (or multi-time-point) OME/ImageJ file are not one z stack: refuse, naming the axes."""
+def _channelLayout(tif, path, count):
+    """(page index of (z, c), number of z planes, channel names) of a TIFF, from tifffile's series axes: OME
+    CZYX has page c*nz + z, ImageJ ZCYX z*nc + c. Several time points (or samples) are refused."""
     try:
         series = tif.series[0]
-        axes, shape = series.axes, series.shape
+        axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
     except Exception:
-        return
-    extra = [f"{axis}={size}" for axis, size in zip(axes, shape) if axis in "CTS" and size > 1]
+        axes, shape = "", ()
+    outer = [(axis, size) for axis, size in zip(axes, shape) if axis not in "YX"]
+    extra = [f"{axis}={size}" for axis, size in outer if axis not in "CZQI" and size > 1]
     if extra:
-        raise UserInputError(f"{path} holds a {axes} {tuple(shape)} image with {', '.join(extra)}: its pages are not one "
-                         f"z stack. Export a single channel and time point (e.g. in Fiji: Image > Duplicate, one "
-                         f"channel) and open that.")
+        raise UserInputError(f"{path} holds a {axes} {shape} image with {', '.join(extra)}: several time points (or "
+                             f"samples) are not supported. Export one time point (e.g. in Fiji: Image > Duplicate, "
+                             f"one frame) and open that.")
+    nc = dict(outer).get("C", 1)
+    if nc <= 1 or int(np.prod([size for _, size in outer])) != count:
+        return (lambda k, c: k), count, ["C0"]
+    nz = count // nc
+    cFirst = [axis for axis, size in outer if size > 1 or axis == "C"][0] == "C"
+    names = _channelNames(tif, nc)
+    if cFirst:
+        return (lambda k, c: c * nz + k), nz, names
+    return (lambda k, c: k * nc + c), nz, names
+
+
+def _channelNames(tif, nc):
+    """Channel names from OME Channel Name or ImageJ Labels, else C0, C1, ..."""
+    names = [None] * nc
+    try:
+        ome = tif.ome_metadata
+        if ome:
+            import xml.etree.ElementTree as ET
+
+            found = [e.get("Name") for e in ET.fromstring(ome).iter() if e.tag.split("}")[-1] == "Channel"]
+            if len(found) == nc:
+                names = found
+        ij = tif.imagej_metadata
+        labels = (ij or {}).get("Labels")
+        if labels and all(n is None for n in names) and len(labels) >= nc:
+            names = list(labels[:nc])
+    except Exception:
+        pass
+    names = [str(n) if n else f"C{i}" for i, n in enumerate(names)]
+    return names if len(set(names)) == nc else [f"C{i}" for i in range(nc)]
 
 
 class _TiffLogCapture(logging.Handler):

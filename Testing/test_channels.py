@@ -1,0 +1,120 @@
+"""Multi-channel stacks (issue 14, item 1): files written by tifffile's OME and ImageJ writers."""
+import numpy as np
+import pytest
+import tifffile
+
+from MRIHistoRegLib import stacks
+from MRIHistoRegLib.errors import UserInputError
+
+
+def _czyx(nc=2, nz=4, ny=6, nx=5):
+    return np.arange(nc * nz * ny * nx, dtype=np.uint16).reshape(nc, nz, ny, nx)
+
+
+def _ome(path, data):
+    tifffile.imwrite(path, data, ome=True, metadata={
+        "axes": "CZYX", "PhysicalSizeX": 3.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 3.25,
+        "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 5.0, "PhysicalSizeZUnit": "µm",
+        "Channel": {"Name": ["autofluorescence", "tumour"]}})
+    return path
+
+
+def test_ome_czyx_channels_by_index_and_name(tmp_path):
+    data = _czyx()
+    path = _ome(tmp_path / "two.ome.tif", data)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "CZYX"
+    source = stacks.openStack(path)
+    assert source.channelNames == ["autofluorescence", "tumour"]
+    assert source.shape == (4, 6, 5) and source.channelIndex == 0
+    assert np.allclose(source.spacingMm, (0.00325, 0.00325, 0.005))
+    np.testing.assert_array_equal(source.readAll(), data[0])
+    for channel in (1, "1", "tumour"):
+        np.testing.assert_array_equal(stacks.openStack(path, channel=channel).readAll(), data[1])
+
+
+def test_imagej_zcyx_channels(tmp_path):
+    data = _czyx()
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(path, np.ascontiguousarray(data.transpose(1, 0, 2, 3)), imagej=True,
+                     metadata={"axes": "ZCYX", "Labels": ["a", "b"] * 4})
+    with tifffile.TiffFile(path) as tif:
+        assert tif.series[0].axes == "ZCYX"
+    source = stacks.openStack(path, channel=1)
+    assert source.shape == (4, 6, 5) and len(source.channelNames) == 2
+    np.testing.assert_array_equal(source.readAll(), data[1])
+
+
+def test_wrong_channel_names_the_available_ones(tmp_path):
+    path = _ome(tmp_path / "two.ome.tif", _czyx())
+    with pytest.raises(UserInputError, match="autofluorescence"):
+        stacks.openStack(path, channel="GFP")
+    with pytest.raises(UserInputError, match="tumour"):
+        stacks.openStack(path, channel=2)
+
+
+def test_several_time_points_refused(tmp_path):
+    path = tmp_path / "t.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 3, 4, 5), np.uint8), ome=True, metadata={"axes": "TZYX"})
+    with pytest.raises(UserInputError, match="time point"):
+        stacks.openStack(path)
+
+
+def test_single_channel_tiff_is_c0(tmp_path):
+    path = tmp_path / "one.tif"
+    tifffile.imwrite(path, np.zeros((3, 4, 5), np.uint8), photometric="minisblack")
+    source = stacks.openStack(path)
+    assert source.channelNames == ["C0"] or tuple(source.channelNames) == ("C0",)
+    with pytest.raises(UserInputError):
+        stacks.openStack(path, channel=1)
+
+
+def test_downsampled_channel_is_its_area_average(tmp_path):
+    from MRIHistoRegLib import downsample
+
+    data = np.random.default_rng(0).integers(0, 4000, (2, 4, 6, 8)).astype(np.uint16)
+    path = _ome(tmp_path / "two.ome.tif", data)
+    source = stacks.openStack(path, channel="tumour")
+    out = downsample.downsampleToFile(source.withSpacing((0.01, 0.01, 0.01)), 0.02, tmp_path / "d.nrrd")
+    import nrrd
+
+    result, _ = nrrd.read(str(out if isinstance(out, str) else tmp_path / "d.nrrd"), index_order="C")
+    expected = data[1].astype(float).reshape(2, 2, 3, 2, 4, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=0.51)
+
+
+def test_cli_wrong_channel_writes_nothing(tmp_path):
+    from MRIHistoRegLib import cli
+
+    path = _ome(tmp_path / "two.ome.tif", _czyx())
+    out = tmp_path / "out.nrrd"
+    assert cli.main(["downsample", str(path), "--channel", "GFP", "--target-mm", "0.02", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert cli.main(["info", str(path), "--channel", "tumour"]) == 0
+
+
+BRAINREG = __import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brainreg" / "brain"
+
+
+@pytest.mark.skipif(not BRAINREG.is_dir(), reason="real light-sheet data ../shared/data/brainreg absent")
+def test_real_light_sheet_stack_is_one_channel_c0():
+    source = stacks.openStack(BRAINREG)
+    assert list(source.channelNames) == ["C0"] and source.channelIndex == 0
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_nrrd_channel_axis(tmp_path, encoding):
+    import nrrd
+
+    data = _czyx()  # [c, k, j, i]
+    path = tmp_path / "c.nrrd"
+    nrrd.write(str(path), np.ascontiguousarray(data.transpose(1, 2, 3, 0)), index_order="C", header={
+        "encoding": encoding, "kinds": ["list", "domain", "domain", "domain"], "labels": ["auto,tumour", "", "", ""],
+        "space": "left-posterior-superior", "space directions": [[np.nan] * 3, [0.01, 0, 0], [0, 0.01, 0], [0, 0, 0.02]]})
+    source = stacks.openStack(path, channel="tumour")
+    assert source.channelNames == ["auto", "tumour"] and source.shape == (4, 6, 5)
+    assert np.allclose(source.spacingMm, (0.01, 0.01, 0.02))
+    np.testing.assert_array_equal(source.readAll(), data[1])
+    np.testing.assert_array_equal(stacks.openStack(path).readAll(), data[0])
+    with pytest.raises(UserInputError, match="tumour"):
+        stacks.openStack(path, channel=5)
