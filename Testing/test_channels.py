@@ -118,3 +118,32 @@ def test_nrrd_channel_axis(tmp_path, encoding):
     np.testing.assert_array_equal(stacks.openStack(path).readAll(), data[0])
     with pytest.raises(UserInputError, match="tumour"):
         stacks.openStack(path, channel=5)
+
+
+def test_refine_and_the_run_config_open_the_channel_they_name(tmp_path, capsys, caplog):
+    """The pipeline opens the stack with the channel of `refine --channel` / `histology_channel`: a name the stack
+    does not have stops the run at loading, with the available channels, before anything is written."""
+    import json
+
+    import SimpleITK as sitk
+
+    from MRIHistoRegLib import cli
+
+    stack = _ome(tmp_path / "two.ome.tif", _czyx())
+    mri = tmp_path / "mri.nrrd"
+    sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkFloat32), str(mri))
+    points = tmp_path / "points.csv"
+    points.write_text("label,x,y,z\nA,0,0,0\nB,1,0,0\nC,0,1,0\nD,0,0,1\n")
+    out = tmp_path / "refined"
+    assert cli.main(["refine", "--mri", str(mri), "--histology", str(stack), "--fixed-points", str(points),
+                     "--moving-points", str(points), "--channel", "GFP", "--out", str(out)]) == 2
+    assert not out.exists()
+    said = capsys.readouterr().err + caplog.text
+    assert "GFP" in said and "autofluorescence" in said and "tumour" in said, said
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"mri": "mri.nrrd", "histology": "two.ome.tif", "histology_channel": "GFP",
+                                  "landmarks": {"mri": "points.csv", "histology": "points.csv"}}))
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    said = capsys.readouterr().err + caplog.text
+    assert "GFP" in said and "autofluorescence" in said, said

@@ -102,3 +102,16 @@ def test_refine_preset_and_mask_are_read_and_checked(tmp_path):
     assert config.mriMask == str(tmp_path / "mask.nrrd")
     with pytest.raises(ValueError, match="refine_preset"):
         parseConfig(dict(raw, refine_preset="B-spline only"), str(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("channel", [0, 1, "autofluorescence"])
+def test_histology_channel_is_read(subject, channel):
+    folder, raw = subject
+    assert loadConfig(write(folder, dict(raw, histology_channel=channel))).histologyChannel == channel
+
+
+@pytest.mark.parametrize("channel", [-1, True, "", 1.5, [0]])
+def test_a_bad_histology_channel_is_named_with_the_fix(subject, channel):
+    folder, raw = subject
+    with pytest.raises(ValueError, match="histology_channel.*lists them"):
+        loadConfig(write(folder, dict(raw, histology_channel=channel)))

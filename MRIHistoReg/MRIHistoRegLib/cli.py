@@ -246,6 +246,7 @@ def _addRefine(subparsers):
     p.add_argument("--preset", default=DEFAULT_REFINE_PRESET, choices=list(REFINE_PRESETS),
                    help=f"refinement preset (default {DEFAULT_REFINE_PRESET!r})")
     p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: the preset's)")
+    _addChannelArgument(p)
     p.add_argument("--out", default="output/refine", help="report folder: transform.h5 (the refined chain when accepted, "
                    "else the landmark fit), refinement_transform.h5 when accepted, report.json, report.csv")
     _addBigWarpFlag(p)
@@ -263,6 +264,7 @@ def _runRefine(args):
                        landmarks={"mri": os.path.abspath(args.fixed_points), "histology": os.path.abspath(args.moving_points)},
                        histologySpacingMm=None if spacing is None else tuple(spacing), model=args.model,
                        refine=True, workingSpacingMm=args.working_mm, refinePreset=args.preset,
+                       histologyChannel=args.channel,
                        refineOverrides=overrides, mriMask=os.path.abspath(args.mri_mask) if args.mri_mask else None,
                        resample=False, bigWarpFlipXY=not args.bigwarp_no_flip)
     report = pipeline.runPipeline(config, args.out, progress=TerminalProgress("refine"))

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 from .settings import DEFAULT_REFINE_PRESET, MODELS, REFINE_PRESETS  # noqa: E402  (one table each: settings.py)
 from .errors import UserInputError
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "refine_preset",
-                 "mri_mask", "working_spacing_mm",
+                 "mri_mask", "working_spacing_mm", "histology_channel",
                  "labels", "evaluate_points", "name", "tps_regularization"}
 
 
@@ -43,6 +43,7 @@ class RunConfig:
     mriMask: Optional[str] = None
     resample: bool = True  # the `refine` command stops before the resampling
     bigWarpFlipXY: bool = True  # BigWarp point files: Fiji x, y -> RAS -x, -y (landmarks module)
+    histologyChannel: Optional[object] = None  # index (int) or name (str) of a multi-channel stack's channel
 
     @property
     def refineSettings(self) -> dict:
@@ -98,7 +99,18 @@ def parseConfig(raw, path) -> RunConfig:
         evaluatePoints=fields.pair("evaluate_points", required=False),
         refinePreset=_refinePreset(raw.get("refine_preset", DEFAULT_REFINE_PRESET), path),
         mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
+        histologyChannel=_histologyChannel(raw.get("histology_channel"), path),
     )
+
+
+def _histologyChannel(channel, path):
+    """None, a channel index >= 0 or a channel name; whether the stack has it is checked when it is opened."""
+    if channel is None or (isinstance(channel, str) and channel.strip()):
+        return channel
+    if isinstance(channel, int) and not isinstance(channel, bool) and channel >= 0:
+        return channel
+    raise UserInputError(f"Config {path}: field 'histology_channel' must be a channel index (0, 1, ...) or a channel "
+                         f"name (`python -m MRIHistoRegLib info STACK` lists them), got {channel!r}.")
 
 
 def _refinePreset(name, path) -> str:

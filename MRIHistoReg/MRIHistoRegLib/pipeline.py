@@ -150,7 +150,8 @@ class _Run:
                 node = volumes.loadVolume(self.scene, config.mri, "MRI")
                 inputs.mri = workflow.Image(volumes.arrayFromVolume(node), volumes.ijkToRas(node))
             if config.histology:
-                inputs.source = stacks.openStack(config.histology, spacingMm=config.histologySpacingMm)
+                inputs.source = stacks.openStack(config.histology, spacingMm=config.histologySpacingMm,
+                                                 channel=config.histologyChannel)
                 reference = None if inputs.mri is None else node
                 inputs.verdict = spacing.checkPlausibility(inputs.source, inputs.source.spacingMm,
                                                            referenceExtentMm=reference)
