@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 SLICER_REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
                                    "requirements.txt")
 # import name -> distribution name on PyPI
-DISTRIBUTIONS = {"tifffile": "tifffile", "nrrd": "pynrrd", "matplotlib": "matplotlib"}
+DISTRIBUTIONS = {"tifffile": "tifffile", "nrrd": "pynrrd", "matplotlib": "matplotlib", "zarr": "zarr", "h5py": "h5py"}
 BUNDLED = ("numpy", "SimpleITK", "vtk")  # Slicer's own: pinned to what runs while installing
 
 
