@@ -19,6 +19,8 @@ an in-memory array as a source), units (spacing units, shared with spacing.py).
 import os
 
 from MRIHistoRegLib.stacks.array import ArraySource
+from MRIHistoRegLib.stacks.bdv import BDV_EXTENSIONS, BdvStack
+from MRIHistoRegLib.stacks.imaris import IMARIS_EXTENSIONS, ImarisStack
 from MRIHistoRegLib.stacks.base import StackSource, chooseChannel, availableMemoryBytes, checkMemoryFor
 from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack, nrrdDtype
@@ -37,7 +39,7 @@ def openStack(path, spacingMm=None, channel=None):
     spacingMm: (i, j, k) in mm (or one value), overriding whatever the file says. channel: index or name of the
     channel to read (default 0); a wrong one is a UserInputError listing `source.channelNames`."""
     source = _open(os.fspath(path), spacingMm, channel)
-    if channel is not None and not isinstance(source, (TiffStack, NrrdStack)):
+    if channel is not None and not isinstance(source, (TiffStack, NrrdStack, ImarisStack, BdvStack)):
         chooseChannel(channel, source.channelNames, source.path)
     return source
 
@@ -51,6 +53,10 @@ def _open(path, spacingMm, channel):
     lower = path.lower()
     if lower.endswith(NRRD_EXTENSIONS):
         return NrrdStack(path, spacingMm=spacingMm, channel=channel)
+    if lower.endswith(IMARIS_EXTENSIONS):  # HDF5 pyramids (issue 14): stacks/imaris.py, stacks/bdv.py
+        return ImarisStack(path, spacingMm=spacingMm, channel=channel)
+    if lower.endswith(BDV_EXTENSIONS):
+        return BdvStack(path, spacingMm=spacingMm, channel=channel)
     if lower.endswith(TIFF_EXTENSIONS) or lower.endswith((".btf", ".tf8", ".ome.tif")):
         return TiffStack(path, spacingMm=spacingMm, channel=channel)
     with open(path, "rb") as f:
@@ -59,4 +65,5 @@ def _open(path, spacingMm, channel):
         return NrrdStack(path, spacingMm=spacingMm, channel=channel)
     if magic[:2] in (b"II", b"MM"):
         return TiffStack(path, spacingMm=spacingMm, channel=channel)
-    raise UserInputError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr.")
+    raise UserInputError(f"{path}: unknown stack format. Supported: .tif/.tiff (multipage), a folder of TIFF slices, .nrrd/.nhdr, "
+                         "Imaris .ims, BigDataViewer .xml (+ .h5).")
