@@ -260,5 +260,132 @@ def _printRow(row):
           flush=True)
 
 
+# ---- Imaris .ims rows (issue 14: a pyramid read touches only the level it needs) -------------------------------
+#     .venv/bin/python bench/downsample.py --ims [--dir DIR] [--ims-depth 128]
+# The .ims is written with h5py like Imaris writes it: gzip-1 chunks of 256 x 256 x 16, levels 2x in x, y and z
+# (each the exact mean-pool of the previous, here an even 2160 x 2560 x depth so the halving divides). Rows: the
+# read floor (h5py decompressing the level's chunks, one chunk layer at a time, nothing else) and ours
+# (downsampleStack) for level 0 and for the level the pyramid selection picks for 0.1 mm (the coarsest level finer
+# than the target along every axis: level 4 of a 2x pyramid).
+IMS_CHUNKS = (16, 256, 256)
+
+
+def _writeIms(path, depth, levels=5):
+    import h5py
+
+    def chars(text):
+        return np.array([c.encode() for c in str(text)], dtype="S1")
+
+    shapes = [(depth >> r, PLANE[0] >> r, PLANE[1] >> r) for r in range(levels)]
+    with h5py.File(path, "w") as f:
+        image = f.create_group("DataSetInfo/Image")
+        for key, value in (("X", PLANE[1]), ("Y", PLANE[0]), ("Z", depth), ("Unit", "um")):
+            image.attrs[key] = chars(value)
+        for a, n in enumerate((PLANE[1], PLANE[0], depth)):
+            image.attrs[f"ExtMin{a}"] = chars("0")
+            image.attrs[f"ExtMax{a}"] = chars(f"{n * SPACING_MM[a] * 1000:.4f}")
+        f.create_group("DataSetInfo/Channel 0").attrs["Name"] = chars("autofluorescence")
+        datasets = []
+        for r, shape in enumerate(shapes):
+            group = f.create_group(f"DataSet/ResolutionLevel {r}/TimePoint 0/Channel 0")
+            for key, n in zip("XYZ", shape[::-1]):
+                group.attrs[f"ImageSize{key}"] = chars(n)
+            chunks = tuple(min(c, n) for c, n in zip(IMS_CHUNKS, shape))
+            padded = tuple(-(-n // c) * c for n, c in zip(shape, chunks))
+            datasets.append(group.create_dataset("Data", shape=padded, dtype=np.uint16, chunks=chunks,
+                                                 compression="gzip", compression_opts=1))
+        step = 1 << levels  # planes per slab: whole planes at every level
+        planes = _planes(depth)
+        for k0 in range(0, depth, step):
+            slab = np.stack([next(planes) for _ in range(min(step, depth - k0))]).astype(np.float64)
+            for r, ds in enumerate(datasets):
+                if r:
+                    z, y, x = slab.shape
+                    slab = slab.reshape(z // 2, 2, y // 2, 2, x // 2, 2).mean(axis=(1, 3, 5))
+                n = slab.shape[0]
+                ds[(k0 >> r):(k0 >> r) + n, :slab.shape[1], :slab.shape[2]] = np.round(slab).astype(np.uint16)
+
+
+def _imsChild(name, path):
+    from MRIHistoRegLib import downsample, stacks
+
+    source = stacks.openStack(path)
+    level = source.levels[0]
+    if name.endswith("-selected"):  # the selection rule (E1's downsampleStack does it once merged)
+        fine = [lv for lv in source.levels if all(s <= TARGET_MM * (1 + 1e-9) for s in lv.spacingMm)]
+        level = max(fine, key=lambda lv: np.prod(lv.spacingMm))
+    base = _status("VmRSS")
+    reset = _resetPeak()
+    t = time.perf_counter()
+    result = {"level": level.levelIndex, "level_shape": level.shape}
+    if name.startswith("floor"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            ds = f[level.datasetName]
+            nz, ny, nx = level.shape
+            for k0 in range(0, nz, ds.chunks[0]):
+                ds[k0:min(k0 + ds.chunks[0], nz), :ny, :nx]
+    else:
+        array, _ = downsample.downsampleStack(level, TARGET_MM)
+        result["output_shape"] = array.shape
+        result["output_mb"] = array.nbytes / 1e6
+    result["seconds"] = time.perf_counter() - t
+    result["base_rss"] = base
+    result["work_peak_rss"] = _status("VmHWM") if reset else None
+    result["import_peak_rss"] = 0
+    print(json.dumps(result))
+
+
+def _imsRun(name, path):
+    command = [sys.executable, os.path.abspath(__file__), "--ims-child", name, path]
+    started = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"failed": (process.stderr.strip().splitlines() or ["?"])[-1][:90], "peak_rss": 0}
+    result = json.loads(lines[-1])
+    result["peak_rss"] = result["work_peak_rss"] or 0
+    result["wall_total"] = time.perf_counter() - started
+    return result
+
+
+def imsMain():
+    """The .ims rows: floor and ours at level 0 and at the selected level (best of two runs each)."""
+    parser = argparse.ArgumentParser(description="Imaris .ims downsampling rows")
+    parser.add_argument("--ims", action="store_true")
+    parser.add_argument("--ims-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=os.path.join(ROOT, "bench", "output"))
+    parser.add_argument("--ims-depth", type=int, default=128, help="planes (a multiple of 32)")
+    args = parser.parse_args()
+    if args.ims_child:
+        _imsChild(*args.ims_child)
+        return
+    os.makedirs(args.dir, exist_ok=True)
+    path = os.path.join(args.dir, f"mid_{args.ims_depth}.ims")
+    if not os.path.exists(path):
+        t = time.perf_counter()
+        _writeIms(path + ".part", args.ims_depth)
+        os.replace(path + ".part", path)
+        print(f"generated {path} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+    rows = []
+    for level in ("level0", "selected"):
+        results = {}
+        for contender in (f"floor-{level}", f"ours-{level}") * 2:
+            result = _imsRun(contender, path)
+            if contender not in results or result.get("seconds", 1e9) < results[contender].get("seconds", 1e9):
+                results[contender] = result
+        floor = results[f"floor-{level}"].get("seconds")
+        for contender, result in results.items():
+            result.setdefault("failed", f"level {result.get('level')} {tuple(result.get('level_shape', ()))}")
+            rows.append((os.path.basename(path), args.ims_depth, "ims", contender, result, floor))
+    print(f"{'stack':<12} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>11} {'over base MB':>12}  note")
+    for row in rows:
+        _printRow(row)
+
+
 if __name__ == "__main__":
-    main()
+    if "--ims" in sys.argv or "--ims-child" in sys.argv:
+        imsMain()
+    else:
+        main()
