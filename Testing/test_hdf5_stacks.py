@@ -353,6 +353,12 @@ def test_bdv_registration_rotation_and_translation_in_the_geometry(tmp_path):
     np.testing.assert_allclose(source.spacingMm, (0.00065, 0.00065, 0.002), rtol=1e-9)
 
 
+def test_bdv_without_registration_takes_the_voxel_size(tmp_path):
+    path = writeBdv(str(tmp_path), [[_integerVolume((4, 8, 8), seed=2)]], factors=((1, 1, 1),), affines=[[]],
+                    voxel=(2.0, 3.0, 7.0), unit="um")
+    np.testing.assert_allclose(stacks.openStack(path).ijkToRas(), LPS @ np.diag([0.002, 0.003, 0.007, 1.0]), atol=1e-15)
+
+
 def test_bdv_shear_refused_unless_the_spacing_is_given(tmp_path):
     shear = np.array([[1.0, 0.3, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
     path = writeBdv(str(tmp_path), [[_integerVolume((4, 8, 8), seed=2)]], factors=((1, 1, 1),), affines=[[shear]])

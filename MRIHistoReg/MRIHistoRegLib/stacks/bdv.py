@@ -112,12 +112,14 @@ def _refuseViews(setups, path):
 
 
 def _affine(root, timepoint, setup, path):
-    """The 4 x 4 model of the ViewRegistration of (timepoint, setup): T0 T1 ... Tn; identity when absent."""
+    """(4 x 4 model of the ViewRegistration of (timepoint, setup): T0 T1 ... Tn, whether there was one); identity
+    when absent."""
     model = np.eye(4)
     registrations = root.find("ViewRegistrations")
     for registration in registrations.findall("ViewRegistration") if registrations is not None else []:
         if int(registration.get("timepoint", -1)) == timepoint and int(registration.get("setup", -1)) == setup:
-            for transform in registration.findall("ViewTransform"):
+            transforms = registration.findall("ViewTransform")
+            for transform in transforms:
                 values = (_text(transform, "affine") or "").split()
                 if len(values) != 12:
                     raise UserInputError(f"{path}: a ViewTransform of setup {setup} has {len(values)} affine values, "
@@ -125,7 +127,7 @@ def _affine(root, timepoint, setup, path):
                 t = np.eye(4)
                 t[:3, :] = np.asarray(values, dtype=float).reshape(3, 4)
                 model = model @ t
-            return model, True
+            return model, bool(transforms)
     return model, False
 
 
@@ -223,6 +225,8 @@ class BdvStack(Hdf5Level):
             fix = f"The file is incomplete or not the one the XML describes: {_REEXPORT}"
             resolutions = np.asarray(requireDataset(h5, f"{group}/resolutions", self.h5Path, fix)[()], dtype=float)
             subdivisions = np.asarray(requireDataset(h5, f"{group}/subdivisions", self.h5Path, fix)[()], dtype=int)
+            if resolutions.ndim == 1 and resolutions.size == 3:  # one level written as a plain triple
+                resolutions, subdivisions = resolutions.reshape(1, 3), subdivisions.reshape(-1, 3)
             if resolutions.ndim != 2 or resolutions.shape[1] != 3 or len(resolutions) < 1:
                 raise UserInputError(f"{self.h5Path}: {group}/resolutions has shape {resolutions.shape}, not (levels, 3). {fix}")
             specs, dtype = [], None
@@ -274,6 +278,8 @@ class BdvStack(Hdf5Level):
 def _geometry(root, timepoint, setup, voxelSize, user, path):
     """(IJK -> RAS, spacing source or None) of level 0 from the registration and the voxel size."""
     model, registered = _affine(root, timepoint, setup, path)
+    if voxelSize is not None and not registered:  # no registration: the voxel size, axis-aligned
+        model = np.diag(list(voxelSize[1]) + [1.0])
     if voxelSize is not None:
         unit, sizes = voxelSize
         mmPerWorld = unitToMillimetres(unit) * sizes[0] / np.linalg.norm(model[:3, 0])
