@@ -431,3 +431,39 @@ def test_real_hemisphere_as_imaris(tmp_path, sharedData):
     assert source.shape == volume.shape
     np.testing.assert_allclose(source.spacingMm, (0.1, 0.1, 0.1), rtol=1e-9)
     np.testing.assert_array_equal(source.readAll(), volume)
+
+
+def test_imaris_non_integer_level_is_the_area_average_of_its_own_voxels(tmp_path):
+    """A level whose factor does not divide (odd sizes halved up: 33 -> 17) downsamples as the exact area average
+    of its own voxels placed where the file's extents put them."""
+    from MRIHistoRegLib.stacks import ArraySource
+
+    level0 = _integerVolume((6, 41, 33), seed=4)
+    level1 = _integerVolume((3, 21, 17), seed=5)
+    path = writeIms(tmp_path / "odd.ims", [[level0, level1]], extMin=(10.0, 20.0, 30.0),
+                    extMax=(10.0 + 33 * 3.25, 20.0 + 41 * 3.25, 30.0 + 6 * 5.0))
+    level = stacks.openStack(path).levels[1]
+    spacing = np.array([33 * 3.25 / 17, 41 * 3.25 / 21, 6 * 5.0 / 3]) * 1e-3
+    expected = np.eye(4)
+    expected[:3, :3] = np.diag(spacing)
+    expected[:3, 3] = np.array([10.0, 20.0, 30.0]) * 1e-3 + spacing / 2
+    expected = LPS @ expected
+    np.testing.assert_allclose(level.ijkToRas(), expected, atol=1e-12)
+    target = (0.02, 0.02, 0.02)
+    ours, oursMatrix = downsampleStack(level, target)
+    truth, truthMatrix = downsampleStack(ArraySource(level1, expected), target)
+    np.testing.assert_allclose(ours, truth, rtol=1e-6)
+    np.testing.assert_allclose(oursMatrix, truthMatrix, atol=1e-12)
+
+
+def test_cli_downsample_of_a_bdv_channel(tmp_path):
+    import nrrd
+
+    from MRIHistoRegLib.cli import main
+
+    path, volumes = _bdvDataset(tmp_path, dtype=np.float32)
+    out = tmp_path / "d.nrrd"
+    assert main(["downsample", path, "--channel", "561", "--target-mm", "0.0026", "0.0026", "0.008", "--out", str(out)]) == 0
+    array, header = nrrd.read(str(out), index_order="C")
+    np.testing.assert_allclose(array, _meanPool(volumes[1][0].astype(np.float64), (4, 4, 4)), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.diag(header["space directions"])), (0.0026, 0.0026, 0.008), rtol=1e-9)
