@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from MRIHistoRegLib.stacks.base import _validSpacing, chooseChannel
-from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5, pyramidLevels, requireDataset
+from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5, requireDataset
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -265,10 +265,6 @@ class BdvStack(Hdf5Level):
             if tuple(chunks) != tuple(min(c, n) for c, n in zip(stated, shape)) and tuple(chunks) != stated:
                 raise UserInputError(f"{self.h5Path}: {name} is stored in chunks {tuple(chunks)} (z, y, x) but "
                                      f"subdivisions say {stated}. {fix}")
-
-    @property
-    def levels(self):
-        return pyramidLevels(self, self._specs)
 
     def describe(self):
         return super().describe() + [f"XML: {self.xmlPath} (setup {self.setupId}, time point {self.timepoint})"] + \

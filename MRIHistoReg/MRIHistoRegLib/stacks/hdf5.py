@@ -85,9 +85,14 @@ class Hdf5Level(StackSource):
         m[:3, :3] = m[:3, :3] / norms[None, :] * np.asarray(self.spacingMm)[None, :]
         return m
 
+    _specs = ()  # the coarser levels: [(dataset name, shape (k, j, i), factors (i, j, k))], set by a file's reader
+
     @property
     def levels(self):
-        return (self,)
+        """(this level, the coarser ones...): built once per source (a withSpacing copy builds its own)."""
+        if self._levels is None:
+            self._levels = pyramidLevels(self, self._specs) if self._specs else (self,)
+        return self._levels
 
     # ---- voxels ---------------------------------------------------------------------------------------------
     def _dataset(self):
@@ -136,12 +141,15 @@ class Hdf5Level(StackSource):
         self._slab = None
         self._slabStart = 0
         self._depth = None
+        self._levels = None
 
     def close(self):
-        h5 = self._h5
+        h5, levels = self._h5, self._levels
         self._resetReader()
         if h5 is not None:
             h5.close()
+        for level in (levels or ())[1:]:
+            level.close()
 
     def describe(self):
         lines = super().describe()

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from MRIHistoRegLib.stacks.base import chooseChannel
-from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5, pyramidLevels
+from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -207,10 +207,6 @@ class ImarisStack(Hdf5Level):
         if data.dtype.kind not in "uif":
             raise UserInputError(f"{path}: {where}/Data holds {data.dtype} voxels, not scalars. Export it as TIFF.")
         return f"{where}/Data", size[::-1], size, np.dtype(data.dtype)
-
-    @property
-    def levels(self):
-        return pyramidLevels(self, self._specs)
 
     def describe(self):
         return super().describe() + describeLevels(self.levels)
