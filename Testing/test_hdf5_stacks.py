@@ -467,3 +467,20 @@ def test_cli_downsample_of_a_bdv_channel(tmp_path):
     array, header = nrrd.read(str(out), index_order="C")
     np.testing.assert_allclose(array, _meanPool(volumes[1][0].astype(np.float64), (4, 4, 4)), rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.diag(header["space directions"])), (0.0026, 0.0026, 0.008), rtol=1e-9)
+
+
+def test_unknown_compression_filter_named_at_open(tmp_path):
+    """A dataset compressed with a filter h5py lacks (e.g. LZ4, id 32004, without hdf5plugin) is refused at open
+    with the fix, not later as a 'corrupt' chunk."""
+    import h5py as h5
+
+    if h5.h5z.filter_avail(32004):
+        pytest.skip("an LZ4 filter is installed here: nothing to refuse")
+    path, _ = _imsPyramid(tmp_path)
+    with h5py.File(path, "a") as f:
+        group = f["DataSet/ResolutionLevel 2/TimePoint 0/Channel 0"]
+        del group["Data"]
+        group.create_dataset("Data", shape=(4, 8, 8), dtype=np.float32, chunks=(4, 8, 8), compression=32004,
+                             allow_unknown_filter=True)
+    with pytest.raises(UserInputError, match="filter 32004.*hdf5plugin"):
+        stacks.openStack(path)

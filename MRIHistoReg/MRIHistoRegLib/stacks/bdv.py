@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from MRIHistoRegLib.stacks.base import _validSpacing, chooseChannel
-from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5, requireDataset
+from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, checkFilters, describeLevels, flipToRas, openHdf5, requireDataset
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -233,6 +233,7 @@ class BdvStack(Hdf5Level):
             for r, factors in enumerate(resolutions):
                 name = f"t{self.timepoint:05d}/{group}/{r}/cells"
                 cells = requireDataset(h5, name, self.h5Path, f"Resolution level {r} is missing. {fix}")
+                checkFilters(cells, self.h5Path)
                 shape = tuple(int(n) for n in cells.shape)
                 self._checkLevel(r, name, shape, cells.chunks, size, factors, subdivisions)
                 stored = np.dtype(cells.dtype)

@@ -27,6 +27,9 @@ def openHdf5(path, what):
     from MRIHistoRegLib.deps import requirePackage
 
     h5py = requirePackage("h5py")
+    from MRIHistoRegLib.deps import optionalPackage
+
+    optionalPackage("hdf5plugin")  # when installed, registers LZ4, Blosc, ... (some Imaris versions write LZ4)
     try:
         return h5py.File(os.fspath(path), "r")
     except OSError as error:  # h5py: "truncated file", "file signature not found", ...
@@ -43,6 +46,22 @@ def requireDataset(h5, name, path, fix):
     if not hasattr(item, "shape") or not hasattr(item, "dtype"):
         raise UserInputError(f"{path}: {name} is not a dataset. {fix}")
     return item
+
+
+def checkFilters(dataset, path):
+    """A UserInputError at open, naming the fix, when `dataset` is compressed with an HDF5 filter this h5py cannot
+    decode (otherwise the first chunk read would fail as if the file were corrupt)."""
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    for index in range(plist.get_nfilters()):
+        code, _, _, label = plist.get_filter(index)
+        if not h5py.h5z.filter_avail(code):
+            name = label.decode("latin-1", "replace") if isinstance(label, bytes) else str(label)
+            raise UserInputError(f"{path}: {dataset.name} is compressed with HDF5 filter {code} ({name or 'unnamed'}), "
+                                 f"which this h5py cannot decode. Install the filters (pip install hdf5plugin, in "
+                                 f"Slicer: slicer.util.pip_install('hdf5plugin')) or re-save the file with gzip "
+                                 f"compression.")
 
 
 def flipToRas(matrix):

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from MRIHistoRegLib.stacks.base import chooseChannel
-from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, describeLevels, flipToRas, openHdf5
+from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, checkFilters, describeLevels, flipToRas, openHdf5
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -204,6 +204,7 @@ class ImarisStack(Hdf5Level):
             raise UserInputError(f"{path}: {where}/Data has shape {tuple(data.shape)} (z, y, x), which cannot hold the "
                                  f"image size {size} (x, y, z) the attributes give. The file is inconsistent: "
                                  f"{_RECONVERT}")
+        checkFilters(data, path)
         if data.dtype.kind not in "uif":
             raise UserInputError(f"{path}: {where}/Data holds {data.dtype} voxels, not scalars. Export it as TIFF.")
         return f"{where}/Data", size[::-1], size, np.dtype(data.dtype)
