@@ -87,8 +87,8 @@ def _imsPyramid(tmp_path, name="a.ims", shape=(16, 24, 32), **kwargs):
 
 
 def test_imaris_shape_spacing_channels_and_voxels(tmp_path):
-    path, channels = _imsPyramid(tmp_path, extMin=(100.0, -50.0, 20.0), extMax=(100.0 + 32 * 3.25, -50 + 24 * 3.25,
-                                                                                20.0 + 16 * 5.0))
+    path, channels = _imsPyramid(tmp_path, extMin=(100.0, -50.0, 20.0), unit="µm",  # one latin-1 byte, as Imaris
+                                 extMax=(100.0 + 32 * 3.25, -50 + 24 * 3.25, 20.0 + 16 * 5.0))
     source = stacks.openStack(path, channel="tumour")
     assert source.kind == "imaris" and source.channelNames == ["autofluorescence", "tumour"]
     assert source.shape == (16, 24, 32) and source.channelIndex == 1 and source.dtype == np.float32
