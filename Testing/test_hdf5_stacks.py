@@ -484,3 +484,14 @@ def test_unknown_compression_filter_named_at_open(tmp_path):
                              allow_unknown_filter=True)
     with pytest.raises(UserInputError, match="filter 32004.*hdf5plugin"):
         stacks.openStack(path)
+
+
+def test_imaris_without_extents_asks_for_the_spacing(tmp_path):
+    path, channels = _imsPyramid(tmp_path)
+    with h5py.File(path, "a") as f:
+        del f["DataSetInfo/Image"].attrs["ExtMin0"]
+    source = stacks.openStack(path)
+    assert source.metadataSpacingMm is None and source.spacingSource.startswith("default 1 mm")
+    given = stacks.openStack(path, spacingMm=(0.002, 0.002, 0.004))
+    np.testing.assert_allclose(given.levels[1].spacingMm, (0.004, 0.004, 0.008), rtol=1e-9)
+    np.testing.assert_array_equal(given.readPlane(2), channels[0][0][2])

@@ -301,5 +301,9 @@ def _geometry(root, timepoint, setup, voxelSize, user, path):
         if np.max(np.abs(norms / stated - 1.0)) > 0.01:
             LOG.warning("%s: the registration scales setup %d's voxels to %s mm, not the voxelSize %s mm: using the "
                         "registration's", path, setup, np.round(norms, 6).tolist(), stated.tolist())
-    source = "BigDataViewer XML (registration, voxelSize unit)" if voxelSize is not None or registered else None
+    source = None  # neither: the placeholder geometry is not metadata
+    if registered:
+        source = "BigDataViewer XML registration" + (" (voxelSize unit)" if voxelSize is not None else " (um assumed)")
+    elif voxelSize is not None:
+        source = "BigDataViewer XML voxelSize"
     return flipToRas(m), source

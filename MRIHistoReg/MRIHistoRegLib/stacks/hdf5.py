@@ -84,9 +84,8 @@ class Hdf5Level(StackSource):
                  spacingSource=None):
         matrix = np.asarray(ijkToRas, dtype=float)
         spacing = tuple(np.linalg.norm(matrix[:3, :3], axis=0))
-        # spacingSource None: the file states no voxel size, the matrix's spacing is a placeholder (header)
-        super().__init__(path, shape, dtype, headerSpacingMm=spacing,
-                         metadataSpacingMm=spacing if spacingSource is not None else None,
+        stated = spacing if spacingSource is not None else None  # None: no voxel size in the file, 1 mm placeholder
+        super().__init__(path, shape, dtype, headerSpacingMm=stated, metadataSpacingMm=stated,
                          metadataSpacingSource=spacingSource)
         self.kind = kind
         self.datasetName = datasetName

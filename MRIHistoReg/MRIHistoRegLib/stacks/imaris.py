@@ -12,14 +12,18 @@ applied to the previous level (an axis is halved, rounding up, unless it is alre
 two: (10 n)^2 <= the product of the other two sizes). Every level spans the same physical box, so a level's
 voxel size is the extent over its size. The file's x, y, z map to RAS as a TIFF stack's do (stacks/hdf5.py).
 """
+import logging
+import os
 import re
 
 import numpy as np
 
-from MRIHistoRegLib.stacks.base import chooseChannel
+from MRIHistoRegLib.stacks.base import _validSpacing, chooseChannel
 from MRIHistoRegLib.stacks.hdf5 import Hdf5Level, checkFilters, describeLevels, flipToRas, openHdf5
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
+
+LOG = logging.getLogger(__name__)
 
 IMARIS_EXTENSIONS = (".ims",)
 _RECONVERT = "Re-copy the file, or convert the original again with Imaris File Converter."
@@ -99,7 +103,11 @@ def _imageInfo(h5, path):
     hi = [_number(image.attrs, f"ExtMax{a}", path, where, required=False) for a in range(3)]
     if None in lo or None in hi:
         return size, None, None, unit
-    factor = unitToMillimetres(unit)
+    try:
+        factor = unitToMillimetres(unit)
+    except UserInputError:
+        LOG.warning("%s: unknown length unit %r in /DataSetInfo/Image: the voxel size is unknown", path, unit)
+        return size, None, None, unit
     return size, np.asarray(lo) * factor, np.asarray(hi) * factor, unit
 
 
@@ -110,8 +118,6 @@ class ImarisStack(Hdf5Level):
     kind = "imaris"
 
     def __init__(self, path, spacingMm=None, channel=None):
-        import os
-
         path = os.fspath(path)
         h5 = openHdf5(path, "an Imaris .ims file")
         try:
@@ -125,16 +131,12 @@ class ImarisStack(Hdf5Level):
                          spacingSource=spacingSource)
         self._specs = [(name, shape, tuple(s0 / n for s0, n in zip(size, level))) for name, shape, level, _ in specs[1:]]
         if spacingMm is not None:
-            from MRIHistoRegLib.stacks.base import _validSpacing
-
             self.userSpacingMm = _validSpacing(spacingMm)
 
     @staticmethod
     def _geometry(path, size, lo, hi):
         if lo is None or np.any(hi - lo <= 0):
-            import logging
-
-            logging.getLogger(__name__).warning(
+            LOG.warning(
                 "%s: /DataSetInfo/Image has no usable ExtMin/ExtMax (%s .. %s): the voxel size is unknown; give it "
                 "with --spacing", path, lo, hi)
             return flipToRas(np.eye(4)), None
