@@ -495,3 +495,15 @@ def test_imaris_without_extents_asks_for_the_spacing(tmp_path):
     given = stacks.openStack(path, spacingMm=(0.002, 0.002, 0.004))
     np.testing.assert_allclose(given.levels[1].spacingMm, (0.004, 0.004, 0.008), rtol=1e-9)
     np.testing.assert_array_equal(given.readPlane(2), channels[0][0][2])
+
+
+def test_bdv_big_endian_int16_cells_read_as_unsigned(tmp_path):
+    """int16 cells stored big-endian (HDF5 keeps the writer's byte order) still read as BigDataViewer's uint16."""
+    volume = np.random.default_rng(7).integers(0, 65535, (4, 8, 8)).astype(np.uint16)
+    path = writeBdv(str(tmp_path), [[volume]], factors=((1, 1, 1),))
+    with h5py.File(tmp_path / "dataset.h5", "a") as f:
+        del f["t00000/s00/0/cells"]
+        f.create_dataset("t00000/s00/0/cells", data=volume.view(np.int16).astype(">i2"), chunks=(4, 8, 8))
+    source = stacks.openStack(path)
+    assert source.dtype == np.uint16
+    np.testing.assert_array_equal(source.readAll(), volume)

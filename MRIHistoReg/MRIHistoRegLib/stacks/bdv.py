@@ -238,7 +238,7 @@ class BdvStack(Hdf5Level):
                 self._checkLevel(r, name, shape, cells.chunks, size, factors, subdivisions)
                 stored = np.dtype(cells.dtype)
                 if r == 0:
-                    dtype = np.dtype(np.uint16) if stored == np.int16 else stored  # BigDataViewer's unsigned short
+                    dtype = np.dtype(np.uint16) if (stored.kind, stored.itemsize) == ("i", 2) else stored  # BDV: unsigned
                 elif stored.itemsize != dtype.itemsize or stored.kind not in "uif":
                     raise UserInputError(f"{self.h5Path}: level {r} holds {stored} voxels, level 0 {dtype}. {fix}")
                 specs.append((name, shape, tuple(float(f) for f in factors)))

@@ -147,10 +147,10 @@ class Hdf5Level(StackSource):
         except (OSError, RuntimeError, ValueError) as error:  # h5py: "Can't read data", a failed filter, ...
             raise UserInputError(f"{self.path}: planes {k0}..{k1 - 1} of {self.datasetName} cannot be read ({error}). "
                                  f"The file is truncated or corrupt: re-copy it or export it again.") from error
+        if not slab.dtype.isnative:  # native order first, so that a reinterpretation below sees native bytes
+            slab = slab.astype(slab.dtype.newbyteorder("="))
         if slab.dtype != self.dtype:
             slab = slab.view(self.dtype) if slab.dtype.itemsize == self.dtype.itemsize else slab.astype(self.dtype)
-        if slab.dtype.byteorder not in ("=", "|"):
-            slab = slab.astype(slab.dtype.newbyteorder("="))
         self._slab, self._slabStart = slab, k0
 
     def _resetReader(self):
