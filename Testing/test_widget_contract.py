@@ -229,12 +229,12 @@ def _trackedLibScripts(moduleDir):
     try:
         output = subprocess.run(["git", "ls-files", "--", "*.py"], cwd=libDir, capture_output=True, text=True,
                                 check=True).stdout.split()
-        names = {Path(name).name for name in output if "/" not in name}
+        names = set(output)  # sub-packages too (stacks/...): a module missing there breaks its package in Slicer
         if names:
             return names
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {p.name for p in libDir.glob("*.py")}
+    return {p.relative_to(libDir).as_posix() for p in libDir.rglob("*.py")}
 
 
 # ------------------------------------------------------------------------------------------------ checker
