@@ -196,3 +196,22 @@ def test_a_region_of_interest_restricts_the_segmentation(tumour):
     expected = truth * 0.75 * (u - u ** 3 / 3 + 2.0 / 3) / 1.0
     assert abs(result.volumeMm3 / expected - 1.0) < 0.01, (result.volumeMm3, expected)
     assert result.roi == half
+
+
+def test_the_segment_command_writes_the_label_and_refuses_a_bad_seed(tmp_path, tumour):
+    import tifffile
+
+    from MRIHistoRegLib import cli
+
+    array, truth, seed = tumour
+    path = tmp_path / "tumour_channel.tif"
+    tifffile.imwrite(str(path), array)
+    spacing = [f"{1000 * s:g}" for s in SPACING]
+    out = tmp_path / "tumour.nrrd"
+    assert cli.main(["segment", str(path), "--spacing-um", *spacing, "--seed", *map(str, seed), "--out", str(out)]) == 0
+    crop, matrix = readLabelCrop(stacks.openStack(out))
+    assert abs(np.count_nonzero(crop) * np.prod(SPACING) / truth - 1.0) < 0.01
+    bad = tmp_path / "bad.nrrd"
+    assert cli.main(["segment", str(path), "--spacing-um", *spacing, "--seed", "0", "0", "0", "--threshold", "600",
+                     "--out", str(bad)]) == 2
+    assert not bad.exists()
