@@ -231,6 +231,41 @@ def _runDownsample(args):
     return 0
 
 
+def _addSegment(subparsers):
+    p = subparsers.add_parser("segment", help="streamed segmentation of a signal channel (e.g. a fluorescent tumour) "
+                                              "at the stack's native resolution, written as a label map")
+    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
+    _addSpacingArguments(p)
+    _addChannelArgument(p)
+    p.add_argument("--threshold", type=float, help="foreground is value >= THRESHOLD (default: Otsu's threshold)")
+    p.add_argument("--seed", nargs=3, type=int, metavar=("I", "J", "K"),
+                   help="a voxel of the tumour: its connected component is kept (default: the largest component)")
+    p.add_argument("--crop", nargs=6, type=int, metavar=("I0", "I1", "J0", "J1", "K0", "K1"),
+                   help="region of interest in voxels (half-open ranges); nothing outside it is segmented")
+    p.add_argument("--no-fill-holes", action="store_true", help="keep enclosed dark regions out of the label")
+    p.add_argument("--out", required=True, help="output label map (.nrrd, on the stack's own grid)")
+    p.set_defaults(func=_runSegment)
+
+
+def _runSegment(args):
+    import json
+
+    from MRIHistoRegLib.progress import TerminalProgress
+    from MRIHistoRegLib.segment import segmentStack
+
+    source = _openFromArgs(args)
+    crop = None
+    if args.crop:
+        c = args.crop
+        crop = ((c[0], c[1]), (c[2], c[3]), (c[4], c[5]))
+    result = segmentStack(source, threshold=args.threshold, seedIjk=args.seed, roi=crop,
+                          fillHoles=not args.no_fill_holes, outPath=args.out, progress=TerminalProgress("segment"))
+    logging.info("threshold %.6g (%s): %d voxels, native volume %.6g mm3; wrote %s", result.threshold,
+                 result.thresholdMethod, result.voxelCount, result.volumeMm3, args.out)
+    logging.info("%s", json.dumps(result.toDict()))
+    return 0
+
+
 def _addRefine(subparsers):
     from MRIHistoRegLib.settings import DEFAULT_REFINE_PRESET, REFINE_PRESETS
 
@@ -293,6 +328,7 @@ def buildParser():
 _SUBCOMMANDS = [_addSample, _addRun, _addDemo]
 _SUBCOMMANDS += [_addRegister, _addMapPoints]  # landmark registration (issue 4)
 _SUBCOMMANDS += [_addInfo, _addDownsample]  # stacks: describe, streamed downsampling (issue 3)
+_SUBCOMMANDS += [_addSegment]  # the tumour from a signal channel, at native resolution (issue 14)
 _SUBCOMMANDS += [_addRefine]  # automatic intensity refinement (issue 5)
 
 
