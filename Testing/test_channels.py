@@ -147,3 +147,85 @@ def test_refine_and_the_run_config_open_the_channel_they_name(tmp_path, capsys, 
     assert not (tmp_path / "run").exists()
     said = capsys.readouterr().err + caplog.text
     assert "GFP" in said and "autofluorescence" in said, said
+
+
+# ---- per-channel TIFF series, as light-sheet software writes them (files written by tifffile) ----------------
+def _planes(nc=2, nz=12, ny=5, nx=7):
+    # channel c's plane z is constant per row block but different per channel, so a mix-up of channels or of
+    # plane order (Z10 before Z2) shows
+    return np.arange(nc * nz * ny * nx, dtype=np.uint16).reshape(nc, nz, ny, nx) * 3
+
+
+def _lavisionSeries(folder, data, prefix="16-17-27_0_8X-autofluo_UltraII"):
+    # LaVision / Miltenyi UltraMicroscope names: one file per plane per channel in one folder
+    folder.mkdir()
+    for c in range(data.shape[0]):
+        for z in range(data.shape[1]):
+            tifffile.imwrite(folder / f"{prefix}_C{c:02d}_xyz-Table Z{z:04d}.ome.tif", data[c, z])
+    return folder
+
+
+def test_lavision_one_folder_channels_by_c_token(tmp_path):
+    data = _planes()
+    folder = _lavisionSeries(tmp_path / "scan", data)
+    source = stacks.openStack(folder)
+    assert source.channelNames == ["C00", "C01"] and source.channelIndex == 0 and source.shape == (12, 5, 7)
+    np.testing.assert_array_equal(source.readAll(), data[0])
+    for channel in (1, "C01"):
+        np.testing.assert_array_equal(stacks.openStack(folder, channel=channel).readAll(), data[1])
+    with pytest.raises(UserInputError, match="C00.*C01"):
+        stacks.openStack(folder, channel="C02")
+
+
+def test_one_sub_folder_per_channel(tmp_path):
+    data = _planes(nz=11)
+    for c, name in enumerate(["Ex_639_Em_690", "Ex_488_Em_525"]):  # 488 sorts first
+        (tmp_path / "scan" / name).mkdir(parents=True)
+        for z in range(data.shape[1]):
+            tifffile.imwrite(tmp_path / "scan" / name / f"plane_{z}.tif", data[c, z])
+    source = stacks.openStack(tmp_path / "scan", channel="Ex_639_Em_690")
+    assert source.channelNames == ["Ex_488_Em_525", "Ex_639_Em_690"] and source.channelIndex == 1
+    np.testing.assert_array_equal(source.readAll(), data[0])
+    np.testing.assert_array_equal(stacks.openStack(tmp_path / "scan").readAll(), data[1])
+
+
+def test_missing_plane_in_one_channel_names_it_and_writes_nothing(tmp_path):
+    from MRIHistoRegLib import cli
+
+    folder = _lavisionSeries(tmp_path / "scan", _planes())
+    (folder / "16-17-27_0_8X-autofluo_UltraII_C01_xyz-Table Z0007.ome.tif").unlink()
+    with pytest.raises(UserInputError, match=r"channel C01 has no plane Z7 .*C00_xyz-Table Z0007\.ome\.tif"):
+        stacks.openStack(folder)
+    out = tmp_path / "out.nrrd"
+    assert cli.main(["downsample", str(folder), "--target-mm", "0.02", "--spacing-mm", "0.01", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_per_folder_channels_with_different_plane_counts_or_sizes(tmp_path):
+    data = _planes(nz=4)
+    for name in ("Ex_488_Em_525", "Ex_639_Em_690"):
+        (tmp_path / name).mkdir()
+        for z in range(4):
+            tifffile.imwrite(tmp_path / name / f"image_{z:04d}.tif", data[0, z])
+    (tmp_path / "Ex_639_Em_690" / "image_0003.tif").unlink()
+    with pytest.raises(UserInputError, match=r"channel Ex_639_Em_690 has 3 planes but others have 4"):
+        stacks.openStack(tmp_path)
+    tifffile.imwrite(tmp_path / "Ex_639_Em_690" / "image_0003.tif", data[0, 3])
+    tifffile.imwrite(tmp_path / "Ex_639_Em_690" / "image_0000.tif", data[0, 0, :4])
+    with pytest.raises(UserInputError, match=r"Ex_639_Em_690.*image_0000\.tif is 7x4"):
+        stacks.openStack(tmp_path)  # the other channel's first file is checked when opening channel 0
+    with pytest.raises(UserInputError, match=r"image_0000\.tif is 7x4"):
+        stacks.openStack(tmp_path, channel=1)
+
+
+def test_mosaic_tiles_and_untagged_files_are_refused(tmp_path):
+    folder = tmp_path / "blaze"
+    folder.mkdir()
+    for tile in ("[00 x 00]", "[00 x 01]"):
+        tifffile.imwrite(folder / f"11-14-17_Alg_Blaze{tile}_C00_xyz-Table Z0000.ome.tif", np.zeros((4, 5), np.uint16))
+    with pytest.raises(UserInputError, match="tiles.*stitch"):
+        stacks.openStack(folder)
+    other = _lavisionSeries(tmp_path / "scan", _planes(nz=2))
+    tifffile.imwrite(other / "overview.tif", np.zeros((5, 7), np.uint16))
+    with pytest.raises(UserInputError, match="overview.tif has no channel token"):
+        stacks.openStack(other)
