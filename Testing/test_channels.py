@@ -229,3 +229,81 @@ def test_mosaic_tiles_and_untagged_files_are_refused(tmp_path):
     tifffile.imwrite(other / "overview.tif", np.zeros((5, 7), np.uint16))
     with pytest.raises(UserInputError, match="overview.tif has no channel token"):
         stacks.openStack(other)
+
+
+# ---- other channels resampled onto the MRI grid through the same mapping (resample_channels) -----------------
+def _runSubject(tmp_path, nc=3):
+    """An 8 mm cube MRI and a 3-channel OME-TIFF (1 mm voxels, the TIFF's RAS = the MRI's) whose channels are
+    0.5 x, 1 x and 3 x one smooth random pattern, paired by points through a non-trivial affine: resampling is
+    linear in the voxel values, so each channel's output is that multiple of the others'."""
+    import json
+
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    base = (rng.integers(0, 400, (10, 12, 11)) * 2).astype(np.uint16)  # even: 0.5 x is exact in uint16
+    data = np.stack([base // 2, base, base * 3])[:nc]
+    tifffile.imwrite(tmp_path / "three.ome.tif", data, ome=True, metadata={
+        "axes": "CZYX", "PhysicalSizeX": 1000.0, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 1000.0,
+        "PhysicalSizeYUnit": "µm", "PhysicalSizeZ": 1000.0, "PhysicalSizeZUnit": "µm",
+        "Channel": {"Name": ["half", "auto", "tumour"][:nc]}})
+    mri = sitk.GetImageFromArray(rng.random((9, 9, 9)).astype(np.float32))
+    sitk.WriteImage(mri, str(tmp_path / "mri.nrrd"))
+    fixed = np.array([[-1, -1, 1], [-6, -2, 3], [-2, -6, 2], [-3, -3, 6], [-6, -6, 7], [-4, -1, 4]], float)
+    matrix = np.array([[0.95, 0.05, 0.0], [-0.04, 1.05, 0.02], [0.0, 0.03, 0.9]])
+    moving = fixed @ matrix.T + [-0.6, -0.4, 0.7]
+    for name, points in (("mri.csv", fixed), ("histology.csv", moving)):
+        (tmp_path / name).write_text("label,x,y,z\n" + "".join(f"P{i},{p[0]},{p[1]},{p[2]}\n" for i, p in enumerate(points)))
+    config = {"mri": "mri.nrrd", "histology": "three.ome.tif", "histology_channel": "auto", "model": "affine",
+              "landmarks": {"mri": "mri.csv", "histology": "histology.csv"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def _nrrd(path):
+    import nrrd
+
+    return nrrd.read(str(path), index_order="C")[0]
+
+
+def test_other_channels_resampled_through_the_same_mapping(tmp_path):
+    import json
+
+    from MRIHistoRegLib import cli, outputs
+
+    config = _runSubject(tmp_path)
+    config["resample_channels"] = "all"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 0
+    registration = _nrrd(out / outputs.HISTOLOGY_ON_MRI)
+    assert registration.shape == (9, 9, 9) and np.count_nonzero(registration) > 200
+    half, tumour = _nrrd(out / outputs.channelOnMri(0, "half")), _nrrd(out / outputs.channelOnMri(2, "tumour"))
+    np.testing.assert_allclose(half, registration / 2, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(tumour, registration * 3, rtol=1e-5, atol=1e-3)
+    rows = json.loads((out / "report.json").read_text())["resampling"]["other_channels"]
+    assert [(r["index"], r["name"], r["file"]) for r in rows] == [
+        (0, "half", "histology_c0_half_on_mri.nrrd"), (2, "tumour", "histology_c2_tumour_on_mri.nrrd")]
+    # the CLI option overrides the config, by index; the registration channel itself is not repeated
+    again = tmp_path / "again"
+    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(again), "--resample-channels", "2", "auto"]) == 0
+    assert sorted(p.name for p in again.glob("histology_c*")) == ["histology_c2_tumour_on_mri.nrrd"]
+    np.testing.assert_allclose(_nrrd(again / outputs.channelOnMri(2, "tumour")), tumour, rtol=1e-6)
+
+
+def test_wrong_resample_channel_stops_the_run_before_writing(tmp_path, caplog):
+    import json
+
+    from MRIHistoRegLib import cli
+
+    config = _runSubject(tmp_path, nc=2)
+    config["resample_channels"] = ["tumour"]  # this stack has half and auto only
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+    assert "tumour" in caplog.text and "half" in caplog.text and "auto" in caplog.text
+    config["resample_channels"] = [True]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 2
+    assert "resample_channels" in caplog.text and not out.exists()
