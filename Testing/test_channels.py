@@ -1,4 +1,6 @@
 """Multi-channel stacks (issue 14, item 1): files written by tifffile's OME and ImageJ writers."""
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -307,3 +309,52 @@ def test_wrong_resample_channel_stops_the_run_before_writing(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 2
     assert "resample_channels" in caplog.text and not out.exists()
+
+
+def test_panel_logic_opens_and_resamples_the_chosen_channel(tmp_path, scene):
+    """The panel's facade: every stack-opening action takes the channel; the other channels go through the same
+    resampling as the registration channel and Export report writes them under run's names."""
+    import json
+
+    import vtk
+
+    from MRIHistoRegLib import outputs, volumes
+    from MRIHistoRegLib.logic import MRIHistoRegLogicCore
+
+    _runSubject(tmp_path)
+    logic, stack = MRIHistoRegLogicCore(scene), str(tmp_path / "three.ome.tif")
+    data = tifffile.imread(stack)
+    info = logic.openStack(stack, channel="auto")
+    assert info.channelNames == ["half", "auto", "tumour"] and info.channelIndex == 1
+    assert "channel 1 (auto) of 3" in logic.describeStack(info)
+    with pytest.raises(UserInputError, match="half"):
+        logic.openStack(stack, channel="GFP")
+    full = logic.loadFullResolution(stack, [1, 1, 1], channel=2)
+    np.testing.assert_array_equal(volumes.arrayFromVolume(full), data[2])
+    auto = volumes.arrayFromVolume(logic.downsampleStack(stack, 2.0, [1, 1, 1], channel=1))
+    tumour = volumes.arrayFromVolume(logic.downsampleStack(stack, 2.0, [1, 1, 1], channel="tumour"))
+    np.testing.assert_allclose(tumour, 3 * auto, rtol=1e-5)
+
+    mri = volumes.loadVolume(scene, str(tmp_path / "mri.nrrd"), "MRI")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    for row, values in enumerate([[0.95, 0.05, 0, -0.6], [-0.04, 1.05, 0.02, -0.4], [0, 0.03, 0.9, 0.7]]):
+        for column, value in enumerate(values):
+            matrix.SetElement(row, column, value)
+    transform.SetMatrixTransformToParent(matrix)
+    resampled = logic.resampleHistology(transform, mri, stackPath=stack, spacingMm=[1, 1, 1], channel=1)
+    registration = volumes.arrayFromVolume(resampled).copy()
+    assert np.count_nonzero(registration) > 200
+    others = logic.resampleOtherChannels(transform, mri, stack, spacingMm=[1, 1, 1], channel=1, registrationNode=resampled)
+    assert [n.GetName() for n in others] == ["Histology half resampled", "Histology tumour resampled"]
+    np.testing.assert_allclose(volumes.arrayFromVolume(others[0]), registration / 2, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(volumes.arrayFromVolume(others[1]), registration * 3, rtol=1e-5, atol=1e-3)
+    again = logic.resampleOtherChannels(transform, mri, stack, spacingMm=[1, 1, 1], channel=1, registrationNode=resampled)
+    assert [n.GetID() for n in again] == [n.GetID() for n in others]  # a second click updates, adds no nodes
+    folder = logic.exportReport(str(tmp_path / "report"), transformNode=transform, resampledVolume=resampled,
+                                mriVolume=mri)
+    np.testing.assert_allclose(_nrrd(os.path.join(folder, outputs.channelOnMri(2, "tumour"))), registration * 3,
+                               rtol=1e-5, atol=1e-3)
+    rows = json.loads(open(os.path.join(folder, "report.json")).read())["resampling"]["other_channels"]
+    assert [(r["index"], r["file"]) for r in rows] == [(0, "histology_c0_half_on_mri.nrrd"),
+                                                       (2, "histology_c2_tumour_on_mri.nrrd")]
