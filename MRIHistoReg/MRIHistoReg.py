@@ -407,8 +407,9 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return None if stack is None else stack.path
 
     def _stackChannel(self):
-        """The registration channel every action opens the stack with: the inspected one (the selector's)."""
-        return None if self._stackInfo is None else self._stackInfo.channelIndex
+        """The registration channel every action opens the stack with: the inspected stack's (the selector's)."""
+        stack = panel.inspectedStack(self._parameterNode, self._stackInfo)
+        return None if stack is None else stack.channelIndex
 
     # --- Inputs ------------------------------------------------------------------------------------------
 
