@@ -358,3 +358,17 @@ def test_panel_logic_opens_and_resamples_the_chosen_channel(tmp_path, scene):
     rows = json.loads(open(os.path.join(folder, "report.json")).read())["resampling"]["other_channels"]
     assert [(r["index"], r["file"]) for r in rows] == [(0, "histology_c0_half_on_mri.nrrd"),
                                                        (2, "histology_c2_tumour_on_mri.nrrd")]
+
+
+def test_report_checksum_covers_per_channel_sub_folders(tmp_path):
+    import hashlib
+
+    from MRIHistoRegLib import pipeline
+
+    for name, value in (("Ex_488_Em_525", 1), ("Ex_639_Em_690", 2)):
+        (tmp_path / name).mkdir()
+        tifffile.imwrite(tmp_path / name / "plane_0.tif", np.full((3, 4), value, np.uint16))
+    expected = hashlib.sha256()
+    for name in ("Ex_488_Em_525", "Ex_639_Em_690"):
+        expected.update((tmp_path / name / "plane_0.tif").read_bytes())
+    assert pipeline.sha256(str(tmp_path)) == expected.hexdigest()

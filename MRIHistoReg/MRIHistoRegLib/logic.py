@@ -781,9 +781,7 @@ class MRIHistoRegLogicCore:
         if registrationNode is None:
             return []
         found = []
-        collection = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        for position in range(collection.GetNumberOfItems()):
-            node = collection.GetItemAsObject(position)
+        for node in context.nodesByClass(self.scene, "vtkMRMLScalarVolumeNode"):
             if node.GetAttribute("MRIHistoReg.channelOf") == registrationNode.GetID() and node.GetAttribute("MRIHistoReg.channel"):
                 found.append((int(json.loads(node.GetAttribute("MRIHistoReg.channel"))["index"]), node))
         return sorted(found, key=lambda item: item[0])

@@ -46,9 +46,10 @@ def peakMemoryMb() -> float:
 
 
 def sha256(path, chunkBytes=16 << 20) -> str:
-    """Checksum of a file, or of every file of a folder (TIFF series) in sorted order."""
+    """Checksum of a file, or of every file of a folder (TIFF series; with its sub-folders, one per channel) in
+    sorted order."""
     digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in sorted(os.listdir(path))]
+    files = [path] if os.path.isfile(path) else _folderFiles(path)
     buffer = bytearray(chunkBytes)
     view = memoryview(buffer)
     for name in files:
@@ -61,6 +62,15 @@ def sha256(path, chunkBytes=16 << 20) -> str:
                     break
                 digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _folderFiles(folder) -> list:
+    """Every file under `folder`, sorted by name within each folder, sub-folders (sorted) after the folder's own."""
+    files = []
+    for root, folders, names in os.walk(folder):
+        folders.sort()
+        files.extend(os.path.join(root, name) for name in sorted(names))
+    return files
 
 
 def softwareVersions() -> dict:
@@ -250,7 +260,10 @@ class _Run:
                 fileName = outputs.channelOnMri(index, name)
                 node = volumes.createVolumeNode(self.scene, image.array, image.ijkToRas, f"Histology {name} on MRI grid")
                 volumes.saveNode(node, os.path.join(self.work, fileName))
-                self.scene.RemoveNode(node)  # one channel's output in memory at a time
+                # one channel's output in memory at a time: the node goes, with its display and storage nodes
+                for owned in (node, node.GetDisplayNode(), node.GetStorageNode()):
+                    if owned is not None:
+                        self.scene.RemoveNode(owned)
                 rows.append({"index": index, "name": name, "file": fileName, "timing_s": info.get("timing_s")})
         return rows
 
