@@ -189,6 +189,10 @@ def test_one_sub_folder_per_channel(tmp_path):
     assert source.channelNames == ["Ex_488_Em_525", "Ex_639_Em_690"] and source.channelIndex == 1
     np.testing.assert_array_equal(source.readAll(), data[0])
     np.testing.assert_array_equal(stacks.openStack(tmp_path / "scan").readAll(), data[1])
+    from MRIHistoRegLib import cli
+
+    assert cli.main(["info", str(tmp_path / "scan"), "--channel", "Ex_639_Em_690"]) == 0
+    assert cli.main(["info", str(tmp_path / "scan"), "--channel", "Ex_561_Em_600"]) == 2
 
 
 def test_missing_plane_in_one_channel_names_it_and_writes_nothing(tmp_path):
@@ -372,3 +376,26 @@ def test_report_checksum_covers_per_channel_sub_folders(tmp_path):
     for name in ("Ex_488_Em_525", "Ex_639_Em_690"):
         expected.update((tmp_path / name / "plane_0.tif").read_bytes())
     assert pipeline.sha256(str(tmp_path)) == expected.hexdigest()
+
+
+@pytest.mark.skipif(not BRAINREG.is_dir(), reason="real light-sheet data ../shared/data/brainreg absent")
+def test_real_planes_as_channel_folders(tmp_path):
+    """The real brainreg planes linked (not copied) into two channel folders read back as the series itself; the
+    real hemisphere planes (another size) as the second channel are refused, naming the file."""
+    brain = sorted(BRAINREG.glob("image_*.tif"))[:12]
+    hemisphere = sorted((BRAINREG.parent / "hemisphere_l").glob("*.tif"))[:12]
+    for name, files in (("Ex_488_Em_525", brain), ("Ex_639_Em_690", brain)):
+        (tmp_path / "scan" / name).mkdir(parents=True)
+        for f in files:
+            (tmp_path / "scan" / name / f.name).symlink_to(f)
+    expected = np.stack([tifffile.imread(f) for f in brain])
+    source = stacks.openStack(tmp_path / "scan", channel="Ex_639_Em_690")
+    assert source.channelNames == ["Ex_488_Em_525", "Ex_639_Em_690"] and source.shape == expected.shape
+    np.testing.assert_array_equal(source.readAll(), expected)
+    (tmp_path / "mixed" / "Ex_488_Em_525").mkdir(parents=True)
+    (tmp_path / "mixed" / "Ex_639_Em_690").mkdir()
+    for f, g in zip(brain, hemisphere):
+        (tmp_path / "mixed" / "Ex_488_Em_525" / f.name).symlink_to(f)
+        (tmp_path / "mixed" / "Ex_639_Em_690" / g.name).symlink_to(g)
+    with pytest.raises(UserInputError, match=hemisphere[0].name + " is 193x104"):
+        stacks.openStack(tmp_path / "mixed")
