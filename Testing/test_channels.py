@@ -399,3 +399,16 @@ def test_real_planes_as_channel_folders(tmp_path):
         (tmp_path / "mixed" / "Ex_639_Em_690" / g.name).symlink_to(g)
     with pytest.raises(UserInputError, match=hemisphere[0].name + " is 193x104"):
         stacks.openStack(tmp_path / "mixed")
+
+
+@pytest.mark.parametrize("value, expected", [("all", "all"), ("tumour", ["tumour"]), (2, [2]), ([0, "tumour"], [0, "tumour"]),
+                                             (None, None), (-1, UserInputError), ([], UserInputError),
+                                             ({"a": 1}, UserInputError), ([" "], UserInputError), (True, UserInputError)])
+def test_resample_channels_config_values(value, expected):
+    from MRIHistoRegLib.config import resampleChannels
+
+    if expected is UserInputError:
+        with pytest.raises(UserInputError, match="resample_channels.*all"):
+            resampleChannels(value, "field 'resample_channels'")
+    else:
+        assert resampleChannels(value, "field 'resample_channels'") == expected

@@ -9,7 +9,8 @@ Relative paths resolve against the config file's folder. Example (the sample dat
      "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
 
 `histology_spacing_um` is [x, y, z] = [i, j, k] (i the fastest, column axis); it may be omitted when the
-stack's metadata carries the true spacing.
+stack's metadata carries the true spacing. A multi-channel stack takes "histology_channel": INDEX or "NAME" (the
+registration channel) and "resample_channels": [INDEX or "NAME", ...] or "all" (also resampled onto the MRI).
 """
 import json
 import math
