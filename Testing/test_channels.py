@@ -224,6 +224,18 @@ def test_per_folder_channels_with_different_plane_counts_or_sizes(tmp_path):
         stacks.openStack(tmp_path, channel=1)
 
 
+def test_a_constant_z_token_is_part_of_the_name_and_a_repeated_plane_is_refused(tmp_path):
+    data = _planes(nc=1, nz=3)[0]
+    (tmp_path / "one").mkdir()
+    for z in range(3):
+        tifffile.imwrite(tmp_path / "one" / f"run_Z1_{z:04d}.tif", data[z])  # Z1 in every name: not a plane index
+    np.testing.assert_array_equal(stacks.openStack(tmp_path / "one").readAll(), data)
+    folder = _lavisionSeries(tmp_path / "scan", _planes(nz=3))
+    tifffile.imwrite(folder / "16-17-27_0_8X-autofluo_UltraII_C01_xyz-Table Z0001 copy.ome.tif", data[0])
+    with pytest.raises(UserInputError, match="channel C01 has plane Z1 twice"):
+        stacks.openStack(folder)
+
+
 def test_mosaic_tiles_and_untagged_files_are_refused(tmp_path):
     folder = tmp_path / "blaze"
     folder.mkdir()
@@ -290,11 +302,6 @@ def test_other_channels_resampled_through_the_same_mapping(tmp_path):
     rows = json.loads((out / "report.json").read_text())["resampling"]["other_channels"]
     assert [(r["index"], r["name"], r["file"]) for r in rows] == [
         (0, "half", "histology_c0_half_on_mri.nrrd"), (2, "tumour", "histology_c2_tumour_on_mri.nrrd")]
-    # the CLI option overrides the config, by index; the registration channel itself is not repeated
-    again = tmp_path / "again"
-    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(again), "--resample-channels", "2", "auto"]) == 0
-    assert sorted(p.name for p in again.glob("histology_c*")) == ["histology_c2_tumour_on_mri.nrrd"]
-    np.testing.assert_allclose(_nrrd(again / outputs.channelOnMri(2, "tumour")), tumour, rtol=1e-6)
 
 
 def test_wrong_resample_channel_stops_the_run_before_writing(tmp_path, caplog):
@@ -309,6 +316,12 @@ def test_wrong_resample_channel_stops_the_run_before_writing(tmp_path, caplog):
     assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 2
     assert not out.exists() and not list(tmp_path.glob(".run*"))
     assert "tumour" in caplog.text and "half" in caplog.text and "auto" in caplog.text
+    # the CLI option overrides the config (whose "half" alone would run)
+    config["resample_channels"] = ["half"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    caplog.clear()
+    assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out), "--resample-channels", "1", "tumour"]) == 2
+    assert "'tumour'" in caplog.text and not out.exists()
     config["resample_channels"] = [True]
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert cli.main(["run", str(tmp_path / "config.json"), "--out", str(out)]) == 2

@@ -336,14 +336,15 @@ def _splitByChannelToken(folder, files):
 
 
 def _planeNumbers(names):
-    """The Z token of each file name, or None when some name has none."""
+    """The Z token of each file name, or None when some name has none or all share one (then it is part of the
+    series' name, e.g. 'run_Z1_0001.tif', not a plane number)."""
     numbers = []
     for name in names:
         found = _PLANE_TOKEN.findall(os.path.basename(name))
         if not found:
             return None
         numbers.append(int(found[-1]))
-    return numbers
+    return None if len(names) > 1 and len(set(numbers)) == 1 else numbers
 
 
 def _checkSamePlanes(folder, channels):
