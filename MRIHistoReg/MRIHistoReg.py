@@ -140,6 +140,7 @@ class MRIHistoRegParameterNode:
     mriVolume: Optional[vtkMRMLScalarVolumeNode]
     histologyVolume: Optional[vtkMRMLScalarVolumeNode]
     stackPath: pathlib.Path
+    histologyChannel: int = 0  # the registration channel of a multi-channel stack (set from the channel selector)
     spacingI: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
     spacingJ: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
     spacingK: Annotated[float, WithinRange(0.0, 100000.0), Decimals(SPACING_DECIMALS)] = 1.0
@@ -164,6 +165,7 @@ class MRIHistoRegParameterNode:
     refinedTransform: Optional[vtkMRMLTransformNode]
     # Resample and compare
     referenceGrid: Annotated[str, Choice(list(REFERENCE_GRIDS))] = "MRI"
+    resampleOtherChannels: bool = False
     outputSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.05
     resampledVolume: Optional[vtkMRMLScalarVolumeNode]
     mriLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
@@ -226,6 +228,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.openStackButton.connect("clicked(bool)", self.onOpenStack)
         self.ui.browseStackFolderButton.connect("clicked(bool)", self.onBrowseStackFolder)
+        self.ui.channelComboBox.connect("currentIndexChanged(int)", self.onChannelChanged)
         self.ui.useMetadataSpacingButton.connect("clicked(bool)", self.onUseMetadataSpacing)
         self.ui.applySpacingButton.connect("clicked(bool)", self.onApplySpacing)
         self.ui.loadFullResolutionButton.connect("clicked(bool)", self.onLoadFullResolution)
@@ -348,9 +351,17 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._applyAutoUpdate()
 
     def _setStackInfo(self, info) -> None:
-        """Remember the inspected stack and show it; the buttons that need it follow at once."""
+        """Remember the inspected stack and show it (its channels in the selector); the buttons that need it follow."""
         self._stackInfo = info
         self.ui.stackInfoLabel.text = self.logic.describeStack(info) if info else ""
+        self.ui.channelComboBox.blockSignals(True)  # filling the selector is not the user choosing a channel
+        self.ui.channelComboBox.clear()
+        for index, name in enumerate(info.channelNames if info else []):
+            self.ui.channelComboBox.addItem(f"{index}: {name}")
+        if info:
+            self.ui.channelComboBox.currentIndex = info.channelIndex
+        self.ui.channelComboBox.blockSignals(False)
+        self.ui.channelComboBox.enabled = bool(info) and len(info.channelNames) > 1
         self.onParameterNodeModified()
 
     # --- helpers: progress, errors ------------------------------------------------------------------------
@@ -395,20 +406,43 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         stack = panel.inspectedStack(self._parameterNode, self._stackInfo)
         return None if stack is None else stack.path
 
+    def _stackChannel(self):
+        """The registration channel every action opens the stack with: the inspected stack's (the selector's)."""
+        stack = panel.inspectedStack(self._parameterNode, self._stackInfo)
+        return None if stack is None else stack.channelIndex
+
     # --- Inputs ------------------------------------------------------------------------------------------
 
     def onLoadSample(self) -> None:
         with self._action(_("Failed to generate or load the sample data."), _("Sample data")) as progress:
             nodes = self.logic.loadSampleData(sampleDataFolder(), progress=progress)
             self.logic.selectSampleNodes(self._parameterNode, nodes)
-            self._setStackInfo(self.logic.openStack(nodes.stackPath, self._spacingMm(), referenceVolume=nodes.mri))
+            self._setStackInfo(self.logic.openStack(nodes.stackPath, self._spacingMm(), referenceVolume=nodes.mri,
+                                                    channel=None))
             slicer.util.setSliceViewerLayers(background=nodes.mri, foreground=nodes.histology, foregroundOpacity=0.5, fit=True)
 
     def onOpenStack(self) -> None:
         p = self._parameterNode
         with self._action(_("Failed to open the histology stack.")):
-            info = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume)
+            if self._stackInfo is not None and self._stackInfo.path != str(p.stackPath):
+                p.histologyChannel = 0  # another stack: its channels are not the previous one's
+            info = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume, channel=None)
+            if p.histologyChannel != info.channelIndex and p.histologyChannel < len(info.channelNames):
+                # the channel chosen before (saved with the scene) when this stack still has it
+                info = self.logic.openStack(str(p.stackPath), referenceVolume=p.mriVolume, channel=p.histologyChannel)
+            p.histologyChannel = info.channelIndex
             self.logic.setSpacingFields(p, info.spacingMm)
+            self._setStackInfo(info)
+
+    def onChannelChanged(self, index: int) -> None:
+        """The user picked another registration channel: describe the stack as that channel (spacing fields kept)."""
+        p = self._parameterNode
+        if self._stackInfo is None or index < 0 or index == self._stackInfo.channelIndex:
+            return
+        with self._action(_("Failed to open the chosen channel.")):
+            info = self.logic.openStack(self._stackInfo.path, self._spacingMm(), referenceVolume=p.mriVolume,
+                                        channel=index)
+            p.histologyChannel = info.channelIndex
             self._setStackInfo(info)
 
     def onBrowseStackFolder(self) -> None:
@@ -445,7 +479,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLoadFullResolution(self) -> None:
         p = self._parameterNode
         with self._action(_("Failed to load the full-resolution stack."), _("Loading stack")) as progress:
-            node = self.logic.loadFullResolution(self._stackPath(), self._spacingMm(), progress=progress)
+            node = self.logic.loadFullResolution(self._stackPath(), self._spacingMm(), progress=progress,
+                                                 channel=self._stackChannel())
             p.histologyVolume = node
 
     # --- Downsample --------------------------------------------------------------------------------------
@@ -455,7 +490,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Failed to downsample the stack."), _("Downsampling")) as progress:
             target = self.logic.defaultTargetSpacingMm(p.mriVolume) if p.targetSpacingFromMri else p.targetSpacingMm
             node = self.logic.downsampleStack(self._stackPath(), target, self._spacingMm(),
-                                              cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress)
+                                              cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress,
+                                              channel=self._stackChannel())
             p.histologyVolume = node
             slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=p.fade)
 
@@ -569,8 +605,13 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 stackPath=self._stackPath(), spacingMm=self._spacingMm(),
                                                 histologyVolume=p.histologyVolume,
                                                 outputSpacingMm=outputSpacing, outputNode=p.resampledVolume,
-                                                progress=progress)
+                                                progress=progress, channel=self._stackChannel())
             p.resampledVolume = node
+            if p.resampleOtherChannels:  # the same transform and grid, one channel at a time (Export report writes them)
+                self.logic.resampleOtherChannels(self._registrationTransform(), p.mriVolume, self._stackPath(),
+                                                 spacingMm=self._spacingMm(), channel=self._stackChannel(),
+                                                 outputSpacingMm=outputSpacing, registrationNode=node,
+                                                 progress=progress)
             slicer.util.setSliceViewerLayers(background=p.mriVolume, foreground=node, foregroundOpacity=p.fade)
 
     def onCompare(self) -> None:

@@ -117,6 +117,8 @@ BROKEN = [
     ("background=nodes.mri, foreground=nodes.histology, foregroundOpacity=0.5,\n",
      "background=nodes.mriVolume, foreground=nodes.histology, foregroundOpacity=0.5,\n",
      "nodes.mriVolume is not a field of SampleNodes"),
+    ("p.histologyChannel < len(info.channelNames)", "p.histologyChannel < len(info.channels)",
+     "info.channels is not a field of StackInfo"),
 ]
 
 

@@ -5,7 +5,9 @@
 - every SlicerParameterName in the .ui is a field of the @parameterNodeWrapper class, with a type the widget's
   class can represent (the pairs Slicer's parameterNodeWrapper GUI connectors accept, including their extra
   requirements: a str combo box needs Choice, a ctkSliderWidget a bounded range, a push button must be checkable);
-- every `self.logic.<method>(...)` call exists on the logic facade and binds to its signature;
+- every `self.logic.<method>(...)` call exists on the logic facade and binds to its signature, and a call of a
+  method that opens the stack (one with a `channel` parameter) passes `channel=` explicitly, so no action reads
+  another channel than the one the panel's selector chose;
 - the .ui declares every non-Qt class in <customwidgets> and connects the top-level qMRMLWidget's
   mrmlSceneChanged(vtkMRMLScene*) to setMRMLScene(vtkMRMLScene*) of every MRML widget;
 - MRIHistoReg/CMakeLists.txt lists every script and resource (unlisted = not packaged), WITH_GENERIC_TESTS and the
@@ -51,6 +53,9 @@ USAGE = {
     "setMRMLTableNode": {"qMRMLTableView"}, "mrmlTableNode": {"qMRMLTableView"}, "setMRMLScene": {"qMRMLNodeComboBox", "qMRMLTableView", "qMRMLSubjectHierarchyComboBox"},
     "currentPath": PATHS - {"ctkDirectoryButton"}, "directory": {"ctkDirectoryButton"},
     "currentText": COMBOS, "currentIndex": COMBOS,
+    # QComboBox.clear() / addItem(str), as Slicer's own QComboBoxToStringableConnector fills a combo box
+    # (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py at v5.8.1 and v5.12.3)
+    "clear": COMBOS, "addItem": COMBOS,
     "collapsed": {"ctkCollapsibleButton", "ctkCollapsibleGroupBox"},
 }
 SIGNALS = {
@@ -323,6 +328,9 @@ def checkContract(moduleDir, logicClass, scenarioNames, libScripts=None):
                 signature.bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords})
             except TypeError as error:
                 problems.append(f"line {line}: self.logic.{method}(...) does not match {method}{signature}: {error}")
+            if "channel" in signature.parameters and "channel" not in {k.arg for k in call.keywords}:
+                problems.append(f"line {line}: self.logic.{method}(...) opens the stack without channel= (the "
+                                f"registration channel the panel's selector chose)")
 
     # 4. custom widgets declared; MRML widgets get the scene
     for name, widget in widgets.items():
@@ -462,6 +470,21 @@ DRIFTS = [
     ("MRIHistoReg.py", "scenarios.landmarkFitScenario(", "scenarios.loadSampleScenario(", "does not call scenarios.landmarkFitScenario"),
     ("MRIHistoReg.py", "        stack = panel.inspectedStack(self._parameterNode, self._stackInfo)",
      "        stack = _ = panel.inspectedStack(self._parameterNode, self._stackInfo)", "shadowing slicer.i18n.tr"),
+    # the channel selector (issue 14): a wrong signal, a missing or retyped widget, an action without the channel
+    ("MRIHistoReg.py", 'self.ui.channelComboBox.connect("currentIndexChanged(int)"',
+     'self.ui.channelComboBox.connect("currentChanged(int)"', "has no signal 'currentChanged(int)'"),
+    ("Resources/UI/MRIHistoReg.ui", 'name="channelComboBox"', 'name="channelSelector"',
+     "self.ui.channelComboBox is not a widget"),
+    ("Resources/UI/MRIHistoReg.ui", '<widget class="QComboBox" name="channelComboBox">',
+     '<widget class="QLabel" name="channelComboBox">', "self.ui.channelComboBox.addItem but channelComboBox is a QLabel"),
+    ("MRIHistoReg.py", "cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress,\n"
+     "                                              channel=self._stackChannel())",
+     "cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress)",
+     "self.logic.downsampleStack(...) opens the stack without channel="),
+    ("MRIHistoReg.py", "progress=progress, channel=self._stackChannel())\n            p.resampledVolume = node",
+     "progress=progress)\n            p.resampledVolume = node", "self.logic.resampleHistology(...) opens the stack without channel="),
+    ("Resources/UI/MRIHistoReg.ui", "<string>resampleOtherChannels</string>", "<string>resampleChannels</string>",
+     "'resampleChannels' (resampleChannelsCheckBox) is not a field"),
 ]
 
 
@@ -485,6 +508,13 @@ def test_checker_catches_a_facade_signature_change(tmp_path):
 
     problems = checkContract(MODULE_DIR, Drifted, _scenarioNames())
     assert any("self.logic.downsampleStack(...) does not match" in p for p in problems), problems
+
+    class NoChannel(facade):  # a facade that lost its channel argument: the panel's channel= no longer binds
+        def loadFullResolution(self, path, spacingMm=None, name=None, progress=None):
+            raise AssertionError("never called")
+
+    problems = checkContract(MODULE_DIR, NoChannel, _scenarioNames())
+    assert any("self.logic.loadFullResolution(...) does not match" in p for p in problems), problems
 
 
 # ------------------------------------------------------------------------------------ extension metadata URLs

@@ -34,16 +34,30 @@ def _addRun(subparsers):
     p = subparsers.add_parser("run", help="run the whole pipeline for one subject (CONFIG.json) or a cohort (several configs or folders)")
     p.add_argument("configs", nargs="+", help="CONFIG.json file(s) or folder(s) of them")
     p.add_argument("--out", required=True, help="report folder (replaced atomically if it holds a previous MRIHistoReg output)")
+    p.add_argument("--resample-channels", nargs="+", metavar="INDEX|NAME",
+                   help="also resample these channels of a multi-channel stack (or 'all') onto the MRI grid through the "
+                        "same mapping (overrides the config's resample_channels; one config only)")
     p.set_defaults(func=_runRun)
 
 
 def _runRun(args):
+    import dataclasses
+
     from MRIHistoRegLib import pipeline
-    from MRIHistoRegLib.config import loadConfig
+    from MRIHistoRegLib.config import loadConfig, resampleChannels
+    from MRIHistoRegLib.errors import UserInputError
     from MRIHistoRegLib.progress import TerminalProgress
 
-    if len(args.configs) == 1 and not os.path.isdir(args.configs[0]):
-        report = pipeline.runPipeline(loadConfig(args.configs[0]), args.out, progress=TerminalProgress("run"))
+    single = len(args.configs) == 1 and not os.path.isdir(args.configs[0])
+    if args.resample_channels and not single:
+        raise UserInputError("--resample-channels applies to one config: for a cohort, give each config its "
+                             "'resample_channels' field.")
+    if single:
+        config = loadConfig(args.configs[0])
+        if args.resample_channels:
+            wanted = "all" if args.resample_channels == ["all"] else args.resample_channels
+            config = dataclasses.replace(config, resampleChannels=resampleChannels(wanted, "--resample-channels"))
+        report = pipeline.runPipeline(config, args.out, progress=TerminalProgress("run"))
         _printSummary(report)
         logging.info("report: %s", os.path.join(os.path.abspath(args.out), "report.json"))
     else:

@@ -9,7 +9,8 @@ Relative paths resolve against the config file's folder. Example (the sample dat
      "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
 
 `histology_spacing_um` is [x, y, z] = [i, j, k] (i the fastest, column axis); it may be omitted when the
-stack's metadata carries the true spacing.
+stack's metadata carries the true spacing. A multi-channel stack takes "histology_channel": INDEX or "NAME" (the
+registration channel) and "resample_channels": [INDEX or "NAME", ...] or "all" (also resampled onto the MRI).
 """
 import json
 import math
@@ -20,7 +21,7 @@ from typing import Dict, Optional, Tuple
 from .settings import DEFAULT_REFINE_PRESET, MODELS, REFINE_PRESETS  # noqa: E402  (one table each: settings.py)
 from .errors import UserInputError
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "refine_preset",
-                 "mri_mask", "working_spacing_mm", "histology_channel",
+                 "mri_mask", "working_spacing_mm", "histology_channel", "resample_channels",
                  "labels", "evaluate_points", "name", "tps_regularization"}
 
 
@@ -44,6 +45,7 @@ class RunConfig:
     resample: bool = True  # the `refine` command stops before the resampling
     bigWarpFlipXY: bool = True  # BigWarp point files: Fiji x, y -> RAS -x, -y (landmarks module)
     histologyChannel: Optional[object] = None  # index (int) or name (str) of a multi-channel stack's channel
+    resampleChannels: Optional[object] = None  # other channels resampled too: a list of indices/names, or "all"
 
     @property
     def refineSettings(self) -> dict:
@@ -100,7 +102,23 @@ def parseConfig(raw, path) -> RunConfig:
         refinePreset=_refinePreset(raw.get("refine_preset", DEFAULT_REFINE_PRESET), path),
         mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
         histologyChannel=_histologyChannel(raw.get("histology_channel"), path),
+        resampleChannels=resampleChannels(raw.get("resample_channels"), f"Config {path}: field 'resample_channels'"),
     )
+
+
+def resampleChannels(value, what):
+    """None, "all" or a list of channel indices / names (the config's resample_channels, the CLI's option);
+    whether the stack has them is checked when it is opened, before anything is computed."""
+    if value is None or value == "all":
+        return value
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple)) and value and all(
+            (isinstance(v, str) and v.strip()) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            for v in value):
+        return list(value)
+    raise UserInputError(f"{what} must be \"all\" or a list of channel indices (0, 1, ...) or names (`python -m "
+                         f"MRIHistoRegLib info STACK` lists them), got {value!r}.")
 
 
 def _histologyChannel(channel, path):

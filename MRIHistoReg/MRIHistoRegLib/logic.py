@@ -19,7 +19,7 @@ import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import slicer
@@ -58,6 +58,8 @@ class StackInfo:
     physicalSizeMm: List[float]
     plausible: bool
     verdict: str
+    channelNames: List[str] = field(default_factory=lambda: ["C0"])  # the file's channels (a selector when several)
+    channelIndex: int = 0  # the channel read: the registration channel every action opens
 
 
 @dataclass
@@ -240,14 +242,19 @@ class MRIHistoRegLogicCore:
         return [float(n) * float(s) for n, s in zip(shapeIjk, spacingMm)]
 
     def openStack(
-        self, path: str, spacingMm: Optional[Sequence[float]] = None, referenceVolume: Optional[VolumeNode] = None
+        self,
+        path: str,
+        spacingMm: Optional[Sequence[float]] = None,
+        referenceVolume: Optional[VolumeNode] = None,
+        channel: Optional[Union[int, str]] = None,
     ) -> "StackInfo":
         """Open a TIFF file/folder or NRRD stack lazily (header and metadata only) and describe it (StackInfo; the
         spacing in use is the given one, else the metadata's, else the header's). The verdict compares the physical
-        size at that spacing with `referenceVolume`'s (the MRI) or, without it, a mouse brain's."""
+        size at that spacing with `referenceVolume`'s (the MRI) or, without it, a mouse brain's. `channel` (index
+        or name; None = 0) picks the channel of a multi-channel stack; StackInfo lists them all."""
         from . import spacing as spacingLib
 
-        with self._openSource(path, spacingMm) as source:
+        with self._openSource(path, spacingMm, channel) as source:
             verdict = spacingLib.checkPlausibility(source, source.spacingMm, referenceExtentMm=referenceVolume)
         shapeIjk = [int(n) for n in source.shape[::-1]]
         return StackInfo(
@@ -261,6 +268,8 @@ class MRIHistoRegLogicCore:
             physicalSizeMm=self.physicalSizeMm(shapeIjk, source.spacingMm),
             plausible=bool(verdict.ok),
             verdict=verdict.message,
+            channelNames=[str(n) for n in source.channelNames],
+            channelIndex=int(source.channelIndex),
         )
 
     @staticmethod
@@ -272,8 +281,11 @@ class MRIHistoRegLogicCore:
 
         shape = " x ".join(str(n) for n in info.shapeIjk)
         size = " x ".join(f"{v:.3g}" for v in info.physicalSizeMm)
+        channels = ""
+        if len(info.channelNames) > 1:
+            channels = f"channel {info.channelIndex} ({info.channelNames[info.channelIndex]}) of {len(info.channelNames)}\n"
         return (
-            f"{shape} voxels ({info.dtype})\nheader spacing: {mm(info.headerSpacingMm)}\n"
+            f"{shape} voxels ({info.dtype})\n{channels}header spacing: {mm(info.headerSpacingMm)}\n"
             f"metadata spacing: {mm(info.metadataSpacingMm)}\n"
             f"in use ({info.spacingSource}): {mm(info.spacingMm)} -> {size} mm\n"
             f"{'OK' if info.plausible else 'CHECK'}: {info.verdict}"
@@ -294,8 +306,9 @@ class MRIHistoRegLogicCore:
         spacingMm: Optional[Sequence[float]] = None,
         name: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
+        channel: Optional[Union[int, str]] = None,
     ) -> VolumeNode:
-        """Load the whole stack as a volume node at its true spacing; refused (ValueError naming the streamed
+        """Load the whole stack (its `channel`: index or name, None = 0) as a volume node at its true spacing; refused (ValueError naming the streamed
         downsampling) when it does not fit in the memory available now.
 
         The planes are read straight into the volume's own VTK buffer, so the peak is one copy of the stack
@@ -304,7 +317,7 @@ class MRIHistoRegLogicCore:
 
         from . import stacks
 
-        with self._openSource(path, spacingMm) as source:
+        with self._openSource(path, spacingMm, channel) as source:
             stacks.checkMemoryFor(source.nbytes, f"the full stack {os.path.basename(os.fspath(path))}")
             depth, rows, columns = source.shape
             imageData = vtk.vtkImageData()
@@ -341,15 +354,17 @@ class MRIHistoRegLogicCore:
         cropRoi: Optional[RoiNode] = None,
         name: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
+        channel: Optional[Union[int, str]] = None,
     ) -> VolumeNode:
-        """Stream the stack at `path` (true spacing `spacingMm`; None = the file's metadata/header) down to isotropic
+        """Stream the stack at `path` (its `channel`, index or name, None = 0; true spacing `spacingMm`, None = the
+        file's metadata/header) down to isotropic
         `targetSpacingMm` by exact area averaging into a new volume node; `cropRoi` (a markups ROI placed in the
         histology's physical space at that spacing) limits it to the voxels the ROI covers."""
         from . import downsample
 
         if not targetSpacingMm or targetSpacingMm <= 0:
             raise UserInputError(f"Target spacing must be positive (mm), got {targetSpacingMm}.")
-        with self._openSource(path, spacingMm) as source:
+        with self._openSource(path, spacingMm, channel) as source:
             crop = None if cropRoi is None else self.roiToCrop(cropRoi, source.shape, source.ijkToRas())
             return downsample.downsampleToNode(
                 self.scene, source, float(targetSpacingMm), name=name, crop=crop, progress=progress
@@ -683,8 +698,9 @@ class MRIHistoRegLogicCore:
         outputSpacingMm: Optional[float] = None,
         outputNode: Optional[VolumeNode] = None,
         progress: Optional[ProgressCallback] = None,
+        channel: Optional[Union[int, str]] = None,
     ) -> VolumeNode:
-        """Resample the histology ONCE through `transformNode` (MRI -> histology, its whole parent chain) onto
+        """Resample the histology (the stack's `channel`: index or name, None = 0) ONCE through `transformNode` (MRI -> histology, its whole parent chain) onto
         `referenceVolume`'s grid, or with `outputSpacingMm` onto a grid of that spacing covering the histology's
         footprint (axes of the reference). The source is the ORIGINAL stack at `stackPath` (true spacing
         `spacingMm`, streamed) when given, else `histologyVolume`. Returns the output volume node (`outputNode`
@@ -699,7 +715,8 @@ class MRIHistoRegLogicCore:
             raise UserInputError("Nothing to resample: open the histology stack file or select the histology volume.")
         mapping = transforms.mappingFromWorldToNode(transformNode)
         referenceIjkToRas = volumes.ijkToRas(referenceVolume)
-        with self._openSource(stackPath, spacingMm) if stackPath else contextlib.nullcontext(histologyVolume) as source:
+        opened = self._openSource(stackPath, spacingMm, channel) if stackPath else contextlib.nullcontext(histologyVolume)
+        with opened as source:
             if outputSpacingMm:
                 isStack = isinstance(source, stacks.StackSource)
                 sourceShape = source.shape if isStack else volumes.arrayFromVolume(source).shape
@@ -720,6 +737,54 @@ class MRIHistoRegLogicCore:
                 outputNode.CreateDefaultDisplayNodes()
         outputNode.SetAttribute("MRIHistoReg.resampling", json.dumps(info, default=float))
         return outputNode
+
+    def resampleOtherChannels(
+        self,
+        transformNode: TransformNode,
+        referenceVolume: VolumeNode,
+        stackPath: Optional[str],
+        spacingMm: Optional[Sequence[float]] = None,
+        channel: Optional[Union[int, str]] = None,
+        outputSpacingMm: Optional[float] = None,
+        registrationNode: Optional[VolumeNode] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> List[VolumeNode]:
+        """Every channel of the stack besides `channel` (the registration channel) through resampleHistology: the
+        same transform, grid and streamed path, one channel at a time. Each node is named after its channel and
+        tagged ('MRIHistoReg.channel': index and name; 'MRIHistoReg.channelOf': `registrationNode`'s ID), so the
+        next click updates it and exportReport writes it as outputs.channelOnMri. Returns the nodes in channel
+        order ([] for a single-channel stack)."""
+        from .progress import scaled
+
+        if not stackPath:
+            raise UserInputError("Resampling the other channels reads the stack file: choose the histology stack file "
+                                 "and press 'Inspect stack' first.")
+        info = self.openStack(stackPath, spacingMm, channel=channel)
+        others = [index for index in range(len(info.channelNames)) if index != info.channelIndex]
+        nodes = []
+        for number, index in enumerate(others):
+            name = info.channelNames[index]
+            existing = dict(self._channelVolumes(registrationNode)).get(index)
+            node = self.resampleHistology(transformNode, referenceVolume, stackPath=stackPath, spacingMm=spacingMm,
+                                          outputSpacingMm=outputSpacingMm, outputNode=existing, channel=index,
+                                          progress=scaled(progress, number / len(others), (number + 1) / len(others)))
+            if existing is None:
+                node.SetName(f"Histology {name} resampled")
+            node.SetAttribute("MRIHistoReg.channel", json.dumps({"index": index, "name": name}))
+            if registrationNode is not None:
+                node.SetAttribute("MRIHistoReg.channelOf", registrationNode.GetID())
+            nodes.append(node)
+        return nodes
+
+    def _channelVolumes(self, registrationNode) -> List[Tuple[int, VolumeNode]]:
+        """[(channel index, node)] of the other channels resampled with `registrationNode` (resampleOtherChannels)."""
+        if registrationNode is None:
+            return []
+        found = []
+        for node in context.nodesByClass(self.scene, "vtkMRMLScalarVolumeNode"):
+            if node.GetAttribute("MRIHistoReg.channelOf") == registrationNode.GetID() and node.GetAttribute("MRIHistoReg.channel"):
+                found.append((int(json.loads(node.GetAttribute("MRIHistoReg.channel"))["index"]), node))
+        return sorted(found, key=lambda item: item[0])
 
     def compareLabels(
         self,
@@ -788,11 +853,24 @@ class MRIHistoRegLogicCore:
                 report["refinement"] = json.loads(transformNode.GetAttribute("MRIHistoReg.refinement"))
             if resampledVolume is not None and resampledVolume.GetAttribute("MRIHistoReg.resampling"):
                 report["resampling"] = json.loads(resampledVolume.GetAttribute("MRIHistoReg.resampling"))
+                channels = self._writeChannelVolumes(work, resampledVolume)
+                if channels:
+                    report["resampling"]["other_channels"] = channels
             if resultsTable is not None:
                 report["labels"] = {row.pop("label"): row for row in _tableRows(resultsTable)}
             report["figures"] = [os.path.basename(path) for path in figurePaths]
             outputs.writeReport(report, work)
         return os.path.abspath(folder)
+
+    def _writeChannelVolumes(self, work, resampledVolume) -> List[dict]:
+        """The other channels resampled with `resampledVolume`, written as `run` names them (outputs.channelOnMri)."""
+        rows = []
+        for index, node in self._channelVolumes(resampledVolume):
+            name = json.loads(node.GetAttribute("MRIHistoReg.channel"))["name"]
+            fileName = outputs.channelOnMri(index, name)
+            _writeNode(self.scene, node, os.path.join(work, fileName))
+            rows.append({"index": index, "name": name, "file": fileName})
+        return rows
 
     def _refitForReport(self, transformNode, landmarkTable, mriLandmarks, histologyLandmarks, mriVolume):
         """The landmark fit the transform came from, recomputed from the point lists (milliseconds) so the report
@@ -952,7 +1030,7 @@ class MRIHistoRegLogicCore:
 
         return workflow.Image(volumes.arrayFromVolume(volumeNode), volumes.ijkToRas(volumeNode))
 
-    def _openSource(self, path, spacingMm=None):
+    def _openSource(self, path, spacingMm=None, channel=None):
         """A StackSource for `path` with `spacingMm` (opening reads metadata only; use it in a `with` block so its
         file handles are closed). Opened afresh each time, so a file replaced on disk is never read stale."""
         from . import stacks
@@ -962,7 +1040,7 @@ class MRIHistoRegLogicCore:
                 f"Histology stack not found: '{path}'. Choose a TIFF file, a folder of TIFF pages or an NRRD file."
             )
         spacing = None if spacingMm is None else list(self.spacingToMm(spacingMm, "mm"))
-        return stacks.openStack(os.fspath(path), spacingMm=spacing)
+        return stacks.openStack(os.fspath(path), spacingMm=spacing, channel=channel)
 
 
 def _tableRows(tableNode) -> list:

@@ -21,6 +21,8 @@ TRANSFORM = "transform.h5"  # the whole MRI -> histology mapping (refined chain 
 REFINEMENT_TRANSFORM = "refinement_transform.h5"  # the accepted refinement alone (grid transform)
 HISTOLOGY_ON_MRI = "histology_on_mri.nrrd"
 LABELS_ON_MRI = "histology_labels_on_mri.nrrd"
+# another channel of a multi-channel stack through the same mapping (config resample_channels): index and name
+CHANNEL_ON_MRI = "histology_c{index}_{name}_on_mri.nrrd"
 LANDMARKS_MRI = "landmarks_mri.mrk.json"
 LANDMARKS_HISTOLOGY = "landmarks_histology.mrk.json"
 LANDMARK_ERRORS_FIGURE = "landmark_errors.png"
@@ -66,6 +68,14 @@ def writeReport(report: dict, folder) -> dict:
             writer.writerow(["run", "", "total_s", report["timing_s"].get("total")])
         writer.writerow(["run", "", "peak_memory_mb", report.get("peak_memory_mb")])
     return report
+
+
+def channelOnMri(index, name) -> str:
+    """The file name of channel `index` (`name`, made file-safe) resampled onto the MRI grid (CHANNEL_ON_MRI)."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "channel"
+    return CHANNEL_ON_MRI.format(index=int(index), name=safe)
 
 
 def checkDestination(outDir) -> str:

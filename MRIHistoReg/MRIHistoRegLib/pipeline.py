@@ -46,9 +46,10 @@ def peakMemoryMb() -> float:
 
 
 def sha256(path, chunkBytes=16 << 20) -> str:
-    """Checksum of a file, or of every file of a folder (TIFF series) in sorted order."""
+    """Checksum of a file, or of every file of a folder (TIFF series; with its sub-folders, one per channel) in
+    sorted order."""
     digest = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in sorted(os.listdir(path))]
+    files = [path] if os.path.isfile(path) else _folderFiles(path)
     buffer = bytearray(chunkBytes)
     view = memoryview(buffer)
     for name in files:
@@ -61,6 +62,15 @@ def sha256(path, chunkBytes=16 << 20) -> str:
                     break
                 digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _folderFiles(folder) -> list:
+    """Every file under `folder`, sorted by name within each folder, sub-folders (sorted) after the folder's own."""
+    files = []
+    for root, folders, names in os.walk(folder):
+        folders.sort()
+        files.extend(os.path.join(root, name) for name in sorted(names))
+    return files
 
 
 def softwareVersions() -> dict:
@@ -113,6 +123,8 @@ def _runInto(config: RunConfig, work, scene, progress):
     if refinement is not None and refinement.accepted:  # the report describes the transform it ships
         refinement.summary["landmark_jacobian"] = fit.jacobian
     resampled = run.resample(inputs, mapping) if inputs.mri is not None and config.resample else None
+    if resampled is not None and inputs.otherChannels:  # config resample_channels: the same mapping, grid and path
+        resampled[1]["other_channels"] = run.resampleOtherChannels(inputs, mapping)
     evaluation = run.evaluatePoints(mapping) if config.evaluatePoints else None
     labels = run.compareLabels(inputs, mapping) if config.labels else None
     run.writeFiles(inputs, fit, refinement, resampled, labels)
@@ -124,6 +136,7 @@ def _runInto(config: RunConfig, work, scene, progress):
 class _Inputs:
     def __init__(self):
         self.mri = self.source = self.verdict = None
+        self.otherChannels = []  # indices of the stack's channels resampled besides the registration channel
 
 
 class _Run:
@@ -157,6 +170,7 @@ class _Run:
                                                            referenceExtentMm=reference)
                 if not inputs.verdict.ok:
                     self.warn(inputs.verdict.message)
+                inputs.otherChannels = self._otherChannels(inputs.source)
         return inputs
 
     def fitLandmarks(self, inputs):
@@ -205,6 +219,53 @@ class _Run:
         with self.timed("resample"):
             return workflow.resampleOnto(inputs.source, mapping, inputs.mri,
                                          progress=progressLib.scaled(self.progress, 0.5, 0.8))
+
+    def _otherChannels(self, source):
+        """The indices of config.resampleChannels ("all" or indices / names) other than the registration channel,
+        resolved when the stack is opened, so a wrong name stops the run before anything is computed or written."""
+        from MRIHistoRegLib.stacks import chooseChannel
+
+        wanted = self.config.resampleChannels
+        if not wanted:
+            return []
+        names = list(source.channelNames)
+        indices = range(len(names)) if wanted == "all" else [chooseChannel(c, names, source.path) for c in wanted]
+        chosen = []
+        for index in indices:
+            if index != source.channelIndex and index not in chosen:
+                chosen.append(index)
+        if not chosen:
+            self.warn(f"resample_channels {wanted!r}: {source.path} has no channel besides the registration channel "
+                      f"{names[source.channelIndex]} (channels: {', '.join(names)}); nothing more is resampled.")
+        return chosen
+
+    def resampleOtherChannels(self, inputs, mapping):
+        """Each of inputs.otherChannels through the registration channel's one resampling (workflow.resampleOnto:
+        the same mapping and MRI grid, streamed from the original file), each written as outputs.channelOnMri and
+        dropped before the next; returns their rows for the report's resampling section."""
+        from MRIHistoRegLib import stacks, workflow
+
+        rows, count = [], len(inputs.otherChannels)
+        with self.timed("resample_channels"):
+            for number, index in enumerate(inputs.otherChannels):
+                name = inputs.source.channelNames[index]
+                progressLib.report(self.progress, 0.8 + 0.1 * number / count, f"resampling channel {name}")
+                with stacks.openStack(self.config.histology, spacingMm=inputs.source.spacingMm, channel=index) as source:
+                    if tuple(source.shape) != tuple(inputs.source.shape):
+                        raise UserInputError(f"{self.config.histology}: channel {name} has shape {source.shape[::-1]} "
+                                             f"(i, j, k) but the registration channel has {inputs.source.shape[::-1]}. "
+                                             f"Re-export the channels with the same size.")
+                    image, info = workflow.resampleOnto(source, mapping, inputs.mri, progress=progressLib.scaled(
+                        self.progress, 0.8 + 0.1 * number / count, 0.8 + 0.1 * (number + 1) / count))
+                fileName = outputs.channelOnMri(index, name)
+                node = volumes.createVolumeNode(self.scene, image.array, image.ijkToRas, f"Histology {name} on MRI grid")
+                volumes.saveNode(node, os.path.join(self.work, fileName))
+                # one channel's output in memory at a time: the node goes, with its display and storage nodes
+                for owned in (node, node.GetDisplayNode(), node.GetStorageNode()):
+                    if owned is not None:
+                        self.scene.RemoveNode(owned)
+                rows.append({"index": index, "name": name, "file": fileName, "timing_s": info.get("timing_s")})
+        return rows
 
     def evaluatePoints(self, mapping):
         from MRIHistoRegLib import landmarks, workflow

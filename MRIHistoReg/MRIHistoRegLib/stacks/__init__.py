@@ -47,7 +47,7 @@ def openStack(path, spacingMm=None, channel=None):
 def _open(path, spacingMm, channel):
     path = os.fspath(path)
     if os.path.isdir(path):
-        return TiffSeries(path, spacingMm=spacingMm)
+        return TiffSeries(path, spacingMm=spacingMm, channel=channel)
     if not os.path.isfile(path):
         raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
     lower = path.lower()

@@ -196,41 +196,32 @@ class TiffStack(StackSource):
 
 
 class TiffSeries(StackSource):
-    """A folder of 2-D TIFF files, one plane each, in natural sort order."""
+    """A folder of 2-D TIFF files, one plane each, in natural sort order; one channel of a per-channel series.
+
+    Light-sheet software writes channels as one sub-folder each (the user points at the parent) or as one file per
+    plane per channel in one folder (a `C00` / `C01` token in the name, e.g. LaVision's `..._C00_xyz-Table Z0000
+    .ome.tif`): see _seriesChannels. The chosen channel's files are all checked at opening, the others by their
+    plane list and first file (each is checked in full when it is opened itself)."""
 
     kind = "tiff-series"
 
-    def __init__(self, folder, spacingMm=None, files=None):
+    def __init__(self, folder, spacingMm=None, files=None, channel=None):
         from MRIHistoRegLib.deps import requirePackage
 
         tifffile = requirePackage("tifffile")
 
         folder = os.fspath(folder)
-        if files is None:
-            files = [os.path.join(folder, name) for name in os.listdir(folder)
-                     if name.lower().endswith(TIFF_EXTENSIONS) and not name.startswith(".")]
-        files = sorted(files, key=naturalSortKey)
-        if not files:
-            raise UserInputError(f"{folder} holds no .tif/.tiff files. Point to a TIFF file, a folder of TIFF slices or a NRRD.")
+        channels = _seriesChannels(folder, files)
+        self.channelNames = [name for name, _ in channels]
+        self.channelIndex = chooseChannel(channel, self.channelNames, folder)
+        files = channels[self.channelIndex][1]
         self.files = files
         reference = None
         metadata, source = None, None
         for index, name in enumerate(files):
-            try:
-                with tifffile.TiffFile(name) as tif:
-                    page = _firstPage(tif)
-                    if len(tif.pages) != 1:
-                        raise UserInputError(f"{name} has {len(tif.pages)} pages; a TIFF series needs one 2-D image per file. "
-                                         f"Open a multipage TIFF as a file, not as a folder.")
-                    if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
-                        raise UserInputError(f"{name} is not a 2-D grayscale image (shape {page.shape}).")
-                    info = (tuple(page.shape), np.dtype(page.dtype))
-                    if index == 0:
-                        metadata, source = _tiffMetadataSpacing(tif, page, planar=True)
-            except ValueError:
-                raise
-            except Exception as error:
-                raise UserInputError(f"{name} is not a readable TIFF file ({error}). Remove it from the folder or re-export it.") from error
+            info, spacing = _seriesFileInfo(tifffile, name, withSpacing=index == 0)
+            if index == 0:
+                metadata, source = spacing
             if reference is None:
                 reference = info
             elif info != reference:
@@ -238,6 +229,14 @@ class TiffSeries(StackSource):
                     f"TIFF series {folder} is inconsistent: {os.path.basename(name)} is {info[0][1]}x{info[0][0]} {info[1]} "
                     f"but {os.path.basename(files[0])} is {reference[0][1]}x{reference[0][0]} {reference[1]}. "
                     f"All slices must have the same size and type: remove or re-export the odd file.")
+        for name, others in channels:
+            if others is not files:
+                info, _ = _seriesFileInfo(tifffile, others[0], withSpacing=False)
+                if info != reference:
+                    raise UserInputError(
+                        f"TIFF series {folder}: channel {name}'s {others[0]} is {info[0][1]}x{info[0][0]} {info[1]} but "
+                        f"channel {self.channelNames[self.channelIndex]}'s planes are {reference[0][1]}x{reference[0][0]} "
+                        f"{reference[1]}. All channels must have the same plane size and type: re-export that channel.")
         super().__init__(folder, (len(files),) + reference[0], reference[1], metadataSpacingMm=metadata,
                          metadataSpacingSource=source, spacingMm=spacingMm)
 
@@ -254,6 +253,131 @@ class TiffSeries(StackSource):
     @property
     def parallelReads(self):
         return True  # every plane is its own file: threads share nothing (no positional handle needed)
+
+
+def _seriesFileInfo(tifffile, name, withSpacing):
+    """((plane shape, dtype), (metadata spacing, source)) of one file of a series; the spacing only when asked."""
+    spacing = (None, None)
+    try:
+        with tifffile.TiffFile(name) as tif:
+            page = _firstPage(tif)
+            if len(tif.pages) != 1:
+                raise UserInputError(f"{name} has {len(tif.pages)} pages; a TIFF series needs one 2-D image per file. "
+                                     f"Open a multipage TIFF as a file, not as a folder.")
+            if getattr(page, "samplesperpixel", 1) != 1 or len(page.shape) != 2:
+                raise UserInputError(f"{name} is not a 2-D grayscale image (shape {page.shape}).")
+            info = (tuple(page.shape), np.dtype(page.dtype))
+            if withSpacing:
+                spacing = _tiffMetadataSpacing(tif, page, planar=True)
+    except ValueError:
+        raise
+    except Exception as error:
+        raise UserInputError(f"{name} is not a readable TIFF file ({error}). Remove it from the folder or re-export it.") from error
+    return info, spacing
+
+
+# A channel token as light-sheet software writes it: LaVision/Miltenyi UltraMicroscope and Blaze '..._C00_xyz-Table
+# Z0000.ome.tif', Fiji's Split Channels 'C1-name': a C and digits, not inside a word. The plane token: 'Z0000'.
+_CHANNEL_TOKEN = re.compile(r"(?<![A-Za-z0-9])C(\d+)(?![A-Za-z])")
+_PLANE_TOKEN = re.compile(r"(?<![A-Za-z0-9])[Zz](\d+)(?![A-Za-z])")
+_TILE_TOKEN = re.compile(r"\[\s*(\d+)\s*x\s*(\d+)\s*\]")
+
+
+def _tiffFiles(folder):
+    return sorted((os.path.join(folder, name) for name in os.listdir(folder)
+                   if name.lower().endswith(TIFF_EXTENSIONS) and not name.startswith(".")
+                   and os.path.isfile(os.path.join(folder, name))), key=naturalSortKey)
+
+
+def _seriesChannels(folder, files=None):
+    """[(channel name, its files in plane order)] of a TIFF series folder: the folder's own TIFFs (split by their
+    C token when they carry several), else one channel per sub-folder holding TIFFs (named after it). Every
+    channel must have the same planes: a missing plane is an error naming it and the file the others have."""
+    if files is None:
+        files = _tiffFiles(folder)
+    files = sorted((os.fspath(f) for f in files), key=naturalSortKey)
+    if files:
+        channels = _splitByChannelToken(folder, files)
+    else:
+        subfolders = sorted((os.path.join(folder, n) for n in os.listdir(folder)
+                             if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))), key=naturalSortKey)
+        channels = [(os.path.basename(sub), _tiffFiles(sub)) for sub in subfolders]
+        channels = [(name, names) for name, names in channels if names]
+        if not channels:
+            raise UserInputError(f"{folder} holds no .tif/.tiff files (nor sub-folders of them, one per channel). "
+                                 f"Point to a TIFF file, a folder of TIFF slices or a NRRD.")
+        if len(channels) > 1:
+            LOG.info("%s: one channel per sub-folder: %s", folder, ", ".join(name for name, _ in channels))
+    _checkSamePlanes(folder, channels)
+    return channels
+
+
+def _splitByChannelToken(folder, files):
+    tiles = {m.groups() for m in (_TILE_TOKEN.search(os.path.basename(f)) for f in files) if m}
+    if len(tiles) > 1:
+        raise UserInputError(f"{folder} holds {len(tiles)} mosaic tiles ([{' x '.join(sorted(tiles)[0])}], "
+                             f"[{' x '.join(sorted(tiles)[1])}], ...): stitch them first (e.g. Fiji's Grid/Collection "
+                             f"stitching or BigStitcher) and open the stitched stack.")
+    tokens = [_CHANNEL_TOKEN.findall(os.path.basename(f)) for f in files]
+    values = {t[-1] for t in tokens if t}
+    if len(values) <= 1:
+        name = f"C{values.pop()}" if values and all(tokens) else "C0"
+        return [(name, files)]
+    untagged = [f for f, t in zip(files, tokens) if not t]
+    if untagged:
+        raise UserInputError(f"{folder}: {os.path.basename(untagged[0])} has no channel token (C00, C01, ...) but "
+                             f"other files do ({len(values)} channels). Move the odd file out of the folder.")
+    byValue = {}
+    for f, t in zip(files, tokens):
+        byValue.setdefault(t[-1], []).append(f)
+    order = sorted(byValue, key=int)
+    LOG.info("%s: %d channels by file name: %s", folder, len(order), ", ".join(f"C{v}" for v in order))
+    return [(f"C{v}", byValue[v]) for v in order]
+
+
+def _planeNumbers(names):
+    """The Z token of each file name, or None when some name has none or all share one (then it is part of the
+    series' name, e.g. 'run_Z1_0001.tif', not a plane number)."""
+    numbers = []
+    for name in names:
+        found = _PLANE_TOKEN.findall(os.path.basename(name))
+        if not found:
+            return None
+        numbers.append(int(found[-1]))
+    return None if len(names) > 1 and len(set(numbers)) == 1 else numbers
+
+
+def _checkSamePlanes(folder, channels):
+    """Every channel has the same planes (by Z token where all names have one, else by count); no Z repeats."""
+    numbered = []
+    for name, names in channels:
+        numbers = _planeNumbers(names)
+        if numbers is not None and len(set(numbers)) != len(numbers):
+            repeated = sorted(n for n in set(numbers) if numbers.count(n) > 1)[0]
+            clash = [os.path.basename(f) for f, n in zip(names, numbers) if n == repeated]
+            raise UserInputError(f"{folder}: channel {name} has plane Z{repeated} twice ({clash[0]}, {clash[1]}). "
+                                 f"Remove the duplicate (or the other tile) from the folder.")
+        numbered.append(numbers)
+    if len(channels) < 2:
+        return
+    if all(n is not None for n in numbered):
+        union = set().union(*map(set, numbered))
+        for (name, names), numbers in zip(channels, numbered):
+            missing = sorted(union - set(numbers))
+            if missing:
+                z = missing[0]
+                other = next((f for (_, fs), ns in zip(channels, numbered) for f, n in zip(fs, ns) if n == z))
+                raise UserInputError(f"{folder}: channel {name} has no plane Z{z} (there is {other} in another "
+                                     f"channel); {len(missing)} plane(s) missing in {name}. Re-export that channel "
+                                     f"or remove the extra planes, so every channel has the same planes.")
+        return
+    counts = [len(names) for _, names in channels]
+    if len(set(counts)) > 1:
+        reference = max(counts)
+        name, names = next(c for c in channels if len(c[1]) != reference)
+        raise UserInputError(f"{folder}: channel {name} has {len(names)} planes but others have {reference} (its last "
+                             f"file is {names[-1]}). Every channel needs the same planes: re-export the channel or "
+                             f"remove the extra files.")
 
 
 def _channelLayout(tif, path, count):
