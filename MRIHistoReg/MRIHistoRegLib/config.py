@@ -46,6 +46,7 @@ class RunConfig:
     bigWarpFlipXY: bool = True  # BigWarp point files: Fiji x, y -> RAS -x, -y (landmarks module)
     histologyChannel: Optional[object] = None  # index (int) or name (str) of a multi-channel stack's channel
     resampleChannels: Optional[object] = None  # other channels resampled too: a list of indices/names, or "all"
+    histologySegmentation: Optional[dict] = None  # labels.histology as a segmentation of a signal channel
 
     @property
     def refineSettings(self) -> dict:
@@ -97,12 +98,13 @@ def parseConfig(raw, path) -> RunConfig:
         refine=options["refine"],
         workingSpacingMm=options["workingSpacingMm"],
         tpsRegularization=options["tpsRegularization"],
-        labels=fields.pair("labels", required=False),
+        labels=fields.pair("labels", required=False, segmentable=True),
         evaluatePoints=fields.pair("evaluate_points", required=False),
         refinePreset=_refinePreset(raw.get("refine_preset", DEFAULT_REFINE_PRESET), path),
         mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
         histologyChannel=_histologyChannel(raw.get("histology_channel"), path),
         resampleChannels=resampleChannels(raw.get("resample_channels"), f"Config {path}: field 'resample_channels'"),
+        histologySegmentation=_segmentation((raw.get("labels") or {}).get("histology"), path),
     )
 
 
@@ -119,6 +121,39 @@ def resampleChannels(value, what):
         return list(value)
     raise UserInputError(f"{what} must be \"all\" or a list of channel indices (0, 1, ...) or names (`python -m "
                          f"MRIHistoRegLib info STACK` lists them), got {value!r}.")
+
+
+_SEGMENTATION_FIELDS = {"segment_channel", "threshold", "seed_ijk", "crop_ijk", "fill_holes"}
+
+
+def _segmentation(spec, path) -> Optional[dict]:
+    """labels.histology given as {"segment_channel": INDEX|NAME, "threshold": T|null, "seed_ijk": [i, j, k]|null,
+    "crop_ijk": [[i0, i1], [j0, j1], [k0, k1]]|null, "fill_holes": true}: segmentStack's arguments, checked."""
+    if not isinstance(spec, dict):
+        return None
+    where = f"Config {path}: field 'labels.histology'"
+    unknown = sorted(set(spec) - _SEGMENTATION_FIELDS)
+    if unknown or "segment_channel" not in spec:
+        raise UserInputError(f"{where} is either a label map path or a segmentation {{\"segment_channel\": INDEX or "
+                             f"NAME, \"threshold\", \"seed_ijk\", \"crop_ijk\", \"fill_holes\"}}; got the field(s) "
+                             f"{sorted(spec)}.")
+    threshold = spec.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):
+        raise UserInputError(f"{where}: 'threshold' must be a number or null (Otsu's threshold), got {threshold!r}.")
+    seed = spec.get("seed_ijk")
+    if seed is not None and (not isinstance(seed, list) or len(seed) != 3
+                             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seed)):
+        raise UserInputError(f"{where}: 'seed_ijk' must be three voxel indices [i, j, k] of the tumour, got {seed!r}.")
+    crop = spec.get("crop_ijk")
+    if crop is not None and (not isinstance(crop, list) or len(crop) != 3
+                             or not all(isinstance(r, list) and len(r) == 2 for r in crop)):
+        raise UserInputError(f"{where}: 'crop_ijk' must be [[i0, i1], [j0, j1], [k0, k1]] (voxels), got {crop!r}.")
+    fill = spec.get("fill_holes", True)
+    if not isinstance(fill, bool):
+        raise UserInputError(f"{where}: 'fill_holes' must be true or false, got {fill!r}.")
+    return {"channel": _histologyChannel(spec["segment_channel"], path), "threshold": threshold, "seedIjk": seed,
+            "roi": None if crop is None else tuple(tuple(r) for r in crop), "fillHoles": fill}
 
 
 def _histologyChannel(channel, path):
@@ -159,7 +194,7 @@ class _PathFields:
                                  f"(relative paths resolve against the config's folder).")
         return os.path.normpath(full)
 
-    def pair(self, key, required):
+    def pair(self, key, required, segmentable=False):
         value = self.raw.get(key)
         if value is None:
             if required:
@@ -167,7 +202,8 @@ class _PathFields:
             return {}
         if not isinstance(value, dict) or set(value) != {"mri", "histology"}:
             raise UserInputError(f"Config {self.path}: field '{key}' must be an object with exactly the keys 'mri' and 'histology', got {value!r}.")
-        return {side: self.existingPath(f"{key}.{side}", value[side]) for side in ("mri", "histology")}
+        sides = ("mri",) if segmentable and isinstance(value["histology"], dict) else ("mri", "histology")
+        return {side: self.existingPath(f"{key}.{side}", value[side]) for side in sides}
 
 
 def _histologySpacing(spacing, path) -> Optional[Tuple[float, float, float]]:

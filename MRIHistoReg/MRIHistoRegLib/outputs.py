@@ -23,13 +23,14 @@ HISTOLOGY_ON_MRI = "histology_on_mri.nrrd"
 LABELS_ON_MRI = "histology_labels_on_mri.nrrd"
 # another channel of a multi-channel stack through the same mapping (config resample_channels): index and name
 CHANNEL_ON_MRI = "histology_c{index}_{name}_on_mri.nrrd"
+HISTOLOGY_SEGMENTATION = "histology_segmentation.nrrd"  # the signal channel's label at native resolution
 LANDMARKS_MRI = "landmarks_mri.mrk.json"
 LANDMARKS_HISTOLOGY = "landmarks_histology.mrk.json"
 LANDMARK_ERRORS_FIGURE = "landmark_errors.png"
 JACOBIAN_FIGURE = "jacobian.png"
 # every section of report.json, present (null when a step did not run) whichever front wrote it
 REPORT_SECTIONS = ("name", "config", "inputs", "histology", "landmarks", "landmark_summary", "pairing", "transform",
-                   "jacobian", "refinement", "resampling", "evaluation", "labels", "figures", "warnings", "timing_s",
+                   "jacobian", "refinement", "resampling", "evaluation", "labels", "histology_segmentation", "figures", "warnings", "timing_s",
                    "peak_memory_mb", "software")
 
 

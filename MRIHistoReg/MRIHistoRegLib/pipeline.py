@@ -147,6 +147,7 @@ class _Run:
         self.timed = _Timer()
         self.warnings = []
         self.figures = []
+        self.segmentation = None  # segment.Segmentation when labels.histology is a segmentation
         self.start = time.perf_counter()
 
     def warn(self, message):
@@ -278,7 +279,9 @@ class _Run:
     def compareLabels(self, inputs, mapping):
         progressLib.report(self.progress, 0.8, "comparing tumour labels")
         with self.timed("labels"):
-            return _compareLabels(self.scene, self.config, inputs, mapping)
+            rows, transferred, self.segmentation = _compareLabels(self.scene, self.config, inputs, mapping, self.work,
+                                                                  progressLib.scaled(self.progress, 0.8, 0.88))
+            return rows, transferred
 
     def writeFiles(self, inputs, fit, refinement, resampled, labels):
         from MRIHistoRegLib import figures, refine, transforms
@@ -332,6 +335,7 @@ class _Run:
             "jacobian": jacobian, "refinement": None if refinement is None else refinement.summary,
             "resampling": None if resampled is None else resampled[1], "evaluation": evaluation,
             "labels": None if labels is None else labels[0],
+            "histology_segmentation": None if self.segmentation is None else _segmentationSection(self.segmentation, work),
             "figures": [os.path.basename(p) for p in self.figures], "warnings": self.warnings,
             "timing_s": dict(self.timed.timings, total=round(time.perf_counter() - self.start, 3)),
             "peak_memory_mb": peakMemoryMb(), "software": softwareVersions(),
@@ -339,7 +343,7 @@ class _Run:
         return outputs.writeReport(report, work)
 
 
-def _compareLabels(scene, config, inputs, mapping):
+def _compareLabels(scene, config, inputs, mapping, work, progress=None):
     """The label maps from the config: the MRI's on the MRI grid, the histology's streamed from the stack's grid
     (only the labelled box is kept)."""
     from MRIHistoRegLib import compare, stacks, workflow
@@ -349,19 +353,43 @@ def _compareLabels(scene, config, inputs, mapping):
     if inputs.mri is not None and mriLabels.shape != inputs.mri.shape:
         raise UserInputError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has "
                              f"{inputs.mri.shapeIjk}: the MRI label map must be on the MRI's grid.")
-    source = inputs.source
-    with stacks.openStack(config.labels["histology"]) as labelSource:
-        if tuple(labelSource.shape) != tuple(source.shape):
-            raise UserInputError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the "
-                                 f"histology stack has {tuple(source.shape)[::-1]}: the label map must be on the "
-                                 f"histology stack's grid.")
-        # on the stack's grid, so the stack's corrected geometry applies whatever the label file's header claims
-        histologyLabels, histologyIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
+    source, segmentation = inputs.source, None
+    if config.histologySegmentation is not None:
+        segmentation = _segmentHistology(config, inputs, work, progress)
+        histologyLabels, histologyIjkToRas = segmentation.crop, segmentation.cropIjkToRas
+    else:
+        with stacks.openStack(config.labels["histology"]) as labelSource:
+            if tuple(labelSource.shape) != tuple(source.shape):
+                raise UserInputError(f"labels.histology has shape {tuple(labelSource.shape)[::-1]} (i, j, k) but the "
+                                     f"histology stack has {tuple(source.shape)[::-1]}: the label map must be on the "
+                                     f"histology stack's grid.")
+            # on the stack's grid, so the stack's corrected geometry applies whatever the label file's header claims
+            histologyLabels, histologyIjkToRas = compare.readLabelCrop(labelSource, ijkToRas=source.ijkToRas())
     for name, array in (("labels.mri", mriLabels), ("labels.histology", histologyLabels)):
         if not np.any(array):
             raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
     mriImage = workflow.Image(mriLabels, inputs.mri.ijkToRas if inputs.mri is not None else volumes.ijkToRas(mriLabelNode))
-    return workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
+    rows, transferred = workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
+    return rows, transferred, segmentation
+
+
+def _segmentHistology(config, inputs, work, progress):
+    """labels.histology from a segmentation of a signal channel at the stack's native resolution, written into the
+    report folder (outputs.HISTOLOGY_SEGMENTATION) on the stack's grid with its corrected geometry."""
+    from MRIHistoRegLib import segment, stacks
+
+    spec = config.histologySegmentation
+    signal = stacks.openStack(config.histology, spacingMm=inputs.source.spacingMm, channel=spec["channel"])
+    with signal:
+        return segment.segmentStack(signal, threshold=spec["threshold"], seedIjk=spec["seedIjk"], roi=spec["roi"],
+                                    fillHoles=spec["fillHoles"], outPath=os.path.join(work, outputs.HISTOLOGY_SEGMENTATION),
+                                    progress=progress)
+
+
+def _segmentationSection(segmentation, work) -> dict:
+    section = segmentation.toDict()
+    section["label_path"] = os.path.relpath(segmentation.labelPath, work) if segmentation.labelPath else None
+    return section
 
 
 def _jacobianFigure(mapping, mriShape, mriIjkToRas, histologyOnMri, path):
