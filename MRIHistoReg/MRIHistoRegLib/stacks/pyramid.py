@@ -1,0 +1,112 @@
+"""Which pyramid level the downsampler reads: the coarsest one still finer than (or equal to) the target spacing
+along every axis, that holds the requested box on its own voxel grid, and that is a mean pooling of the level
+below it.
+
+The rule for trusting a level (decided here, tested in Testing/test_omezarr.py): a level is used only when its
+spacing is an integer multiple of the finer level's along every axis AND a spot check passes - one block of up
+to 8^3 voxels at the level's centre equals the mean of the finer level's corresponding blocks (within one unit
+for integer data, which a writer rounds or truncates, and 1e-4 relative for floats). The check reads two small
+blocks per level step, never a whole level. A pyramid made otherwise (ome-zarr-py's default nearest-neighbour
+scaler, a Gaussian or a subsampled level) fails it and the downsampler falls back to the finest level that
+passed (level 0 at worst), with a log line saying why: aliasing would silently change intensities.
+
+Consequence: when the target spacing is an integer multiple of the chosen level's along every axis (the "level
+factors divide evenly"), the result equals the exact area average of level 0 up to the level's own rounding
+(float rounding for float pyramids, half a unit for integer ones, whose stored means are rounded). Otherwise it
+is the exact area average of the chosen level, boxes cutting its voxels fractionally.
+"""
+import logging
+import math
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+_CHECK = 8  # coarse voxels per axis in the spot check (512 voxels: enough to tell a mean from a subsampling)
+
+
+def _integerRatio(coarse, fine):
+    ratio = np.asarray(coarse, float) / np.asarray(fine, float)
+    rounded = np.round(ratio)
+    if np.all(rounded >= 1) and np.all(np.abs(ratio - rounded) < 1e-6 * ratio):
+        return rounded.astype(int)
+    return None
+
+
+def isMeanPooled(fine, coarse, ratio):
+    """True when a central block of `coarse` (a StackSource) equals the `ratio` (i, j, k) mean pooling of
+    `fine` within the data type's rounding. Reads one small block of each."""
+    ri, rj, rk = (int(r) for r in ratio)
+    size = [min(_CHECK, n) for n in coarse.shape]  # (k, j, i)
+    start = [(n - s) // 2 for n, s in zip(coarse.shape, size)]
+    factors = (rk, rj, ri)
+    ends = [(a + s) * f for a, s, f in zip(start, size, factors)]
+    if any(e > n for e, n in zip(ends, fine.shape)):
+        return False
+    block = coarse.readRegion(start[0], start[0] + size[0], start[1], start[1] + size[1], start[2], start[2] + size[2])
+    data = fine.readRegion(start[0] * rk, ends[0], start[1] * rj, ends[1], start[2] * ri, ends[2])
+    pooled = data.reshape(size[0], rk, size[1], rj, size[2], ri).mean(axis=(1, 3, 5), dtype=np.float64)
+    difference = np.abs(block.astype(np.float64) - pooled)
+    if np.dtype(coarse.dtype).kind in "iub":
+        return bool(np.all(difference <= 1.0 + 1e-9))
+    return bool(np.all(difference <= 1e-4 * max(1.0, float(np.max(np.abs(pooled))))))
+
+
+def _boxOnLevel(box, factorToLevel0, targetFactors, levelShape):
+    """The level-0 crop box ((i0, i1), (j0, j1), (k0, k1)) on a level `factorToLevel0` (i, j, k) times coarser,
+    covering exactly the boxes the level-0 plan keeps, or None when the box's start is not on the level's grid
+    or the level does not reach its end."""
+    result = []
+    for (a, b), f, big, n in zip(box, factorToLevel0, targetFactors, levelShape[::-1]):
+        if a % f:
+            return None
+        length = b - a
+        count = max(1, int(math.floor(length / big + 1e-9)))
+        end = min(count * big, length) if length >= big * (1 - 1e-9) else length  # the last kept box edge
+        stop = a // f + int(math.ceil(end / f - 1e-7))
+        if stop > n:
+            return None
+        result.append((a // f, stop))
+    return tuple(result)
+
+
+def chooseLevel(source, targetSpacingMm, box, level=None):
+    """(level index, the level's StackSource, the box on that level) to read for a downsampling of `source` to
+    `targetSpacingMm` (i, j, k) mm over the level-0 voxel box `box`.
+
+    level None: the rule in the module docstring. An int: that level (no spot check: the caller vouches for
+    it), refused when it is coarser than the target or the box is not on its grid."""
+    from MRIHistoRegLib.errors import UserInputError
+
+    levels = source.levels
+    target = np.asarray(targetSpacingMm, float)
+    spacing0 = np.asarray(levels[0].spacingMm, float)
+    targetFactors = target / spacing0
+    if level is not None:
+        level = int(level)
+        if not 0 <= level < len(levels):
+            raise UserInputError(f"{source.path} has levels 0..{len(levels) - 1}; no level {level}. Give one of them.")
+        factor = _integerRatio(levels[level].spacingMm, spacing0)
+        onLevel = None if factor is None else _boxOnLevel(box, factor, targetFactors, levels[level].shape)
+        if level and (np.any(np.asarray(levels[level].spacingMm) > target * (1 + 1e-6)) or onLevel is None):
+            raise UserInputError(f"Level {level} of {source.path} (spacing {levels[level].spacingMm} mm) is coarser than the "
+                                 f"target {tuple(target)} mm or does not hold the crop on its grid: choose a finer level.")
+        return level, levels[level], (onLevel if level else box)
+    chosen, chosenBox = 0, box
+    for n in range(1, len(levels)):
+        coarse, fine = levels[n], levels[n - 1]
+        if np.any(np.asarray(coarse.spacingMm) > target * (1 + 1e-6)):
+            break
+        step = _integerRatio(coarse.spacingMm, fine.spacingMm)
+        factor = _integerRatio(coarse.spacingMm, spacing0)
+        onLevel = None if factor is None else _boxOnLevel(box, factor, targetFactors, coarse.shape)
+        if step is None or onLevel is None:
+            LOG.info("%s: level %d not used (its spacing is not an integer multiple of level %d's, or the crop is not "
+                     "on its grid)", source.path, n, n - 1)
+            break
+        if not isMeanPooled(fine, coarse, step):
+            LOG.warning("%s: level %d is not the mean of level %d (the pyramid was not made by area averaging): "
+                        "downsampling from level %d instead, which reads more data", source.path, n, n - 1, chosen)
+            break
+        chosen, chosenBox = n, onLevel
+    return chosen, levels[chosen], chosenBox
