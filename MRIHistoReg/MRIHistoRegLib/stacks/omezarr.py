@@ -298,7 +298,8 @@ class OmeZarrStack(StackSource):
 
     def _readPlaneInto(self, k, out):
         array = self._pyramid.arrays[self.level]
-        depth = int(array.chunks[self._pyramid.axes.zyx[0]])
+        grid = getattr(array, "shards", None) or array.chunks  # a sharded v3 array is read shard by shard
+        depth = int(grid[self._pyramid.axes.zyx[0]])
         if depth * out.nbytes > _SLAB_BYTES or depth == 1:
             out[...] = self._read(k, slice(None), slice(None))
             return
