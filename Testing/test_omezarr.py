@@ -118,6 +118,8 @@ def test_ome_zarr_writer_shape_spacing_channels_levels(tmp_path, fmt):
         np.testing.assert_allclose(level.ijkToRas()[:3, 3], (-shift[0], -shift[1], shift[2]), atol=1e-12)
         np.testing.assert_array_equal(level.readPlane(level.shape[0] // 2), _pool(data, f)[1, level.shape[0] // 2])
     np.testing.assert_array_equal(stacks.openStack(path).readAll(), data[0])
+    result, _ = downsample.downsampleStack(source, tuple(8 * np.array([0.00325, 0.00325, 0.005])))
+    np.testing.assert_allclose(result, data[1].astype(np.float64).reshape(4, 8, 6, 8, 8, 8).mean(axis=(1, 3, 5)), rtol=2e-6)
 
 
 def test_plain_zarr_v2_store(tmp_path):
@@ -169,6 +171,23 @@ def test_dividing_factors_equal_the_area_average_of_level0(tmp_path, caplog):
     np.testing.assert_allclose(matrix, fullMatrix, atol=1e-12)
     # the output's first voxel centre is the centre of level 0's first 8x8x8 box (voxel 3.5)
     np.testing.assert_allclose(matrix[:3, 3], (-3.5 * 0.00325, -3.5 * 0.00325, 3.5 * 0.005))
+
+
+def test_levels_without_translations_give_level0_geometry(tmp_path, caplog):
+    """Many writers give levels a scale only (ome-zarr-py's write_multiscale without translations): the level's
+    own ijkToRas follows the file, the downsampled output keeps level 0's boxes and geometry (with a warning)."""
+    data = _data()
+    transforms = [[{"type": "scale", "scale": [1.0] + list(S0 * 2 ** n)}] for n in range(3)]
+    path = _plainV2(tmp_path / "p.zarr", _meanPyramid(data), transforms=transforms)
+    source = stacks.openStack(path)
+    np.testing.assert_allclose(source.levels[2].ijkToRas()[:3, 3], 0.0)
+    target = tuple(8 * np.array([0.00325, 0.00325, 0.005]))
+    caplog.set_level(logging.INFO)
+    result, matrix = downsample.downsampleStack(source, target)
+    assert "pyramid level 2 of 3" in caplog.text and "keeps level 0's geometry" in caplog.text
+    np.testing.assert_allclose(matrix[:3, 3], (-3.5 * 0.00325, -3.5 * 0.00325, 3.5 * 0.005))
+    np.testing.assert_allclose(matrix, downsample.outputGeometry(source, target)[1], atol=1e-12)
+    np.testing.assert_allclose(result, data[0].astype(np.float64).reshape(4, 8, 6, 8, 8, 8).mean(axis=(1, 3, 5)), rtol=2e-6)
 
 
 def test_integer_pyramid_is_within_its_rounding(tmp_path):

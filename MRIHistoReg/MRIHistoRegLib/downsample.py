@@ -532,17 +532,31 @@ def _work(run, w):
 
 
 def _levelToRead(source, targetSpacingMm, crop, level):
-    """(the pyramid level's source, the crop on its grid) a downsampling reads: the source itself when it has
-    one level or level 0 is asked for, else stacks.pyramid.chooseLevel's pick (rule in its docstring)."""
+    """(the pyramid level's source, the crop on its grid, the output geometry or None) a downsampling reads:
+    the source itself when it has one level or level 0 is asked for, else stacks.pyramid.chooseLevel's pick
+    (rule in its docstring). A level picked by that rule was checked to be a corner-aligned mean pooling of
+    level 0, so the output's boxes are level 0's and so is its geometry (outputGeometry): the result does not
+    depend on the level read, even where a file's level translations say otherwise (many writers omit them)."""
     if level == 0 or (level is None and len(source.levels) < 2):
-        return source, crop
+        return source, crop, None
     from MRIHistoRegLib.stacks.pyramid import chooseLevel
 
     _, target = _factors(source, targetSpacingMm)  # validates the target against level 0
     index, chosen, box = chooseLevel(source, target, resolveCrop(source, crop), level)
     LOG.info("downsampling %s from pyramid level %d of %d: shape %s, spacing %s mm", source.path, index,
              len(source.levels), chosen.shape, _millimetres(chosen.spacingMm))
-    return chosen, box
+    if index == 0 or level is not None:
+        return chosen, box, None
+    shape, geometry = outputGeometry(source, target, crop)
+    levelShape, levelGeometry = outputGeometry(chosen, target, box)
+    if levelShape != shape:  # not expected (pyramid.chooseLevel maps the kept boxes exactly): keep the level's
+        LOG.warning("%s: level %d gives %s output voxels, level 0 %s: using level %d's geometry", source.path, index,
+                    levelShape, shape, index)
+        return chosen, box, None
+    if np.max(np.abs(levelGeometry[:3, 3] - geometry[:3, 3])) > 1e-3 * min(source.spacingMm):
+        LOG.warning("%s: level %d's translation in the file does not place its voxels at the centres of the level-0 "
+                    "boxes they average (the data do): the output keeps level 0's geometry", source.path, index)
+    return chosen, box, geometry
 
 
 def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=None, level=None):
@@ -556,7 +570,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
     target that passes stacks.pyramid's mean-pooling check; an int reads that level; 0 the full resolution.
     Returns (array float32 [k, j, i], ijkToRas 4x4). Cancel by raising progress.Cancelled (or returning True)
     from the progress callback."""
-    source, crop = _levelToRead(source, targetSpacingMm, crop, level)
+    source, crop, geometry = _levelToRead(source, targetSpacingMm, crop, level)
     run = _Run(source, targetSpacingMm, crop, workers)
     threads = [threading.Thread(target=_work, args=(run, w), name=f"downsample-{w}", daemon=True)
                for w in range(run.count)]
@@ -570,7 +584,7 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
         raise error
     if finished != run.total:
         raise RuntimeError(f"downsampling stopped after {finished} of {run.total} planes")
-    return run.output, run.geometry
+    return run.output, run.geometry if geometry is None else geometry
 
 
 def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None, level=None):
