@@ -431,3 +431,25 @@ def test_cli_downsample_to_ome_zarr(tmp_path):
     written = stacks.openStack(out)
     np.testing.assert_allclose(written.spacingMm, (0.026, 0.026, 0.026))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]
+
+
+def test_a_resampled_volume_node_keeps_its_orientation(tmp_path, scene):
+    """NGFF 0.4 has no orientation: an MRI-grid volume (RAS axes, rotated) is written axis-aligned for other
+    readers and its IJK->RAS kept in our own attributes, which our reader restores exactly (levels included)."""
+    from MRIHistoRegLib import volumes
+    from MRIHistoRegLib.stacks.omezarr import writeVolumeNodeOmeZarr
+
+    angle = np.deg2rad(20)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) @ np.diag([0.1, 0.1, 0.15])
+    matrix[:3, 3] = (-5.0, 3.0, 12.0)
+    data = _data(shape=(40, 36, 44))
+    node = volumes.createVolumeNode(scene, data, matrix, "histology_on_mri")
+    out = writeVolumeNodeOmeZarr(node, tmp_path / "on_mri.ome.zarr")
+    source = stacks.openStack(out)
+    np.testing.assert_allclose(source.ijkToRas(), matrix, atol=1e-12)
+    np.testing.assert_array_equal(source.readAll(), data)
+    np.testing.assert_allclose(source.levels[1].ijkToRas() @ [0, 0, 0, 1], matrix @ [0.5, 0.5, 0.5, 1], atol=1e-12)
+    group = zarr.open_group(str(out), mode="r")  # what another reader sees: mm scales, no rotation
+    np.testing.assert_allclose(group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"],
+                               (0.15, 0.1, 0.1))

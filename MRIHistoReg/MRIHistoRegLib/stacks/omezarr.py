@@ -29,6 +29,7 @@ LOG = logging.getLogger(__name__)
 
 OME_ZARR_EXTENSIONS = (".zarr",)  # ".ome.zarr" ends with it too
 _EXTRA_UNITS_MM = {"angstrom": 1e-7, "picometer": 1e-9, "decimeter": 100.0}
+_OUR_KEY = "mrihistoreg"  # writeOmeZarr's extra attributes: level 0's IJK->RAS (directions NGFF 0.4 cannot hold)
 _SLAB_BYTES = 256 << 20  # above this a chunk-deep slab is not cached: planes are read one by one
 
 
@@ -154,6 +155,7 @@ class _Pyramid:
             self.translations.append(shift[zyx][::-1])
         self._checkLevels()
         self.channelNames = self._channelNames(attrs)
+        self.orientation = _ourOrientation(attrs)
 
     def _checkLevels(self):
         first = self.arrays[0]
@@ -181,6 +183,16 @@ class _Pyramid:
         if len(labels) == count and all(isinstance(label, str) and label for label in labels):
             return tuple(labels)
         return tuple(f"C{c}" for c in range(count))
+
+
+def _ourOrientation(attrs):
+    """Level 0's IJK->RAS as writeOmeZarr stored it (NGFF 0.4 has no orientation), or None."""
+    matrix = (attrs.get(_OUR_KEY) or {}).get("ijk_to_ras")
+    if matrix is None:
+        return None
+    matrix = np.asarray(matrix, float)
+    ok = matrix.shape == (4, 4) and np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:3, :3])) > 0
+    return matrix if ok else None
 
 
 def _openGroup(path, version, store):
@@ -267,12 +279,18 @@ class OmeZarrStack(StackSource):
         """LPS axes along i, j, k; the origin is the level's translation (measured in level-0 voxels, so that a
         user spacing moves the levels together)."""
         m = super().ijkToRas()
-        spacing0 = np.asarray(self._pyramid.scales[0])
-        shift = np.asarray(self._pyramid.translations[self.level]) / spacing0  # level-0 voxels
-        effective0 = np.asarray(self.spacingMm) * spacing0 / np.asarray(self._pyramid.scales[self.level])
-        origin = shift * effective0
+        pyramid = self._pyramid
+        spacing0 = np.asarray(pyramid.scales[0])
+        effective0 = np.asarray(self.spacingMm) * spacing0 / np.asarray(pyramid.scales[self.level])
+        if pyramid.orientation is not None:  # written by writeOmeZarr: its directions and origin, exactly
+            directions = pyramid.orientation[:3, :3] / np.linalg.norm(pyramid.orientation[:3, :3], axis=0)
+            shift = (np.asarray(pyramid.translations[self.level]) - pyramid.translations[0]) / spacing0
+            m[:3, :3] = directions * np.asarray(self.spacingMm)[None, :]
+            m[:3, 3] = pyramid.orientation[:3, 3] + directions @ (shift * effective0)
+            return m
+        origin = np.asarray(pyramid.translations[self.level]) / spacing0 * effective0
         m[:3, 3] = (-origin[0], -origin[1], origin[2])
-        return m
+        return m + 0.0  # no -0.0 in printed matrices
 
     def _index(self, zs, ys, xs):
         axes = self._pyramid.axes
@@ -341,8 +359,8 @@ def _ngffGeometry(ijkToRas, path):
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
     expected = np.diag([-1.0, -1.0, 1.0]) * spacing[None, :]
     if not np.allclose(matrix[:3, :3], expected, atol=1e-9 * max(spacing)):
-        LOG.warning("%s: OME-NGFF 0.4 stores no orientation; the volume's directions are dropped (written with "
-                    "its axes i, j, k along x, y, z)", path)
+        LOG.info("%s: OME-NGFF 0.4 stores no orientation: other readers see the axes i, j, k along x, y, z; "
+                 "MRIHistoReg reads the directions back from the '%s' attributes", path, _OUR_KEY)
     origin = matrix[:3, 3]
     return spacing, np.array([-origin[0], -origin[1], origin[2]])
 
@@ -394,11 +412,20 @@ def writeOmeZarr(array, ijkToRas, outPath, name=None, minimumSize=16, maxLevels=
             "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")],
             "datasets": datasets, "type": "mean",
             "metadata": {"method": "2x2x2 mean pooling (MRIHistoReg)"}}]
+        group.attrs[_OUR_KEY] = {"ijk_to_ras": np.asarray(ijkToRas, float).tolist()}
         os.replace(temp, outPath)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return outPath
+
+
+def writeVolumeNodeOmeZarr(volumeNode, outPath, **options):
+    """writeOmeZarr of a scalar volume node (e.g. a resampled output on the MRI grid), geometry included."""
+    from MRIHistoRegLib import volumes
+
+    return writeOmeZarr(volumes.arrayFromVolume(volumeNode), volumes.ijkToRas(volumeNode), outPath,
+                        name=volumeNode.GetName(), **options)
 
 
 def _writeLevel(group, name, data, chunk):
@@ -410,4 +437,5 @@ def _writeLevel(group, name, data, chunk):
     target[...] = data
 
 
-__all__ = ["OME_ZARR_EXTENSIONS", "OmeZarrStack", "checkOmeZarrWritable", "isOmeZarr", "writeOmeZarr"]
+__all__ = ["OME_ZARR_EXTENSIONS", "OmeZarrStack", "checkOmeZarrWritable", "isOmeZarr", "writeOmeZarr",
+           "writeVolumeNodeOmeZarr"]
