@@ -261,6 +261,12 @@ class OmeZarrStack(StackSource):
         return os.path.join(self.path, self._pyramid.datasetPaths[self.level])
 
     @property
+    def chunkShape(self):
+        """(k, j, i) voxels per chunk of this level (what one decode reads)."""
+        chunks = self._pyramid.arrays[self.level].chunks
+        return tuple(int(chunks[a]) for a in self._pyramid.axes.zyx)
+
+    @property
     def levels(self):
         """The pyramid's levels for this channel; a user spacing on level 0 scales every level alike."""
         if self.level != 0:

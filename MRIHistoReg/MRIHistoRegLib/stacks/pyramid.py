@@ -4,11 +4,12 @@ below it.
 
 The rule for trusting a level (decided here, tested in Testing/test_omezarr.py): a level is used only when its
 spacing is an integer multiple of the finer level's along every axis AND a spot check passes - one block of up
-to 8^3 voxels at the level's centre equals the mean of the finer level's corresponding blocks (within one unit
+to 8^3 voxels near the level's centre equals the mean of the finer level's corresponding blocks (within one unit
 for integer data, which a writer rounds or truncates, and 1e-4 relative for floats). The check reads two small
-blocks per level step, never a whole level. A pyramid made otherwise (ome-zarr-py's default nearest-neighbour
-scaler, a Gaussian or a subsampled level) fails it and the downsampler falls back to the finest level that
-passed (level 0 at worst), with a log line saying why: aliasing would silently change intensities.
+blocks per level step (the finer one inside one chunk when the source has a `chunkShape`), never a whole level.
+A pyramid made otherwise (ome-zarr-py's default nearest-neighbour scaler, a Gaussian or a subsampled level)
+fails it and the downsampler stays on the last level that passed (level 0 at worst), with a log line saying
+why: averaging an aliased level would silently change intensities.
 
 Consequence: when the target spacing is an integer multiple of the chosen level's along every axis (the "level
 factors divide evenly"), the result equals the exact area average of level 0 up to the level's own rounding
@@ -37,9 +38,16 @@ def isMeanPooled(fine, coarse, ratio):
     """True when a central block of `coarse` (a StackSource) equals the `ratio` (i, j, k) mean pooling of
     `fine` within the data type's rounding. Reads one small block of each."""
     ri, rj, rk = (int(r) for r in ratio)
+    factors = (rk, rj, ri)
     size = [min(_CHECK, n) for n in coarse.shape]  # (k, j, i)
     start = [(n - s) // 2 for n, s in zip(coarse.shape, size)]
-    factors = (rk, rj, ri)
+    chunks = getattr(fine, "chunkShape", None)
+    if chunks is not None:  # the block inside one chunk of the fine level: one chunk decoded, not up to eight
+        for axis, (c, f) in enumerate(zip(chunks, factors)):
+            if c >= f:
+                fineStart = (start[axis] * f // c) * c
+                start[axis] = -(-fineStart // f)
+                size[axis] = max(1, min(size[axis], (fineStart + c) // f - start[axis], coarse.shape[axis] - start[axis]))
     ends = [(a + s) * f for a, s, f in zip(start, size, factors)]
     if any(e > n for e, n in zip(ends, fine.shape)):
         return False
