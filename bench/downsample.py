@@ -384,7 +384,7 @@ def _runOmeZarrChild(name, path):
     return result
 
 
-def omeZarrRows(folder, repeats=2):
+def omeZarrRows(folder, repeats=5):
     """Generate the pyramid store (once) and print one row per contender (best of `repeats`), warm cache."""
     path = os.path.join(folder, "pyramid.ome.zarr")
     os.makedirs(folder, exist_ok=True)
