@@ -130,6 +130,10 @@ def test_plain_zarr_v2_store(tmp_path):
     np.testing.assert_allclose(source.spacingMm, (0.00325, 0.00325, 0.005))
     np.testing.assert_array_equal(source.readAll(), data[1])
     assert [level.shape for level in source.levels] == [(32, 48, 64), (16, 24, 32), (8, 12, 16)]
+    planes = _plainV2(tmp_path / "planes.zarr", [data], transforms=_transforms(1), chunks=(1, 1, 16, 16))
+    single = stacks.openStack(planes, channel=1)  # one plane per chunk: read plane by plane, no slab
+    assert single.slabDepth == 1
+    np.testing.assert_array_equal(np.stack([p for _, p in single.iterPlanes()]), data[1])
 
 
 def test_single_channel_without_omero_is_c0_and_user_spacing_moves_every_level(tmp_path):

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from MRIHistoRegLib.stacks.base import StackSource, chooseChannel
+from MRIHistoRegLib.stacks.base import StackSource, availableMemoryBytes, checkMemoryFor, chooseChannel
 from MRIHistoRegLib.stacks.units import unitToMillimetres
 from ..errors import UserInputError
 
@@ -30,7 +30,9 @@ LOG = logging.getLogger(__name__)
 OME_ZARR_EXTENSIONS = (".zarr",)  # ".ome.zarr" ends with it too
 _EXTRA_UNITS_MM = {"angstrom": 1e-7, "picometer": 1e-9, "decimeter": 100.0}
 _OUR_KEY = "mrihistoreg"  # writeOmeZarr's extra attributes: level 0's IJK->RAS (directions NGFF 0.4 cannot hold)
-_SLAB_BYTES = 256 << 20  # above this a chunk-deep slab is not cached: planes are read one by one
+# A chunk-deep slab is cached up to this size, or a quarter of the memory available if that is more; above, planes
+# are read one by one and every chunk is decoded once per plane it holds (logged: rechunk the file).
+_SLAB_BYTES = 256 << 20
 
 
 def isOmeZarr(path):
@@ -253,7 +255,7 @@ class OmeZarrStack(StackSource):
         self._resetReader()
 
     def _resetReader(self):
-        self._slab, self._slabStart = None, None
+        self._slab, self._slabStart, self._warnedSlab = None, None, False
         self._lock = threading.Lock()
 
     @property
@@ -320,11 +322,43 @@ class OmeZarrStack(StackSource):
     def readRegion(self, k0, k1, j0, j1, i0, i1):
         return np.ascontiguousarray(self._read(slice(k0, k1), slice(j0, j1), slice(i0, i1)), dtype=self.dtype)
 
-    def _readPlaneInto(self, k, out):
+    @property
+    def slabDepth(self):
+        """Planes per chunk (or shard) along k: what one read of a plane decodes."""
         array = self._pyramid.arrays[self.level]
         grid = getattr(array, "shards", None) or array.chunks  # a sharded v3 array is read shard by shard
-        depth = int(grid[self._pyramid.axes.zyx[0]])
-        if depth * out.nbytes > _SLAB_BYTES or depth == 1:
+        return int(grid[self._pyramid.axes.zyx[0]])
+
+    def _slabFits(self, depth):
+        slabBytes = depth * self.nbytes // max(1, self.shape[0])
+        if slabBytes <= _SLAB_BYTES:
+            return True
+        available = availableMemoryBytes()
+        if available is not None and slabBytes <= available // 4:
+            return True
+        if not self._warnedSlab:
+            self._warnedSlab = True
+            LOG.warning("%s: a %d-plane chunk slab (%d MB) does not fit in memory: planes are read one by one and "
+                        "each chunk is decoded %d times. Rechunk the file with fewer planes per chunk to read it faster.",
+                        self.dataPath, depth, slabBytes >> 20, depth)
+        return False
+
+    def readAll(self, progress=None):
+        """The whole level (after the memory guard), read slab by slab straight into the result."""
+        from MRIHistoRegLib.progress import report
+
+        checkMemoryFor(self.nbytes, f"the whole stack {os.path.basename(self.path)} {self.shape}")
+        array = np.empty(self.shape, self.dtype)
+        depth = self.slabDepth
+        for start in range(0, self.shape[0], depth):
+            stop = min(start + depth, self.shape[0])
+            array[start:stop] = self._read(slice(start, stop), slice(None), slice(None))
+            report(progress, stop / self.shape[0], f"reading planes {stop}/{self.shape[0]}")
+        return array
+
+    def _readPlaneInto(self, k, out):
+        depth = self.slabDepth
+        if depth == 1 or not self._slabFits(depth):
             out[...] = self._read(k, slice(None), slice(None))
             return
         with self._lock:
