@@ -136,6 +136,19 @@ def test_plain_zarr_v2_store(tmp_path):
     np.testing.assert_array_equal(np.stack([p for _, p in single.iterPlanes()]), data[1])
 
 
+def test_bioformats2raw_collection_opens_its_image_0(tmp_path):
+    """bioformats2raw (the usual conversion of vendor files to OME-Zarr) writes the image under 0/ of a root
+    group whose attributes say 'bioformats2raw.layout'."""
+    root = tmp_path / "converted.ome.zarr"
+    data = _data()
+    _plainV2(root / "0", _meanPyramid(data))
+    (root / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    (root / ".zattrs").write_text(json.dumps({"bioformats2raw.layout": 3}))
+    source = stacks.openStack(root, channel="tumour")
+    assert source.shape == (32, 48, 64) and len(source.levels) == 3
+    np.testing.assert_array_equal(source.readAll(), data[1])
+
+
 def test_single_channel_without_omero_is_c0_and_user_spacing_moves_every_level(tmp_path):
     data = _data()[0]
     axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]

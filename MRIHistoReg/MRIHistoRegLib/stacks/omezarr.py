@@ -135,6 +135,12 @@ class _Pyramid:
     def __init__(self, path, store=None):
         self.path = path
         self.version, attrs = _readAttributes(path)
+        image = None
+        if not attrs.get("multiscales") and "bioformats2raw.layout" in attrs and os.path.isdir(os.path.join(path, "0")):
+            image = "0"  # bioformats2raw's layout (the usual conversion of vendor files): series 0 is the image
+            LOG.info("%s is a bioformats2raw collection: reading its image 0/", path)
+            self.version, attrs = _readAttributes(os.path.join(path, image))
+        self.imagePath = path if image is None else os.path.join(path, image)
         multiscales = attrs.get("multiscales")
         if not multiscales or not multiscales[0].get("datasets"):
             raise UserInputError(f"{path}: no 'multiscales' with datasets in the OME-NGFF metadata. Open the image folder "
@@ -144,6 +150,8 @@ class _Pyramid:
             raise UserInputError(f"{path}: the multiscales have no 'axes' (NGFF < 0.4). Re-export as NGFF 0.4 or 0.5.")
         self.axes = _Axes(meta["axes"], path)
         group = _openGroup(path, self.version, store)
+        if image is not None:
+            group = group[image]
         outerScale, outerShift = _transforms(meta.get("coordinateTransformations"), self.axes.ndim, path, "the multiscale")
         self.datasetPaths, self.arrays, self.scales, self.translations = [], [], [], []
         for n, dataset in enumerate(meta["datasets"]):
@@ -260,7 +268,7 @@ class OmeZarrStack(StackSource):
 
     @property
     def dataPath(self):
-        return os.path.join(self.path, self._pyramid.datasetPaths[self.level])
+        return os.path.join(self._pyramid.imagePath, self._pyramid.datasetPaths[self.level])
 
     @property
     def chunkShape(self):
