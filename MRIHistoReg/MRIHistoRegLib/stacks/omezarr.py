@@ -205,8 +205,15 @@ def _ourOrientation(attrs):
     return matrix if ok else None
 
 
+def _zarr():
+    """zarr, installed on demand inside Slicer (deps.requirePackage: the pinned release for Slicer's Python)."""
+    from MRIHistoRegLib.deps import requirePackage
+
+    return requirePackage("zarr")
+
+
 def _openGroup(path, version, store):
-    import zarr
+    zarr = _zarr()
 
     major = int(zarr.__version__.split(".")[0])
     if version.startswith("0.5") and major < 3:
@@ -432,8 +439,7 @@ def writeOmeZarr(array, ijkToRas, outPath, name=None, minimumSize=16, maxLevels=
     `outPath` is refused (nothing is overwritten). Returns outPath."""
     import shutil
 
-    import zarr
-
+    zarr = _zarr()
     outPath = os.fspath(outPath).rstrip("/\\")
     checkOmeZarrWritable(outPath)
     folder = os.path.dirname(os.path.abspath(outPath))
