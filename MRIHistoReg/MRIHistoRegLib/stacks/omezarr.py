@@ -484,10 +484,12 @@ def writeVolumeNodeOmeZarr(volumeNode, outPath, **options):
 
 def _writeLevel(group, name, data, chunk):
     chunks = tuple(min(chunk, n) for n in data.shape)
+    # NGFF 0.4 wants '/'-separated chunk keys (0/1/2 files in folders), what Fiji's and neuroglancer's readers expect
     if hasattr(group, "create_array"):  # zarr 3
-        target = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype)
+        target = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
+                                    chunk_key_encoding={"name": "v2", "separator": "/"})
     else:  # zarr 2
-        target = group.create_dataset(name, shape=data.shape, chunks=chunks, dtype=data.dtype)
+        target = group.create_dataset(name, shape=data.shape, chunks=chunks, dtype=data.dtype, dimension_separator="/")
     target[...] = data
 
 
