@@ -207,6 +207,20 @@ def test_levels_without_translations_give_level0_geometry(tmp_path, caplog):
     np.testing.assert_allclose(result, data[0].astype(np.float64).reshape(4, 8, 6, 8, 8, 8).mean(axis=(1, 3, 5)), rtol=2e-6)
 
 
+def test_an_xy_only_mean_pyramid_is_used(tmp_path, caplog):
+    """Light-sheet pyramids often pool x and y only (z already coarse): level 2 is 4 x 4 x 1 of level 0."""
+    data = _data()
+    pyramid = [data] + [data.reshape(2, 32, 48 // f, f, 64 // f, f).mean(axis=(3, 5)).astype(np.float32) for f in (2, 4)]
+    transforms = [[{"type": "scale", "scale": [1.0, 5.0, 3.25 * f, 3.25 * f]},
+                   {"type": "translation", "translation": [0.0, 0.0, (f - 1) / 2 * 3.25, (f - 1) / 2 * 3.25]}] for f in (1, 2, 4)]
+    path = _plainV2(tmp_path / "xy.zarr", pyramid, transforms=transforms)
+    caplog.set_level(logging.INFO)
+    result, _ = downsample.downsampleStack(stacks.openStack(path), (0.013, 0.013, 0.01))
+    assert "pyramid level 2 of 3" in caplog.text
+    expected = data[0].astype(np.float64).reshape(16, 2, 12, 4, 16, 4).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=2e-6)
+
+
 def test_integer_pyramid_is_within_its_rounding(tmp_path):
     data = _data(np.uint16)
     path = _plainV2(tmp_path / "p.zarr", _meanPyramid(data))

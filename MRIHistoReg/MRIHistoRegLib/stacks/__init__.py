@@ -13,7 +13,8 @@ A NRRD keeps its own directions and origin (converted LPS -> RAS) but with the e
 Every source is a StackSource (base.py: the one reader interface and its capability methods); voxels are read
 into a caller's buffer where possible (`readPlane(k, out=...)`). The modules: base (interface, memory guard),
 tiff (TIFF file and series), nrrd (NRRD reader), header (NRRD header-only rewrites), array (ArraySource:
-an in-memory array as a source), units (spacing units, shared with spacing.py).
+an in-memory array as a source), units (spacing units, shared with spacing.py), omezarr (OME-Zarr reader and
+writer), pyramid (which of a source's `levels` the downsampler reads).
 
 `checkMemoryFor(nbytes, what)` is the memory guard to call before loading anything whole.
 """
