@@ -504,3 +504,13 @@ def test_real_light_sheet_data_as_an_ome_zarr_pyramid(tmp_path, sharedData, capl
     assert "pyramid level 2 of 3" in caplog.text
     expected = data.astype(np.float64).reshape(16, 4, 48, 4, 66, 4).mean(axis=(1, 3, 5))
     np.testing.assert_allclose(result, expected, rtol=2e-6)
+
+
+def test_a_cancelled_downsampling_to_ome_zarr_leaves_nothing(tmp_path):
+    from MRIHistoRegLib.progress import Cancelled
+
+    path = _plainV2(tmp_path / "p.zarr", _meanPyramid(_data()))
+    out = tmp_path / "d.ome.zarr"
+    with pytest.raises(Cancelled):
+        downsample.downsampleToFile(stacks.openStack(path), 0.0065, out, progress=lambda f, m="": f >= 0.5, level=0)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["p.zarr"]
