@@ -236,6 +236,11 @@ def test_crop_on_the_level_grid(tmp_path):
     result, _ = downsample.downsampleStack(stacks.openStack(path), tuple(8 * np.array([0.00325, 0.00325, 0.005])), crop=crop)
     expected = data[0, 8:24, 8:40, 16:48].astype(np.float64).reshape(2, 8, 4, 8, 4, 8).mean(axis=(1, 3, 5))
     np.testing.assert_allclose(result, expected, rtol=2e-6)
+    # a crop thinner than one target voxel (6 planes, averaged whole): level 2 would add 2 planes, level 1 is exact
+    result, _ = downsample.downsampleStack(stacks.openStack(path), tuple(8 * np.array([0.00325, 0.00325, 0.005])),
+                                           crop=(None, None, (0, 6)))
+    expected = data[0, 0:6].astype(np.float64).reshape(1, 6, 6, 8, 8, 8).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=2e-6)
 
 
 def test_non_dividing_factor_is_the_area_average_of_its_own_level(tmp_path):

@@ -69,6 +69,8 @@ def _boxOnLevel(box, factorToLevel0, targetFactors, levelShape):
         if a % f:
             return None
         length = b - a
+        if length < big * (1 - 1e-9) and length % f:
+            return None  # one box averaging the whole short axis: only exact on the level if it ends on its grid
         count = max(1, int(math.floor(length / big + 1e-9)))
         end = min(count * big, length) if length >= big * (1 - 1e-9) else length  # the last kept box edge
         stop = a // f + int(math.ceil(end / f - 1e-7))
