@@ -221,6 +221,32 @@ def test_an_xy_only_mean_pyramid_is_used(tmp_path, caplog):
     np.testing.assert_allclose(result, expected, rtol=2e-6)
 
 
+def test_rounded_up_levels_with_extent_spacing_are_used(tmp_path, caplog):
+    """Levels of ceil(n / f) voxels (the last one averaging what is left, as Imaris writes them) whose scale is
+    the extent over that size (66 x 3.25 um over 17 voxels: 3.82x, not 4x): taken as 4x, level 2 is used, and
+    the kept boxes (64 of the 66 columns) equal level 0's block mean."""
+    data = _data(shape=(2, 32, 48, 66))
+
+    def pooled(f):
+        padded = np.full(data.shape[:3] + (-(-66 // f) * f,), np.nan)
+        padded[..., :66] = data
+        return np.nanmean(padded.reshape(2, 32 // f, f, 48 // f, f, -1, f), axis=(2, 4, 6)).astype(np.float32)
+
+    pyramid = [data, pooled(2), pooled(4)]
+    transforms = [[{"type": "scale", "scale": [1.0, 5.0 * f, 3.25 * f, 3.25 * 66 / level.shape[-1]]},
+                   {"type": "translation", "translation": [0.0] + list((f - 1) / 2.0 * S0)}]
+                  for f, level in zip((1, 2, 4), pyramid)]
+    path = _plainV2(tmp_path / "ceil.zarr", pyramid, transforms=transforms)
+    source = stacks.openStack(path)
+    assert source.levels[2].shape == (8, 12, 17)
+    caplog.set_level(logging.INFO)
+    result, matrix = downsample.downsampleStack(source, tuple(8 * np.array([0.00325, 0.00325, 0.005])))
+    assert "pyramid level 2 of 3" in caplog.text
+    expected = data[0, :, :, :64].astype(np.float64).reshape(4, 8, 6, 8, 8, 8).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(result, expected, rtol=2e-6)
+    np.testing.assert_allclose(matrix[:3, 3], (-3.5 * 0.00325, -3.5 * 0.00325, 3.5 * 0.005))
+
+
 def test_integer_pyramid_is_within_its_rounding(tmp_path):
     data = _data(np.uint16)
     path = _plainV2(tmp_path / "p.zarr", _meanPyramid(data))

@@ -3,7 +3,9 @@ along every axis, that holds the requested box on its own voxel grid, and that i
 below it.
 
 The rule for trusting a level (decided here, tested in Testing/test_omezarr.py): a level is used only when its
-spacing is an integer multiple of the finer level's along every axis AND a spot check passes - one block of up
+spacing is an integer multiple of level 0's and of the finer level's along every axis (within what a size
+rounded up to ceil(n / f) voxels explains; such a level is then read with exactly f times level 0's spacing) AND
+a spot check passes - one block of up
 to 8^3 voxels near the level's centre equals the mean of the finer level's corresponding blocks (within one unit
 for integer data, which a writer rounds or truncates, and 1e-4 relative for floats). The check reads two small
 blocks per level step (the finer one inside one chunk when the source has a `chunkShape`), never a whole level.
@@ -26,10 +28,14 @@ LOG = logging.getLogger(__name__)
 _CHECK = 8  # coarse voxels per axis in the spot check (512 voxels: enough to tell a mean from a subsampling)
 
 
-def _integerRatio(coarse, fine):
-    ratio = np.asarray(coarse, float) / np.asarray(fine, float)
+def _levelFactor(level, spacing0):
+    """The level's integer factor (i, j, k) to level 0, or None. A level whose size was rounded up (ceil(n / f)
+    voxels, as Imaris writes them) and whose spacing is its extent over that size is off an integer by up to
+    f / n: accepted within that, so the spacing of such a level is taken as exactly f times level 0's."""
+    ratio = np.asarray(level.spacingMm, float) / spacing0
     rounded = np.round(ratio)
-    if np.all(rounded >= 1) and np.all(np.abs(ratio - rounded) < 1e-6 * ratio):
+    slack = np.maximum(1e-6 * ratio, rounded / np.asarray(level.shape[::-1], float))
+    if np.all(rounded >= 1) and np.all(np.abs(ratio - rounded) <= slack):
         return rounded.astype(int)
     return None
 
@@ -96,27 +102,37 @@ def chooseLevel(source, targetSpacingMm, box, level=None):
         level = int(level)
         if not 0 <= level < len(levels):
             raise UserInputError(f"{source.path} has levels 0..{len(levels) - 1}; no level {level}. Give one of them.")
-        factor = _integerRatio(levels[level].spacingMm, spacing0)
+        if level == 0:
+            return 0, levels[0], box
+        factor = _levelFactor(levels[level], spacing0)
         onLevel = None if factor is None else _boxOnLevel(box, factor, targetFactors, levels[level].shape)
-        if level and (np.any(np.asarray(levels[level].spacingMm) > target * (1 + 1e-6)) or onLevel is None):
+        if onLevel is None or np.any(spacing0 * factor > target * (1 + 1e-6)):
             raise UserInputError(f"Level {level} of {source.path} (spacing {levels[level].spacingMm} mm) is coarser than the "
                                  f"target {tuple(target)} mm or does not hold the crop on its grid: choose a finer level.")
-        return level, levels[level], (onLevel if level else box)
-    chosen, chosenBox = 0, box
+        return level, _exactSpacing(levels[level], spacing0 * factor), onLevel
+    chosen, chosenBox, previous = 0, box, np.ones(3, int)
     for n in range(1, len(levels)):
         coarse, fine = levels[n], levels[n - 1]
-        if np.any(np.asarray(coarse.spacingMm) > target * (1 + 1e-6)):
-            break
-        step = _integerRatio(coarse.spacingMm, fine.spacingMm)
-        factor = _integerRatio(coarse.spacingMm, spacing0)
+        factor = _levelFactor(coarse, spacing0)
+        if factor is not None and np.any(spacing0 * factor > target * (1 + 1e-6)):
+            break  # coarser than the target (and so are the levels after it)
         onLevel = None if factor is None else _boxOnLevel(box, factor, targetFactors, coarse.shape)
-        if step is None or onLevel is None:
+        if factor is None or np.any(factor % previous) or onLevel is None:
             LOG.info("%s: level %d not used (its spacing is not an integer multiple of level %d's, or the crop is not "
                      "on its grid)", source.path, n, n - 1)
             break
-        if not isMeanPooled(fine, coarse, step):
+        if not isMeanPooled(fine, coarse, factor // previous):
             LOG.warning("%s: level %d is not the mean of level %d (the pyramid was not made by area averaging): "
                         "downsampling from level %d instead, which reads more data", source.path, n, n - 1, chosen)
             break
-        chosen, chosenBox = n, onLevel
-    return chosen, levels[chosen], chosenBox
+        chosen, chosenBox, previous = n, onLevel, factor
+    if chosen == 0:
+        return 0, levels[0], box
+    return chosen, _exactSpacing(levels[chosen], spacing0 * previous), chosenBox
+
+
+def _exactSpacing(level, spacing):
+    """The level with exactly `spacing` (f times level 0's) when its own differs by its size's rounding."""
+    if np.allclose(level.spacingMm, spacing, rtol=1e-9, atol=0):
+        return level
+    return level.withSpacing(tuple(float(v) for v in spacing))
