@@ -5,9 +5,9 @@ below it.
 The rule for trusting a level (decided here, tested in Testing/test_omezarr.py): a level is used only when its
 spacing is an integer multiple of level 0's and of the finer level's along every axis (within what a size
 rounded up to ceil(n / f) voxels explains; such a level is then read with exactly f times level 0's spacing) AND
-a spot check passes - one block of up
-to 8^3 voxels near the level's centre equals the mean of the finer level's corresponding blocks (within one unit
-for integer data, which a writer rounds or truncates, and 1e-4 relative for floats). The check reads two small
+a spot check passes - one block of up to 8^3 voxels near the level's centre equals the mean of the finer
+level's corresponding blocks (within one unit for integer data, which a writer rounds or truncates, and 1e-4
+relative for floats). The check reads two small
 blocks per level step (the finer one inside one chunk when the source has a `chunkShape`), never a whole level.
 A pyramid made otherwise (ome-zarr-py's default nearest-neighbour scaler, a Gaussian or a subsampled level)
 fails it and the downsampler stays on the last level that passed (level 0 at worst), with a log line saying
