@@ -127,13 +127,6 @@ def test_imaris_level_downsamples_to_the_area_average_of_level_0(tmp_path):
         np.testing.assert_allclose(matrix, fullMatrix, atol=1e-12)
 
 
-def _pickLevel(levels, targetMm):
-    """LOCAL HELPER until E1's pyramid selection is merged (then downsampleStack(source, target) does this): the
-    coarsest level still finer than or equal to the target along every axis."""
-    fine = [level for level in levels if all(s <= t * (1 + 1e-9) for s, t in zip(level.spacingMm, targetMm))]
-    return max(fine, key=lambda level: np.prod(level.spacingMm))
-
-
 @pytest.mark.parametrize("fmt", ["imaris", "bdv"])
 def test_selected_level_gives_the_level_0_average(tmp_path, fmt):
     if fmt == "imaris":
@@ -144,9 +137,12 @@ def test_selected_level_gives_the_level_0_average(tmp_path, fmt):
         truth0 = volumes[0][0].astype(np.float64)
     source = stacks.openStack(path)
     target = tuple(np.array(source.spacingMm) * (8, 8, 4))
-    level = _pickLevel(source.levels, target)
-    assert level.levelIndex == 2 if fmt == "imaris" else level.levelIndex == 1
-    array, _ = downsampleStack(level, target)
+    from MRIHistoRegLib.downsample import resolveCrop
+    from MRIHistoRegLib.stacks.pyramid import chooseLevel
+
+    index, _, _ = chooseLevel(source, target, resolveCrop(source, None))  # the rule downsampleStack applies
+    assert index == (2 if fmt == "imaris" else 1)
+    array, _ = downsampleStack(source, target)  # picks that level itself and area-averages from it
     np.testing.assert_allclose(array, _meanPool(truth0.astype(np.float64), (4, 8, 8)), rtol=1e-6)
 
 

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/downsample.py                 # mid size (2160 x 2560 x 118 and 2x depth), ~3 GB disk
     .venv/bin/python bench/downsample.py --full          # adds the seed's full 2160 x 2560 x 472 stack (5.2 GB)
+    .venv/bin/python bench/downsample.py --omezarr       # only the OME-Zarr pyramid rows (a generated 0.3 GB store)
+    .venv/bin/python bench/downsample.py --ims           # only the Imaris rows (a generated .ims, 2x pyramid)
 
 Stacks are generated (noisy uint16, streamed to disk plane by plane) into --dir. Every contender runs in its own
 subprocess; wall time is measured inside the child after its imports, peak RSS is the child's ru_maxrss (from
@@ -211,10 +213,13 @@ def main():
                         help="address-space cap for SimpleITK ReadImage+BinShrink (the machine is shared)")
     parser.add_argument("--skip-sitk", action="store_true")
     parser.add_argument("--only", help="comma-separated stack names to run (e.g. mid.tif,full.tif)")
+    parser.add_argument("--omezarr", action="store_true", help="only the OME-Zarr pyramid rows (omeZarrRows)")
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.omezarr:
+        return omeZarrRows(args.dir)
     specs = generate(args.dir, args.full)
     cap = int(args.sitk_cap_gb * (1 << 30))
     binCap = int(args.binshrink_cap_gb * (1 << 30))
@@ -258,6 +263,155 @@ def _printRow(row):
     secondsText = f"{seconds:8.3f}" if seconds is not None else f"{'-':>8}"
     print(f"{name:<12} {depth:>6} {contender:<22} {secondsText} {ratio} {result['peak_rss'] / 1e6:11.1f} {over:12.1f}  {note}",
           flush=True)
+
+
+
+# ---- OME-Zarr pyramid rows (issue 14; engineer E1) -------------------------------------------------------------
+# A generated NGFF 0.4 store: 128 x 1024 x 1280 uint16 at 3.25 x 3.25 x 5 um, chunks 64^3, five levels made by
+# 2x mean pooling (rounded), so a 0.1 mm target reads level 4 (52 x 52 x 80 um), 1/4096 of level 0's voxels.
+# Rows: the read floor of the bytes actually needed (level 4's chunk files read raw), zarr's own read of that
+# level (decoded, whole), ome-zarr-py's reader (its dask array of level 4, computed), ours (auto level), and ours
+# forced to level 0 (what the same downsampling costs without the pyramid), each in its own subprocess.
+OME_ZARR_SHAPE = (128, 1024, 1280)
+OME_ZARR_LEVELS = 5
+
+
+def _generateOmeZarr(path):
+    import zarr
+
+    if os.path.isdir(path):
+        return
+    temp = path + ".part"
+    import shutil
+
+    shutil.rmtree(temp, ignore_errors=True)
+    t = time.perf_counter()
+    kwargs = {"zarr_format": 2} if int(zarr.__version__.split(".")[0]) >= 3 else {}
+    group = zarr.open_group(temp, mode="w", **kwargs)
+    nz, ny, nx = OME_ZARR_SHAPE
+    create = group.create_array if hasattr(group, "create_array") else group.create_dataset
+    arrays = [create(str(n), shape=(nz >> n, ny >> n, nx >> n), chunks=(64, 64, 64), dtype=np.uint16)
+              for n in range(OME_ZARR_LEVELS)]
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    base = 1500 + 800 * np.sin(x / 97.0) * np.cos(y / 131.0)
+    slab = 1 << (OME_ZARR_LEVELS - 1)
+    for z0 in range(0, nz, 64):  # 64 planes at a time: every level gets whole chunks of z
+        block = np.stack([(base + 300 * np.sin(k / 17.0)).astype(np.uint16) + rng.integers(0, 400, (ny, nx), dtype=np.uint16)
+                          for k in range(z0, z0 + 64)])
+        level = block.astype(np.float64)
+        for n in range(OME_ZARR_LEVELS):
+            if n:
+                d, h, w = level.shape
+                level = level.reshape(d // 2, 2, h // 2, 2, w // 2, 2).mean(axis=(1, 3, 5))
+            arrays[n][z0 >> n:(z0 + 64) >> n] = np.round(level).astype(np.uint16)
+        assert 64 % slab == 0
+    s0 = [5.0, 3.25, 3.25]
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+                                   "datasets": [{"path": str(n), "coordinateTransformations": [
+                                       {"type": "scale", "scale": [s * 2 ** n for s in s0]},
+                                       {"type": "translation", "translation": [(2 ** n - 1) / 2 * s for s in s0]}]}
+                                       for n in range(OME_ZARR_LEVELS)]}]
+    os.replace(temp, path)
+    print(f"generated {os.path.basename(path)} ({_folderBytes(path) / 1e9:.2f} GB on disk) in {time.perf_counter() - t:.1f} s",
+          flush=True)
+
+
+def _folderBytes(path):
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)
+
+
+def omeZarrChild(name, path):
+    """One OME-Zarr contender, in its own process; prints one JSON line like `child`."""
+    import SimpleITK  # noqa: F401 (every child imports it, so the baselines compare)
+    import zarr
+
+    from MRIHistoRegLib import downsample, stacks
+
+    if name.startswith("ome-zarr"):
+        from ome_zarr.io import parse_url
+        from ome_zarr.reader import Reader
+    importPeak = _status("VmHWM")
+    reset = _resetPeak()
+    base = _status("VmRSS")
+    t = time.perf_counter()
+    result = {}
+    level = os.path.join(path, str(OME_ZARR_LEVELS - 1))
+    if name == "floor-level4-bytes":
+        buffer = bytearray(BUFFER)
+        view = memoryview(buffer)
+        total = 0
+        for folder, _, names in os.walk(level):
+            for file in names:
+                with open(os.path.join(folder, file), "rb", buffering=0) as f:
+                    while True:
+                        got = f.readinto(view)
+                        if not got:
+                            break
+                        total += got
+        result["bytes"] = total
+    elif name == "zarr-level4":
+        result["output_shape"] = np.asarray(zarr.open_group(path, mode="r")[str(OME_ZARR_LEVELS - 1)][...]).shape
+    elif name == "ome-zarr-level4":
+        node = next(iter(Reader(parse_url(path))()))
+        result["output_shape"] = np.asarray(node.data[OME_ZARR_LEVELS - 1].compute()).shape
+    elif name in ("ours-auto", "ours-level0"):
+        source = stacks.openStack(path)
+        array, _ = downsample.downsampleStack(source, TARGET_MM, level=None if name == "ours-auto" else 0)
+        result["output_shape"] = array.shape
+        result["output_mb"] = array.nbytes / 1e6
+    result["seconds"] = time.perf_counter() - t
+    result["base_rss"] = base
+    result["work_peak_rss"] = _status("VmHWM") if reset else None
+    result["import_peak_rss"] = importPeak
+    print(json.dumps(result))
+
+
+def _runOmeZarrChild(name, path):
+    code = ("import sys; sys.path.insert(0, {bench!r}); import downsample as bench; bench.omeZarrChild({name!r}, {path!r})"
+            .format(bench=os.path.dirname(os.path.abspath(__file__)), name=name, path=path))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    _, status, usage = os.wait4(process.pid, 0)
+    out, err = process.stdout.read(), process.stderr.read()
+    result = {"peak_rss": usage.ru_maxrss * 1024}
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if lines:
+        result.update(json.loads(lines[-1]))
+        if result.get("work_peak_rss"):
+            result["peak_rss"] = max(result["work_peak_rss"], result["import_peak_rss"])
+    else:
+        result["failed"] = f"exit {os.waitstatus_to_exitcode(status)}: {(err.strip().splitlines() or ['?'])[-1][:90]}"
+    return result
+
+
+def omeZarrRows(folder, repeats=5):
+    """Generate the pyramid store (once) and print one row per contender (best of `repeats`), warm cache."""
+    path = os.path.join(folder, "pyramid.ome.zarr")
+    os.makedirs(folder, exist_ok=True)
+    _generateOmeZarr(path)
+    level0 = _folderBytes(os.path.join(path, "0"))
+    needed = _folderBytes(os.path.join(path, str(OME_ZARR_LEVELS - 1)))
+    print(f"{os.path.basename(path)}: level 0 {level0 / 1e6:.1f} MB on disk, level {OME_ZARR_LEVELS - 1} "
+          f"{needed / 1e6:.3f} MB ({level0 / max(needed, 1):.0f}x less)")
+    contenders = ["floor-level4-bytes", "zarr-level4", "ome-zarr-level4", "ours-auto", "ours-level0"]
+    _runOmeZarrChild("floor-level4-bytes", path)  # warm the cache
+    results = {}
+    for name in contenders:
+        for _ in range(repeats if name != "ours-level0" else 1):
+            result = _runOmeZarrChild(name, path)
+            if name not in results or result.get("seconds", 1e9) < results[name].get("seconds", 1e9):
+                results[name] = result
+    floor = results["floor-level4-bytes"].get("seconds")
+    print(f"{'contender':<22} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>11} {'over base MB':>12}  note")
+    for name, result in results.items():
+        seconds = result.get("seconds")
+        ratio = f"{seconds / floor:8.1f}" if seconds is not None and floor else f"{'-':>8}"
+        over = ((result.get("work_peak_rss") or result["peak_rss"]) - result.get("base_rss", 0)) / 1e6
+        note = result.get("failed", "") or (f"output {tuple(result['output_shape'])}" if "output_shape" in result else
+                                             f"{result.get('bytes', 0) / 1e6:.3f} MB read")
+        secondsText = f"{seconds:9.4f}" if seconds is not None else f"{'-':>9}"
+        print(f"{name:<22} {secondsText} {ratio} {result['peak_rss'] / 1e6:11.1f} {over:12.1f}  {note}", flush=True)
 
 
 # ---- Imaris .ims rows (issue 14: a pyramid read touches only the level it needs) -------------------------------
@@ -310,10 +464,12 @@ def _imsChild(name, path):
     from MRIHistoRegLib import downsample, stacks
 
     source = stacks.openStack(path)
+    from MRIHistoRegLib.downsample import resolveCrop
+    from MRIHistoRegLib.stacks.pyramid import chooseLevel
+
     level = source.levels[0]
-    if name.endswith("-selected"):  # the selection rule (E1's downsampleStack does it once merged)
-        fine = [lv for lv in source.levels if all(s <= TARGET_MM * (1 + 1e-9) for s in lv.spacingMm)]
-        level = max(fine, key=lambda lv: np.prod(lv.spacingMm))
+    if name.endswith("-selected"):  # the level downsampleStack's own rule picks (stacks/pyramid.py)
+        level = chooseLevel(source, (TARGET_MM,) * 3, resolveCrop(source, None))[1]
     base = _status("VmRSS")
     reset = _resetPeak()
     t = time.perf_counter()
@@ -327,7 +483,7 @@ def _imsChild(name, path):
             for k0 in range(0, nz, ds.chunks[0]):
                 ds[k0:min(k0 + ds.chunks[0], nz), :ny, :nx]
     else:
-        array, _ = downsample.downsampleStack(level, TARGET_MM)
+        array, _ = downsample.downsampleStack(source, TARGET_MM, level=level.levelIndex)
         result["output_shape"] = array.shape
         result["output_mb"] = array.nbytes / 1e6
     result["seconds"] = time.perf_counter() - t
@@ -384,7 +540,7 @@ def imsMain():
         _printRow(row)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # after every row function (the OME-Zarr and Imaris rows are defined above)
     if "--ims" in sys.argv or "--ims-child" in sys.argv:
         imsMain()
     else:

@@ -177,8 +177,8 @@ def _addChannelArgument(p):
 
 
 def _addInfo(subparsers):
-    p = subparsers.add_parser("info", help="describe a stack (TIFF file, TIFF folder or NRRD) without reading its voxels")
-    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
+    p = subparsers.add_parser("info", help="describe a stack (TIFF file, TIFF folder, NRRD or OME-Zarr) without reading its voxels")
+    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, NRRD (.nrrd/.nhdr) or OME-Zarr folder (.zarr)")
     _addSpacingArguments(p)
     _addChannelArgument(p)
     p.add_argument("--reference", help="reference volume (e.g. the MRI) whose size the plausibility check compares with")
@@ -204,15 +204,19 @@ def _runInfo(args):
 
 
 def _addDownsample(subparsers):
-    p = subparsers.add_parser("downsample", help="streamed, exact area-weighted downsampling of a huge stack to a NRRD")
-    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, or NRRD (.nrrd/.nhdr)")
+    p = subparsers.add_parser("downsample", help="streamed, exact area-weighted downsampling of a huge stack to a NRRD or OME-Zarr")
+    p.add_argument("input", help="multipage TIFF, folder of 2-D TIFFs, NRRD (.nrrd/.nhdr) or OME-Zarr folder (.zarr)")
     _addSpacingArguments(p)
     _addChannelArgument(p)
     p.add_argument("--target-mm", nargs="+", type=float, required=True, metavar="T",
                    help="output spacing in mm: one value (isotropic) or three (x y z)")
     p.add_argument("--crop", nargs=6, type=int, metavar=("I0", "I1", "J0", "J1", "K0", "K1"),
                    help="crop box in input voxels (half-open ranges), applied while streaming")
-    p.add_argument("--out", help="output .nrrd (default: <input>_<target>mm.nrrd in the current folder)")
+    p.add_argument("--out", help="output .nrrd (default: <input>_<target>mm.nrrd in the current folder), any "
+                   "SimpleITK format, or an OME-Zarr folder NAME.ome.zarr (NGFF 0.4 with a pyramid, units mm)")
+    p.add_argument("--level", default="auto", metavar="auto|N",
+                   help="pyramid level of a multi-resolution stack to read (OME-Zarr): auto (default) = the coarsest "
+                   "mean-pooled level still finer than the target; 0 = full resolution")
     p.set_defaults(func=_runDownsample)
 
 
@@ -240,7 +244,8 @@ def _runDownsample(args):
         c = args.crop
         crop = ((c[0], c[1]), (c[2], c[3]), (c[4], c[5]))
     logging.info("%s %s, spacing %s mm (%s) -> %s mm", source.kind, source.shape, source.spacingMm, source.spacingSource, target)
-    downsampleToFile(source, target, out, crop=crop, progress=TerminalProgress("downsample"))
+    level = None if str(args.level).lower() == "auto" else _levelArgument(args.level)
+    downsampleToFile(source, target, out, crop=crop, progress=TerminalProgress("downsample"), level=level)
     logging.info("wrote %s", out)
     return 0
 
@@ -278,6 +283,13 @@ def _runSegment(args):
                  result.thresholdMethod, result.voxelCount, result.volumeMm3, args.out)
     logging.info("%s", json.dumps(result.toDict()))
     return 0
+
+def _levelArgument(text):
+    from MRIHistoRegLib.errors import UserInputError
+
+    if not str(text).isdigit():
+        raise UserInputError(f"--level takes 'auto' or a level number (0 = full resolution; `info` lists them), got {text!r}.")
+    return int(text)
 
 
 def _addRefine(subparsers):

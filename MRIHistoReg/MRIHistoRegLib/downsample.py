@@ -531,15 +531,46 @@ def _work(run, w):
         run.events.put(("exit", w, None))
 
 
-def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=None):
+def _levelToRead(source, targetSpacingMm, crop, level):
+    """(the pyramid level's source, the crop on its grid, the output geometry or None) a downsampling reads:
+    the source itself when it has one level or level 0 is asked for, else stacks.pyramid.chooseLevel's pick
+    (rule in its docstring). A level picked by that rule was checked to be a corner-aligned mean pooling of
+    level 0, so the output's boxes are level 0's and so is its geometry (outputGeometry): the result does not
+    depend on the level read, even where a file's level translations say otherwise (many writers omit them)."""
+    if level == 0 or (level is None and len(source.levels) < 2):
+        return source, crop, None
+    from MRIHistoRegLib.stacks.pyramid import chooseLevel
+
+    _, target = _factors(source, targetSpacingMm)  # validates the target against level 0
+    index, chosen, box = chooseLevel(source, target, resolveCrop(source, crop), level)
+    LOG.info("downsampling %s from pyramid level %d of %d: shape %s, spacing %s mm", source.path, index,
+             len(source.levels), chosen.shape, _millimetres(chosen.spacingMm))
+    if index == 0 or level is not None:
+        return chosen, box, None
+    shape, geometry = outputGeometry(source, target, crop)
+    levelShape, levelGeometry = outputGeometry(chosen, target, box)
+    if levelShape != shape:  # not expected (pyramid.chooseLevel maps the kept boxes exactly): keep the level's
+        LOG.warning("%s: level %d gives %s output voxels, level 0 %s: using level %d's geometry", source.path, index,
+                    levelShape, shape, index)
+        return chosen, box, None
+    if np.max(np.abs(levelGeometry[:3, 3] - geometry[:3, 3])) > 1e-3 * min(source.spacingMm):
+        LOG.warning("%s: level %d's translation in the file does not place its voxels at the centres of the level-0 "
+                    "boxes they average (the data do): the output keeps level 0's geometry", source.path, index)
+    return chosen, box, geometry
+
+
+def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=None, level=None):
     """Exact area-weighted downsampling of `source` (a StackSource) to `targetSpacingMm` (one value or (i, j, k)).
 
     crop: None, voxel ranges ((i0, i1), (j0, j1), (k0, k1)) (half-open, None = whole axis), or
-    {"mm": ((x0, x1), (y0, y1), (z0, z1))} along i, j, k from the stack's corner.
+    {"mm": ((x0, x1), (y0, y1), (z0, z1))} along i, j, k from the stack's corner (always level 0's voxels).
     workers: threads reading + reducing planes (default: 2 when the source allows positional reads, else one
     reducer fed by a read-ahead thread).
+    level: for a source with a pyramid (`source.levels`), None reads the coarsest level still finer than the
+    target that passes stacks.pyramid's mean-pooling check; an int reads that level; 0 the full resolution.
     Returns (array float32 [k, j, i], ijkToRas 4x4). Cancel by raising progress.Cancelled (or returning True)
     from the progress callback."""
+    source, crop, geometry = _levelToRead(source, targetSpacingMm, crop, level)
     run = _Run(source, targetSpacingMm, crop, workers)
     threads = [threading.Thread(target=_work, args=(run, w), name=f"downsample-{w}", daemon=True)
                for w in range(run.count)]
@@ -553,14 +584,14 @@ def downsampleStack(source, targetSpacingMm, crop=None, progress=None, workers=N
         raise error
     if finished != run.total:
         raise RuntimeError(f"downsampling stopped after {finished} of {run.total} planes")
-    return run.output, run.geometry
+    return run.output, run.geometry if geometry is None else geometry
 
 
-def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None):
+def downsampleToNode(scene, source, targetSpacingMm, name=None, crop=None, progress=None, level=None):
     """downsampleStack into a new scalar volume node in `scene` (nothing is added when cancelled)."""
     from MRIHistoRegLib.volumes import baseName, createVolumeNode
 
-    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress)
+    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress, level=level)
     if name is None:
         name = f"{baseName(source.path)}_{_spacingLabel(targetSpacingMm)}"
     return createVolumeNode(scene, array, matrix, name)
@@ -628,11 +659,20 @@ def writeVolumeFile(array, ijkToRasMatrix, outPath, compress=True):
     return outPath
 
 
-def downsampleToFile(source, targetSpacingMm, outPath, crop=None, progress=None, compress=True):
-    """downsampleStack written to `outPath` (.nrrd, or any SimpleITK format), atomically: on error or cancel no
-    file (partial or temporary) is left. The folder is checked before the (long) streaming starts."""
-    checkWritable(outPath)
-    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress)
+def downsampleToFile(source, targetSpacingMm, outPath, crop=None, progress=None, compress=True, level=None):
+    """downsampleStack written to `outPath` (.nrrd, any SimpleITK format, or an OME-Zarr folder *.zarr /
+    *.ome.zarr: NGFF 0.4 with a mean-pooled pyramid), atomically: on error or cancel no file (partial or
+    temporary) is left. The destination is checked before the (long) streaming starts."""
+    omeZarr = os.fspath(outPath).lower().rstrip("/\\").endswith(".zarr")
+    if omeZarr:
+        from MRIHistoRegLib.stacks.omezarr import checkOmeZarrWritable, writeOmeZarr
+
+        checkOmeZarrWritable(outPath)
+    else:
+        checkWritable(outPath)
+    array, matrix = downsampleStack(source, targetSpacingMm, crop=crop, progress=progress, level=level)
+    if omeZarr:
+        return writeOmeZarr(array, matrix, outPath)
     return writeVolumeFile(array, matrix, outPath, compress=compress)
 
 

@@ -3,7 +3,8 @@
 `openStack(path, spacingMm=None)` understands
 - a multipage TIFF (classic or BigTIFF, compressed or not; OME-XML and ImageJ spacing metadata are read),
 - a folder of 2-D TIFF files (natural sort, all slices the same shape and dtype; one file is fine),
-- a NRRD file with raw or gzip data, attached or detached (.nhdr + .raw / .raw.gz).
+- a NRRD file with raw or gzip data, attached or detached (.nhdr + .raw / .raw.gz),
+- an OME-Zarr image folder (OME-NGFF 0.4 / 0.5, *.zarr / *.ome.zarr; stacks/omezarr.py), whose `levels` are its pyramid.
 
 Arrays are [k, j, i]; spacing tuples are (i, j, k) in millimetres. A TIFF stack gets the geometry Slicer/ITK
 give it on load: LPS axes along i, j, k with voxel (0, 0, 0) centred at the origin, so RAS = (-i*sx, -j*sy, k*sz).
@@ -12,7 +13,8 @@ A NRRD keeps its own directions and origin (converted LPS -> RAS) but with the e
 Every source is a StackSource (base.py: the one reader interface and its capability methods); voxels are read
 into a caller's buffer where possible (`readPlane(k, out=...)`). The modules: base (interface, memory guard),
 tiff (TIFF file and series), nrrd (NRRD reader), header (NRRD header-only rewrites), array (ArraySource:
-an in-memory array as a source), units (spacing units, shared with spacing.py).
+an in-memory array as a source), units (spacing units, shared with spacing.py), omezarr (OME-Zarr reader and
+writer), pyramid (which of a source's `levels` the downsampler reads).
 
 `checkMemoryFor(nbytes, what)` is the memory guard to call before loading anything whole.
 """
@@ -24,11 +26,12 @@ from MRIHistoRegLib.stacks.imaris import IMARIS_EXTENSIONS, ImarisStack
 from MRIHistoRegLib.stacks.base import StackSource, chooseChannel, availableMemoryBytes, checkMemoryFor
 from MRIHistoRegLib.stacks.header import formatNrrdHeader, rewriteNrrdSpacing
 from MRIHistoRegLib.stacks.nrrd import NRRD_EXTENSIONS, NrrdStack, nrrdDtype
+from MRIHistoRegLib.stacks.omezarr import OME_ZARR_EXTENSIONS, OmeZarrStack, isOmeZarr
 from MRIHistoRegLib.stacks.tiff import TIFF_EXTENSIONS, TiffSeries, TiffStack, naturalSortKey
 from MRIHistoRegLib.stacks.units import toMillimetres, unitToMillimetres
 from ..errors import UserInputError
 
-__all__ = ["ArraySource", "NrrdStack", "StackSource", "TiffSeries", "TiffStack", "availableMemoryBytes",
+__all__ = ["ArraySource", "NrrdStack", "OmeZarrStack", "StackSource", "TiffSeries", "TiffStack", "availableMemoryBytes",
            "checkMemoryFor", "formatNrrdHeader", "naturalSortKey", "nrrdDtype", "openStack", "rewriteNrrdSpacing",
            "toMillimetres", "unitToMillimetres"]
 
@@ -46,6 +49,8 @@ def openStack(path, spacingMm=None, channel=None):
 
 def _open(path, spacingMm, channel):
     path = os.fspath(path)
+    if path.lower().rstrip("/\\").endswith(OME_ZARR_EXTENSIONS) or isOmeZarr(path):
+        return OmeZarrStack(path.rstrip("/\\") or path, spacingMm=spacingMm, channel=channel)
     if os.path.isdir(path):
         return TiffSeries(path, spacingMm=spacingMm, channel=channel)
     if not os.path.isfile(path):

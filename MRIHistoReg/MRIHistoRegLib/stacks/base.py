@@ -3,7 +3,7 @@ the readers share.
 
 A consumer (downsample, resample, the pipeline) uses only the names defined here: shape, dtype, planeShape,
 nbytes, spacingMm, headerSpacingMm, metadataSpacingMm, spacingSource, ijkToRas(), readPlane(k, out=None),
-iterPlanes, readAll, withSpacing, close / `with`. What a streaming reader may exploit is asked through explicit
+iterPlanes, readAll, withSpacing, close / `with`, and `levels` (the resolution pyramid, (self,) without one). What a streaming reader may exploit is asked through explicit
 capability methods with safe defaults (parallelReads, rawPlaneOffset, openPositionalHandle, readPlaneWith,
 readRowsAt), so no caller needs to know the file format or probe attributes.
 """
@@ -168,6 +168,23 @@ class StackSource:
             report(progress, (k + 1) / self.shape[0], f"reading plane {k + 1}/{self.shape[0]}")
         return array
 
+    # ---- pyramid: the resolution levels a multi-resolution file holds -------------------------------------
+    @property
+    def levels(self):
+        """The file's resolution levels, finest first, each a StackSource with its own shape, dtype, spacingMm
+        and ijkToRas (same channel, same frame); index 0 is this full-resolution source. A file without a
+        pyramid has one level: (self,). The downsampler picks one of them (stacks/pyramid.py); everything
+        that needs full resolution reads level 0, i.e. this source."""
+        return (self,)
+
+    def readRegion(self, k0, k1, j0, j1, i0, i1):
+        """Voxels [k0:k1, j0:j1, i0:i1] as a new array. This default reads the planes whole; a chunked source
+        reads only the chunks the box touches."""
+        out = np.empty((k1 - k0, j1 - j0, i1 - i0), self.dtype)
+        for k in range(k0, k1):
+            out[k - k0] = self.readPlane(k)[j0:j1, i0:i1]
+        return out
+
     # ---- capabilities: safe defaults, overridden where the file allows more ---------------------------------
     @property
     def parallelReads(self):
@@ -246,7 +263,15 @@ class StackSource:
             + (f" from {self.metadataSpacingSource}" if self.metadataSpacingMm is not None else ""),
             f"effective spacing (i, j, k) mm: {_fmt(self.spacingMm)} ({self.spacingSource})",
             f"physical size (i, j, k) mm: {_fmt(extent)}",
-        ]
+        ] + self._describeLevels()
+
+    def _describeLevels(self):
+        levels = self.levels
+        if len(levels) < 2:
+            return []
+        return [f"pyramid: {len(levels)} levels (the downsampler reads the coarsest one finer than the target)"] + [
+            f"  level {n}: shape (k, j, i) {level.shape}, spacing (i, j, k) mm {_fmt(level.spacingMm)}, "
+            f"{_human(level.nbytes)}" for n, level in enumerate(levels)]
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.kind} {self.shape} {self.dtype} spacing {self.spacingMm} mm: {self.path}>"
