@@ -4,7 +4,9 @@
 - a multipage TIFF (classic or BigTIFF, compressed or not; OME-XML and ImageJ spacing metadata are read),
 - a folder of 2-D TIFF files (natural sort, all slices the same shape and dtype; one file is fine),
 - a NRRD file with raw or gzip data, attached or detached (.nhdr + .raw / .raw.gz),
-- an OME-Zarr image folder (OME-NGFF 0.4 / 0.5, *.zarr / *.ome.zarr; stacks/omezarr.py), whose `levels` are its pyramid.
+- an OME-Zarr image folder (OME-NGFF 0.4 / 0.5, *.zarr / *.ome.zarr; stacks/omezarr.py), whose `levels` are its pyramid,
+- an Imaris .ims or a BigDataViewer/BigStitcher .xml + .h5 (stacks/imaris.py, bdv.py; HDF5 pyramids as `levels`);
+a multi-channel file or a per-channel TIFF series is one channel's source (`channel=`).
 
 Arrays are [k, j, i]; spacing tuples are (i, j, k) in millimetres. A TIFF stack gets the geometry Slicer/ITK
 give it on load: LPS axes along i, j, k with voxel (0, 0, 0) centred at the origin, so RAS = (-i*sx, -j*sy, k*sz).
@@ -54,7 +56,8 @@ def _open(path, spacingMm, channel):
     if os.path.isdir(path):
         return TiffSeries(path, spacingMm=spacingMm, channel=channel)
     if not os.path.isfile(path):
-        raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices or a NRRD file.")
+        raise UserInputError(f"Stack not found: {path}. Give a TIFF file, a folder of TIFF slices, a NRRD, an OME-Zarr "
+                             f"folder, an Imaris .ims or a BigDataViewer .xml.")
     lower = path.lower()
     if lower.endswith(NRRD_EXTENSIONS):
         return NrrdStack(path, spacingMm=spacingMm, channel=channel)
