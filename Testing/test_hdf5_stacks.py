@@ -503,3 +503,18 @@ def test_bdv_big_endian_int16_cells_read_as_unsigned(tmp_path):
     source = stacks.openStack(path)
     assert source.dtype == np.uint16
     np.testing.assert_array_equal(source.readAll(), volume)
+
+
+@pytest.mark.parametrize("fmt", ["imaris", "bdv"])
+def test_a_region_read_equals_the_planes_it_cuts(tmp_path, fmt):
+    """readRegion (one h5py read of the chunks a box touches: what the pyramid's spot check uses) against the
+    plane-by-plane reads of the base class, on every level, including a box that crosses chunk borders."""
+    from MRIHistoRegLib.stacks.base import StackSource
+
+    path = _imsPyramid(tmp_path)[0] if fmt == "imaris" else _bdvDataset(tmp_path)[0]
+    source = stacks.openStack(path)
+    for level in source.levels:
+        nk, nj, ni = level.shape
+        box = (nk // 3, nk, 1, max(2, nj - 1), ni // 4, ni)
+        assert np.array_equal(level.readRegion(*box), StackSource.readRegion(level, *box))
+        assert level.chunkShape is None or len(level.chunkShape) == 3

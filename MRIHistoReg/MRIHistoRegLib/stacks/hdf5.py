@@ -153,6 +153,26 @@ class Hdf5Level(StackSource):
             slab = slab.view(self.dtype) if slab.dtype.itemsize == self.dtype.itemsize else slab.astype(self.dtype)
         self._slab, self._slabStart = slab, k0
 
+    @property
+    def chunkShape(self):
+        """(k, j, i) voxels per chunk (what one decode reads); the pyramid's spot check stays inside one."""
+        chunks = self._dataset().chunks
+        return None if chunks is None else tuple(int(c) for c in chunks)
+
+    def readRegion(self, k0, k1, j0, j1, i0, i1):
+        """Voxels [k0:k1, j0:j1, i0:i1] in one h5py read: only the chunks the box touches are decompressed."""
+        with self._lock:
+            try:
+                box = self._dataset()[k0:k1, j0:j1, i0:i1]
+            except (OSError, RuntimeError, ValueError) as error:
+                raise UserInputError(f"{self.path}: voxels of {self.datasetName} cannot be read ({error}). The file "
+                                     f"is truncated or corrupt: re-copy it or export it again.") from error
+        if not box.dtype.isnative:
+            box = box.astype(box.dtype.newbyteorder("="))
+        if box.dtype != self.dtype:
+            box = box.view(self.dtype) if box.dtype.itemsize == self.dtype.itemsize else box.astype(self.dtype)
+        return box
+
     def _resetReader(self):
         self._h5 = None
         self._ds = None
