@@ -114,7 +114,7 @@ def _runInto(config: RunConfig, work, scene, progress):
         refinement.summary["landmark_jacobian"] = fit.jacobian
     resampled = run.resample(inputs, mapping) if inputs.mri is not None and config.resample else None
     evaluation = run.evaluatePoints(mapping) if config.evaluatePoints else None
-    labels = run.compareLabels(inputs, mapping) if config.labels else None
+    labels = run.compareLabels(inputs, mapping, fit, refinement) if config.labels else None
     run.writeFiles(inputs, fit, refinement, resampled, labels)
     report = run.report(inputs, fit, refinement, mapping, resampled, evaluation, labels)
     progressLib.report(progress, 1.0, "done")
@@ -214,10 +214,10 @@ class _Run:
             histologyLabels, histologyPoints = landmarks.readPoints(self.config.evaluatePoints["histology"])
             return workflow.evaluatePoints(mriLabels, mriPoints, histologyLabels, histologyPoints, mapping)
 
-    def compareLabels(self, inputs, mapping):
+    def compareLabels(self, inputs, mapping, fit, refinement):
         progressLib.report(self.progress, 0.8, "comparing tumour labels")
         with self.timed("labels"):
-            return _compareLabels(self.scene, self.config, inputs, mapping)
+            return _compareLabels(self.scene, self.config, inputs, mapping, fit, refinement)
 
     def writeFiles(self, inputs, fit, refinement, resampled, labels):
         from MRIHistoRegLib import figures, refine, transforms
@@ -278,10 +278,11 @@ class _Run:
         return outputs.writeReport(report, work)
 
 
-def _compareLabels(scene, config, inputs, mapping):
+def _compareLabels(scene, config, inputs, mapping, fit, refinement):
     """The label maps from the config: the MRI's on the MRI grid, the histology's streamed from the stack's grid
-    (only the labelled box is kept)."""
-    from MRIHistoRegLib import compare, stacks, workflow
+    (only the labelled box is kept). Each label's volume in MRI space gets its landmark jackknife interval
+    (uncertainty.py), through the refined mapping when a refinement was accepted."""
+    from MRIHistoRegLib import compare, stacks, uncertainty, workflow
 
     mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
     mriLabels = volumes.arrayFromVolume(mriLabelNode)
@@ -300,7 +301,11 @@ def _compareLabels(scene, config, inputs, mapping):
         if not np.any(array):
             raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
     mriImage = workflow.Image(mriLabels, inputs.mri.ijkToRas if inputs.mri is not None else volumes.ijkToRas(mriLabelNode))
-    return workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
+    rows, transferred = workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
+    refined = refinement is not None and refinement.accepted
+    uncertainty.addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fit.pairs.fixed, fit.pairs.moving,
+                                   fit.modelName, fit.model.regularization, finalMapping=mapping if refined else None)
+    return rows, transferred
 
 
 def _jacobianFigure(mapping, mriShape, mriIjkToRas, histologyOnMri, path):
