@@ -76,9 +76,10 @@ def normalQuantile(probability):
 
 
 def tQuantile(probability, degreesOfFreedom):
-    """Student's t quantile by the Cornish-Fisher expansion around the normal quantile (four terms: within
-    2e-3 of the exact value from 3 degrees of freedom on, far below the jackknife's own sampling error); no
-    scipy needed (Slicer's Python may lack it). Exact closed forms for 1 and 2 degrees of freedom."""
+    """Student's t quantile by the Cornish-Fisher expansion around the normal quantile (four terms; relative
+    error at 95 %: 1.2e-3 at 3 degrees of freedom, 1e-4 from 5 on; at 99 %: 0.8 % at 3, 3e-4 from 6 on - far
+    below the jackknife's own sampling error); no scipy needed (Slicer's Python may lack it). Exact closed forms
+    for 1 and 2 degrees of freedom."""
     import math
 
     nu = float(degreesOfFreedom)
@@ -182,18 +183,25 @@ def addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fixed, moving, 
         estimate = row.get(ESTIMATE_KEY)
         if not estimate:
             continue
-        if len(models) < MINIMUM_REPLICATES:
-            interval, method = None, (f"no interval: the {modelName} fit is determined without a pair for only "
-                                      f"{len(models)} of {len(fixed)} pairs (needs {MINIMUM_REPLICATES}); add "
-                                      f"landmark pairs")
-        else:
-            points, weights = compare.labelQuadrature(histologyLabels, histologyIjkToRas, label,
-                                                      maxEvaluations=quadraturePoints)
-            volumes = _ReplicateVolumes(points, weights, landmarkModel, finalMapping)
-            interval = intervalFromLogRatios(estimate, [volumes.logRatio(m) for _, m in models], level)
-            method = methodText(modelName, len(models), finalMapping is not None, level)
+        points, weights = compare.labelQuadrature(histologyLabels, histologyIjkToRas, label,
+                                                  maxEvaluations=quadraturePoints)
+        interval, method = volumeInterval(points, weights, estimate, landmarkModel, models, modelName,
+                                          len(fixed), finalMapping, level)
         _insertAfter(row, ESTIMATE_KEY, {INTERVAL_KEY: interval, LEVEL_KEY: float(level), METHOD_KEY: method})
     return rows
+
+
+def volumeInterval(points, weights, estimate, landmarkModel, models, modelName, pairCount, finalMapping=None,
+                   level=LEVEL):
+    """([low, high] or None, method text) for the volume `estimate` of the histology region integrated by
+    (points, weights) (compare.labelQuadrature), from the jackknife refits `models` (jackknifeModels) of
+    `landmarkModel` (the fit on all `pairCount` pairs)."""
+    if len(models) < MINIMUM_REPLICATES:
+        return None, (f"no interval: the {modelName} fit is determined without a pair for only {len(models)} of "
+                      f"{pairCount} pairs (needs {MINIMUM_REPLICATES}); add landmark pairs")
+    volumes = _ReplicateVolumes(points, weights, landmarkModel, finalMapping)
+    interval = intervalFromLogRatios(estimate, [volumes.logRatio(m) for _, m in models], level)
+    return interval, methodText(modelName, len(models), finalMapping is not None, level)
 
 
 def _insertAfter(row, key, entries):
