@@ -83,13 +83,13 @@ def test_interval_coverage_matches_its_level_when_the_noise_is_known(modelName):
     # and the interval is not wide by construction: its mean half-width is about t x the volume's real scatter
     halfWidth = np.mean(np.log(intervals[:, 1] / intervals[:, 0])) / 2
     scatter = np.std(np.log(estimates / phantom.trueVolume))
-    assert 1.5 < halfWidth / scatter < 3.0, (halfWidth, scatter)
+    assert 1.5 < halfWidth / scatter < 3.5, (halfWidth, scatter)  # measured 2.25, 2.70, 2.90
 
 
 def test_the_misspecified_rigid_model_cannot_hide_behind_its_interval():
-    """Rigid cannot see the 0.85 shrinkage: every volume is ~1/0.85^3 too small... of the true one; the jackknife
-    spread is tiny because every refit agrees, so the truth lies outside (the interval is about the landmarks'
-    noise, not about a wrong model choice: README says so)."""
+    """Rigid cannot see the 0.85 linear shrinkage: its volume in MRI space is the histology's, 0.85^3 = 61 % of
+    the truth, and every refit agrees on that, so the truth lies outside every interval: the interval speaks for
+    the landmarks' placement and the chosen model's sensitivity to them, not for a wrong model (README says so)."""
     phantom = Phantom()
     estimates, intervals = phantom.intervals("rigid", 20, seed=3)
     assert _coverage(estimates, intervals, phantom.trueVolume) == 0.0
