@@ -262,3 +262,16 @@ def test_the_panel_and_run_write_the_same_files_under_the_same_names(sample, tmp
     # measured, 0.09 % of the voxels differ by more than 1e-4 of the intensity range, none at the footprint's edge.
     differs = np.abs(runImage - panelImage) > 1e-4 * float(runImage.max())
     assert differs.mean() < 0.002, differs.mean()
+
+
+@pytest.mark.bspline_refinement
+def test_report_volume_interval_holds_the_truth(demoRun):
+    """The refined run's tumour volume in MRI space carries its landmark jackknife interval (uncertainty.py),
+    and the analytic truth lies inside it (README: Volume uncertainty)."""
+    _, report, truth, _ = demoRun
+    row = report["labels"]["1"]
+    low, high = row["histology_in_mri_interval_mm3"]
+    assert low < row["histology_in_mri_jacobian_mm3"] < high
+    assert low <= truth["tumour"]["mri_volume_mm3"] <= high
+    assert row["histology_in_mri_interval_level"] == 0.95
+    assert "refinement's correction held fixed" in row["histology_in_mri_interval_method"]

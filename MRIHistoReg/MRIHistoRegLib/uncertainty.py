@@ -137,8 +137,13 @@ class _ReplicateVolumes:
 
     def _logVolume(self, replicate):
         from .compare import InverseMapping
+        from .geometry import applyMatrix
+        from .mapping import asMapping
 
-        z = InverseMapping(replicate).transformPoints(self.points)
+        if asMapping(replicate).isLinear:  # exact; Newton would spend a Jacobian per point to find the same
+            z = applyMatrix(np.linalg.inv(asMapping(replicate).linearMatrix()), self.points)
+        else:
+            z = InverseMapping(replicate).transformPoints(self.points)
         logWeights = np.log(self.weights) - _logDeterminant(replicate, z)
         if self.final is not None:
             x = self.finalInverse.transformPoints(self.landmark.transformPoints(z))
@@ -175,8 +180,11 @@ def addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fixed, moving, 
     fixed / moving: the landmark pairs (MRI / histology RAS mm) the model `modelName` was fitted on.
     finalMapping: the accepted refined mapping (MRI -> histology), None for landmark-only. A label without
     enough determined refits gets a None interval and the reason as its method."""
+    import time
+
     from . import compare, fitting
 
+    started = time.perf_counter()
     landmarkModel = fitting.fitLandmarks(fixed, moving, modelName, regularization)
     models = jackknifeModels(fixed, moving, modelName, regularization)
     for label, row in rows.items():
@@ -188,6 +196,8 @@ def addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fixed, moving, 
         interval, method = volumeInterval(points, weights, estimate, landmarkModel, models, modelName,
                                           len(fixed), finalMapping, level)
         _insertAfter(row, ESTIMATE_KEY, {INTERVAL_KEY: interval, LEVEL_KEY: float(level), METHOD_KEY: method})
+    log.info("volume intervals: %d landmark refits, %d label(s), %.2f s", len(models), len(rows),
+             time.perf_counter() - started)
     return rows
 
 
