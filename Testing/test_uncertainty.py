@@ -190,3 +190,63 @@ def test_sample_truth_lies_inside_the_landmark_only_interval(samples):
     # landmark-only errors scatter by 8.4 % (sd over 30 seeds, README): a calibrated 95 % interval is about
     # +-17-20 %; a median above 30 % would be a method 1.5x too wide
     assert np.median(halfWidths) < 0.30, halfWidths
+
+
+# ------------------------------------------------------------------------------------------- the panel's path
+def test_panel_compare_reports_the_interval_in_rows_table_and_export(scene, tmp_path):
+    """logic.compareLabels with the point lists: the interval in the rows, as low/high columns in the table node,
+    back as [low, high] from the table (what the export writes); a copy of the landmark transform passed as the
+    'refined' mapping (an identity correction) gives the same interval by the refined path; without point lists
+    the keys are there, empty, with the reason."""
+    from MRIHistoRegLib import volumes
+    from MRIHistoRegLib.logic import MRIHistoRegLogicCore, _tableRows
+
+    logic = MRIHistoRegLogicCore(scene)
+    phantom = Phantom()
+    rng = np.random.default_rng(5)
+    fixed = phantom.fixedTrue + rng.normal(0, MRI_NOISE_MM, phantom.fixedTrue.shape)
+    moving = phantom.movingTrue + rng.normal(0, HISTOLOGY_NOISE_MM, phantom.movingTrue.shape)
+    lists = []
+    for name, points in (("MRI", fixed), ("Histology", moving)):
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        for index, point in enumerate(points):
+            node.AddControlPoint(*[float(v) for v in point], f"P{index + 1}")
+        lists.append(node)
+
+    def ellipsoidLabels(spacing, toMri, centre):
+        """Label map of the MRI tumour ellipsoid on a grid of `spacing` around `centre`, voxels taken to MRI space by `toMri`."""
+        ijkToRas = np.diag([spacing, spacing, spacing, 1.0])
+        ijkToRas[:3, 3] = np.asarray(centre) - 20 * spacing
+        k, j, i = np.indices((40, 40, 40))
+        ras = np.stack([i, j, k], -1).reshape(-1, 3) * spacing + ijkToRas[:3, 3]
+        local = toMri(ras) - (2.3, 1.6, 1.3)
+        inside = ((local / (0.65, 0.55, 0.5)) ** 2).sum(1) <= 1
+        return volumes.createVolumeNode(scene, inside.reshape(40, 40, 40).astype(np.uint8), ijkToRas,
+                                        "labels", labelmap=True)
+
+    inverse = AffineMapping(np.linalg.inv(phantom.truth.matrix))
+    mriLabels = ellipsoidLabels(0.05, lambda ras: ras, (2.3, 1.6, 1.3))
+    histologyLabels = ellipsoidLabels(0.04, inverse.transformPoints, phantom.truth.transformPoints([(2.3, 1.6, 1.3)])[0])
+    fit = logic.fitLandmarks(lists[0], lists[1], "affine+tps")
+    alone = logic.compareLabels(mriLabels, histologyLabels, fit.transformNode, mriLandmarks=lists[0],
+                                histologyLandmarks=lists[1])
+    row = alone.rows[1]
+    low, high = row[uncertainty.INTERVAL_KEY]
+    assert low < row["histology_in_mri_jacobian_mm3"] < high and "interval" in alone.summary
+    names = [alone.tableNode.GetTable().GetColumn(c).GetName() for c in range(alone.tableNode.GetTable().GetNumberOfColumns())]
+    assert uncertainty.INTERVAL_KEY + " low" in names and uncertainty.INTERVAL_KEY + " high" in names
+    exported = _tableRows(alone.tableNode)[0]
+    assert exported[uncertainty.INTERVAL_KEY] == pytest.approx([low, high], rel=1e-12)
+    assert exported[uncertainty.METHOD_KEY] == row[uncertainty.METHOD_KEY]
+
+    copy = scene.AddNewNodeByClass("vtkMRMLTransformNode", "refined stand-in")
+    copy.SetAndObserveTransformFromParent(fit.transformNode.GetTransformFromParent())
+    chained = logic.compareLabels(mriLabels, histologyLabels, copy, mriLandmarks=lists[0], histologyLandmarks=lists[1],
+                                  landmarkTransform=fit.transformNode)
+    assert chained.rows[1][uncertainty.INTERVAL_KEY] == pytest.approx([low, high], rel=1e-4)
+    assert "held fixed" in chained.rows[1][uncertainty.METHOD_KEY]
+
+    bare = logic.compareLabels(mriLabels, histologyLabels, fit.transformNode)
+    assert bare.rows[1][uncertainty.INTERVAL_KEY] is None
+    assert "point lists" in bare.rows[1][uncertainty.METHOD_KEY]
+    assert _tableRows(bare.tableNode)[0][uncertainty.INTERVAL_KEY] is None
