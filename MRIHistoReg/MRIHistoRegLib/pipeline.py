@@ -363,8 +363,11 @@ def _summaryRow(report):
            "tre_median_mm": (report.get("evaluation") or {}).get("tre_median_mm"),
            "folded_fraction": (report.get("jacobian") or {}).get("folded_fraction")}
     for label, values in (report.get("labels") or {}).items():
-        for key in ("mri_mm3", "histology_in_mri_resampled_mm3", "dice", "hd95_mm"):
+        for key in ("mri_mm3", "histology_in_mri_resampled_mm3", "histology_in_mri_jacobian_mm3", "dice", "hd95_mm"):
             row[f"label{label}_{key}"] = values.get(key)
+        interval = values.get("histology_in_mri_interval_mm3") or (None, None)  # one number per CSV cell
+        row[f"label{label}_histology_in_mri_interval_low_mm3"] = interval[0]
+        row[f"label{label}_histology_in_mri_interval_high_mm3"] = interval[1]
     return row
 
 
