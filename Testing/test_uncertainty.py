@@ -250,3 +250,14 @@ def test_panel_compare_reports_the_interval_in_rows_table_and_export(scene, tmp_
     assert bare.rows[1][uncertainty.INTERVAL_KEY] is None
     assert "point lists" in bare.rows[1][uncertainty.METHOD_KEY]
     assert _tableRows(bare.tableNode)[0][uncertainty.INTERVAL_KEY] is None
+
+
+def test_a_refit_that_folds_gives_no_interval_instead_of_stopping_the_run():
+    """A refit whose Jacobian determinant vanishes inside the label (it collapses the tumour: folding) leaves the
+    row without an interval and says so; nothing raises, so the report is still written."""
+    phantom = Phantom()
+    model = fitting.fitLandmarks(phantom.fixedTrue, phantom.movingTrue, "affine+tps")
+    collapsed = AffineMapping(np.diag([1e-5, 1e-5, 1e-5, 1.0]))  # det 1e-15: the label's volume goes to nothing
+    models = uncertainty.jackknifeModels(phantom.fixedTrue, phantom.movingTrue, "affine+tps")[:3] + [(3, collapsed)]
+    interval, method = uncertainty.volumeInterval(phantom.points, phantom.weights, 0.7, model, models, "affine+tps", 12)
+    assert interval is None and method.startswith("no interval:") and "folds" in method, method

@@ -209,9 +209,14 @@ def volumeInterval(points, weights, estimate, landmarkModel, models, modelName, 
     if len(models) < MINIMUM_REPLICATES:
         return None, (f"no interval: the {modelName} fit is determined without a pair for only {len(models)} of "
                       f"{pairCount} pairs (needs {MINIMUM_REPLICATES}); add landmark pairs")
-    volumes = _ReplicateVolumes(points, weights, landmarkModel, finalMapping)
-    interval = intervalFromLogRatios(estimate, [volumes.logRatio(m) for _, m in models], level)
-    return interval, methodText(modelName, len(models), finalMapping is not None, level)
+    try:
+        volumes = _ReplicateVolumes(points, weights, landmarkModel, finalMapping)
+        logRatios = [volumes.logRatio(m) for _, m in models]
+    except UserInputError as error:  # a refit that folds or cannot be inverted: the report is still written
+        log.warning("no volume interval: %s", error)
+        return None, f"no interval: {error}"
+    return intervalFromLogRatios(estimate, logRatios, level), methodText(modelName, len(models),
+                                                                          finalMapping is not None, level)
 
 
 def _insertAfter(row, key, entries):
