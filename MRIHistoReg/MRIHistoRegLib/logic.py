@@ -773,21 +773,26 @@ class MRIHistoRegLogicCore:
 
         landmarkTransform = landmarkTransform if landmarkTransform is not None else transformNode
         model = landmarkTransform.GetAttribute("MRIHistoReg.landmarkModel")
-        pairs = None
-        if mriLandmarks is not None and histologyLandmarks is not None:
-            pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
-        if pairs is None or not model:
-            reason = ("no interval: give the landmark point lists" if pairs is None
-                      else "no interval: the transform is not from a landmark fit")
-            for row in rows.values():
-                if row.get(uncertainty.ESTIMATE_KEY):
-                    uncertainty._insertAfter(row, uncertainty.ESTIMATE_KEY, {
-                        uncertainty.INTERVAL_KEY: None, uncertainty.LEVEL_KEY: uncertainty.LEVEL,
-                        uncertainty.METHOD_KEY: reason})
+        reason = None
+        if mriLandmarks is None or histologyLandmarks is None:
+            reason = "no interval: give the landmark point lists"
+        elif not model:
+            reason = "no interval: the transform is not from a landmark fit"
+        else:
+            refined = landmarkTransform.GetID() != transformNode.GetID()  # wrappers may differ for one node
+            try:  # the lists may have been edited since the fit: the comparison itself still stands
+                pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+                uncertainty.addVolumeIntervals(rows, histologyArray, histologyIjkToRas, pairs.fixed, pairs.moving,
+                                               model, tpsRegularization, finalMapping=mapping if refined else None)
+            except UserInputError as error:
+                reason = f"no interval: {error}"
+        if reason is None:
             return
-        refined = landmarkTransform.GetID() != transformNode.GetID()  # wrappers may differ for one node
-        uncertainty.addVolumeIntervals(rows, histologyArray, histologyIjkToRas, pairs.fixed, pairs.moving, model,
-                                       tpsRegularization, finalMapping=mapping if refined else None)
+        for row in rows.values():
+            if row.get(uncertainty.ESTIMATE_KEY):
+                uncertainty._insertAfter(row, uncertainty.ESTIMATE_KEY, {
+                    uncertainty.INTERVAL_KEY: None, uncertainty.LEVEL_KEY: uncertainty.LEVEL,
+                    uncertainty.METHOD_KEY: reason})
 
     def exportReport(
         self,
