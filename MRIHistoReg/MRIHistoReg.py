@@ -617,9 +617,15 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCompare(self) -> None:
         p = self._parameterNode
         with self._action(_("Label comparison failed."), _("Comparing labels")) as progress:
+            # the landmark lists and model give the volume its interval (the table's *_interval_mm3 low/high)
             result = self.logic.compareLabels(p.mriLabels, p.histologyLabels, self._registrationTransform(),
-                                              tableNode=p.resultsTable, mriVolume=p.mriVolume, progress=progress)
+                                              tableNode=p.resultsTable, mriVolume=p.mriVolume, progress=progress,
+                                              mriLandmarks=p.mriLandmarks, histologyLandmarks=p.histologyLandmarks,
+                                              landmarkTransform=p.landmarkTransform,
+                                              tpsRegularization=p.tpsRegularization)
             p.resultsTable = result.tableNode
+            if result.summary:
+                slicer.util.showStatusMessage(result.summary, 10000)
 
     def onExportReport(self) -> None:
         p = self._parameterNode

@@ -240,3 +240,23 @@ def test_label_crop_streamed_from_a_gzip_nrrd_equals_the_whole_map(tmp_path):
         part = np.argwhere(crop == label)[:, ::-1].mean(axis=0)
         np.testing.assert_allclose(cropGeometry[:3, :3] @ part + cropGeometry[:3, 3],
                                    trueGeometry[:3, :3] @ whole + trueGeometry[:3, 3], atol=1e-12)
+
+
+def test_label_quadrature_blocks_keep_the_volume_and_the_centroid():
+    """Blocked quadrature (the Jacobian integral's and the volume interval's) keeps each label's volume and first
+    moment exactly, whatever the block size; the volume through an affine map is the volume / |det A|."""
+    shape, m = grid((30, 34, 40), (0.05, 0.06, 0.08), origin=(1.0, -2.0, 0.5))
+    labels = ellipsoid(shape, m, np.array([2.0, -1.0, 1.6]), np.array([0.7, 0.6, 0.5]), label=3)
+    voxels = np.argwhere(labels == 3)[:, ::-1].astype(float)
+    centroid = (voxels @ m[:3, :3].T + m[:3, 3]).mean(axis=0)
+    volume = len(voxels) * 0.05 * 0.06 * 0.08
+    for blocks in (None, 1, 3, 7):
+        points, weights = compare.labelQuadrature(labels, m, 3, blockVoxels=blocks, maxEvaluations=500)
+        assert weights.sum() == pytest.approx(volume, rel=1e-12)
+        np.testing.assert_allclose((points * weights[:, None]).sum(0) / weights.sum(), centroid, atol=1e-9)
+    assert len(compare.labelQuadrature(labels, m, 3, maxEvaluations=500)[0]) <= 500
+    matrix = np.diag([0.8, 0.9, 0.7, 1.0])
+    points, weights = compare.labelQuadrature(labels, m, 3, maxEvaluations=500)
+    assert compare.volumeInMriMm3(points, weights, AffineMapping(matrix)) == pytest.approx(volume / 0.504, rel=1e-9)
+    with pytest.raises(compare.UserInputError, match="empty"):
+        compare.labelQuadrature(labels, m, 9)

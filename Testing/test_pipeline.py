@@ -231,7 +231,8 @@ def test_the_panel_and_run_write_the_same_files_under_the_same_names(sample, tmp
     resampled = logic.resampleHistology(fit.transformNode, nodes.mri, stackPath=nodes.stackPath,
                                         spacingMm=truthSpacing)
     compared = logic.compareLabels(nodes.mriLabels, nodes.histologyLabels, fit.transformNode,
-                                   mriVolume=nodes.mri)
+                                   mriVolume=nodes.mri, mriLandmarks=nodes.mriLandmarks,
+                                   histologyLandmarks=nodes.histologyLandmarks)
     logic.exportReport(str(tmp_path / "panel"), fit.transformNode, fit.tableNode, compared.tableNode,
                        resampled, nodes.mriLandmarks, nodes.histologyLandmarks, nodes.mri)
 
@@ -250,6 +251,9 @@ def test_the_panel_and_run_write_the_same_files_under_the_same_names(sample, tmp
     assert sorted(run["landmark_summary"]) == sorted(panel["landmark_summary"])
     assert sorted(run["labels"]["1"]) == sorted(panel["labels"]["1"])
     assert run["labels"]["1"]["dice"] == pytest.approx(panel["labels"]["1"]["dice"], abs=1e-9)
+    # the volume's interval: the same jackknife refits from the same point lists (uncertainty.py)
+    assert run["labels"]["1"]["histology_in_mri_interval_mm3"] == pytest.approx(
+        panel["labels"]["1"]["histology_in_mri_interval_mm3"], rel=1e-4)
     runImage = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "run" / outputs.HISTOLOGY_ON_MRI)))
     panelImage = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "panel" / outputs.HISTOLOGY_ON_MRI)))
     # run maps through the fitted model, the panel through the transform node's VTK thin-plate spline: the same
@@ -258,3 +262,16 @@ def test_the_panel_and_run_write_the_same_files_under_the_same_names(sample, tmp
     # measured, 0.09 % of the voxels differ by more than 1e-4 of the intensity range, none at the footprint's edge.
     differs = np.abs(runImage - panelImage) > 1e-4 * float(runImage.max())
     assert differs.mean() < 0.002, differs.mean()
+
+
+@pytest.mark.bspline_refinement
+def test_report_volume_interval_holds_the_truth(demoRun):
+    """The refined run's tumour volume in MRI space carries its landmark jackknife interval (uncertainty.py),
+    and the analytic truth lies inside it (README: Volume uncertainty)."""
+    _, report, truth, _ = demoRun
+    row = report["labels"]["1"]
+    low, high = row["histology_in_mri_interval_mm3"]
+    assert low < row["histology_in_mri_jacobian_mm3"] < high
+    assert low <= truth["tumour"]["mri_volume_mm3"] <= high
+    assert row["histology_in_mri_interval_level"] == 0.95
+    assert "refinement's correction held fixed" in row["histology_in_mri_interval_method"]

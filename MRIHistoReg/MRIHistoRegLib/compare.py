@@ -102,21 +102,17 @@ def _labelCounts(labelArray):
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inverseMapping=None, blockVoxels=None,
-                                maxEvaluations=100000):
-    """Volume (mm^3) in MRI space of histology label `label`: sum over its native voxels y of
-    voxelVolume / |det J_{M->H}(x)| with x = inverse(y).
-
-    mapping: MRI RAS -> histology RAS (the registration result). inverseMapping: optional histology -> MRI
-    mapping; by default Newton iterations from the inverse of the mapping's linear part (residuals checked,
-    ValueError when they do not converge). Large labels are integrated over blocks of blockVoxels^3 voxels
-    (evaluated at the block's label centroid, weighted by its voxel count; det J is smooth so the error is
-    second order); blockVoxels defaults to the smallest block giving <= maxEvaluations evaluations."""
+def labelQuadrature(labelArray, labelIjkToRas, label, blockVoxels=None, maxEvaluations=100000):
+    """(points (n, 3) RAS mm, weights (n,) mm^3) integrating over the voxels of `label`: each voxel, or for large
+    labels each block of blockVoxels^3 voxels at its label centroid weighted by its labelled volume (det J is
+    smooth, so evaluating a block at its centroid is second-order accurate). blockVoxels defaults to the smallest
+    block giving <= maxEvaluations points. UserInputError when the label is empty."""
     labelArray = np.asarray(labelArray)
     geometry = _asMatrix(labelIjkToRas, "labelIjkToRas")
     voxels = np.argwhere(labelArray == label)  # (n, 3) as (k, j, i)
     if len(voxels) == 0:
         raise UserInputError(f"Label {label} is empty in the histology label map: check the label value.")
+
     def blocksOf(size):
         key = voxels // size
         key = (key[:, 0] * (1 << 21) + key[:, 1]) * (1 << 21) + key[:, 2]
@@ -136,17 +132,34 @@ def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inver
     else:
         weights = np.ones(len(voxels))
     ras = applyMatrixElementwise(geometry, voxels[:, ::-1].astype(float))
+    return ras, weights * _voxelVolume(geometry)
+
+
+def volumeInMriMm3(points, weights, mapping, inverseMapping=None):
+    """sum of weights / |det J_{M->H}(x)| with x = inverse(points): the volume in MRI space of the histology
+    region the quadrature (labelQuadrature) covers. UserInputError where the mapping folds."""
     inverter = inverseMapping if inverseMapping is not None else InverseMapping(mapping)
     total = 0.0
-    for start in range(0, len(ras), 50000):
-        chunk = ras[start:start + 50000]
-        fixed = asPoints(inverter.transformPoints(chunk))
+    for start in range(0, len(points), 50000):
+        fixed = asPoints(inverter.transformPoints(points[start:start + 50000]))
         determinant = np.abs(np.linalg.det(jacobianOf(mapping, fixed)))
         if np.any(determinant < 1e-12):
             raise UserInputError("The transform's Jacobian determinant vanishes inside the label (the mapping folds): "
                              "use a smoother model.")
         total += float(np.sum(weights[start:start + 50000] / determinant))
-    return total * _voxelVolume(geometry)
+    return total
+
+
+def jacobianIntegratedVolumeMm3(labelArray, labelIjkToRas, mapping, label, inverseMapping=None, blockVoxels=None,
+                                maxEvaluations=100000):
+    """Volume (mm^3) in MRI space of histology label `label`: sum over its native voxels y of
+    voxelVolume / |det J_{M->H}(x)| with x = inverse(y).
+
+    mapping: MRI RAS -> histology RAS (the registration result). inverseMapping: optional histology -> MRI
+    mapping; by default Newton iterations from the inverse of the mapping's linear part (residuals checked,
+    ValueError when they do not converge). Large labels are integrated over blocks (labelQuadrature)."""
+    points, weights = labelQuadrature(labelArray, labelIjkToRas, label, blockVoxels, maxEvaluations)
+    return volumeInMriMm3(points, weights, mapping, inverseMapping)
 
 
 # ------------------------------------------------------------------------------------------ label transfer

@@ -120,6 +120,7 @@ class LabelComparison:
     rows: Dict[object, dict]
     tableNode: TableNode
     transferredNode: VolumeNode
+    summary: str = ""  # one line per label: the volume in MRI space and its interval (uncertainty.py)
 
 
 class MRIHistoRegLogicCore:
@@ -794,12 +795,19 @@ class MRIHistoRegLogicCore:
         tableNode: Optional[TableNode] = None,
         mriVolume: Optional[VolumeNode] = None,
         progress: Optional[ProgressCallback] = None,
+        mriLandmarks: Optional[PointListNode] = None,
+        histologyLandmarks: Optional[PointListNode] = None,
+        landmarkTransform: Optional[TransformNode] = None,
+        tpsRegularization: float = 0.0,
     ) -> LabelComparison:
         """Transfer the histology labels onto the MRI labels' grid through `transformNode` and compare per label:
         MRI volume, histology volume (native, transferred, Jacobian-integrated), ratios, Dice, HD95.
 
         Label maps or segmentations are accepted (compare.labelArrayFromNode: an MRI segmentation is exported on
         `mriVolume`'s grid when given, a histology segmentation on its own geometry).
+        With the landmark point lists, the Jacobian-integrated volume gets its interval (uncertainty.py:
+        jackknife refits of the model of `landmarkTransform`, default `transformNode`, with `tpsRegularization`);
+        `transformNode` counts as refined when it is not the landmark transform.
         Returns the rows ({label: row}), the table node and the transferred label map (LabelComparison)."""
         from . import compare, transforms
 
@@ -814,11 +822,42 @@ class MRIHistoRegLogicCore:
         rows, transferred = compare.compareTumours(
             mriArray, mriIjkToRas, histologyArray, histologyIjkToRas, mapping, progress=progress
         )
+        self._addVolumeIntervals(rows, histologyArray, histologyIjkToRas, mapping, transformNode, mriLandmarks,
+                                 histologyLandmarks, landmarkTransform, tpsRegularization)
         transferredNode = volumes.createVolumeNode(
             self.scene, transferred, mriIjkToRas, "Histology labels on MRI", labelmap=True
         )
         tableNode = self._rowsToTable(rows, tableNode, "Label comparison")
-        return LabelComparison(rows, tableNode, transferredNode)
+        return LabelComparison(rows, tableNode, transferredNode, _intervalSummary(rows))
+
+    def _addVolumeIntervals(self, rows, histologyArray, histologyIjkToRas, mapping, transformNode, mriLandmarks,
+                            histologyLandmarks, landmarkTransform, tpsRegularization):
+        """uncertainty.addVolumeIntervals from the point lists; without them (or without a landmark model) the
+        interval keys are still written, empty, with the reason, so every front reports the same keys."""
+        from . import landmarks, uncertainty
+
+        landmarkTransform = landmarkTransform if landmarkTransform is not None else transformNode
+        model = landmarkTransform.GetAttribute("MRIHistoReg.landmarkModel")
+        reason = None
+        if mriLandmarks is None or histologyLandmarks is None:
+            reason = "no interval: give the landmark point lists"
+        elif not model:
+            reason = "no interval: the transform is not from a landmark fit"
+        else:
+            refined = landmarkTransform.GetID() != transformNode.GetID()  # wrappers may differ for one node
+            try:  # the lists may have been edited since the fit: the comparison itself still stands
+                pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
+                uncertainty.addVolumeIntervals(rows, histologyArray, histologyIjkToRas, pairs.fixed, pairs.moving,
+                                               model, tpsRegularization, finalMapping=mapping if refined else None)
+            except UserInputError as error:
+                reason = f"no interval: {error}"
+        if reason is None:
+            return
+        for row in rows.values():
+            if row.get(uncertainty.ESTIMATE_KEY):
+                uncertainty._insertAfter(row, uncertainty.ESTIMATE_KEY, {
+                    uncertainty.INTERVAL_KEY: None, uncertainty.LEVEL_KEY: uncertainty.LEVEL,
+                    uncertainty.METHOD_KEY: reason})
 
     def exportReport(
         self,
@@ -1004,23 +1043,24 @@ class MRIHistoRegLogicCore:
         """A table node with one row per label and one column per quantity of `rows` ({label: {key: value}})."""
         if tableNode is None:
             tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-        keys = []
-        for row in rows.values():
-            keys.extend(k for k in row if k not in keys)
+        columns = _tableColumns(rows)
         table = vtk.vtkTable()
         labelColumn = vtk.vtkStringArray()
         labelColumn.SetName("label")
         table.AddColumn(labelColumn)
-        for key in keys:
-            column = vtk.vtkDoubleArray()
-            column.SetName(key)
+        for name, _, isText in columns:
+            column = vtk.vtkStringArray() if isText else vtk.vtkDoubleArray()
+            column.SetName(name)
             table.AddColumn(column)
         table.SetNumberOfRows(len(rows))
         for r, (label, row) in enumerate(rows.items()):
             table.SetValue(r, 0, vtk.vtkVariant(str(label)))
-            for c, key in enumerate(keys, start=1):
-                value = row.get(key)
-                table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
+            for c, (_, value, isText) in enumerate(columns, start=1):
+                value = value(row)
+                if isText:
+                    table.SetValue(r, c, vtk.vtkVariant("" if value is None else str(value)))
+                else:
+                    table.SetValue(r, c, vtk.vtkVariant(float("nan") if value is None else float(value)))
         tableNode.SetAndObserveTable(table)
         return tableNode
 
@@ -1043,12 +1083,65 @@ class MRIHistoRegLogicCore:
         return stacks.openStack(os.fspath(path), spacingMm=spacing, channel=channel)
 
 
+INTERVAL_COLUMNS = (" low", " high")  # a [low, high] value is shown as two numeric columns "<key> low/high"
+
+
+def _tableColumns(rows) -> list:
+    """[(column name, value getter, is text)] for the keys of `rows`: a text column for string values, two
+    numeric columns for a [low, high] pair (the interval reads as two numbers in the table), else numeric."""
+    keys = []
+    for row in rows.values():
+        keys.extend(k for k in row if k not in keys)
+    columns = []
+    for key in keys:
+        values = [row.get(key) for row in rows.values()]
+        if any(isinstance(v, str) for v in values):
+            columns.append((key, lambda row, key=key: row.get(key), True))
+        elif any(isinstance(v, (list, tuple)) for v in values) or key.endswith("_interval_mm3"):
+            for index, suffix in enumerate(INTERVAL_COLUMNS):
+                columns.append((key + suffix, lambda row, key=key, index=index: (row.get(key) or (None, None))[index],
+                                False))
+        else:
+            columns.append((key, lambda row, key=key: row.get(key), False))
+    return columns
+
+
 def _tableRows(tableNode) -> list:
-    """Rows as dicts, numbers at full precision (vtkVariant.ToString keeps 6 digits)."""
+    """Rows as dicts, numbers at full precision (vtkVariant.ToString keeps 6 digits); "<key> low/high" column
+    pairs become key: [low, high] again (None when both are empty)."""
     table = tableNode.GetTable()
     columns = [table.GetColumn(c) for c in range(table.GetNumberOfColumns())]
-    return [{column.GetName(): (column.GetValue(r) if column.IsA("vtkStringArray") else float(column.GetValue(r)))
-             for column in columns} for r in range(table.GetNumberOfRows())]
+    names = [column.GetName() for column in columns]
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for name, column in zip(names, columns):
+            value = column.GetValue(r) if column.IsA("vtkStringArray") else float(column.GetValue(r))
+            low, high = INTERVAL_COLUMNS
+            if name.endswith(low) and name[:-len(low)] + high in names:
+                pair = (value, float(table.GetColumnByName(name[:-len(low)] + high).GetValue(r)))
+                row[name[:-len(low)]] = None if all(np.isnan(pair)) else list(pair)
+            elif not (name.endswith(high) and name[:-len(high)] + low in names):
+                row[name] = value
+        rows.append(row)
+    return rows
+
+
+def _intervalSummary(rows) -> str:
+    """'label 1: 0.769 mm3 in MRI space (95 % interval 0.600-0.986)' per label with a volume."""
+    from . import uncertainty
+
+    parts = []
+    for label, row in rows.items():
+        estimate, interval = row.get(uncertainty.ESTIMATE_KEY), row.get(uncertainty.INTERVAL_KEY)
+        if not estimate:
+            continue
+        text = f"label {label}: {estimate:.4g} mm3 in MRI space"
+        if interval:
+            level = round(100 * row.get(uncertainty.LEVEL_KEY, uncertainty.LEVEL))
+            text += f" ({level} % interval {interval[0]:.4g}-{interval[1]:.4g})"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _softwareVersions() -> dict:

@@ -126,7 +126,7 @@ def _runInto(config: RunConfig, work, scene, progress):
     if resampled is not None and inputs.otherChannels:  # config resample_channels: the same mapping, grid and path
         resampled[1]["other_channels"] = run.resampleOtherChannels(inputs, mapping)
     evaluation = run.evaluatePoints(mapping) if config.evaluatePoints else None
-    labels = run.compareLabels(inputs, mapping) if config.labels else None
+    labels = run.compareLabels(inputs, mapping, fit, refinement) if config.labels else None
     run.writeFiles(inputs, fit, refinement, resampled, labels)
     report = run.report(inputs, fit, refinement, mapping, resampled, evaluation, labels)
     progressLib.report(progress, 1.0, "done")
@@ -276,10 +276,11 @@ class _Run:
             histologyLabels, histologyPoints = landmarks.readPoints(self.config.evaluatePoints["histology"])
             return workflow.evaluatePoints(mriLabels, mriPoints, histologyLabels, histologyPoints, mapping)
 
-    def compareLabels(self, inputs, mapping):
+    def compareLabels(self, inputs, mapping, fit, refinement):
         progressLib.report(self.progress, 0.8, "comparing tumour labels")
         with self.timed("labels"):
-            rows, transferred, self.segmentation = _compareLabels(self.scene, self.config, inputs, mapping, self.work,
+            rows, transferred, self.segmentation = _compareLabels(self.scene, self.config, inputs, mapping, fit,
+                                                                  refinement, self.work,
                                                                   progressLib.scaled(self.progress, 0.8, 0.88))
             return rows, transferred
 
@@ -343,10 +344,11 @@ class _Run:
         return outputs.writeReport(report, work)
 
 
-def _compareLabels(scene, config, inputs, mapping, work, progress=None):
+def _compareLabels(scene, config, inputs, mapping, fit, refinement, work, progress=None):
     """The label maps from the config: the MRI's on the MRI grid, the histology's streamed from the stack's grid
-    (only the labelled box is kept)."""
-    from MRIHistoRegLib import compare, stacks, workflow
+    (only the labelled box is kept). Each label's volume in MRI space gets its landmark jackknife interval
+    (uncertainty.py), through the refined mapping when a refinement was accepted."""
+    from MRIHistoRegLib import compare, stacks, uncertainty, workflow
 
     mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
     mriLabels = volumes.arrayFromVolume(mriLabelNode)
@@ -370,6 +372,9 @@ def _compareLabels(scene, config, inputs, mapping, work, progress=None):
             raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
     mriImage = workflow.Image(mriLabels, inputs.mri.ijkToRas if inputs.mri is not None else volumes.ijkToRas(mriLabelNode))
     rows, transferred = workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
+    refined = refinement is not None and refinement.accepted
+    uncertainty.addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fit.pairs.fixed, fit.pairs.moving,
+                                   fit.modelName, fit.model.regularization, finalMapping=mapping if refined else None)
     return rows, transferred, segmentation
 
 
@@ -447,8 +452,11 @@ def _summaryRow(report):
            "tre_median_mm": (report.get("evaluation") or {}).get("tre_median_mm"),
            "folded_fraction": (report.get("jacobian") or {}).get("folded_fraction")}
     for label, values in (report.get("labels") or {}).items():
-        for key in ("mri_mm3", "histology_in_mri_resampled_mm3", "dice", "hd95_mm"):
+        for key in ("mri_mm3", "histology_in_mri_resampled_mm3", "histology_in_mri_jacobian_mm3", "dice", "hd95_mm"):
             row[f"label{label}_{key}"] = values.get(key)
+        interval = values.get("histology_in_mri_interval_mm3") or (None, None)  # one number per CSV cell
+        row[f"label{label}_histology_in_mri_interval_low_mm3"] = interval[0]
+        row[f"label{label}_histology_in_mri_interval_high_mm3"] = interval[1]
     return row
 
 
