@@ -545,3 +545,31 @@ def test_a_cancelled_downsampling_to_ome_zarr_leaves_nothing(tmp_path):
     with pytest.raises(Cancelled):
         downsample.downsampleToFile(stacks.openStack(path), 0.0065, out, progress=lambda f, m="": f >= 0.5, level=0)
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["p.zarr"]
+
+
+def test_the_runs_resampled_images_are_also_written_as_ome_zarr(tmp_path, sampleData):
+    """Config ome_zarr_outputs: histology_on_mri.ome.zarr next to the NRRD, holding the same voxels in millimetres,
+    read by zarr itself (independent of our reader) and by our reader with the NRRD's exact geometry."""
+    import nrrd
+
+    from MRIHistoRegLib import config as configLib
+    from MRIHistoRegLib import outputs, pipeline
+    from MRIHistoRegLib.geometry import flipGeometryLpsRas
+
+    raw = json.loads((sampleData / "config.json").read_text())
+    raw = {key: raw[key] for key in ("mri", "histology", "histology_spacing_um", "landmarks", "model")}
+    raw["mri"], raw["histology"] = str(sampleData / raw["mri"]), str(sampleData / raw["histology"])
+    raw["landmarks"] = {side: str(sampleData / name) for side, name in raw["landmarks"].items()}
+    raw["ome_zarr_outputs"] = True
+    pipeline.runPipeline(configLib.parseConfig(raw, str(tmp_path / "c.json")), tmp_path / "out")
+    data, header = nrrd.read(str(tmp_path / "out" / outputs.HISTOLOGY_ON_MRI), index_order="C")
+    copy = tmp_path / "out" / outputs.omeZarrName(outputs.HISTOLOGY_ON_MRI)
+    group = zarr.open_group(str(copy), mode="r")
+    assert group.attrs["multiscales"][0]["axes"][-1]["unit"] == "millimeter"
+    np.testing.assert_array_equal(np.asarray(group["0"][...]).reshape(data.shape), data)
+    ours = stacks.openStack(copy)
+    lps = flipGeometryLpsRas(ours.ijkToRas())
+    np.testing.assert_allclose(lps[:3, :3].T, header["space directions"], atol=1e-9)
+    np.testing.assert_allclose(lps[:3, 3], header["space origin"], atol=1e-9)
+    with pytest.raises(UserInputError, match="ome_zarr_outputs"):
+        configLib.parseConfig(dict(raw, ome_zarr_outputs="yes"), str(tmp_path / "c.json"))

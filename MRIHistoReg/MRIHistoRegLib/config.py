@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 from .settings import DEFAULT_REFINE_PRESET, MODELS, REFINE_PRESETS  # noqa: E402  (one table each: settings.py)
 from .errors import UserInputError
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "refine_preset",
-                 "mri_mask", "working_spacing_mm", "histology_channel", "resample_channels",
+                 "mri_mask", "working_spacing_mm", "histology_channel", "resample_channels", "ome_zarr_outputs",
                  "labels", "evaluate_points", "name", "tps_regularization"}
 
 
@@ -46,6 +46,7 @@ class RunConfig:
     bigWarpFlipXY: bool = True  # BigWarp point files: Fiji x, y -> RAS -x, -y (landmarks module)
     histologyChannel: Optional[object] = None  # index (int) or name (str) of a multi-channel stack's channel
     resampleChannels: Optional[object] = None  # other channels resampled too: a list of indices/names, or "all"
+    omeZarrOutputs: bool = False  # the resampled images also as OME-Zarr (Fiji/BigDataViewer, napari, neuroglancer)
     histologySegmentation: Optional[dict] = None  # labels.histology as a segmentation of a signal channel
 
     @property
@@ -104,8 +105,16 @@ def parseConfig(raw, path) -> RunConfig:
         mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
         histologyChannel=_histologyChannel(raw.get("histology_channel"), path),
         resampleChannels=resampleChannels(raw.get("resample_channels"), f"Config {path}: field 'resample_channels'"),
+        omeZarrOutputs=_flag(raw, "ome_zarr_outputs", path),
         histologySegmentation=_segmentation((raw.get("labels") or {}).get("histology"), path),
     )
+
+
+def _flag(raw, key, path) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise UserInputError(f"Config {path}: field '{key}' must be true or false, got {value!r}.")
+    return value
 
 
 def resampleChannels(value, what):

@@ -20,6 +20,7 @@ REPORT_CSV = "report.csv"
 TRANSFORM = "transform.h5"  # the whole MRI -> histology mapping (refined chain when accepted), from parent
 REFINEMENT_TRANSFORM = "refinement_transform.h5"  # the accepted refinement alone (grid transform)
 HISTOLOGY_ON_MRI = "histology_on_mri.nrrd"
+OME_ZARR_SUFFIX = ".ome.zarr"  # config ome_zarr_outputs: each resampled image also as <name>.ome.zarr (NGFF 0.4)
 LABELS_ON_MRI = "histology_labels_on_mri.nrrd"
 # another channel of a multi-channel stack through the same mapping (config resample_channels): index and name
 CHANNEL_ON_MRI = "histology_c{index}_{name}_on_mri.nrrd"
@@ -77,6 +78,11 @@ def channelOnMri(index, name) -> str:
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "channel"
     return CHANNEL_ON_MRI.format(index=int(index), name=safe)
+
+
+def omeZarrName(fileName) -> str:
+    """histology_on_mri.nrrd -> histology_on_mri.ome.zarr: the OME-Zarr copy of a resampled image."""
+    return fileName[:-len(".nrrd")] + OME_ZARR_SUFFIX if fileName.endswith(".nrrd") else fileName + OME_ZARR_SUFFIX
 
 
 def checkDestination(outDir) -> str:

@@ -261,12 +261,22 @@ class _Run:
                 fileName = outputs.channelOnMri(index, name)
                 node = volumes.createVolumeNode(self.scene, image.array, image.ijkToRas, f"Histology {name} on MRI grid")
                 volumes.saveNode(node, os.path.join(self.work, fileName))
+                self._omeZarrCopy(image.array, image.ijkToRas, fileName)
                 # one channel's output in memory at a time: the node goes, with its display and storage nodes
                 for owned in (node, node.GetDisplayNode(), node.GetStorageNode()):
                     if owned is not None:
                         self.scene.RemoveNode(owned)
                 rows.append({"index": index, "name": name, "file": fileName, "timing_s": info.get("timing_s")})
         return rows
+
+    def _omeZarrCopy(self, array, ijkToRas, fileName):
+        """With config ome_zarr_outputs: the resampled image also as OME-Zarr (multiscale, mm units) for Fiji /
+        BigDataViewer, napari and neuroglancer; label maps stay NRRD (a mean pyramid would blend label values)."""
+        if self.config.omeZarrOutputs:
+            from MRIHistoRegLib.stacks.omezarr import writeOmeZarr
+
+            writeOmeZarr(array, ijkToRas, os.path.join(self.work, outputs.omeZarrName(fileName)),
+                         name=os.path.splitext(fileName)[0])
 
     def evaluatePoints(self, mapping):
         from MRIHistoRegLib import landmarks, workflow
@@ -301,6 +311,7 @@ class _Run:
                 (histologyOnMri, _), mri = resampled, inputs.mri
                 histologyNode = volumes.createVolumeNode(self.scene, histologyOnMri.array, mri.ijkToRas, "Histology on MRI grid")
                 volumes.saveNode(histologyNode, os.path.join(work, outputs.HISTOLOGY_ON_MRI))
+                self._omeZarrCopy(histologyOnMri.array, mri.ijkToRas, outputs.HISTOLOGY_ON_MRI)
                 self.figures += figures.overlayFigures(mri.array, histologyOnMri.array, mri.ijkToRas, work,
                                                        landmarksRas=fit.pairs.fixed)
             if labels is not None:
