@@ -382,9 +382,10 @@ class _Reduction:
                 groups[-1][0].append(self.k0 + local)
             else:
                 groups.append(([self.k0 + local], outputs, whole))
+        groups = [(tuple(ks), outputs) for ks, outputs, _ in groups]
         if not byRuns:
-            return [(tuple(ks), outputs, None) for ks, outputs, _ in groups]
-        return [(tuple(ks), outputs, r) for ks, outputs, _ in groups for r in range(len(self.rowChunks))]
+            return [(ks, outputs, None) for ks, outputs in groups]
+        return [(ks, outputs, r) for ks, outputs in groups for r in range(len(self.rowChunks))]
 
 
 def _workerCount(source, workers):
@@ -595,6 +596,7 @@ class _StreamedRows(_PositionalPlanes):
         shape = (run.reduction.chunkRows, run.source.planeShape[1])
         self.chunk = np.empty(shape, run.source.dtype)
         self.total = np.empty(shape, run.source.dtype)
+        self.groupPlanes, self.groupOffsets = None, None
 
     def reduceNext(self, sums, accumulators, weighted):
         index = self.run.planes.take()
@@ -606,8 +608,9 @@ class _StreamedRows(_PositionalPlanes):
         n = row1 - row0
         limit = reduction.wrapMax
         bound = 0  # an upper bound of every element of self.total[:n] (with limit), else the count of planes in it
-        for k in ks:
-            offset = source.rawPlaneOffset(k)
+        if ks is not self.groupPlanes:  # a group's items come one after another: locate its planes once
+            self.groupPlanes, self.groupOffsets = ks, [source.rawPlaneOffset(k) for k in ks]
+        for k, offset in zip(ks, self.groupOffsets):
             target = self.total if bound == 0 else self.chunk
             if offset is not None:
                 rows = source.readRowsAt(self.handle, offset, row0, row1, target)
