@@ -8,9 +8,11 @@ is the raw NRRD of the issue's target. Every contender runs in its own subproces
 the child around the timed work only (after its imports). All runs are warm-cache (the floor is read once before
 anything is timed). The floor and ours run --repeats times (default 3), interleaved, and the fastest of each is
 kept: the machine is shared, so the ratio of the two from the same minutes is the figure to read, with the load
-averages printed at the start and the end. Ratios are to the read floor of the bytes the downsampling actually
-needs (the planes up to the last whole output box) of the same file: sequential readinto into a reused 16 MiB
-buffer (for gzip NRRD: streaming decompression alone, ISA-L igzip, into the same buffer; zlib shown too).
+averages printed at the start and the end. "cpu s" (the child's CPU time, all threads) is less sensitive to the
+other load than wall time: with two free cores ours' wall time is about half its CPU time. Ratios are to the
+read floor of the bytes the downsampling actually needs (the planes up to the last whole output box) of the same
+file: sequential readinto into a reused 16 MiB buffer (for gzip NRRD: streaming decompression alone, ISA-L
+igzip, into the same buffer; zlib shown too).
 SimpleITK (ReadImage + BinShrink, and smoothing + resampling under RLIMIT_AS so that its failure to allocate is
 reported, not fatal) runs once per stack.
 
@@ -238,7 +240,9 @@ def child(name, path, extra):
     reset = _resetPeak()
     base = _status("VmRSS")
     result = {}
+    cpu = time.process_time()
     CONTENDERS[name](path, extra, result)
+    result["cpu"] = time.process_time() - cpu  # all threads; with setup such as opening the file
     result["base_rss"] = base
     result["work_peak_rss"] = _status("VmHWM") if reset else None
     result["import_peak_rss"] = importPeak
@@ -317,7 +321,7 @@ def stackRows(args):
 # (label, planes, contender, result, floor seconds). Other formats append theirs below.
 ROW_FUNCTIONS = [stackRows]
 
-HEADER = (f"{'stack':<14} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>11} "
+HEADER = (f"{'stack':<14} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'cpu s':>7} {'peak RSS MB':>11} "
           f"{'over base MB':>12}  note")
 
 
@@ -359,8 +363,9 @@ def printRow(row):
         note = f"output {tuple(result['output_shape'])} {result['output_mb']:.2f} MB float32 " + note
     over = ((result.get("work_peak_rss") or result["peak_rss"]) - result.get("base_rss", 0)) / 1e6
     secondsText = f"{seconds:8.3f}" if seconds is not None else f"{'-':>8}"
-    print(f"{name:<14} {depth:>6} {contender:<22} {secondsText} {ratio} {result['peak_rss'] / 1e6:11.1f} {over:12.1f}  {note}",
-          flush=True)
+    cpuText = f"{result['cpu']:7.3f}" if result.get("cpu") is not None else f"{'-':>7}"
+    print(f"{name:<14} {depth:>6} {contender:<22} {secondsText} {ratio} {cpuText} {result['peak_rss'] / 1e6:11.1f} "
+          f"{over:12.1f}  {note}", flush=True)
 
 
 if __name__ == "__main__":
