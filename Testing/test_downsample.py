@@ -439,3 +439,26 @@ def test_streamed_raw_nrrd_matches_replicate_block_mean(tmp_path, monkeypatch, d
         np.testing.assert_array_equal(outs[0], outs[1])
         scale = max(1.0, float(np.abs(reference).max()))
         assert np.max(np.abs(outs[0] - reference)) / scale <= 1e-6, (dtype, target, crop, detached)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_streamed_raw_nrrd_with_a_channel_axis(tmp_path, monkeypatch, order):
+    """A raw NRRD with a leading channel axis streams in runs of rows too (each run's interleaved voxels read
+    once, one channel kept): every channel against the replicate-block-mean reference of pynrrd's array."""
+    import nrrd
+
+    monkeypatch.setattr(downsample, "_CHUNK_BYTES", 500)
+    channels = np.stack([_wrapStack(np.uint16, (24, 19, 25), seed=s) for s in (7, 8, 9)])  # [c, k, j, i]
+    path = tmp_path / "c.nrrd"
+    nrrd.write(str(path), np.ascontiguousarray(channels.transpose(1, 2, 3, 0)).astype(order + "u2"), index_order="C",
+               header={"encoding": "raw", "kinds": ["list", "domain", "domain", "domain"], "content": "x"})
+    data, _ = nrrd.read(str(path), index_order="C")  # [k, j, i, c]
+    for c in range(3):
+        np.testing.assert_array_equal(data[..., c], channels[c])
+        source = stacks.openStack(path, spacingMm=0.01, channel=c)
+        assert source.rawPlaneOffset(0) is not None
+        reference = _replicateBlockMean(data[..., c].astype(np.float64), (2, 1, 1), (5, 3, 8))
+        for workers in (1, 2):
+            out, _ = downsample.downsampleStack(source, (0.025, 0.03, 0.08), workers=workers)
+            assert out.shape == reference.shape
+            assert np.max(np.abs(out - reference)) / reference.max() <= 1e-6, (c, workers)
