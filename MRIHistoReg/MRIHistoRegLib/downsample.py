@@ -466,9 +466,9 @@ class _Run:
             for o, _ in outputs:
                 self.remaining[o] += 1
         self.partials = [dict() for _ in range(self.count)]
-        # how far a worker may run ahead of the oldest item in flight: about two output planes' worth, which
-        # bounds the open output planes (and so the memory) even when the other worker stalls
-        window = max(2, int(math.ceil(factors[2]))) * self.runsPerPlane
+        # how far a worker may run ahead of the oldest item in flight - about one output plane's planes, or two
+        # groups' runs - which bounds the open output planes (and so the memory) even when the other worker stalls
+        window = 2 * self.runsPerPlane if self.streamed else max(2, int(math.ceil(factors[2])))
         self.planes = _PlaneQueue(self.total, window, self.stop)
         self.prefetch = None if positional else _PlanePrefetcher(source, self.ks, buffers=3)
         self.prefetched = iter(self.prefetch) if self.prefetch is not None else None  # one consumer: count is 1
