@@ -22,8 +22,8 @@ sums cannot wrap, and summed along j only when the next run would overflow - for
 once per output plane, so the converting sum no longer runs for every input plane. Planes cut by a box edge,
 other types and planes read whole (compressed TIFF pages, decoded one at a time by tifffile) are summed along
 j plane by plane. For gzip NRRD (one decompression stream) one thread decompresses ahead into rotating plane
-buffers while another reduces. Every sum is of integers below 2^24 in float32 or in float64, so the result is
-exact whatever path a plane took.
+buffers while another reduces. For integer data every intermediate sum is an exact integer (below 2^24 where
+it is float32), so the result does not depend on the path a plane took.
 
 Memory, whatever the depth: per worker two runs of rows (or one plane buffer; three for gzip), the row sums of
 the current item and of the few open output planes (float64, n_segments_j x n_i each), plus the float32
