@@ -232,6 +232,8 @@ def child(name, path, extra):
 
     import MRIHistoRegLib.downsample  # noqa: F401
     import MRIHistoRegLib.stacks  # noqa: F401
+    import nrrd  # noqa: F401  the readers openStack imports on first use: not part of anyone's timed work
+    import tifffile  # noqa: F401
 
     if name.startswith("sitk"):
         cap = int(extra)
