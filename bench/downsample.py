@@ -9,7 +9,8 @@ the child around the timed work only (after its imports). All runs are warm-cach
 anything is timed). The floor and ours run --repeats times (default 3), interleaved, and the fastest of each is
 kept: the machine is shared, so the ratio of the two from the same minutes is the figure to read, with the load
 averages printed at the start and the end. "cpu s" (the child's CPU time, all threads) is less sensitive to the
-other load than wall time: with two free cores ours' wall time is about half its CPU time. Ratios are to the
+other load than wall time; when the machine is busy, a process's threads together get about one thread's share,
+so ours' wall ratio then tracks its CPU ratio. Ratios are to the
 read floor of the bytes the downsampling actually needs (the planes up to the last whole output box) of the same
 file: sequential readinto into a reused 16 MiB buffer (for gzip NRRD: streaming decompression alone, ISA-L
 igzip, into the same buffer; zlib shown too).
