@@ -368,3 +368,97 @@ def test_baseNameStripsImageExtensions(tmp_path):
     assert baseName("d/other.xyz") == "other"
     (tmp_path / "series.v2").mkdir()
     assert baseName(tmp_path / "series.v2") == "series.v2" and baseName(str(tmp_path / "series.v2") + "/") == "series.v2"
+
+
+def _rawNrrd(path, array, detached=False, content="x"):
+    """`array` written by pynrrd as raw NRRD (odd header length by default: the voxels start at an odd
+    offset), read back by pynrrd to check the file holds what the reference is computed from."""
+    import nrrd
+
+    nrrd.write(str(path), array, {"encoding": "raw", "content": content}, index_order="C", detached_header=detached)
+    if not detached and stacks.openStack(path).dataOffset % 2 == 0:
+        nrrd.write(str(path), array, {"encoding": "raw", "content": content + "x"}, index_order="C")
+    data, _ = nrrd.read(str(path), index_order="C")
+    np.testing.assert_array_equal(data, array)
+    return path
+
+
+def _wrapStack(dtype, shape=(45, 31, 40), seed=5):
+    """Values that make the integer run sums of the streamed path flush at every kind of place: a range
+    whose running bound overflows after a few planes, planes of zeros, saturated voxels, and two columns whose
+    sums over a box land exactly on and just past the type's maximum."""
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, top // 7, shape).astype(dtype)
+    array[3:6] = 0
+    array[10, 4, 9] = top
+    array[20] = top
+    array[:, 5, 7] = (top + 1) // 4  # four planes sum to top + 1: must not be added in the input type
+    array[:, 6, 8] = top // 5  # five planes sum to top exactly
+    return array
+
+
+@pytest.mark.parametrize("dtype,target,crop", [
+    (np.uint16, (0.025, 0.03, 0.08), None),  # whole planes inside boxes of 8: groups summed in uint16
+    (np.uint16, (0.025, 0.03, 0.075), None),  # k factor 7.5: planes cut by box edges (two outputs each)
+    (np.uint16, (0.025, 0.03, 0.08), ((3, 37), (2, 29), (4, 41))),
+    (np.uint8, (0.025, 0.03, 0.08), None),
+    (">u2", (0.025, 0.03, 0.075), None),  # big-endian: runs swapped after each read
+    (np.int16, (0.025, 0.03, 0.08), None),  # types without the integer run sums
+    (np.float32, (0.025, 0.03, 0.075), None),
+])
+def test_streamed_raw_nrrd_matches_replicate_block_mean(tmp_path, monkeypatch, dtype, target, crop):
+    """The raw NRRD path (runs of rows, integer run sums over a group of planes, flushes) against the
+    independent replicate-then-block-mean reference of the array pynrrd reads back; small runs of rows
+    (a few rows each) so that every plane is read in many runs; one and two workers; odd data offset and a
+    detached .raw file."""
+    monkeypatch.setattr(downsample, "_CHUNK_BYTES", 300)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        array = np.random.default_rng(6).normal(100.0, 30.0, (45, 31, 40)).astype(dtype)
+    else:
+        array = _wrapStack(dtype.newbyteorder("="))
+        if dtype.kind == "i":
+            array = (array.astype(np.int32) - 12000).astype(dtype)
+        array = array.astype(dtype)
+    region = array
+    if crop is not None:
+        (i0, i1), (j0, j1), (k0, k1) = crop
+        region = array[k0:k1, j0:j1, i0:i1]
+    kFactor = round(target[2] / 0.01, 6)
+    repeatK, blockK = (2, 15) if kFactor == 7.5 else (1, 8)
+    reference = _replicateBlockMean(region.astype(np.float64), (2, 1, repeatK), (5, 3, blockK))
+    for detached in (False, True):
+        path = _rawNrrd(tmp_path / ("s.nhdr" if detached else "s.nrrd"), array, detached=detached)
+        source = stacks.openStack(path, spacingMm=0.01)
+        assert source.rawPlaneOffset(0) is not None  # the streamed path
+        if not detached:
+            assert source.dataOffset % 2 == 1
+        outs = [downsample.downsampleStack(source, target, crop=crop, workers=w)[0] for w in (1, 2)]
+        assert outs[0].shape == reference.shape
+        np.testing.assert_array_equal(outs[0], outs[1])
+        scale = max(1.0, float(np.abs(reference).max()))
+        assert np.max(np.abs(outs[0] - reference)) / scale <= 1e-6, (dtype, target, crop, detached)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_streamed_raw_nrrd_with_a_channel_axis(tmp_path, monkeypatch, order):
+    """A raw NRRD with a leading channel axis streams in runs of rows too (each run's interleaved voxels read
+    once, one channel kept): every channel against the replicate-block-mean reference of pynrrd's array."""
+    import nrrd
+
+    monkeypatch.setattr(downsample, "_CHUNK_BYTES", 500)
+    channels = np.stack([_wrapStack(np.uint16, (24, 19, 25), seed=s) for s in (7, 8, 9)])  # [c, k, j, i]
+    path = tmp_path / "c.nrrd"
+    nrrd.write(str(path), np.ascontiguousarray(channels.transpose(1, 2, 3, 0)).astype(order + "u2"), index_order="C",
+               header={"encoding": "raw", "kinds": ["list", "domain", "domain", "domain"], "content": "x"})
+    data, _ = nrrd.read(str(path), index_order="C")  # [k, j, i, c]
+    for c in range(3):
+        np.testing.assert_array_equal(data[..., c], channels[c])
+        source = stacks.openStack(path, spacingMm=0.01, channel=c)
+        assert source.rawPlaneOffset(0) is not None
+        reference = _replicateBlockMean(data[..., c].astype(np.float64), (2, 1, 1), (5, 3, 8))
+        for workers in (1, 2):
+            out, _ = downsample.downsampleStack(source, (0.025, 0.03, 0.08), workers=workers)
+            assert out.shape == reference.shape
+            assert np.max(np.abs(out - reference)) / reference.max() <= 1e-6, (c, workers)

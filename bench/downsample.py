@@ -5,16 +5,25 @@
     .venv/bin/python bench/downsample.py --omezarr       # only the OME-Zarr pyramid rows (a generated 0.3 GB store)
     .venv/bin/python bench/downsample.py --ims           # only the Imaris rows (a generated .ims, 2x pyramid)
 
-Stacks are generated (noisy uint16, streamed to disk plane by plane) into --dir. Every contender runs in its own
-subprocess; wall time is measured inside the child after its imports, peak RSS is the child's ru_maxrss (from
-os.wait4), and "RSS over base" subtracts the child's resident size after imports. The SimpleITK smoothing
-pipeline runs under RLIMIT_AS so that its failure to allocate is reported, not fatal. All runs are warm-cache
-(the floor is read once before anything is timed). Ratios are to the read floor of the same file: sequential
-readinto into a reused 16 MiB buffer (for gzip NRRD: streaming decompression alone, ISA-L igzip, into the same
-buffer).
+Stacks are generated (noisy uint16, streamed to disk plane by plane) into --dir; mid2x.nrrd (236 planes, 2.6 GB)
+is the raw NRRD of the issue's target. Every contender runs in its own subprocess; wall time is measured inside
+the child around the timed work only (after its imports). All runs are warm-cache (the floor is read once before
+anything is timed). The floor and ours run --repeats times (default 3), interleaved, and the fastest of each is
+kept: the machine is shared, so the ratio of the two from the same minutes is the figure to read, with the load
+averages printed at the start and the end. "cpu s" (the child's CPU time, all threads) is less sensitive to the
+other load than wall time; when the machine is busy, a process's threads together get about one thread's share,
+so ours' wall ratio then tracks its CPU ratio. Ratios are to the
+read floor of the bytes the downsampling actually needs (the planes up to the last whole output box) of the same
+file: sequential readinto into a reused 16 MiB buffer (for gzip NRRD: streaming decompression alone, ISA-L
+igzip, into the same buffer; zlib shown too).
+SimpleITK (ReadImage + BinShrink, and smoothing + resampling under RLIMIT_AS so that its failure to allocate is
+reported, not fatal) runs once per stack.
 
 Peak RSS is the child's own VmHWM (ru_maxrss would also count the forked parent's pages); "over base" is
 the peak during the timed work (VmHWM reset after the imports) minus the resident size after the imports.
+
+Other formats add rows by appending a function to ROW_FUNCTIONS (and their child contenders to CONTENDERS);
+measureRows() and printRow() print them in the same columns.
 
 Target spacing: 0.1 mm isotropic from 3.25 x 3.25 x 5 um (factors 30.77 x 30.77 x 20).
 """
@@ -80,7 +89,8 @@ def _writeNrrd(path, depth, encoding):
 
 def generate(folder, full):
     os.makedirs(folder, exist_ok=True)
-    specs = [("mid.tif", 118, "tiff"), ("mid2x.tif", 236, "tiff"), ("mid.nrrd", 118, "raw"), ("mid_gz.nrrd", 60, "gzip")]
+    specs = [("mid.tif", 118, "tiff"), ("mid2x.tif", 236, "tiff"), ("mid.nrrd", 118, "raw"), ("mid2x.nrrd", 236, "raw"),
+             ("mid_gz.nrrd", 60, "gzip")]
     if full:
         specs.append(("full.tif", 472, "tiff"))
     for name, depth, kind in specs:
@@ -117,10 +127,116 @@ def _resetPeak():
         return False
 
 
-def child(name, path, extra):
-    import SimpleITK as sitk  # imported by every child so the baselines compare
+def _neededBytes(source):
+    """(offset, length) of the voxel bytes the downsampling reads: planes 0 .. the last one inside a whole
+    output box (a raw source's contiguous run; for gzip, decompressed bytes from the stream start)."""
+    from MRIHistoRegLib.downsample import _AxisPlan
 
+    cover = _AxisPlan(source.shape[0], TARGET_MM / SPACING_MM[2]).cover
+    planeBytes = source.planeShape[0] * source.planeShape[1] * source.dtype.itemsize
+    offset = source.rawPlaneOffset(0)
+    if offset is not None and source.rawPlaneOffset(cover - 1) == offset + (cover - 1) * planeBytes:
+        return offset, cover * planeBytes
+    return getattr(source, "dataOffset", 0), cover * planeBytes
+
+
+def _floorRead(path, extra, result):
+    """Sequential readinto of the needed bytes into a reused 16 MiB buffer."""
+    from MRIHistoRegLib import stacks
+
+    offset, length = _neededBytes(stacks.openStack(path))
+    view = memoryview(bytearray(BUFFER))
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while length > 0:
+            length -= f.readinto(view[:min(length, BUFFER)]) or length
+    result["seconds"] = time.perf_counter() - t
+
+
+def _floorGunzip(path, extra, result):
+    """Streaming decompression of the needed bytes alone (ISA-L igzip, else zlib) into the same buffer."""
+    from MRIHistoRegLib import stacks
+
+    source = stacks.openStack(path)
+    _, length = _neededBytes(source)
+    view = memoryview(bytearray(BUFFER))
+    t = time.perf_counter()
+    with open(path, "rb") as raw:
+        raw.seek(source.dataOffset)
+        if extra == "igzip":
+            from isal import igzip
+
+            stream = igzip.IGzipFile(fileobj=raw, mode="rb")
+        else:
+            import gzip
+
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        while length > 0:
+            length -= stream.readinto(view[:min(length, BUFFER)]) or length
+    result["seconds"] = time.perf_counter() - t
+
+
+def _ours(path, extra, result):
     from MRIHistoRegLib import downsample, stacks
+
+    t = time.perf_counter()
+    source = stacks.openStack(path, spacingMm=SPACING_MM)
+    array, _ = downsample.downsampleStack(source, TARGET_MM)
+    result["seconds"] = time.perf_counter() - t
+    result["output_shape"] = array.shape
+    result["output_mb"] = array.nbytes / 1e6
+
+
+def _sitkBinShrink(path, extra, result):
+    import SimpleITK as sitk
+
+    t = time.perf_counter()
+    try:
+        image = sitk.ReadImage(path)
+        shrunk = sitk.BinShrink(image, [31, 31, 20])
+        result["output_shape"] = sitk.GetArrayViewFromImage(shrunk).shape
+    except (RuntimeError, MemoryError) as error:
+        result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
+    result["seconds"] = time.perf_counter() - t
+
+
+def _sitkSmoothResample(path, extra, result):
+    import SimpleITK as sitk
+
+    t = time.perf_counter()
+    try:
+        image = sitk.Cast(sitk.ReadImage(path), sitk.sitkFloat32)
+        image.SetSpacing(SPACING_MM)
+        smooth = sitk.SmoothingRecursiveGaussian(image, TARGET_MM / 2.0)
+        size = [int(n * s / TARGET_MM) for n, s in zip(image.GetSize(), SPACING_MM)]
+        out = sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                            (TARGET_MM,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
+        result["output_shape"] = sitk.GetArrayViewFromImage(out).shape
+    except (RuntimeError, MemoryError) as error:
+        result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
+    result["seconds"] = time.perf_counter() - t
+
+
+# name -> function(path, extra, result) run in a child process: it sets result["seconds"] (the timed work only)
+# and may set "output_shape", "output_mb", "failed". Row functions of other formats register theirs here.
+CONTENDERS = {
+    "floor-read": _floorRead,
+    "floor-igzip": lambda path, extra, result: _floorGunzip(path, "igzip", result),
+    "floor-zlib": lambda path, extra, result: _floorGunzip(path, "zlib", result),
+    "ours": _ours,
+    "sitk-binshrink": _sitkBinShrink,
+    "sitk-smooth-resample": _sitkSmoothResample,
+}
+
+
+def child(name, path, extra):
+    import SimpleITK  # noqa: F401  imported by every child so the baselines compare
+
+    import MRIHistoRegLib.downsample  # noqa: F401
+    import MRIHistoRegLib.stacks  # noqa: F401
+    import nrrd  # noqa: F401  the readers openStack imports on first use: not part of anyone's timed work
+    import tifffile  # noqa: F401
 
     if name.startswith("sitk"):
         cap = int(extra)
@@ -128,54 +244,10 @@ def child(name, path, extra):
     importPeak = _status("VmHWM")
     reset = _resetPeak()
     base = _status("VmRSS")
-    t = time.perf_counter()
     result = {}
-    if name == "floor-read":
-        buffer = bytearray(BUFFER)
-        view = memoryview(buffer)
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
-    elif name in ("floor-igzip", "floor-zlib"):
-        source = stacks.openStack(path)
-        buffer = bytearray(BUFFER)
-        view = memoryview(buffer)
-        with open(path, "rb") as raw:
-            raw.seek(source.dataOffset)
-            if name == "floor-igzip":
-                from isal import igzip
-
-                stream = igzip.IGzipFile(fileobj=raw, mode="rb")
-            else:
-                import gzip
-
-                stream = gzip.GzipFile(fileobj=raw, mode="rb")
-            while stream.readinto(view):
-                pass
-    elif name == "ours":
-        source = stacks.openStack(path, spacingMm=SPACING_MM)
-        array, _ = downsample.downsampleStack(source, TARGET_MM)
-        result["output_shape"] = array.shape
-        result["output_mb"] = array.nbytes / 1e6
-    elif name == "sitk-binshrink":
-        try:
-            image = sitk.ReadImage(path)
-            shrunk = sitk.BinShrink(image, [31, 31, 20])
-            result["output_shape"] = sitk.GetArrayViewFromImage(shrunk).shape
-        except (RuntimeError, MemoryError) as error:
-            result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
-    elif name.startswith("sitk-smooth"):
-        try:
-            image = sitk.Cast(sitk.ReadImage(path), sitk.sitkFloat32)
-            image.SetSpacing(SPACING_MM)
-            smooth = sitk.SmoothingRecursiveGaussian(image, TARGET_MM / 2.0)
-            size = [int(n * s / TARGET_MM) for n, s in zip(image.GetSize(), SPACING_MM)]
-            out = sitk.Resample(smooth, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                                (TARGET_MM,) * 3, image.GetDirection(), 0.0, sitk.sitkFloat32)
-            result["output_shape"] = sitk.GetArrayViewFromImage(out).shape
-        except (RuntimeError, MemoryError) as error:
-            result["failed"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:90]}"
-    result["seconds"] = time.perf_counter() - t
+    cpu = time.process_time()
+    CONTENDERS[name](path, extra, result)
+    result["cpu"] = time.process_time() - cpu  # all threads; with setup such as opening the file
     result["base_rss"] = base
     result["work_peak_rss"] = _status("VmHWM") if reset else None
     result["import_peak_rss"] = importPeak
@@ -203,6 +275,61 @@ def run(name, path, extra="0", timeout=900):
     return result
 
 
+def measureRows(label, depth, path, floorName, contenders, repeats=3, extras=None):
+    """Rows for one stack: the floor and each contender, best of `repeats`, interleaved (floor, contenders,
+    floor, ...) so that the load of this shared machine hits them alike. extras: contender -> child argument."""
+    extras = extras or {}
+    names = [floorName] + [c for c in contenders if c != floorName]
+    run(floorName, path, extras.get(floorName, "0"))  # warm the cache
+    results = {}
+    for _ in range(max(1, repeats)):
+        for name in names:
+            result = run(name, path, extras.get(name, "0"))
+            old = results.get(name)
+            if old is None or "seconds" in result and ("seconds" not in old or result["seconds"] < old["seconds"]):
+                results[name] = result
+    floor = results[floorName].get("seconds")
+    rows = [(label, depth, name, results[name], floor) for name in names]
+    for row in rows:
+        printRow(row)
+    return rows
+
+
+def stackRows(args):
+    """The generated TIFF and NRRD stacks (raw and gzip): floor, ours, SimpleITK."""
+    specs = generate(args.dir, args.full)
+    cap = str(int(args.sitk_cap_gb * (1 << 30)))
+    binCap = str(int(args.binshrink_cap_gb * (1 << 30)))
+    rows = []
+    for name, depth, kind in specs:
+        if args.only and name not in args.only.split(","):
+            continue
+        path = os.path.join(args.dir, name)
+        floorName = "floor-igzip" if kind == "gzip" else "floor-read"
+        contenders = ["ours"]
+        if kind == "gzip":
+            contenders.insert(0, "floor-zlib")
+        if not args.skip_sitk and name in ("mid.tif", "mid.nrrd", "full.tif", "mid_gz.nrrd"):
+            contenders += ["sitk-binshrink", "sitk-smooth-resample"]
+        extras = {"sitk-binshrink": binCap, "sitk-smooth-resample": cap}
+        # SimpleITK takes tens of seconds per run: once is enough for its order of magnitude
+        sitkRows = [c for c in contenders if c.startswith("sitk")]
+        rows += measureRows(name, depth, path, floorName, [c for c in contenders if c not in sitkRows], args.repeats)
+        for contender in sitkRows:
+            result = run(contender, path, extras[contender])
+            rows.append((name, depth, contender, result, rows[-1][4]))
+            printRow(rows[-1])
+    return rows
+
+
+# Row functions, run in this order by main(): each takes the parsed arguments and returns its printed rows
+# (label, planes, contender, result, floor seconds). Other formats append theirs below.
+ROW_FUNCTIONS = [stackRows]
+
+HEADER = (f"{'stack':<14} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'cpu s':>7} {'peak RSS MB':>11} "
+          f"{'over base MB':>12}  note")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -214,46 +341,29 @@ def main():
     parser.add_argument("--skip-sitk", action="store_true")
     parser.add_argument("--only", help="comma-separated stack names to run (e.g. mid.tif,full.tif)")
     parser.add_argument("--omezarr", action="store_true", help="only the OME-Zarr pyramid rows (omeZarrRows)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs for the floor and ours")
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
     if args.omezarr:
         return omeZarrRows(args.dir)
-    specs = generate(args.dir, args.full)
-    cap = int(args.sitk_cap_gb * (1 << 30))
-    binCap = int(args.binshrink_cap_gb * (1 << 30))
+    load = os.getloadavg()
+    print(f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} cores", flush=True)
+    print(HEADER)
     rows = []
-    for name, depth, kind in specs:
-        if args.only and name not in args.only.split(","):
-            continue
-        path = os.path.join(args.dir, name)
-        floorName = "floor-igzip" if kind == "gzip" else "floor-read"
-        run(floorName, path)  # warm the cache
-        contenders = [floorName, "ours", "ours"]
-        if kind == "gzip":
-            contenders.insert(1, "floor-zlib")
-        if not args.skip_sitk and name in ("mid.tif", "mid.nrrd", "full.tif", "mid_gz.nrrd"):
-            contenders += ["sitk-binshrink", "sitk-smooth-resample"]
-        results = {}
-        for contender in contenders:
-            result = run(contender, path, (cap if contender.startswith("sitk-smooth") else binCap) if contender.startswith("sitk") else 0)
-            if contender in results and "seconds" in result and "seconds" in results[contender]:
-                if result["seconds"] >= results[contender]["seconds"]:
-                    continue  # best of the repeats
-            results[contender] = result
-        floor = results[floorName].get("seconds")
-        for contender, result in results.items():
-            rows.append((name, depth, kind, contender, result, floor))
-            _printRow(rows[-1])
-    print()
-    print(f"{'stack':<12} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>11} {'over base MB':>12}  note")
+    for rowFunction in ROW_FUNCTIONS:
+        rows += rowFunction(args)
+    load = os.getloadavg()
+    print(f"\nload average at end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    print(HEADER)
     for row in rows:
-        _printRow(row)
+        printRow(row)
 
 
-def _printRow(row):
-    name, depth, kind, contender, result, floor = row
+def printRow(row):
+    """Print one row: (label, planes, contender, result dict from run(), floor seconds or None)."""
+    name, depth, contender, result, floor = row
     seconds = result.get("seconds")
     ratio = f"{seconds / floor:8.2f}" if seconds is not None and floor else f"{'-':>8}"
     note = result.get("failed", "")
@@ -261,8 +371,9 @@ def _printRow(row):
         note = f"output {tuple(result['output_shape'])} {result['output_mb']:.2f} MB float32 " + note
     over = ((result.get("work_peak_rss") or result["peak_rss"]) - result.get("base_rss", 0)) / 1e6
     secondsText = f"{seconds:8.3f}" if seconds is not None else f"{'-':>8}"
-    print(f"{name:<12} {depth:>6} {contender:<22} {secondsText} {ratio} {result['peak_rss'] / 1e6:11.1f} {over:12.1f}  {note}",
-          flush=True)
+    cpuText = f"{result['cpu']:7.3f}" if result.get("cpu") is not None else f"{'-':>7}"
+    print(f"{name:<14} {depth:>6} {contender:<22} {secondsText} {ratio} {cpuText} {result['peak_rss'] / 1e6:11.1f} "
+          f"{over:12.1f}  {note}", flush=True)
 
 
 
@@ -534,10 +645,10 @@ def imsMain():
         floor = results[f"floor-{level}"].get("seconds")
         for contender, result in results.items():
             result.setdefault("failed", f"level {result.get('level')} {tuple(result.get('level_shape', ()))}")
-            rows.append((os.path.basename(path), args.ims_depth, "ims", contender, result, floor))
-    print(f"{'stack':<12} {'planes':>6} {'contender':<22} {'seconds':>8} {'x floor':>8} {'peak RSS MB':>11} {'over base MB':>12}  note")
+            rows.append((os.path.basename(path), args.ims_depth, contender, result, floor))
+    print(HEADER)
     for row in rows:
-        _printRow(row)
+        printRow(row)
 
 
 if __name__ == "__main__":  # after every row function (the OME-Zarr and Imaris rows are defined above)

@@ -15,15 +15,20 @@ plain block mean. It is separable, so it runs plane by plane:
   volume.
 
 Both cores are used: for sources with positional reads (uncompressed TIFF pages, raw NRRD, TIFF series) two
-workers each take whole planes; raw planes are read in ~1 MB runs of rows with `pread` and each run is summed
-while it is still in the CPU cache (compressed TIFF pages are decoded one at a time by tifffile and reduced in
-parallel). For gzip NRRD (one decompression stream) one thread decompresses ahead into two rotating plane
-buffers while another reduces.
+workers take the work from one queue. Raw planes are read in ~1 MB runs of rows with `pread`, one run of every
+plane of a group (the planes wholly inside one output plane) per work item: the runs are added element by
+element in the input's own unsigned integer type while a running bound (the sum of the runs' maxima) shows the
+sums cannot wrap, and summed along j only when the next run would overflow - for typical 16-bit data about
+once per output plane, so the converting sum no longer runs for every input plane. Planes cut by a box edge,
+other types and planes read whole (compressed TIFF pages, decoded one at a time by tifffile) are summed along
+j plane by plane. For gzip NRRD (one decompression stream) one thread decompresses ahead into rotating plane
+buffers while another reduces. For integer data every intermediate sum is an exact integer (below 2^24 where
+it is float32), so the result does not depend on the path a plane took.
 
-Memory, whatever the depth: per worker one run of rows (or one plane buffer; two for gzip), the row sums of
-the current plane and of the few open output planes (float64, n_segments_j x n_i each), plus the
-float32 output. Output voxel centres sit at the centres of the averaged boxes; the geometry stays in the
-stack's frame (see stacks/).
+Memory, whatever the depth: per worker two runs of rows (or one plane buffer; three for gzip), the row sums of
+the current item and of the few open output planes (float64, n_segments_j x n_i each), plus the float32
+output. Output voxel centres sit at the centres of the averaged boxes; the geometry stays in the stack's frame
+(see stacks/).
 
 The last box along an axis is dropped when the stack does not fill it (at most one target voxel's worth of data,
 like ITK's BinShrink); an axis shorter than one target voxel gives one output voxel averaging all of it, centred
@@ -234,6 +239,13 @@ def _segmentDtype(dtype, maxSegment):
     return np.float64
 
 
+# A run of rows summed in its own unsigned integer type wraps only when the true sum exceeds the type's maximum:
+# with the run's maximum value m, groups of (max // m) rows are exact there. That add needs no conversion, so it
+# runs at memory speed; the few group sums are then converted and added. More groups than this and the plain
+# converting sum is as fast.
+_MAX_WRAP_GROUPS = 3
+
+
 class _Reduction:
     """The per-plane work (row-segment sums along j, weighted accumulation over k) and the per-output-plane
     finish (fractions along j, exact reduction along i, division by the box volume)."""
@@ -253,8 +265,9 @@ class _Reduction:
         planeWeights = pk.cellWeights()  # (count_k, cover_k)
         self.planeOutputs = [[(int(o), float(planeWeights[o, local])) for o in np.flatnonzero(planeWeights[:, local])]
                              for local in range(pk.cover)]
-        self.needed = [int(np.count_nonzero(planeWeights[o])) for o in range(pk.count)]
-        # runs of whole segments of ~1 MB of input rows, read and summed while they sit in the CPU cache
+        dtype = np.dtype(source.dtype)
+        self.wrapMax = int(np.iinfo(dtype).max) if dtype.kind == "u" and dtype.itemsize <= 2 and dtype.isnative else None
+        # runs of whole segments of ~_CHUNK_BYTES of input rows, read and summed while they sit in the CPU cache
         rowBytes = source.planeShape[1] * source.dtype.itemsize
         self.rowChunks = []
         first = 0
@@ -264,41 +277,88 @@ class _Reduction:
                 self.rowChunks.append((row0, self.segments[s][1], first, s + 1))
                 first = s + 1
         self.chunkRows = max(b - a for a, b, _, _ in self.rowChunks)
+        self.chunkSegments = max(end - first for _, _, first, end in self.rowChunks)
 
-    def rowSums(self, plane, out):
-        view = plane[:, self.colSlice]
-        dtype = self.segDtype
-        for s, (a, b) in enumerate(self.segments):
-            if b - a == 1:
-                out[s] = view[a]
-            else:
-                np.add.reduce(view[a:b], axis=0, dtype=dtype, out=out[s])
+    def newScratch(self):
+        """One worker's buffer for the wrapped group sums of one run of rows (None when the type has no such path)."""
+        if self.wrapMax is None:
+            return None
+        return np.empty((_MAX_WRAP_GROUPS, self.chunkSegments, self.rowShape[1]), np.dtype(f"u{self.segItem}"))
+
+    @property
+    def segItem(self):
+        return 1 if self.wrapMax == 255 else 2
+
+    def rowSums(self, plane, out, scratch=None):
+        """Row-segment sums of a whole plane into `out` (rowShape, segDtype)."""
+        for row0, row1, first, end in self.rowChunks:
+            self.sumRun(plane[row0:row1], row0, first, end, out, scratch)
         return out
 
-    def rowSumsStreamed(self, source, handle, offset, chunkBuffer, out):
+    def rowSumsStreamed(self, source, handle, offset, chunkBuffer, out, scratch=None):
         """rowSums reading the plane in cache-sized runs of rows (each summed while it is still in cache)."""
-        dtype = self.segDtype
-        cols = self.colSlice
         for row0, row1, first, end in self.rowChunks:
             rows = source.readRowsAt(handle, offset, row0, row1, chunkBuffer)
+            self.sumRun(rows, row0, first, end, out, scratch)
+        return out
+
+    def sumRun(self, rows, row0, first, end, out, scratch):
+        """Sums of segments [first, end) into out[first:end] from `rows` (input rows row0, row0 + 1, ...)."""
+        group = self._wrapGroup(rows, first, end) if scratch is not None else None
+        cols = self.colSlice
+        if group is None:
+            dtype = self.segDtype
             for s in range(first, end):
                 a, b = self.segments[s]
                 if b - a == 1:
                     out[s] = rows[a - row0, cols]
                 else:
                     np.add.reduce(rows[a - row0:b - row0, cols], axis=0, dtype=dtype, out=out[s])
-        return out
+            return
+        longest = max(b - a for a, b in self.segments[first:end])
+        groups = -(-longest // group)
+        for s in range(first, end):
+            a, b = self.segments[s]
+            q = 0
+            for c in range(a - row0, b - row0, group):
+                c1 = min(c + group, b - row0)
+                if c1 - c == 1:
+                    np.copyto(scratch[q, s - first], rows[c, cols])
+                else:
+                    np.add.reduce(rows[c:c1, cols], axis=0, out=scratch[q, s - first])
+                q += 1
+            if q < groups:
+                scratch[q:groups, s - first] = 0
+        block = scratch[:groups, : end - first]
+        if groups == 1:
+            np.copyto(out[first:end], block[0], casting="unsafe")
+        else:
+            np.add.reduce(block, axis=0, dtype=self.segDtype, out=out[first:end])
 
-    def accumulate(self, k, rowSums, accumulators, scratch):
-        for o, w in self.planeOutputs[k - self.k0]:
+    def _wrapGroup(self, rows, first, end):
+        """Rows per exactly-wrapping group for this run (see _MAX_WRAP_GROUPS), or None for the converting sum."""
+        peak = int(rows.max())
+        longest = max(b - a for a, b in self.segments[first:end])
+        group = self.wrapMax // peak if peak else longest
+        if group < 2 or -(-longest // group) > _MAX_WRAP_GROUPS:
+            return None
+        return min(group, longest)
+
+    def accumulate(self, outputs, sums, first, end, accumulators, scratch):
+        """Add the sums of segments [first, end) (in sums[first:end]) with each (output plane, weight) of
+        `outputs` into this worker's float64 `accumulators`."""
+        values = sums[first:end]
+        for o, w in outputs:
             acc = accumulators.get(o)
             if acc is None:
                 acc = accumulators[o] = np.zeros(self.rowShape, np.float64)
+            rows = acc[first:end]
             if w == 1.0:
-                np.add(acc, rowSums, out=acc)
+                np.add(rows, values, out=rows)
             else:
-                np.multiply(rowSums, w, out=scratch)
-                np.add(acc, scratch, out=acc)
+                weighted = scratch[first:end]
+                np.multiply(values, w, out=weighted)
+                np.add(rows, weighted, out=rows)
 
     def finish(self, o, partials):
         acc = partials[0]
@@ -308,6 +368,24 @@ class _Reduction:
         plane = self.planI.combine(self.planJ.combine(segmentSums, axis=0), axis=1)
         plane /= self.norm * self.normK[o]
         return plane
+
+    def units(self, byRuns):
+        """The work items, in plane order: (planes, their (output plane, weight) list, run of rows or None).
+
+        byRuns (raw planes read in runs of rows): consecutive planes wholly inside one output plane form one
+        group, handed out run by run, so a run's rows can be added over the group's planes before they are
+        summed along j; a plane cut by a box edge is a group of its own. Otherwise: one plane per item."""
+        groups = []
+        for local, outputs in enumerate(self.planeOutputs):
+            whole = len(outputs) == 1 and outputs[0][1] == 1.0
+            if byRuns and whole and groups and groups[-1][2] and groups[-1][1] == outputs:
+                groups[-1][0].append(self.k0 + local)
+            else:
+                groups.append(([self.k0 + local], outputs, whole))
+        groups = [(tuple(ks), outputs) for ks, outputs, _ in groups]
+        if not byRuns:
+            return [(ks, outputs, None) for ks, outputs in groups]
+        return [(ks, outputs, r) for ks, outputs in groups for r in range(len(self.rowChunks))]
 
 
 def _workerCount(source, workers):
@@ -371,20 +449,29 @@ class _Run:
         self.reduction = _Reduction(source, plans, box)
         self.k0 = box[2][0]
         self.ks = list(range(self.k0, self.k0 + pk.cover))
-        self.total = len(self.ks)
         self.count = _workerCount(source, workers)
-        LOG.debug("downsample %s -> %s (factors %s), %d planes, %d worker(s)", source.shape, self.output.shape,
-                  tuple(factors), self.total, self.count)
+        positional = self.count > 1 or source.parallelReads
+        self.streamed = positional and source.rawPlaneOffset(self.k0) is not None
+        self.units = self.reduction.units(byRuns=self.streamed)
+        self.total = len(self.units)
+        self.planesDone = 0.0
+        self.runsPerPlane = len(self.reduction.rowChunks) if self.streamed else 1
+        LOG.debug("downsample %s -> %s (factors %s), %d planes in %d items, %d worker(s)", source.shape,
+                  self.output.shape, tuple(factors), len(self.ks), self.total, self.count)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.events = queue.Queue()
-        self.remaining = list(self.reduction.needed)
+        self.remaining = [0] * pk.count
+        for _, outputs, _ in self.units:
+            for o, _ in outputs:
+                self.remaining[o] += 1
         self.partials = [dict() for _ in range(self.count)]
-        self.planes = _PlaneQueue(self.total, max(2, int(math.ceil(factors[2]))), self.stop)
-        positional = self.count > 1 or source.parallelReads
+        # how far a worker may run ahead of the oldest item in flight - about one output plane's planes, or two
+        # groups' runs - which bounds the open output planes (and so the memory) even when the other worker stalls
+        window = 2 * self.runsPerPlane if self.streamed else max(2, int(math.ceil(factors[2])))
+        self.planes = _PlaneQueue(self.total, window, self.stop)
         self.prefetch = None if positional else _PlanePrefetcher(source, self.ks, buffers=3)
         self.prefetched = iter(self.prefetch) if self.prefetch is not None else None  # one consumer: count is 1
-        self.streamed = positional and source.rawPlaneOffset(self.k0) is not None
 
     def planeReader(self):
         """How a worker gets its planes (see the classes below)."""
@@ -394,11 +481,11 @@ class _Run:
             return _StreamedRows(self)
         return _WholePlanes(self)
 
-    def completed(self, k):
-        """The output planes whose last missing input plane was k."""
+    def completed(self, index):
+        """The output planes whose last missing item was item `index`."""
         done = []
         with self.lock:
-            for o, _ in self.reduction.planeOutputs[k - self.k0]:
+            for o, _ in self.units[index][1]:
                 self.remaining[o] -= 1
                 if self.remaining[o] == 0:
                     done.append(o)
@@ -421,7 +508,8 @@ class _Run:
                     finished += 1
                     for o in b:
                         self.output[o] = self.reduction.finish(o, [p.pop(o) for p in self.partials if o in p])
-                    report(progress, finished / self.total, f"plane {finished}/{self.total}")
+                    self.planesDone += len(self.units[a][0]) / self.runsPerPlane
+                    report(progress, finished / self.total, f"plane {int(self.planesDone)}/{len(self.ks)}")
         except BaseException:
             self.stop.set()
             while exits < self.count:  # let the workers stop before returning
@@ -443,28 +531,33 @@ class _PrefetchedPlanes:
 
     def __init__(self, run):
         self.run = run
+        self.scratch = run.reduction.newScratch()
 
-    def reduceNext(self, sums):
-        """Row sums of the next plane into `sums`; its k, or None when there is none left."""
+    def reduceNext(self, sums, accumulators, weighted):
+        """Reduce the next item into this worker's `accumulators`; its index, or None when there is none left."""
         item = next(self.run.prefetched, None)
         if item is None:
             return None
         k, plane = item
-        self.run.reduction.rowSums(plane, sums)
+        reduction = self.run.reduction
+        reduction.rowSums(plane, sums, self.scratch)
         self.run.prefetch.release(plane)
-        return k
+        index = k - self.run.k0  # one item per plane, in plane order
+        reduction.accumulate(self.run.units[index][1], sums, 0, len(sums), accumulators, weighted)
+        return index
 
     def close(self):
         pass
 
 
 class _PositionalPlanes:
-    """Planes a worker takes from the run's queue and reads itself, through its own positional handle (None
+    """Items a worker takes from the run's queue and reads itself, through its own positional handle (None
     when the source has none: then through readPlane)."""
 
     def __init__(self, run):
         self.run = run
         self.handle = run.source.openPositionalHandle()
+        self.scratch = run.reduction.newScratch()
 
     def close(self):
         if self.handle is not None:
@@ -478,51 +571,83 @@ class _WholePlanes(_PositionalPlanes):
         super().__init__(run)
         self.buffer = np.empty(run.source.planeShape, run.source.dtype)
 
-    def reduceNext(self, sums):
+    def reduceNext(self, sums, accumulators, weighted):
         index = self.run.planes.take()
         if index is None:
             return None
-        k = self.run.ks[index]
-        self.run.reduction.rowSums(self.run.source.readPlaneWith(k, self.buffer, self.handle), sums)
-        return k
+        (k,), outputs, _ = self.run.units[index]
+        reduction = self.run.reduction
+        reduction.rowSums(self.run.source.readPlaneWith(k, self.buffer, self.handle), sums, self.scratch)
+        reduction.accumulate(outputs, sums, 0, len(sums), accumulators, weighted)
+        return index
 
 
 class _StreamedRows(_PositionalPlanes):
-    """Raw planes read in ~1 MB runs of rows, each summed while it is still in the CPU cache; a plane stored
-    otherwise (e.g. one compressed page in an otherwise raw TIFF) is read whole."""
+    """One run of rows (~_CHUNK_BYTES) of each plane of a group, read with one positional read per plane.
+
+    Where the type allows (see _MAX_WRAP_GROUPS), the group's runs are added element by element in the input's
+    own integer type while the running bound (the sum of each run's maximum) stays within it, and summed
+    along j only when the next would overflow and at the end: for typical data once per output plane instead
+    of once per input plane. A plane stored otherwise (e.g. one compressed page in an otherwise raw TIFF) is
+    read whole."""
 
     def __init__(self, run):
         super().__init__(run)
-        self.chunk = np.empty((run.reduction.chunkRows, run.source.planeShape[1]), run.source.dtype)
+        shape = (run.reduction.chunkRows, run.source.planeShape[1])
+        self.chunk = np.empty(shape, run.source.dtype)
+        self.total = np.empty(shape, run.source.dtype)
+        self.groupPlanes, self.groupOffsets = None, None
 
-    def reduceNext(self, sums):
+    def reduceNext(self, sums, accumulators, weighted):
         index = self.run.planes.take()
         if index is None:
             return None
-        source, k = self.run.source, self.run.ks[index]
-        offset = source.rawPlaneOffset(k)
-        if offset is not None:
-            self.run.reduction.rowSumsStreamed(source, self.handle, offset, self.chunk, sums)
-        else:
-            self.run.reduction.rowSums(source.readPlane(k), sums)
-        return k
+        ks, outputs, r = self.run.units[index]
+        source, reduction = self.run.source, self.run.reduction
+        row0, row1, first, end = reduction.rowChunks[r]
+        n = row1 - row0
+        limit = reduction.wrapMax
+        bound = 0  # an upper bound of every element of self.total[:n] (with limit), else the count of planes in it
+        if ks is not self.groupPlanes:  # a group's items come one after another: locate its planes once
+            self.groupPlanes, self.groupOffsets = ks, [source.rawPlaneOffset(k) for k in ks]
+        for k, offset in zip(ks, self.groupOffsets):
+            target = self.total if bound == 0 else self.chunk
+            if offset is not None:
+                rows = source.readRowsAt(self.handle, offset, row0, row1, target)
+            else:
+                rows = target[:n]
+                np.copyto(rows, source.readPlane(k)[row0:row1])
+            peak = int(rows.max()) if limit is not None else 0
+            if bound and (limit is None or bound + peak > limit):
+                self._flush(n, row0, first, end, sums, outputs, accumulators, weighted)
+                self.total, self.chunk = self.chunk, self.total
+                bound = 0
+            elif bound:
+                np.add(self.total[:n], rows, out=self.total[:n])
+            bound += peak if limit is not None else 1
+        self._flush(n, row0, first, end, sums, outputs, accumulators, weighted)
+        return index
+
+    def _flush(self, n, row0, first, end, sums, outputs, accumulators, weighted):
+        reduction = self.run.reduction
+        reduction.sumRun(self.total[:n], row0, first, end, sums, self.scratch)
+        reduction.accumulate(outputs, sums, first, end, accumulators, weighted)
 
 
 def _work(run, w):
-    """Worker thread `w`: reduce planes until none is left or the run stops. Everything it has to say (a plane
+    """Worker thread `w`: reduce items until none is left or the run stops. Everything it has to say (an item
     done, an error, its exit) goes to the caller's thread as an event."""
     reader = None
     try:
         reader = run.planeReader()
         sums = np.empty(run.reduction.rowShape, run.reduction.segDtype)
-        scratch = np.empty(run.reduction.rowShape, np.float64)
+        weighted = np.empty(run.reduction.rowShape, np.float64)
         while not run.stop.is_set():
-            k = reader.reduceNext(sums)
-            if k is None:
+            index = reader.reduceNext(sums, run.partials[w], weighted)
+            if index is None:
                 break
-            run.reduction.accumulate(k, sums, run.partials[w], scratch)
-            run.planes.release(k - run.k0)
-            run.events.put(("plane", k, run.completed(k)))
+            run.planes.release(index)
+            run.events.put(("plane", index, run.completed(index)))
     except BaseException as error:  # handed to the caller's thread
         run.events.put(("error", error, None))
     finally:

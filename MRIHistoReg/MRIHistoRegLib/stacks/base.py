@@ -197,9 +197,9 @@ class StackSource:
         return self.path
 
     def rawPlaneOffset(self, k):
-        """Byte offset of plane k's voxels in `dataPath` when they are stored uncompressed, contiguous and in
-        native byte order (so any run of rows can be read with one positional read), else None. A source that
-        gives an offset also gives a handle from openPositionalHandle."""
+        """Byte offset of plane k's voxels in `dataPath` when they are stored uncompressed and contiguous (so
+        any run of rows can be read with one positional read by readRowsAt, which returns them in native byte
+        order), else None. A source that gives an offset also gives a handle from openPositionalHandle."""
         return None
 
     def openPositionalHandle(self):
@@ -215,7 +215,8 @@ class StackSource:
 
     def readRowsAt(self, handle, offset, j0, j1, out):
         """Rows [j0, j1) of the plane stored raw at `offset` (see rawPlaneOffset) into out[:j1 - j0] through the
-        calling thread's `handle` (openPositionalHandle), with one positional read."""
+        calling thread's `handle` (openPositionalHandle), with one positional read. This default reads bytes
+        as they are: a source whose raw offsets are of the other byte order swaps them in its override."""
         rows = out[: j1 - j0]
         rowBytes = rows.shape[1] * rows.itemsize
         view = memoryview(rows.reshape(-1).view(np.uint8))
