@@ -354,15 +354,14 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Remember the inspected stack and show it (its channels in the selector); the buttons that need it follow."""
         self._stackInfo = info
         self.ui.stackInfoLabel.text = self.logic.describeStack(info) if info else ""
-        self.ui.channelComboBox.blockSignals(True)  # filling the selector is not the user choosing a channel
+        wasBlocked = self.ui.channelComboBox.blockSignals(True)  # filling it is not the user choosing a channel
         self.ui.channelComboBox.clear()
         for index, name in enumerate(info.channelNames if info else []):
             self.ui.channelComboBox.addItem(f"{index}: {name}")
         if info:
             self.ui.channelComboBox.currentIndex = info.channelIndex
-        self.ui.channelComboBox.blockSignals(False)
-        self.ui.channelComboBox.enabled = bool(info) and len(info.channelNames) > 1
-        self.onParameterNodeModified()
+        self.ui.channelComboBox.blockSignals(wasBlocked)
+        self.onParameterNodeModified()  # panel.actionStates enables the selector and the other-channels option
 
     # --- helpers: progress, errors ------------------------------------------------------------------------
 
@@ -417,8 +416,9 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Failed to generate or load the sample data."), _("Sample data")) as progress:
             nodes = self.logic.loadSampleData(sampleDataFolder(), progress=progress)
             self.logic.selectSampleNodes(self._parameterNode, nodes)
-            self._setStackInfo(self.logic.openStack(nodes.stackPath, self._spacingMm(), referenceVolume=nodes.mri,
-                                                    channel=None))
+            info = self.logic.openStack(nodes.stackPath, self._spacingMm(), referenceVolume=nodes.mri, channel=None)
+            self._parameterNode.histologyChannel = info.channelIndex  # not a channel of an earlier stack
+            self._setStackInfo(info)
             slicer.util.setSliceViewerLayers(background=nodes.mri, foreground=nodes.histology, foregroundOpacity=0.5, fit=True)
 
     def onOpenStack(self) -> None:
@@ -444,6 +444,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         channel=index)
             p.histologyChannel = info.channelIndex
             self._setStackInfo(info)
+        if self._stackInfo is not None and self._stackInfo.channelIndex != index:
+            self._setStackInfo(self._stackInfo)  # it failed: the selector shows the channel every action still reads
 
     def onBrowseStackFolder(self) -> None:
         """A TIFF series is a folder: ctkPathLineEdit's browse button picks files only, so folders come from here."""
@@ -601,17 +603,19 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with self._action(_("Resampling failed."), _("Resampling histology")) as progress:
             outputSpacing = None if p.referenceGrid == "MRI" else p.outputSpacingMm
+            others = p.resampleOtherChannels and self._stackPath() is not None
             node = self.logic.resampleHistology(self._registrationTransform(), p.mriVolume,
                                                 stackPath=self._stackPath(), spacingMm=self._spacingMm(),
                                                 histologyVolume=p.histologyVolume,
                                                 outputSpacingMm=outputSpacing, outputNode=p.resampledVolume,
-                                                progress=progress, channel=self._stackChannel())
+                                                progress=panel.scaledProgress(progress, 0.0, 0.5 if others else 1.0),
+                                                channel=self._stackChannel())
             p.resampledVolume = node
-            if p.resampleOtherChannels:  # the same transform and grid, one channel at a time (Export report writes them)
+            if others:  # the same transform and grid, one channel at a time (Export report writes them)
                 self.logic.resampleOtherChannels(self._registrationTransform(), p.mriVolume, self._stackPath(),
                                                  spacingMm=self._spacingMm(), channel=self._stackChannel(),
                                                  outputSpacingMm=outputSpacing, registrationNode=node,
-                                                 progress=progress)
+                                                 progress=panel.scaledProgress(progress, 0.5, 1.0))
             slicer.util.setSliceViewerLayers(background=p.mriVolume, foreground=node, foregroundOpacity=p.fade)
 
     def onCompare(self) -> None:
@@ -622,7 +626,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               tableNode=p.resultsTable, mriVolume=p.mriVolume, progress=progress,
                                               mriLandmarks=p.mriLandmarks, histologyLandmarks=p.histologyLandmarks,
                                               landmarkTransform=p.landmarkTransform,
-                                              tpsRegularization=p.tpsRegularization)
+                                              tpsRegularization=self.logic.storedRegularization(
+                                                  p.landmarkTable, p.tpsRegularization))
             p.resultsTable = result.tableNode
             if result.summary:
                 slicer.util.showStatusMessage(result.summary, 10000)

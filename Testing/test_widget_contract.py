@@ -242,6 +242,44 @@ def _trackedLibScripts(moduleDir):
     return {p.relative_to(libDir).as_posix() for p in libDir.rglob("*.py")}
 
 
+def handlerProblems(widgetClass):
+    """connect(signal, self.<handler>) where the widget class defines no <handler>."""
+    methods = {n.name for n in widgetClass.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    problems = []
+    for node in ast.walk(widgetClass):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and len(node.args) >= 2):
+            target = node.args[1]
+            if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
+                    and target.attr not in methods):
+                problems.append(f"line {node.lineno}: connect(..., self.{target.attr}): the widget has no method "
+                                f"{target.attr}")
+    return problems
+
+
+def _isParameterNode(expression, aliases):
+    if isinstance(expression, ast.Name):
+        return expression.id in aliases
+    return (isinstance(expression, ast.Attribute) and expression.attr == "_parameterNode"
+            and isinstance(expression.value, ast.Name) and expression.value.id == "self")
+
+
+def parameterAttributeProblems(widgetClass, fields):
+    """p.<name> / self._parameterNode.<name> where <name> is neither a field of the parameter node class nor one
+    of the wrapper's own names (slicer_rules.RESERVED_NAMES): the wrapper raises AttributeError on it."""
+    from slicer_rules import RESERVED_NAMES
+
+    problems = []
+    for function in (n for n in widgetClass.body if isinstance(n, ast.FunctionDef)):
+        aliases = {target.id for node in ast.walk(function) if isinstance(node, ast.Assign)
+                   and _isParameterNode(node.value, set()) for target in node.targets if isinstance(target, ast.Name)}
+        for node in ast.walk(function):
+            if (isinstance(node, ast.Attribute) and _isParameterNode(node.value, aliases)
+                    and node.attr not in fields and node.attr not in RESERVED_NAMES):
+                problems.append(f"line {node.lineno}: the parameter node has no field {node.attr!r}")
+    return problems
+
+
 # ------------------------------------------------------------------------------------------------ checker
 def checkContract(moduleDir, logicClass, scenarioNames, libScripts=None):
     """All contract problems (strings) of the module folder `moduleDir` against the facade `logicClass`.
@@ -278,6 +316,12 @@ def checkContract(moduleDir, logicClass, scenarioNames, libScripts=None):
                 key = use
             if key in NEEDS_CHECKABLE and cls in BUTTONS and widgets[name]["props"].get("checkable") != "true":
                 problems.append(f"line {line}: self.ui.{name} is used as checkable ({key}) but is not checkable in the .ui")
+
+    # 1b. every connected handler is a method of the widget (Slicer would raise AttributeError in setup())
+    if module["widgetClass"] is not None:
+        problems += handlerProblems(module["widgetClass"])
+        # 1c. every attribute read or written on the parameter node is one of its fields (or the wrapper's own)
+        problems += parameterAttributeProblems(module["widgetClass"], set(module["fields"]))
 
     # 2. parameter names match fields of the parameter node class, with a connector for the pair
     if module["parameterClass"] is None:
@@ -481,8 +525,13 @@ DRIFTS = [
      "                                              channel=self._stackChannel())",
      "cropRoi=p.cropRoi if p.cropEnabled else None, progress=progress)",
      "self.logic.downsampleStack(...) opens the stack without channel="),
-    ("MRIHistoReg.py", "progress=progress, channel=self._stackChannel())\n            p.resampledVolume = node",
-     "progress=progress)\n            p.resampledVolume = node", "self.logic.resampleHistology(...) opens the stack without channel="),
+    ("MRIHistoReg.py", "                                                channel=self._stackChannel())\n            p.resampledVolume = node",
+     "                                                )\n            p.resampledVolume = node",
+     "self.logic.resampleHistology(...) opens the stack without channel="),
+    ("MRIHistoReg.py", 'connect("currentIndexChanged(int)", self.onChannelChanged)',
+     'connect("currentIndexChanged(int)", self.onChannelChangedX)', "the widget has no method onChannelChangedX"),
+    ("MRIHistoReg.py", "others = p.resampleOtherChannels and", "others = p.resampleChannels and",
+     "the parameter node has no field 'resampleChannels'"),
     ("Resources/UI/MRIHistoReg.ui", "<string>resampleOtherChannels</string>", "<string>resampleChannels</string>",
      "'resampleChannels' (resampleChannelsCheckBox) is not a field"),
 ]

@@ -787,6 +787,12 @@ class MRIHistoRegLogicCore:
                 found.append((int(json.loads(node.GetAttribute("MRIHistoReg.channel"))["index"]), node))
         return sorted(found, key=lambda item: item[0])
 
+    def storedRegularization(self, landmarkTable: Optional[TableNode], default: float = 0.0) -> float:
+        """The TPS regularization the landmark fit used (kept on its table), not the field's current value: the
+        interval's refits and the report must refit the transform that exists."""
+        stored = landmarkTable.GetAttribute("MRIHistoReg.regularization") if landmarkTable is not None else None
+        return float(stored) if stored else float(default)
+
     def compareLabels(
         self,
         mriLabels: LabelsNode,
@@ -919,9 +925,7 @@ class MRIHistoRegLogicCore:
         model = transformNode.GetAttribute("MRIHistoReg.landmarkModel") if transformNode is not None else None
         if mriLandmarks is None or histologyLandmarks is None or model is None:
             return None
-        regularization = 0.0
-        if landmarkTable is not None and landmarkTable.GetAttribute("MRIHistoReg.regularization"):
-            regularization = float(landmarkTable.GetAttribute("MRIHistoReg.regularization"))
+        regularization = self.storedRegularization(landmarkTable)
         pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
         grid = self._image(mriVolume) if mriVolume is not None else None
         return workflow.fitLandmarks(pairs, model, regularization, grid=grid)

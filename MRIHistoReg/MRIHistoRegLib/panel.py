@@ -15,7 +15,7 @@ import slicer
 
 import vtk
 
-from .progress import Cancelled
+from .progress import Cancelled, scaled as scaledProgress  # noqa: F401 - the widget's split progress
 from .errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def actionStates(parameters, stackInfo) -> Dict[str, bool]:
     return {
         "openStackButton": pathOrNone(p.stackPath) is not None,
         "loadFullResolutionButton": stack is not None,
+        "channelComboBox": stack is not None and len(stack.channelNames) > 1,
+        "resampleChannelsCheckBox": stack is not None and len(stack.channelNames) > 1,
         "useMetadataSpacingButton": stack is not None and stack.metadataSpacingMm is not None,
         "applySpacingButton": hasHistology,
         "downsampleButton": stack is not None and (hasMri or not p.targetSpacingFromMri),
