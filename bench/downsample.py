@@ -255,7 +255,11 @@ def child(name, path, extra):
 
 
 def run(name, path, extra="0", timeout=900):
-    command = [sys.executable, os.path.abspath(__file__), "--child", name, path, str(extra)]
+    return _runChild([sys.executable, os.path.abspath(__file__), "--child", name, path, str(extra)])
+
+
+def _runChild(command):
+    """Run one contender's child process; its JSON line with the peak RSS from the child's own high-water marks."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     started = time.perf_counter()
@@ -481,19 +485,7 @@ def omeZarrChild(name, path):
 def _runOmeZarrChild(name, path):
     code = ("import sys; sys.path.insert(0, {bench!r}); import downsample as bench; bench.omeZarrChild({name!r}, {path!r})"
             .format(bench=os.path.dirname(os.path.abspath(__file__)), name=name, path=path))
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
-    _, status, usage = os.wait4(process.pid, 0)
-    out, err = process.stdout.read(), process.stderr.read()
-    result = {"peak_rss": usage.ru_maxrss * 1024}
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    if lines:
-        result.update(json.loads(lines[-1]))
-        if result.get("work_peak_rss"):
-            result["peak_rss"] = max(result["work_peak_rss"], result["import_peak_rss"])
-    else:
-        result["failed"] = f"exit {os.waitstatus_to_exitcode(status)}: {(err.strip().splitlines() or ['?'])[-1][:90]}"
-    return result
+    return _runChild([sys.executable, "-c", code])
 
 
 def omeZarrRows(folder, repeats=5):
