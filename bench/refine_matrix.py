@@ -12,7 +12,8 @@ refined median / p90, tumour volume error of each, refinement time, accepted?, a
 raises is a row, not the end of the run). The last line counts the cases where the refinement made the
 held-out median worse and the ones that raised (issue 15's bar: none of either).
 
-The test suite runs a tiny version of this matrix (Testing/test_geometry_matrix.py).
+The test suite runs a tiny version of this matrix (Testing/test_geometry_matrix.py). Meant to be folded under
+bench/refine.py (its engine comparison) by the integrator; the geometries live in `geometries()`.
 """
 import argparse
 import logging
