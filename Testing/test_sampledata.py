@@ -379,3 +379,161 @@ def test_contrasts_csf_bright_in_mri_dark_in_microscopy(sample):
     i, j, k = (int(round(v)) for v in (-y[0] / 0.026, -y[1] / 0.026, y[2] / 0.040))
     tissue = stack[stack > 250]
     assert stack[k, j - 5:j + 6, i - 1:i + 2].mean() < 0.6 * np.median(tissue)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Geometry as parameters (issue 15, item 5) and the tumour reporter channel (issue 14, item 3)
+# ---------------------------------------------------------------------------------------------------------
+def test_truth_records_the_default_geometry(sample):
+    recorded = sample["truth"]["geometry"]
+    assert recorded["mriSpacingMm"] == [0.1, 0.1, 0.1] and recorded["mriShapeIjk"] == [100, 200, 120]
+    assert recorded["stackSpacingUm"] is None and recorded["tumourChannel"] is False
+    assert sampledata.SampleGeometry.fromDict(recorded) == sampledata.SampleGeometry()
+    assert sampledata.CHANNELS_FILE not in os.listdir(sample["folder"])
+
+
+def _mriMatrixByHand(geometry, centre):
+    """IJK->RAS from the geometry's numbers: columns = direction x spacing, the grid's centre voxel at `centre`."""
+    linear = np.array(geometry.mriDirection) * np.array(geometry.mriSpacingMm)
+    m = np.eye(4)
+    m[:3, :3] = linear
+    m[:3, 3] = np.array(centre) - linear @ ((np.array(geometry.mriShapeIjk) - 1) / 2)
+    return m
+
+
+OBLIQUE_FLIPPED = tuple(map(tuple, sampledata.rotationMatrix((1.0, 0.3, 0.2), 35.0) @ np.diag([1.0, -1.0, 1.0])))
+GEOMETRIES = {
+    # oblique, left-handed MRI grid with anisotropic voxels; a stack coarser than the MRI along z
+    "oblique": sampledata.SampleGeometry(mriSpacingMm=(0.08, 0.08, 0.12), mriShapeIjk=(60, 60, 40),
+                                         mriDirection=OBLIQUE_FLIPPED, mriCentreRasMm="stack",
+                                         stackSpacingUm=(30.0, 30.0, 150.0), stackExtentMm=(2.6, 2.6, 2.1),
+                                         linearShrink=0.9, rotationDeg=40.0, landmarkCount=8),
+    # a stack over ~5 % of a whole-brain 0.2 mm MRI: the named landmarks run out, covered points fill in
+    "partial": sampledata.SampleGeometry(mriSpacingMm=(0.2, 0.2, 0.2), mriShapeIjk=(50, 100, 60),
+                                         stackSpacingUm=(40.0, 40.0, 40.0), stackExtentMm=(3.0, 3.0, 2.0),
+                                         bumpAmplitudeMm=(0.05, 0.1), bumpSigmaMm=(0.5, 0.7), landmarkCount=12),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_a_custom_geometry_keeps_the_ground_truth_exact(name, tmp_path, scene):
+    import nrrd
+
+    geometry = GEOMETRIES[name]
+    truth = sampledata.generateSampleData(tmp_path / "s", seed=2, geometry=geometry)["truth"]
+    folder = tmp_path / "s"
+    assert sampledata.SampleGeometry.fromDict(truth["geometry"]) == geometry
+    # the stack: the geometry's spacing and field of view (shape by hand)
+    spacing = np.array(geometry.stackSpacingUm) * 1e-3
+    assert truth["histology"]["shape_ijk"] == [int(round(e / s)) for e, s in zip(geometry.stackExtentMm, spacing)]
+    # the MRI header (pynrrd, LPS) holds the hand-derived grid, centred on the stack's footprint when asked
+    low, high = histologyBox(truth)
+    centre = forwardFromTruth(truth, ((low + high) / 2)[None])[0] if geometry.mriCentreRasMm == "stack" else (0, 0, 0)
+    expected = _mriMatrixByHand(geometry, centre)
+    header = nrrd.read_header(str(folder / "mri.nrrd"))
+    lpsToRas = np.diag([-1.0, -1.0, 1.0])
+    assert np.allclose(lpsToRas @ np.array(header["space directions"]).T, expected[:3, :3], atol=1e-9)
+    assert np.allclose(lpsToRas @ np.array(header["space origin"]), expected[:3, 3], atol=1e-6)
+    assert list(header["sizes"]) == list(geometry.mriShapeIjk)
+    rasToIjk = np.linalg.inv(expected)
+
+    def insideMri(points):
+        ijk = points @ rasToIjk[:3, :3].T + rasToIjk[:3, 3]
+        return np.all((ijk >= -1e-6) & (ijk <= np.array(geometry.mriShapeIjk) - 1 + 1e-6), axis=1)
+
+    # evaluation points and landmarks follow the exact mapping and lie in both images
+    _, evalMri = readCsv(folder / "eval_points_mri.csv")
+    _, evalHistology = readCsv(folder / "eval_points_histology.csv")
+    assert len(evalMri) == geometry.evalPointCount
+    assert np.abs(forwardFromTruth(truth, evalHistology) - evalMri).max() < 5e-6
+    assert np.all((evalHistology > low) & (evalHistology < high)) and insideMri(evalMri).all()
+    labels, lmMri = readCsv(folder / "landmarks_mri.csv")
+    _, lmHistology = readCsv(folder / "landmarks_histology.csv")
+    assert len(labels) == geometry.landmarkCount
+    mriTrue, histologyTrue = np.array(truth["landmarks"]["mri_true_ras_mm"]), np.array(truth["landmarks"]["histology_true_ras_mm"])
+    assert np.abs(forwardFromTruth(truth, histologyTrue) - mriTrue).max() < 1e-6
+    assert np.linalg.norm(lmMri - mriTrue, axis=1).max() < 5 * geometry.landmarkNoiseMriMm
+    assert np.all((lmHistology > low) & (lmHistology < high)) and insideMri(lmMri).all()
+    assert np.linalg.svd(histologyTrue - histologyTrue.mean(0), compute_uv=False).min() > 0.3, "coplanar landmarks"
+    # the warp: the geometry's shrinkage and rotation in A
+    A = np.array(truth["mapping"]["A"])
+    assert np.linalg.det(A) * geometry.linearShrink ** 3 == pytest.approx(1.0, rel=1e-9)
+    angle = math.degrees(math.acos((np.trace(A * geometry.linearShrink) - 1) / 2))
+    assert angle == pytest.approx(geometry.rotationDeg, abs=1e-6)
+    # tumour volumes: the MRI label (on the oblique grid) vs the analytic ellipsoid, the stack's vs the quadrature
+    mriLabel, _ = nrrd.read(str(folder / "mri_tumour_label.nrrd"), index_order="C")
+    analytic = truth["tumour"]["mri_volume_mm3"]
+    assert np.count_nonzero(mriLabel) * np.prod(geometry.mriSpacingMm) == pytest.approx(analytic, rel=0.05)
+    k, j, i = np.nonzero(mriLabel)
+    centroid = np.c_[i, j, k].mean(axis=0) @ expected[:3, :3].T + expected[:3, 3]
+    assert np.linalg.norm(centroid - truth["tumour"]["centre_mri_ras_mm"]) < 0.5 * max(geometry.mriSpacingMm)
+    histologyLabel, _ = nrrd.read(str(folder / "histology_tumour_label.nrrd"), index_order="C")
+    native = truth["tumour"]["histology_volume_mm3"]
+    assert np.count_nonzero(histologyLabel) * np.prod(spacing) == pytest.approx(native, rel=0.03)
+    rng = np.random.default_rng(3)
+    kk, jj, ii = np.nonzero(histologyLabel)
+    middle = np.array([-ii.mean() * spacing[0], -jj.mean() * spacing[1], kk.mean() * spacing[2]])
+    y = middle + rng.uniform(-0.9, 0.9, size=(200000, 3))
+    assert native == pytest.approx(np.mean(insideTumour(truth, forwardFromTruth(truth, y))) * 1.8 ** 3, rel=0.03)
+    # coverage: Monte-Carlo over the stack's box with a finite-difference Jacobian of the test-side formula
+    y = rng.uniform(low, high, size=(20000, 3))
+    h = 1e-4
+    jac = np.stack([(forwardFromTruth(truth, y + h * e) - forwardFromTruth(truth, y - h * e)) / (2 * h) for e in np.eye(3)], 2)
+    footprint = np.mean(np.abs(np.linalg.det(jac))) * np.prod(high - low)
+    assert truth["coverage"]["stack_footprint_mm3"] == pytest.approx(footprint, rel=0.01)
+    if name == "partial":
+        assert truth["coverage"]["brain_fraction"] < 0.1 and truth["coverage"]["mri_fraction"] < 0.05
+        assert any(n.startswith("covered brain point") for n in truth["landmarks"]["names"].values())
+
+
+def test_tumour_channel_is_a_two_channel_ome_tiff_with_known_tumour_volume(tmp_path):
+    import nrrd
+    import tifffile
+    from scipy import ndimage
+
+    from MRIHistoRegLib import stacks
+
+    geometry = sampledata.SampleGeometry(tumourChannel=True)
+    manifest = sampledata.generateSampleData(tmp_path / "s", size=16, seed=1, geometry=geometry)
+    truth, folder = manifest["truth"], tmp_path / "s"
+    assert sampledata.CHANNELS_FILE in manifest["files"] and truth["channels"]["names"] == ["autofluorescence", "tumour"]
+    spacingUm = truth["histology"]["true_spacing_um"]
+    with tifffile.TiffFile(str(folder / sampledata.CHANNELS_FILE)) as tif:
+        assert tif.is_ome and tif.series[0].axes == "CZYX"
+        data = tif.series[0].asarray()
+        pixels = [e for e in __import__("xml.etree.ElementTree", fromlist=["x"]).fromstring(tif.ome_metadata).iter()
+                  if e.tag.endswith("Pixels")][0]
+        assert [float(pixels.get(f"PhysicalSize{a}")) for a in "XYZ"] == pytest.approx(spacingUm)
+    nk, nj, ni = truth["histology"]["array_shape_kji"]
+    assert data.shape == (2, nk, nj, ni) and data.dtype == np.uint16
+    assert np.array_equal(data[0], tifffile.imread(str(folder / "histology.tif")))  # the registration channel
+    label, _ = nrrd.read(str(folder / "histology_tumour_label.nrrd"), index_order="C")
+    tumour = data[1].astype(np.float32)
+    assert np.median(tumour[label == 1]) > 5 * np.median(tumour[label == 0])
+    # a plain segmentation (midpoint threshold after a 3-voxel mean, largest component) finds the native volume
+    smooth = ndimage.uniform_filter(tumour, size=3)
+    threshold = 0.5 * (np.median(smooth[label == 1]) + np.median(smooth[label == 0]))
+    components, count = ndimage.label(smooth > threshold)
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    volume = np.count_nonzero(components == largest) * np.prod(truth["histology"]["true_spacing_mm"])
+    native = truth["channels"]["tumour_native_volume_mm3"]
+    assert native == truth["tumour"]["histology_volume_mm3"]
+    assert volume == pytest.approx(native, rel=0.05)
+    assert truth["channels"]["tumour_occupancy_volume_mm3"] == pytest.approx(native, rel=0.02)
+    # the project's reader picks either channel by name, with the file's true spacing
+    with stacks.openStack(folder / sampledata.CHANNELS_FILE, channel="tumour") as source:
+        assert source.channelNames == ["autofluorescence", "tumour"]
+        assert np.allclose(source.spacingMm, np.array(spacingUm) * 1e-3)
+        assert np.array_equal(source.readPlane(nk // 2), data[1, nk // 2])
+
+
+@pytest.mark.parametrize("geometry, words", [
+    (sampledata.SampleGeometry(bumpAmplitudeMm=(0.8, 1.0), bumpSigmaMm=(0.3, 0.4)), "could fold"),
+    (sampledata.SampleGeometry(stackSpacingUm=(30.0, 30.0, 40.0), stackExtentMm=(1.0, 3.0, 2.0)), "cannot hold the tumour"),
+    (sampledata.SampleGeometry(mriDirection=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.5, 1.0))), "orthonormal"),
+    (sampledata.SampleGeometry(mriShapeIjk=(30, 30, 30), mriCentreRasMm=(30.0, 0.0, 0.0)), "inside the MRI"),
+])
+def test_an_impossible_geometry_is_refused_and_nothing_written(tmp_path, geometry, words):
+    with pytest.raises(ValueError, match=words):
+        sampledata.generateSampleData(tmp_path / "out", geometry=geometry)
+    assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []

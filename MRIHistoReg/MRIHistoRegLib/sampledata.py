@@ -47,6 +47,8 @@ import tempfile
 import time
 import warnings
 import zlib
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -70,6 +72,7 @@ FULL_SPACING_UM = (3.25, 3.25, 5.0)
 SIZE_FACTORS = {"full": 1, "small": 8}
 MAX_SIZE_FACTOR = 20  # coarser than this, the tumour would span fewer than ~8 voxels along k
 LATTICE_SPACING_UM = (26.0, 26.0, 40.0)  # the anatomy is evaluated exactly at (at most) this spacing
+FULL_EXTENT_UM = tuple(n * s for n, s in zip(FULL_SHAPE_IJK, FULL_SPACING_UM))  # the seed's field of view
 
 LINEAR_SHRINK = 0.843  # histology length / MRI length; volume ratio 0.843^3 = 0.599
 ROTATION_AXIS = (0.3, -0.2, 1.0)
@@ -85,6 +88,7 @@ LANDMARK_NOISE_MRI_MM = 0.05
 LANDMARK_NOISE_HISTOLOGY_MM = 0.015
 EVAL_POINT_COUNT = 30
 COVERAGE_MARGIN_MM = 0.25
+TUMOUR_CLEARANCE_MM = 0.2  # tumour surface to the stack's faces, for a reduced field of view
 
 HISTOLOGY_BACKGROUND = 100.0
 MRI_SCALE = 2000.0
@@ -101,6 +105,102 @@ CONTRAST_LSM = {"background": 0.0, "gray": 500.0, "deep": 430.0, "white": 900.0,
 FILES = ("mri.nrrd", "mri_tumour_label.nrrd", "histology.tif", "histology.nrrd", "histology_tumour_label.nrrd",
          "landmarks_mri.mrk.json", "landmarks_histology.mrk.json", "landmarks_mri.csv", "landmarks_histology.csv",
          "eval_points_mri.csv", "eval_points_histology.csv", "truth.json", "config.json")
+CHANNELS_FILE = "histology_channels.ome.tif"  # written only with SampleGeometry.tumourChannel
+CHANNEL_NAMES = ("autofluorescence", "tumour")
+# The tumour reporter channel: counts above background of labelled tumour cells, of tissue (autofluorescence
+# leaking into the reporter's band, a fraction of the registration channel's tissue counts) and the background.
+TUMOUR_SIGNAL_COUNTS = 1200.0
+TUMOUR_CHANNEL_TISSUE_FRACTION = 0.08
+TUMOUR_CHANNEL_BACKGROUND = 60.0
+
+Triple = Tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """Everything about the sample's geometry that a validation matrix varies; the defaults are the shipped sample.
+
+    mriSpacingMm, mriShapeIjk: the MRI grid (i, j, k). mriDirection: 3x3 rows of the IJK->RAS direction matrix
+    (columns are the i, j, k axes in RAS; any orthonormal matrix, flips included). mriCentreRasMm: RAS of the
+    grid's centre, or "stack" for the centre of the stack's footprint (a small MRI field around the stack).
+    stackSpacingUm: the stack's true spacing (i, j, k); None = from `size` (26 x 26 x 40 um at "small").
+    stackExtentMm: the stack's field of view in histology mm (None = the seed's 7.02 x 8.32 x 2.36 mm); smaller
+    means partial coverage. linearShrink: histology length / MRI length. rotationAxis / rotationDeg: the
+    histology's rotation relative to the MRI. bumpCount, bumpAmplitudeMm, bumpSigmaMm: the non-linear warp
+    (Gaussian bumps, amplitude and width ranges). landmarkCount and the noise SDs: the paired landmarks.
+    tumourChannel: also write the two-channel OME-TIFF with a tumour reporter channel.
+    workingSpacingMm: what config.json asks the refinement for."""
+
+    mriSpacingMm: Triple = (0.1, 0.1, 0.1)
+    mriShapeIjk: Tuple[int, int, int] = (100, 200, 120)
+    mriDirection: Tuple[Triple, Triple, Triple] = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+    mriCentreRasMm: Union[Triple, str] = (0.0, 0.0, 0.0)
+    stackSpacingUm: Optional[Triple] = None
+    stackExtentMm: Optional[Triple] = None
+    linearShrink: float = 0.843
+    rotationAxis: Triple = (0.3, -0.2, 1.0)
+    rotationDeg: float = 15.0
+    bumpCount: int = 5
+    bumpAmplitudeMm: Tuple[float, float] = (0.10, 0.25)
+    bumpSigmaMm: Tuple[float, float] = (0.9, 1.4)
+    landmarkCount: int = 12
+    landmarkNoiseMriMm: float = 0.05
+    landmarkNoiseHistologyMm: float = 0.015
+    evalPointCount: int = 30
+    tumourChannel: bool = False
+    workingSpacingMm: float = 0.1
+
+    def toDict(self) -> dict:
+        """JSON-ready (truth.json "geometry"); `SampleGeometry.fromDict` reads it back."""
+        return {k: (list(map(list, v)) if k == "mriDirection" else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+    @classmethod
+    def fromDict(cls, values) -> "SampleGeometry":
+        def tupled(v):
+            return tuple(tupled(x) for x in v) if isinstance(v, (list, tuple)) else v
+        return cls(**{k: tupled(v) for k, v in dict(values).items()})
+
+    def mriIjkToRas(self, stackCentreRas=None) -> np.ndarray:
+        """The MRI's IJK->RAS: direction x spacing, the grid's centre at mriCentreRasMm (or the given stack
+        centre when that is "stack")."""
+        direction = np.asarray(self.mriDirection, float)
+        linear = direction * np.asarray(self.mriSpacingMm, float)[None, :]
+        centre = np.asarray(stackCentreRas if isinstance(self.mriCentreRasMm, str) else self.mriCentreRasMm, float)
+        origin = centre - linear @ ((np.asarray(self.mriShapeIjk, float) - 1) / 2)
+        matrix = np.eye(4)
+        matrix[:3, :3] = linear
+        # rounded to 1e-9 mm so the default grid's origin is exactly the decimal (4.95, 9.95, -5.95)
+        matrix[:3, 3] = [float(f"{v:.9f}") for v in origin]
+        return matrix
+
+
+def checkGeometry(geometry) -> SampleGeometry:
+    """The geometry validated (ValueError naming the field and the fix); None = the default sample."""
+    g = SampleGeometry() if geometry is None else geometry
+    if not isinstance(g, SampleGeometry):
+        raise ValueError(f"geometry must be a sampledata.SampleGeometry, got {type(g).__name__}.")
+    direction = np.asarray(g.mriDirection, float)
+    if direction.shape != (3, 3) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+        raise ValueError(f"mriDirection must be an orthonormal 3x3 matrix (rows), got {direction.tolist()}.")
+    if len(g.mriSpacingMm) != 3 or not all(0.01 <= s <= 1.0 for s in g.mriSpacingMm):
+        raise ValueError(f"mriSpacingMm must be three values between 0.01 and 1 mm, got {list(g.mriSpacingMm)}.")
+    if len(g.mriShapeIjk) != 3 or not all(int(n) == n and 8 <= n <= 2000 for n in g.mriShapeIjk):
+        raise ValueError(f"mriShapeIjk must be three integers between 8 and 2000, got {list(g.mriShapeIjk)}.")
+    if g.stackSpacingUm is not None and (len(g.stackSpacingUm) != 3 or not all(0.5 <= s <= 500 for s in g.stackSpacingUm)):
+        raise ValueError(f"stackSpacingUm must be three values between 0.5 and 500 um, got {list(g.stackSpacingUm)}.")
+    if g.stackExtentMm is not None and (len(g.stackExtentMm) != 3 or not all(0.5 <= e <= 20 for e in g.stackExtentMm)):
+        raise ValueError(f"stackExtentMm must be three values between 0.5 and 20 mm, got {list(g.stackExtentMm)}.")
+    if not 0.3 <= g.linearShrink <= 1.5:
+        raise ValueError(f"linearShrink must be between 0.3 and 1.5 (histology length / MRI length), got {g.linearShrink}.")
+    if not (0 <= g.bumpAmplitudeMm[0] <= g.bumpAmplitudeMm[1] and 0 < g.bumpSigmaMm[0] <= g.bumpSigmaMm[1]):
+        raise ValueError(f"bumpAmplitudeMm / bumpSigmaMm must be (low, high) ranges with 0 <= low <= high (sigma > 0), "
+                         f"got {list(g.bumpAmplitudeMm)} / {list(g.bumpSigmaMm)}.")
+    if not (isinstance(g.bumpCount, int) and g.bumpCount >= 0 and isinstance(g.landmarkCount, int) and g.landmarkCount >= 3):
+        raise ValueError(f"bumpCount must be >= 0 and landmarkCount >= 3 (integers), got {g.bumpCount} / {g.landmarkCount}.")
+    if not (g.landmarkNoiseMriMm >= 0 and g.landmarkNoiseHistologyMm >= 0 and g.evalPointCount >= 3 and g.workingSpacingMm > 0):
+        raise ValueError("landmark noise must be >= 0, evalPointCount >= 3 and workingSpacingMm > 0.")
+    return g
 
 
 def rotationMatrix(axis, degrees) -> np.ndarray:
@@ -384,24 +484,51 @@ class HistologyToMriMapping(mappingLib.Mapping):
         return solution
 
 
-def _buildMapping(seed, anatomy) -> HistologyToMriMapping:
-    """The seeded ground truth: fixed rotation and shrinkage, seeded bumps, translation placing the tumour."""
-    linear = rotationMatrix(ROTATION_AXIS, ROTATION_DEG) / LINEAR_SHRINK
+def _buildMapping(seed, anatomy, geometry=None, grid=None) -> HistologyToMriMapping:
+    """The seeded ground truth: the geometry's rotation and shrinkage, seeded bumps inside the stack's field of
+    view, translation placing the tumour (inside that field of view)."""
+    g = SampleGeometry() if geometry is None else geometry
+    linear = rotationMatrix(g.rotationAxis, g.rotationDeg) / g.linearShrink
     rng = np.random.default_rng([seed, 2])
-    fovLow = np.array([-FULL_SHAPE_IJK[0] * FULL_SPACING_UM[0], -FULL_SHAPE_IJK[1] * FULL_SPACING_UM[1], 0.0]) * 1e-3
-    fovHigh = np.array([0.0, 0.0, FULL_SHAPE_IJK[2] * FULL_SPACING_UM[2] * 1e-3])
-    centres = rng.uniform(fovLow, fovHigh, size=(BUMP_COUNT, 3))
-    directions = rng.normal(size=(BUMP_COUNT, 3))
+    if grid is None or g.stackExtentMm is None:
+        fovLow = np.array([-FULL_SHAPE_IJK[0] * FULL_SPACING_UM[0], -FULL_SHAPE_IJK[1] * FULL_SPACING_UM[1], 0.0]) * 1e-3
+        fovHigh = np.array([0.0, 0.0, FULL_SHAPE_IJK[2] * FULL_SPACING_UM[2] * 1e-3])
+    else:
+        fovLow, fovHigh = grid.rasLow(), grid.rasHigh()
+    count = g.bumpCount
+    centres = rng.uniform(fovLow, fovHigh, size=(count, 3))
+    directions = rng.normal(size=(count, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    amplitudes = directions * rng.uniform(*BUMP_AMPLITUDE_MM, size=(BUMP_COUNT, 1))
-    sigmas = rng.uniform(*BUMP_SIGMA_MM, size=BUMP_COUNT)
+    amplitudes = directions * rng.uniform(*g.bumpAmplitudeMm, size=(count, 1))
+    sigmas = rng.uniform(*g.bumpSigmaMm, size=count)
     # Bijectivity: |sum of bump Jacobians| <= sum |a|/s * exp(-1/2) < smallest singular value of A.
     bound = float(np.sum(np.linalg.norm(amplitudes, axis=1) / sigmas) * math.exp(-0.5))
-    assert bound < np.linalg.svd(linear, compute_uv=False).min(), "ground-truth warp could fold"
+    if not bound < np.linalg.svd(linear, compute_uv=False).min():
+        raise ValueError(f"The warp could fold: its bumps' gradient bound {bound:.3g} reaches the linear part's "
+                         f"smallest stretch {1 / g.linearShrink:.3g}. Lower bumpAmplitudeMm, raise bumpSigmaMm or "
+                         f"use fewer bumps.")
     warpOnly = HistologyToMriMapping(np.zeros((3, 3)), np.zeros(3), centres, amplitudes, sigmas)
-    anchor = np.array(TUMOUR_CENTRE_HISTOLOGY)
+    anchor = _tumourAnchor(g, grid, fovLow, fovHigh, np.linalg.inv(linear))
     translation = np.array(anatomy.tumourCentre) - linear @ anchor - warpOnly.warp(anchor)[0]
     return HistologyToMriMapping(linear, translation, centres, amplitudes, sigmas)
+
+
+def _tumourAnchor(geometry, grid, fovLow, fovHigh, inverseLinear):
+    """Where the tumour centre lands in histology: the seed's place, scaled with a smaller field of view and kept
+    TUMOUR_CLEARANCE_MM clear of the stack's faces (ValueError when the field of view cannot hold it)."""
+    anchor = np.array(TUMOUR_CENTRE_HISTOLOGY)
+    if grid is None or geometry.stackExtentMm is None:
+        return anchor
+    default = np.array([-FULL_EXTENT_UM[0], -FULL_EXTENT_UM[1], FULL_EXTENT_UM[2]]) * 1e-3
+    anchor = anchor / np.abs(default) * (fovHigh - fovLow)
+    # half extents of the tumour ellipsoid under the linear part (the bumps move it by < the clearance)
+    semi = inverseLinear @ PhantomAnatomy.tumourRotation @ np.diag(PhantomAnatomy.tumourAxes)
+    radius = np.linalg.norm(semi, axis=1) + TUMOUR_CLEARANCE_MM
+    low, high = fovLow + radius, fovHigh - radius
+    if np.any(low > high):
+        raise ValueError(f"The stack's field of view {np.round(fovHigh - fovLow, 3).tolist()} mm cannot hold the "
+                         f"tumour ({np.round(2 * radius, 2).tolist()} mm across with clearance): enlarge stackExtentMm.")
+    return np.clip(anchor, low, high)
 
 
 class GroundTruthMapping(mappingLib.Mapping):
@@ -480,15 +607,23 @@ def _histologyVolumeByQuadrature(forward, anatomy, radial=16, polar=16, azimutha
 class HistologyGrid:
     """The stack's voxel grid at a size factor (1 = the seed's full stack, 8 = "small")."""
 
-    def __init__(self, factor):
+    def __init__(self, factor, spacingUm=None, extentMm=None):
         self.factor = float(factor)
-        self.shapeIjk = tuple(int(round(n / self.factor)) for n in FULL_SHAPE_IJK)
-        self.spacingUm = tuple(s * self.factor for s in FULL_SPACING_UM)
+        if spacingUm is None and extentMm is None:
+            self.shapeIjk = tuple(int(round(n / self.factor)) for n in FULL_SHAPE_IJK)
+            self.spacingUm = tuple(s * self.factor for s in FULL_SPACING_UM)
+        else:  # a geometry's own spacing and/or field of view
+            if spacingUm is None:
+                spacingUm = [s * self.factor for s in FULL_SPACING_UM]
+            self.spacingUm = tuple(float(s) for s in spacingUm)
+            extentUm = (FULL_EXTENT_UM if extentMm is None else [float(e) * 1000.0 for e in extentMm])
+            self.shapeIjk = tuple(max(2, int(round(e / s))) for e, s in zip(extentUm, self.spacingUm))
         self.spacingMm = np.array(self.spacingUm) * 1e-3
         sx, sy, sz = self.spacingMm
         self.ijkToRas = np.array([[-sx, 0, 0, 0], [0, -sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1.0]])
-        # lattice step (voxels) so the lattice spacing is at most the "small" spacing
-        self.latticeStep = max(1, int(math.floor(LATTICE_SPACING_UM[0] / self.spacingUm[0] + 1e-9)))
+        # lattice step (voxels) so the lattice spacing is at most the "small" spacing along every axis
+        ratio = min(lattice / spacing for lattice, spacing in zip(LATTICE_SPACING_UM, self.spacingUm))
+        self.latticeStep = max(1, int(math.floor(ratio + 1e-9)))
 
     def voxelCount(self):
         return int(np.prod(self.shapeIjk))
@@ -530,21 +665,23 @@ def _sizeFactor(size):
 # ---------------------------------------------------------------------------------------------------------
 # MRI
 # ---------------------------------------------------------------------------------------------------------
-def _renderMri(anatomy, seed, progress=None):
-    """(int16 MRI [k, j, i], uint8 tumour label [k, j, i]) on the MRI grid."""
-    ni, nj, nk = MRI_SHAPE_IJK
+def _renderMri(anatomy, seed, progress=None, ijkToRas=MRI_IJK_TO_RAS, shapeIjk=MRI_SHAPE_IJK):
+    """(int16 MRI [k, j, i], uint8 tumour label [k, j, i]) on the MRI grid (any direction matrix)."""
+    ni, nj, nk = shapeIjk
+    m = np.asarray(ijkToRas, float)
+    edgeWidth = float(np.linalg.norm(m[:3, :3], axis=0).max())  # the coarsest voxel side
     image = np.empty((nk, nj, ni), np.int16)
     label = np.empty((nk, nj, ni), np.uint8)
     rng = np.random.default_rng([seed, 1])
     jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
-    x = MRI_IJK_TO_RAS[0, 0] * ii + MRI_IJK_TO_RAS[0, 3]
-    y = MRI_IJK_TO_RAS[1, 1] * jj + MRI_IJK_TO_RAS[1, 3]
-    slab = 20
+    # each RAS coordinate as (in-plane part + origin) + k part: for an axis-aligned grid the zero terms add
+    # exactly nothing, so the default grid's voxels are bit for bit those of the axis-aligned formula
+    plane = [m[r, 0] * ii + m[r, 1] * jj + m[r, 3] for r in range(3)]
+    slab = max(1, min(20, int(4_000_000 // max(1, ni * nj))))  # about 4 M voxels (a few hundred MB) per slab
     for k0 in range(0, nk, slab):
         ks = np.arange(k0, min(nk, k0 + slab))
-        z = (MRI_IJK_TO_RAS[2, 2] * ks + MRI_IJK_TO_RAS[2, 3])[:, None, None]
-        xs, ys, zs = np.broadcast_arrays(x[None], y[None], z)
-        signal = anatomy.intensity(xs, ys, zs, CONTRAST_MRI, MRI_SPACING_MM)
+        xs, ys, zs = (plane[r][None] + (m[r, 2] * ks)[:, None, None] for r in range(3))
+        signal = anatomy.intensity(xs, ys, zs, CONTRAST_MRI, edgeWidth)
         bias = 1.0 + 0.06 * xs / 4.5 - 0.05 * (zs / 3.5) ** 2
         signal = signal * bias * MRI_SCALE
         sd = MRI_NOISE_SD * MRI_SCALE
@@ -580,7 +717,7 @@ def _nrrdHeader(dtypeName, shapeIjk, encoding):
 class _StackRenderer:
     """Renders the stack page by page from lattice planes of the exact mapping and anatomy."""
 
-    def __init__(self, anatomy, forward, grid, seed, latticeStep=None):
+    def __init__(self, anatomy, forward, grid, seed, latticeStep=None, linearShrink=LINEAR_SHRINK):
         self.anatomy = anatomy
         self.forward = forward
         self.grid = grid
@@ -593,7 +730,7 @@ class _StackRenderer:
             self.latticeI = np.arange((ni - 1) // self.step + 2) * self.step
             self.latticeJ = np.arange((nj - 1) // self.step + 2) * self.step
         latticeSpacing = self.grid.spacingMm * self.step
-        self.edgeWidth = float(latticeSpacing.max() / LINEAR_SHRINK)  # a lattice voxel, in MRI mm
+        self.edgeWidth = float(latticeSpacing.max() / linearShrink)  # a lattice voxel, in MRI mm
         self._planes = {}
         stripeRng = np.random.default_rng([seed, 3])
         count = 14
@@ -641,14 +778,39 @@ class _StackRenderer:
         """Exact tumour label of page k (uint8 [j, i]): the mapping is evaluated exactly at every voxel of the
         page region whose lattice neighbourhood comes near the tumour (quadratic form < 2 on the lattice)."""
         ni, nj, _ = self.grid.shapeIjk
-        sx, sy, sz = self.grid.spacingMm
         label = np.zeros((nj, ni), np.uint8)
+        region = self._tumourRegion(k)
+        if region is None:
+            return label
+        (j0, j1, i0, i1), (xs, ys, zs) = region
+        label[j0:j1, i0:i1] = self.anatomy.tumourQuadratic(xs, ys, zs) <= 1.0
+        return label
+
+    def tumourOccupancy(self, k):
+        """Partial-volume tumour occupancy of page k (float32 [j, i], 0..1): a ramp one voxel (in MRI mm) wide
+        across the ellipsoid's surface, evaluated exactly where the label is (what a reporter's signal looks like)."""
+        ni, nj, _ = self.grid.shapeIjk
+        occupancy = np.zeros((nj, ni), np.float32)
+        region = self._tumourRegion(k)
+        if region is None:
+            return occupancy
+        (j0, j1, i0, i1), (xs, ys, zs) = region
+        a = self.anatomy
+        width = float(self.grid.spacingMm.max() * np.linalg.norm(self.forward.linear, 2))
+        distance = _ellipsoidDistance(xs, ys, zs, a.tumourCentre, a.tumourAxes, a.tumourRotation)
+        occupancy[j0:j1, i0:i1] = _ramp(distance.astype(np.float32), width)
+        return occupancy
+
+    def _tumourRegion(self, k):
+        """((j0, j1, i0, i1), MRI RAS planes xs, ys, zs) of the page region near the tumour, or None."""
+        ni, nj, _ = self.grid.shapeIjk
+        sx, sy, sz = self.grid.spacingMm
         kl, remainder = divmod(k, self.step)
         near = self._plane(kl)[1] < 2.0
         if remainder:
             near = near | (self._plane(kl + 1)[1] < 2.0)
         if not near.any():
-            return label
+            return None
         rows, columns = np.nonzero(near)
         last = len(self.latticeI) - 1, len(self.latticeJ) - 1
         i0 = int(self.latticeI[max(columns.min() - 1, 0)])
@@ -656,8 +818,7 @@ class _StackRenderer:
         j0 = int(self.latticeJ[max(rows.min() - 1, 0)])
         j1 = min(nj, int(self.latticeJ[min(rows.max() + 1, last[1])]) + 1)
         xs, ys, zs = self.forward.transformGridPlane(-np.arange(i0, i1) * sx, -np.arange(j0, j1) * sy, k * sz)
-        label[j0:j1, i0:i1] = self.anatomy.tumourQuadratic(xs, ys, zs) <= 1.0
-        return label
+        return (j0, j1, i0, i1), (xs, ys, zs)
 
     def page(self, k):
         """(uint16 image page, uint8 tumour label page) for page k, each [j, i]."""
@@ -682,7 +843,7 @@ class _StackRenderer:
         return image, self.tumourLabel(k)
 
 
-def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, progress=None):
+def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, progress=None, linearShrink=LINEAR_SHRINK):
     """Stream the stack into histology.tif, histology.nrrd (raw) and histology_tumour_label.nrrd (gzip).
 
     One page at a time: memory is a few pages whatever the size. Returns statistics (label voxel count,
@@ -692,7 +853,7 @@ def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, prog
 
     tifffile = requirePackage("tifffile")
 
-    renderer = _StackRenderer(anatomy, forward, grid, seed, latticeStep)
+    renderer = _StackRenderer(anatomy, forward, grid, seed, latticeStep, linearShrink)
     ni, nj, nk = grid.shapeIjk
     bigTiff = grid.voxelCount() * 2 > 2 ** 32 - 2 ** 25
     stats = {"label_voxels": 0, "min": 65535, "max": 0, "lattice_step": renderer.step}
@@ -725,34 +886,160 @@ def _writeHistology(folder, anatomy, forward, grid, seed, latticeStep=None, prog
     return stats
 
 
+def _writeChannels(folder, anatomy, forward, grid, seed, linearShrink, progress=None) -> dict:
+    """histology_channels.ome.tif: C=0 the registration channel (the voxels of histology.tif, read back from the
+    raw histology.nrrd), C=1 a tumour reporter (tumour bright with partial-volume edges, tissue bleed-through
+    and background dim, shot noise), CZYX through tifffile's OME writer with channel names and the TRUE
+    spacing (an OME file from a microscope carries it). Streamed page by page; returns its statistics."""
+    from .deps import requirePackage
+
+    tifffile = requirePackage("tifffile")
+    renderer = _StackRenderer(anatomy, forward, grid, seed, linearShrink=linearShrink)
+    ni, nj, nk = grid.shapeIjk
+    header, pageBytes = len(_nrrdHeader("uint16", grid.shapeIjk, "raw")), ni * nj * 2
+    stats = {"occupancy_voxels": 0.0, "tumour_min": 65535, "tumour_max": 0}
+
+    def registration(k):
+        nrrdFile.seek(header + k * pageBytes)
+        return np.frombuffer(nrrdFile.read(pageBytes), "<u2").reshape(nj, ni)
+
+    def pages():
+        for k in range(nk):
+            yield registration(k)
+            progressLib.report(progress, 0.5 * (k + 1) / nk, "tumour channel")
+        for k in range(nk):
+            occupancy = renderer.tumourOccupancy(k)
+            stats["occupancy_voxels"] += float(occupancy.sum(dtype=np.float64))
+            tissue = registration(k).astype(np.float32) - np.float32(HISTOLOGY_BACKGROUND)
+            signal = (np.float32(TUMOUR_CHANNEL_BACKGROUND) + np.float32(TUMOUR_CHANNEL_TISSUE_FRACTION) * tissue
+                      + np.float32(TUMOUR_SIGNAL_COUNTS) * occupancy)
+            noise = np.random.default_rng([seed, 8, k]).standard_normal(size=(nj, ni), dtype=np.float32)
+            signal += noise * np.sqrt(np.float32(2.0) * np.maximum(signal, np.float32(1.0)))
+            page = np.clip(np.rint(signal), 0, 65535).astype("<u2")
+            stats["tumour_min"] = min(stats["tumour_min"], int(page.min()))
+            stats["tumour_max"] = max(stats["tumour_max"], int(page.max()))
+            progressLib.report(progress, 0.5 + 0.5 * (k + 1) / nk, "tumour channel")
+            yield page
+
+    sx, sy, sz = grid.spacingUm
+    with open(os.path.join(folder, "histology.nrrd"), "rb") as nrrdFile, \
+            tifffile.TiffWriter(os.path.join(folder, CHANNELS_FILE), bigtiff=grid.voxelCount() * 4 > 2 ** 32 - 2 ** 25,
+                                ome=True) as tiff:
+        tiff.write(pages(), shape=(2, nk, nj, ni), dtype="uint16", photometric="minisblack",
+                   metadata={"axes": "CZYX", "Channel": {"Name": list(CHANNEL_NAMES)},
+                             "PhysicalSizeX": sx, "PhysicalSizeXUnit": "\u00b5m", "PhysicalSizeY": sy,
+                             "PhysicalSizeYUnit": "\u00b5m", "PhysicalSizeZ": sz, "PhysicalSizeZUnit": "\u00b5m"})
+    return stats
+
+
+def _channelsTruth(grid, stats, tumour) -> dict:
+    """truth.json's 'channels': the multi-channel file and the tumour channel's ground truth."""
+    voxelMm3 = float(np.prod(grid.spacingMm))
+    return {"file": CHANNELS_FILE, "format": "OME-TIFF, CZYX, uint16", "names": list(CHANNEL_NAMES),
+            "registration_channel": 0, "tumour_channel": 1, "spacing_um": list(grid.spacingUm),
+            "file_claims": {"spacing_um": list(grid.spacingUm), "metadata": "OME PhysicalSizeX/Y/Z (true)"},
+            "tumour_signal": {"background_counts": TUMOUR_CHANNEL_BACKGROUND,
+                              "tissue_bleed_through": TUMOUR_CHANNEL_TISSUE_FRACTION,
+                              "tumour_counts_above_tissue": TUMOUR_SIGNAL_COUNTS,
+                              "noise": "shot-noise-like, variance 2 x counts",
+                              "edges": "linear partial-volume ramp one voxel wide across the tumour surface",
+                              "intensity_range": [stats["tumour_min"], stats["tumour_max"]]},
+            # the native (histology-space) volume of the tumour region: the analytic truth a segmentation of
+            # this channel at the stack's resolution should find, and the voxelised forms of it
+            "tumour_native_volume_mm3": tumour["histology_volume_mm3"],
+            "tumour_native_volume_method": tumour["histology_volume_method"],
+            "tumour_label_volume_mm3": tumour["histology_label_volume_mm3"],
+            "tumour_occupancy_volume_mm3": stats["occupancy_voxels"] * voxelMm3}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Points
 # ---------------------------------------------------------------------------------------------------------
-def _landmarks(anatomy, forward, grid, seed):
+class _MriBox:
+    """Which RAS points lie inside the MRI grid (any direction matrix), `margin` mm inside its voxel centres."""
+
+    def __init__(self, ijkToRas, shapeIjk):
+        self.rasToIjk = np.linalg.inv(np.asarray(ijkToRas, float))
+        self.spacing = np.linalg.norm(np.asarray(ijkToRas, float)[:3, :3], axis=0)
+        self.high = np.asarray(shapeIjk, float) - 1
+
+    def contains(self, points, margin=0.0):
+        ijk = applyMatrix(self.rasToIjk, mappingLib.asPoints(points))
+        pad = margin / self.spacing
+        return np.all((ijk >= pad) & (ijk <= self.high - pad), axis=1)
+
+
+def _landmarks(anatomy, forward, grid, seed, geometry=None, mriBox=None):
+    """Noisy landmark pairs: the named anatomical spots inside the coverage (and the MRI), in order; where a
+    small field of view holds fewer than the geometry asks for, seeded spread-out points inside the covered
+    brain fill the rest ("covered brain point n", as a user would click any recognisable spot there)."""
+    g = SampleGeometry() if geometry is None else geometry
     candidates = anatomy.landmarkCandidates()
     mriTrue = np.array([p for _, p in candidates])
     histologyTrue = forward.inverse(mriTrue)
     inside = grid.contains(histologyTrue, COVERAGE_MARGIN_MM)
-    chosen = [n for n in range(len(candidates)) if inside[n]][:LANDMARK_COUNT]
-    if len(chosen) < LANDMARK_COUNT:
-        raise RuntimeError(f"only {len(chosen)} anatomical landmarks inside the stack's coverage")
-    rng = np.random.default_rng([seed, 5])
+    if mriBox is not None:
+        inside &= mriBox.contains(mriTrue, COVERAGE_MARGIN_MM)
+    chosen = [n for n in range(len(candidates)) if inside[n]][:g.landmarkCount]
+    names = [candidates[c][0] for c in chosen]
     mriTrue, histologyTrue = mriTrue[chosen], histologyTrue[chosen]
-    mri = mriTrue + rng.normal(0.0, LANDMARK_NOISE_MRI_MM, mriTrue.shape)
-    histology = histologyTrue + rng.normal(0.0, LANDMARK_NOISE_HISTOLOGY_MM, histologyTrue.shape)
-    labels = [f"L{n + 1:02d}" for n in range(len(chosen))]
-    names = {label: candidates[c][0] for label, c in zip(labels, chosen)}
-    return labels, names, mri, histology, mriTrue, histologyTrue
+    if len(chosen) < g.landmarkCount:
+        extraHistology = _spreadPoints(anatomy, forward, grid, mriBox, seed, g.landmarkCount - len(chosen), histologyTrue)
+        names += [f"covered brain point {n + 1}" for n in range(len(extraHistology))]
+        histologyTrue = np.concatenate([histologyTrue.reshape(-1, 3), extraHistology])
+        mriTrue = np.concatenate([mriTrue.reshape(-1, 3), forward.transformPoints(extraHistology)])
+    rng = np.random.default_rng([seed, 5])
+    mri = mriTrue + rng.normal(0.0, g.landmarkNoiseMriMm, mriTrue.shape)
+    histology = histologyTrue + rng.normal(0.0, g.landmarkNoiseHistologyMm, histologyTrue.shape)
+    labels = [f"L{n + 1:02d}" for n in range(len(names))]
+    return labels, dict(zip(labels, names)), mri, histology, mriTrue, histologyTrue
 
 
-def _evalPoints(anatomy, forward, grid, seed):
+def _spreadPoints(anatomy, forward, grid, mriBox, seed, count, existing):
+    """`count` histology points inside the brain and the coverage, far from each other and from `existing`
+    (greedy farthest-point choice among seeded candidates)."""
+    rng = np.random.default_rng([seed, 6])
+    low, high = grid.rasLow() + COVERAGE_MARGIN_MM, grid.rasHigh() - COVERAGE_MARGIN_MM
+    candidates = rng.uniform(low, high, size=(4000, 3))
+    mri = forward.transformPoints(candidates)
+    keep = anatomy.bodyQuadratic(mri[:, 0], mri[:, 1], mri[:, 2]) < 0.85
+    if mriBox is not None:
+        keep &= mriBox.contains(mri, COVERAGE_MARGIN_MM)
+    candidates = candidates[keep]
+    if len(candidates) < count:
+        raise ValueError(f"The stack covers too little of the brain inside the MRI for {count} more landmarks: "
+                         f"enlarge stackExtentMm or the MRI, or lower landmarkCount.")
+    chosen = []
+    reference = np.asarray(existing, float).reshape(-1, 3)
+    distance = (np.min(np.linalg.norm(candidates[:, None] - reference[None], axis=2), axis=1) if len(reference)
+                else np.full(len(candidates), np.inf))
+    for _ in range(count):
+        best = int(np.argmax(distance))
+        chosen.append(candidates[best])
+        distance = np.minimum(distance, np.linalg.norm(candidates - candidates[best], axis=1))
+    return np.array(chosen)
+
+
+def _evalPoints(anatomy, forward, grid, seed, geometry=None, mriBox=None):
+    """Noise-free held-out points inside the brain and the coverage (and the MRI)."""
+    g = SampleGeometry() if geometry is None else geometry
     rng = np.random.default_rng([seed, 4])
     low, high = grid.rasLow() + 0.2, grid.rasHigh() - 0.2
-    histology = rng.uniform(low, high, size=(4000, 3))
-    mri = forward.transformPoints(histology)
-    keep = np.flatnonzero(anatomy.bodyQuadratic(mri[:, 0], mri[:, 1], mri[:, 2]) < 0.85)[:EVAL_POINT_COUNT]
-    labels = [f"E{n + 1:02d}" for n in range(len(keep))]
-    return labels, mri[keep], histology[keep]
+    histology, mri = np.zeros((0, 3)), np.zeros((0, 3))
+    for _ in range(25):  # a small coverage keeps few of each draw: draw again (the first draw is the sample's)
+        drawn = rng.uniform(low, high, size=(4000, 3))
+        mapped = forward.transformPoints(drawn)
+        keep = anatomy.bodyQuadratic(mapped[:, 0], mapped[:, 1], mapped[:, 2]) < 0.85
+        if mriBox is not None:
+            keep &= mriBox.contains(mapped, 0.0)
+        histology, mri = np.concatenate([histology, drawn[keep]]), np.concatenate([mri, mapped[keep]])
+        if len(histology) >= g.evalPointCount:
+            break
+    if len(histology) < 3:
+        raise ValueError("The stack covers (almost) no brain inside the MRI: move mriCentreRasMm or enlarge the fields of view.")
+    histology, mri = histology[:g.evalPointCount], mri[:g.evalPointCount]
+    labels = [f"E{n + 1:02d}" for n in range(len(histology))]
+    return labels, mri, histology
 
 
 def _writeCsv(path, labels, points):
@@ -820,25 +1107,33 @@ def _removeCreated(created):
 # ---------------------------------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------------------------------
-def generateSampleData(outDir, size="small", seed=0, progress=None) -> dict:
+def generateSampleData(outDir, size="small", seed=0, progress=None, geometry: Optional[SampleGeometry] = None) -> dict:
     """Write the sample data set (MRI, light-sheet stack, labels, landmarks, ground truth) into `outDir`.
 
     size: "small" (default; stack 270x320x59 at 26x26x40 um, seconds), "full" (the seed's 2160x2560x472 stack
     at 3.25x3.25x5 um, 5.2 GB per copy, streamed) or a number N >= 1 (spacing N times the full size's).
+    geometry: a SampleGeometry (None = the shipped sample's); its stackSpacingUm, when set, replaces `size`.
     `outDir` must not exist or be empty; everything is written into a temporary sibling folder that replaces
     it at the end, so a failure or cancel (progress callback raising/returning True) leaves nothing behind.
     Returns a manifest: {"folder", "files", "size", "seed", "seconds", "truth"}.
     """
     started = time.perf_counter()
+    geometry = checkGeometry(geometry)
     sizeName, factor = _sizeFactor(size)
+    if geometry.stackSpacingUm is not None:
+        sizeName, factor = "custom", float(geometry.stackSpacingUm[0]) / FULL_SPACING_UM[0]
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"Sample data seed must be a non-negative integer, got {seed!r}.")
     seed = int(seed)
-    grid = HistologyGrid(factor)
-    needed = int(grid.voxelCount() * 2 * 2 * 1.02 + 50e6)
+    if geometry.stackSpacingUm is None and geometry.stackExtentMm is None:
+        grid = HistologyGrid(factor)
+    else:
+        grid = HistologyGrid(factor, geometry.stackSpacingUm, geometry.stackExtentMm)
+    copies = 3 if geometry.tumourChannel else 2
+    needed = int(grid.voxelCount() * 2 * copies * 1.02 + 50e6 + np.prod(geometry.mriShapeIjk) * 3)
     outDir, temporary, created = _prepareDestination(outDir, needed)
     try:
-        truth = _generateInto(temporary, grid, sizeName, factor, seed, progress)
+        truth = _generateInto(temporary, grid, sizeName, factor, seed, progress, geometry)
         if os.path.isdir(outDir):
             os.rmdir(outDir)  # empty (checked above)
         os.rename(temporary, outDir)
@@ -848,19 +1143,32 @@ def generateSampleData(outDir, size="small", seed=0, progress=None) -> dict:
         raise
     seconds = time.perf_counter() - started
     logging.info("sample data (%s, seed %d) written to %s in %.1f s", sizeName, seed, outDir, seconds)
-    return {"folder": outDir, "files": list(FILES), "size": sizeName, "seed": seed, "seconds": seconds, "truth": truth}
+    return {"folder": outDir, "files": list(truth["files"]), "size": sizeName, "seed": seed, "seconds": seconds,
+            "truth": truth}
 
 
-def _generateInto(folder, grid, sizeName, factor, seed, progress):
+def _generateInto(folder, grid, sizeName, factor, seed, progress, geometry):
     from . import context
 
+    g = geometry
     anatomy = PhantomAnatomy()
-    forward = _buildMapping(seed, anatomy)
+    forward = _buildMapping(seed, anatomy, g, grid)
+    centre = forward.transformPoints((grid.rasLow() + grid.rasHigh()) / 2)[0]
+    mriIjkToRas = g.mriIjkToRas(centre)
+    mriBox = _MriBox(mriIjkToRas, g.mriShapeIjk)
     progressLib.report(progress, 0.0, "MRI")
     scene = context.createScene()
-    mriLabelVoxels = _writeMriVolumes(folder, scene, anatomy, seed, progressLib.scaled(progress, 0.0, 0.15))
-    stats = _writeHistology(folder, anatomy, forward, grid, seed, progress=progressLib.scaled(progress, 0.2, 0.95))
-    points = _writePointFiles(folder, scene, anatomy, forward, grid, seed)
+    # the points first: a geometry whose coverage cannot hold them fails before the big files are written
+    points = _writePointFiles(folder, scene, anatomy, forward, grid, seed, g, mriBox)
+    mriLabelVoxels = _writeMriVolumes(folder, scene, anatomy, seed, progressLib.scaled(progress, 0.0, 0.15),
+                                      mriIjkToRas, g.mriShapeIjk)
+    stats = _writeHistology(folder, anatomy, forward, grid, seed, progress=progressLib.scaled(progress, 0.2, 0.9),
+                            linearShrink=g.linearShrink)
+    files = list(FILES)
+    if g.tumourChannel:
+        stats["channel"] = _writeChannels(folder, anatomy, forward, grid, seed, g.linearShrink,
+                                          progressLib.scaled(progress, 0.9, 0.95))
+        files.insert(files.index("histology_tumour_label.nrrd") + 1, CHANNELS_FILE)
     progressLib.report(progress, 0.97, "ground truth")
 
     truth = {
@@ -869,54 +1177,81 @@ def _generateInto(folder, grid, sizeName, factor, seed, progress):
         "seed": seed,
         "size": sizeName,
         "size_factor": factor,
-        "mri": {"file": "mri.nrrd", "label_file": "mri_tumour_label.nrrd", "shape_ijk": list(MRI_SHAPE_IJK),
-                "array_shape_kji": list(MRI_SHAPE_IJK[::-1]), "spacing_mm": [MRI_SPACING_MM] * 3,
-                "ijk_to_ras": MRI_IJK_TO_RAS.tolist(), "dtype": "int16", "contrast": "T2-like (CSF bright), Rician noise"},
+        "mri": {"file": "mri.nrrd", "label_file": "mri_tumour_label.nrrd", "shape_ijk": list(g.mriShapeIjk),
+                "array_shape_kji": list(g.mriShapeIjk[::-1]), "spacing_mm": list(g.mriSpacingMm),
+                "ijk_to_ras": mriIjkToRas.tolist(), "dtype": "int16", "contrast": "T2-like (CSF bright), Rician noise"},
         "histology": _histologyTruth(grid, stats),
         "mapping": dict(forward.parameters(), **{
             "direction": "histology RAS (true spacing) -> MRI RAS",
             "formula": "x = A y + t_mm + sum_m amplitude_m * exp(-|y - centre_m|^2 / (2 sigma_m^2))",
-            "rotation_axis": list(ROTATION_AXIS), "rotation_deg": ROTATION_DEG, "linear_expansion": 1.0 / LINEAR_SHRINK}),
-        "shrinkage": {"linear_scale": LINEAR_SHRINK, "volume_ratio": LINEAR_SHRINK ** 3,
-                      "volume_shrinkage_percent": 100.0 * (1 - LINEAR_SHRINK ** 3)},
-        "tumour": _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels),
-        "landmarks": {"labels": points["labels"], "names": points["names"], "mri_noise_sd_mm": LANDMARK_NOISE_MRI_MM,
-                      "histology_noise_sd_mm": LANDMARK_NOISE_HISTOLOGY_MM,
+            "rotation_axis": list(g.rotationAxis), "rotation_deg": g.rotationDeg,
+            "linear_expansion": 1.0 / g.linearShrink}),
+        "shrinkage": {"linear_scale": g.linearShrink, "volume_ratio": g.linearShrink ** 3,
+                      "volume_shrinkage_percent": 100.0 * (1 - g.linearShrink ** 3)},
+        "tumour": _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels, g),
+        "landmarks": {"labels": points["labels"], "names": points["names"], "mri_noise_sd_mm": g.landmarkNoiseMriMm,
+                      "histology_noise_sd_mm": g.landmarkNoiseHistologyMm,
                       "mri_true_ras_mm": points["mriTrue"].tolist(),
                       "histology_true_ras_mm": points["histologyTrue"].tolist(),
                       "files": ["landmarks_mri.mrk.json", "landmarks_histology.mrk.json", "landmarks_mri.csv",
                                 "landmarks_histology.csv"]},
         "eval_points": {"count": points["evalCount"], "noise_free": True,
                         "files": ["eval_points_mri.csv", "eval_points_histology.csv"]},
-        "files": list(FILES),
+        "files": files,
+        "geometry": g.toDict(),
+        "coverage": _coverage(anatomy, forward, grid, mriBox, g),
     }
+    if g.tumourChannel:
+        truth["channels"] = _channelsTruth(grid, stats["channel"], truth["tumour"])
     with open(os.path.join(folder, "truth.json"), "w", encoding="utf-8") as f:
         json.dump(truth, f, indent=1)
-    _writeRunConfig(folder, grid)
+    _writeRunConfig(folder, grid, g)
     progressLib.report(progress, 1.0, "done")
     return truth
 
 
-def _writeMriVolumes(folder, scene, anatomy, seed, progress) -> int:
+def _writeMriVolumes(folder, scene, anatomy, seed, progress, ijkToRas=MRI_IJK_TO_RAS, shapeIjk=MRI_SHAPE_IJK) -> int:
     """mri.nrrd and mri_tumour_label.nrrd; returns the label's voxel count."""
     from .volumes import createVolumeNode, saveNode
 
-    mri, mriLabel = _renderMri(anatomy, seed, progress)
-    saveNode(createVolumeNode(scene, mri, MRI_IJK_TO_RAS, "mri"), os.path.join(folder, "mri.nrrd"))
-    saveNode(createVolumeNode(scene, mriLabel, MRI_IJK_TO_RAS, "mri_tumour_label", labelmap=True),
+    mri, mriLabel = _renderMri(anatomy, seed, progress, ijkToRas, shapeIjk)
+    saveNode(createVolumeNode(scene, mri, ijkToRas, "mri"), os.path.join(folder, "mri.nrrd"))
+    saveNode(createVolumeNode(scene, mriLabel, ijkToRas, "mri_tumour_label", labelmap=True),
              os.path.join(folder, "mri_tumour_label.nrrd"))
     return int(np.count_nonzero(mriLabel))
 
 
-def _writePointFiles(folder, scene, anatomy, forward, grid, seed) -> dict:
+def _coverage(anatomy, forward, grid, mriBox, geometry, points=40) -> dict:
+    """How much of the MRI and of the brain the stack covers, in MRI space: midpoint-rule integral of the
+    forward Jacobian determinant over the stack's box (points^3 cells), split by where the points land."""
+    low, high = grid.rasLow(), grid.rasHigh()
+    axes = [low[a] + (np.arange(points) + 0.5) * (high[a] - low[a]) / points for a in range(3)]
+    y = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    cell = float(np.prod((high - low) / points))
+    volume = np.abs(np.linalg.det(forward.jacobian(y))) * cell
+    x = forward.transformPoints(y)
+    inMri = mriBox.contains(x)
+    inBrain = anatomy.bodyQuadratic(x[:, 0], x[:, 1], x[:, 2]) <= 1.0
+    mriVolume = float(np.prod(geometry.mriShapeIjk) * np.prod(geometry.mriSpacingMm))
+    (_, (a, b, c)) = anatomy.body
+    brainVolume = 4.0 / 3.0 * math.pi * a * b * c
+    return {"method": f"midpoint rule over the stack's box ({points}^3 cells) of |det d(MRI)/d(histology)|",
+            "stack_footprint_mm3": float(volume.sum()),
+            "mri_fraction": float(volume[inMri].sum() / mriVolume),
+            "brain_fraction": float(volume[inMri & inBrain].sum() / brainVolume),
+            "mri_volume_mm3": mriVolume, "brain_volume_mm3": brainVolume}
+
+
+def _writePointFiles(folder, scene, anatomy, forward, grid, seed, geometry=None, mriBox=None) -> dict:
     """The landmark files (noisy, both formats) and the noise-free evaluation points; returns what truth.json
     records of them."""
-    labels, names, lmMri, lmHistology, lmMriTrue, lmHistologyTrue = _landmarks(anatomy, forward, grid, seed)
+    labels, names, lmMri, lmHistology, lmMriTrue, lmHistologyTrue = _landmarks(anatomy, forward, grid, seed,
+                                                                               geometry, mriBox)
     _writeMarkups(scene, os.path.join(folder, "landmarks_mri.mrk.json"), "landmarks_mri", labels, lmMri)
     _writeMarkups(scene, os.path.join(folder, "landmarks_histology.mrk.json"), "landmarks_histology", labels, lmHistology)
     _writeCsv(os.path.join(folder, "landmarks_mri.csv"), labels, lmMri)
     _writeCsv(os.path.join(folder, "landmarks_histology.csv"), labels, lmHistology)
-    evalLabels, evalMri, evalHistology = _evalPoints(anatomy, forward, grid, seed)
+    evalLabels, evalMri, evalHistology = _evalPoints(anatomy, forward, grid, seed, geometry, mriBox)
     _writeCsv(os.path.join(folder, "eval_points_mri.csv"), evalLabels, evalMri)
     _writeCsv(os.path.join(folder, "eval_points_histology.csv"), evalLabels, evalHistology)
     return {"labels": labels, "names": names, "mriTrue": lmMriTrue, "histologyTrue": lmHistologyTrue,
@@ -943,24 +1278,26 @@ def _histologyTruth(grid, stats) -> dict:
             "lattice_step_voxels": stats["lattice_step"], "intensity_range": [stats["min"], stats["max"]]}
 
 
-def _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels) -> dict:
+def _tumourTruth(anatomy, forward, grid, stats, mriLabelVoxels, geometry=None) -> dict:
     """truth.json's 'tumour': the analytic volumes in both spaces and the labels' voxel counts."""
     voxelMm3 = float(np.prod(grid.spacingMm))
+    mriVoxelMm3 = MRI_SPACING_MM ** 3 if geometry is None else float(np.prod(geometry.mriSpacingMm))
     return {"label_value": 1, "centre_mri_ras_mm": list(anatomy.tumourCentre),
             "semi_axes_mm": list(anatomy.tumourAxes), "rotation": anatomy.tumourRotation.tolist(),
             "mri_volume_mm3": anatomy.tumourVolumeMm3(),
             "histology_volume_mm3": _histologyVolumeByQuadrature(forward, anatomy),
             "histology_volume_method": "Gauss quadrature over the MRI ellipsoid of det(d histology / d MRI)",
-            "mri_label_voxels": mriLabelVoxels, "mri_label_volume_mm3": mriLabelVoxels * MRI_SPACING_MM ** 3,
+            "mri_label_voxels": mriLabelVoxels, "mri_label_volume_mm3": mriLabelVoxels * mriVoxelMm3,
             "histology_label_voxels": stats["label_voxels"],
             "histology_label_volume_mm3": stats["label_voxels"] * voxelMm3}
 
 
-def _writeRunConfig(folder, grid):
+def _writeRunConfig(folder, grid, geometry=None):
     """config.json: the `run` command's configuration for this sample (refinement on)."""
+    working = 0.1 if geometry is None else geometry.workingSpacingMm
     config = {"mri": "mri.nrrd", "histology": "histology.tif", "histology_spacing_um": list(grid.spacingUm),
               "landmarks": {"mri": "landmarks_mri.mrk.json", "histology": "landmarks_histology.mrk.json"},
-              "model": "affine+tps", "refine": True, "working_spacing_mm": 0.1,
+              "model": "affine+tps", "refine": True, "working_spacing_mm": working,
               "labels": {"mri": "mri_tumour_label.nrrd", "histology": "histology_tumour_label.nrrd"},
               "evaluate_points": {"mri": "eval_points_mri.csv", "histology": "eval_points_histology.csv"}}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
