@@ -1,7 +1,7 @@
 """Benchmark: the pipeline on the real in-vivo mouse T2 MRIs seen through a known mapping (run by hand).
 
     .venv/bin/python bench/real_mri.py [--mice 1 2] [--seeds 0 1 2] [--spacing-um 40 40 80] [--coverage 0.6]
-                                       [--threads 2] [--keep DIR]
+                                       [--threads 2] [--no-mask] [--keep DIR]
 
 For each mouse and seed, Testing/realmri.py builds the case (the real 0.15 mm MRI, a light-sheet-like stack at
 --spacing-um covering --coverage of the brain's length, 12 noisy structure-centroid landmarks, the other
@@ -9,7 +9,8 @@ centroids held out, the right caudate putamen as the tumour) and pipeline.runPip
 user would: landmark-only (refine false) and refined (the config's default preset and working spacing). Prints
 one row per case: held-out TRE median / p90 (mm), the tumour's Jacobian-integrated volume in MRI space against
 the truth (%), Dice, whether the refinement was accepted, and times, with the refined run's wall time as a
-ratio to the landmark-only run of the same case (the anchor, measured in the same process). Needs
+ratio to the landmark-only run of the same case (the anchor, measured in the same process). --no-mask leaves
+the brain mask out of the config (`mri_mask`, on by default as a user with these data would set it). Needs
 ../shared/data/mouse_mri_dama (exits with the reason when absent).
 """
 import argparse
@@ -39,14 +40,14 @@ def _row(report, truthMm3):
             "folded": report["jacobian"]["folded_fraction"]}
 
 
-def runCase(work, mouse, seed, spacingUm, coverage):
+def runCase(work, mouse, seed, spacingUm, coverage, useMask=True):
     import realmri
     from MRIHistoRegLib import config as configLib, pipeline
 
     folder = os.path.join(work, f"mouse{mouse}_seed{seed}")
     started = time.perf_counter()
     case = realmri.buildRealMriCase(os.path.join(folder, "case"), mouse=mouse, seed=seed, spacingUm=spacingUm,
-                                    coverage=coverage)
+                                    coverage=coverage, useMask=useMask)
     buildSeconds = time.perf_counter() - started
     config = configLib.loadConfig(os.path.join(folder, "case", "config.json"))
     truthMm3 = case["truth"]["tumour"]["mri_volume_mm3"]
@@ -87,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--spacing-um", type=float, nargs=3, default=[40.0, 40.0, 80.0])
     parser.add_argument("--coverage", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-mask", action="store_true", help="leave the brain mask out of the run config")
     parser.add_argument("--keep", help="write the cases and reports here (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
@@ -103,7 +105,7 @@ def main(argv=None):
         work = args.keep or temporary
         for mouse in args.mice:
             for seed in args.seeds:
-                results.append(runCase(work, mouse, seed, args.spacing_um, args.coverage))
+                results.append(runCase(work, mouse, seed, args.spacing_um, args.coverage, not args.no_mask))
                 r = results[-1]
                 print(f"mouse {mouse} seed {seed}: built in {r['build_s']:.1f} s; held-out median "
                       f"{r['landmarks']['median']:.3f} -> {r['refined']['median']:.3f} mm, tumour "
