@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/real_mri.py [--mice 1 2] [--seeds 0 1 2] [--spacing-um 40 40 80] [--coverage 0.6]
                                        [--threads 2] [--no-mask] [--keep DIR]
+    .venv/bin/python bench/real_mri.py --table DIR   # the table again from a --keep folder (runs nothing)
 
 For each mouse and seed, Testing/realmri.py builds the case (the real 0.15 mm MRI, a light-sheet-like stack at
 --spacing-um covering --coverage of the brain's length, 12 noisy structure-centroid landmarks, the other
@@ -61,6 +62,26 @@ def runCase(work, mouse, seed, spacingUm, coverage, useMask=True):
             "truth_mm3": truthMm3, **rows}
 
 
+def readKept(folder):
+    """The results of the cases kept in a --keep folder (finished ones: both reports written)."""
+    import json
+
+    results = []
+    for name in sorted(os.listdir(folder)):
+        case = os.path.join(folder, name)
+        paths = [os.path.join(case, part, file) for part, file in
+                 (("case", "truth.json"), ("landmarks", "report.json"), ("refined", "report.json"))]
+        if not all(os.path.isfile(p) for p in paths):
+            continue
+        truth, *reports = (json.load(open(p, encoding="utf-8")) for p in paths)
+        truthMm3 = truth["tumour"]["mri_volume_mm3"]
+        results.append({"mouse": truth["source"]["mouse"], "seed": truth["seed"], "build_s": None,
+                        "shape": truth["histology"]["shape_ijk"], "covered": truth["histology"]["brain_fraction_covered"],
+                        "held_out": truth["eval_points"]["count"], "truth_mm3": truthMm3,
+                        "landmarks": _row(reports[0], truthMm3), "refined": _row(reports[1], truthMm3)})
+    return results
+
+
 def _print(results):
     print("\n| mouse | seed | stack (i x j x k) | brain covered | held-out | landmark-only median / p90 (mm) | "
           "refined median / p90 (mm) | tumour vol. landmark-only / refined | Dice lo / ref | refinement | "
@@ -89,10 +110,14 @@ def main(argv=None):
     parser.add_argument("--coverage", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-mask", action="store_true", help="leave the brain mask out of the run config")
+    parser.add_argument("--table", help="print the table of the cases kept in this --keep folder and stop")
     parser.add_argument("--keep", help="write the cases and reports here (default: a temporary folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 
+    if args.table:
+        _print(readKept(args.table))
+        return
     import realmri
     import SimpleITK as sitk
 
