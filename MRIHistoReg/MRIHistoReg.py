@@ -160,7 +160,7 @@ class MRIHistoRegParameterNode:
     pairsPath: pathlib.Path
     # Refine
     refineEnabled: bool = False
-    refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "affine + B-spline"
+    refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "elastix B-spline + landmarks"
     refinedTransform: Optional[vtkMRMLTransformNode]
     # Resample and compare
     referenceGrid: Annotated[str, Choice(list(REFERENCE_GRIDS))] = "MRI"

@@ -341,6 +341,11 @@ class RefinementResult(Mapping):
             "overlap_fraction": self.overlapFraction, "histology_bias_corrected": self.biasCorrected,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (self.settings or {}).items()},
             "landmarks": None,
+            # set by the caller that chose the engine (workflow.refine) / by the elastix engine
+            "engine": getattr(self, "engine", "simpleitk"),
+            "engine_fallback_reason": getattr(self, "engineFallback", None),
+            "engine_load_seconds": getattr(self, "engineLoadSeconds", None),
+            "working_spacing_mm": getattr(self, "workingSpacingMm", None),
         }
         check = self.landmarkResiduals
         if check is not None:
