@@ -161,8 +161,10 @@ def _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, pro
     working spacing times the mapping's smallest scale: the resampling through L then does not blur it)."""
     from . import elastix
 
-    if not workingSpacingMm or workingSpacingMm <= 0:
-        raise UserInputError(f"The working spacing must be positive (mm), got {workingSpacingMm}.")
+    if workingSpacingMm is None:
+        workingSpacingMm = elastix.DEFAULT_WORKING_SPACING_MM
+    if not workingSpacingMm > 0:
+        raise UserInputError(f"The working spacing must be positive (mm), got {float(workingSpacingMm):g}.")
     if isinstance(histology, Image):
         moving = histology
     else:
