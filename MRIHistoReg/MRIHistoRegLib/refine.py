@@ -326,7 +326,10 @@ class RefinementResult(Mapping):
 
     def summary(self) -> str:
         state = "accepted" if self.accepted else "NOT accepted (landmark-only result kept)"
-        return (f"refinement {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
+        engine = getattr(self, "engine", "simpleitk")
+        if getattr(self, "engineFallback", None):
+            engine += f" ({self.engineFallback})"
+        return (f"refinement ({engine}) {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
                 f"{self.iterations} iterations, {self.seconds:.1f} s, min Jacobian det {self.minJacobianDeterminant:.3f}, "
                 f"histology shading {'corrected (N4)' if self.biasCorrected else 'not corrected'}")
 
