@@ -168,6 +168,8 @@ def workingGrid(mriShape, mriIjkToRas, spacingMm, box=None):
     directions = m[:3, :3] / spacing
     shapeIjk = np.asarray(mriShape[::-1], float)
     lo, hi = (np.full(3, -0.5), shapeIjk - 0.5) if box is None else box
+    # start on an MRI voxel edge: at the MRI's own spacing the working voxels are the MRI's (no interpolation blur)
+    lo = np.floor(np.asarray(lo, float) + 0.5) - 0.5
     extentMm = (np.asarray(hi) - np.asarray(lo)) * spacing
     count = np.maximum(np.ceil(extentMm / spacingMm).astype(int), 2)
     out = np.eye(4)
