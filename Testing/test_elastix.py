@@ -215,3 +215,11 @@ def test_the_default_refinement_meets_the_targets_on_the_sample(sampleData):
         scene, str(sampleData / "histology_tumour_label.nrrd"), labelmap=True)), np.array(truth["histology"]["true_ijk_to_ras"]))
     rows, _ = workflow.compareLabels(mriLabels, histLabels, refinement.mapping)
     assert rows[1]["histology_in_mri_jacobian_mm3"] == pytest.approx(truth["tumour"]["mri_volume_mm3"], rel=VOLUME_TOLERANCE)
+
+
+def test_the_optional_affine_map_has_no_bending_term_and_one_weight_per_metric():
+    values = elastix.affineMap(elastix.elastixSettings({"affineStage": True}))
+    assert values["Transform"] == ["AffineTransform"]
+    assert "TransformBendingEnergyPenalty" not in values["Metric"]
+    assert sorted(k for k in values if k.startswith("Metric") and k.endswith("Weight")) == [
+        f"Metric{i}Weight" for i in range(len(values["Metric"]))]

@@ -54,6 +54,7 @@ DEFAULT_SETTINGS = {
     "landmarkReferenceSdMm": 0.05,  # the SD pointsWeight was tuned for: weight = pointsWeight * ref / sd
     "histogramBins": 32,
     "controlPointSpacingMm": 2.0,  # the B-spline's FINAL grid spacing (mm)
+    "affineStage": False,  # an affine map (MI + landmarks) first: helps with 6 landmarks, not with 12 (README)
     "resolutions": 3,
     "gridSpacingSchedule": (4, 2, 1),  # control grid per resolution, as multiples of the final spacing
     "pyramidSchedule": (4, 2, 1),  # smoothing pyramid per resolution (isotropic factors)
@@ -355,6 +356,22 @@ def parameterMap(settings, withPoints=True) -> dict:
     return values
 
 
+def affineMap(settings, withPoints=True) -> dict:
+    """The optional first map: an affine transform on MI (+ the landmark pairs), same pyramid and optimiser."""
+    values = parameterMap(settings, withPoints)
+    values["Transform"] = ["AffineTransform"]
+    values["Metric"] = [m for m in values["Metric"] if m != "TransformBendingEnergyPenalty"]
+    weights = [settings["metricWeight"]] + ([pointsWeight(settings)] if withPoints else [])
+    for key in [k for k in values if k.startswith("Metric") and k.endswith("Weight")]:
+        del values[key]
+    for i, w in enumerate(weights):
+        values[f"Metric{i}Weight"] = [str(float(w))]
+    values["AutomaticScalesEstimation"] = ["true"]
+    for key in ("FinalGridSpacingInPhysicalUnits", "GridSpacingSchedule"):
+        values.pop(key)
+    return values
+
+
 def _normalised(array, mask, percentiles):
     """Intensities clipped to the masked percentiles and scaled to [0, 1] (saturation, hot pixels)."""
     values = array[mask > 0] if mask is not None and mask.any() else array
@@ -373,6 +390,8 @@ def runElastix(images, fixedPoints, movingPoints, settings):
     mask = _itkImage(itk, images.mask, images.ijkToRas, np.uint8)
     withPoints = fixedPoints is not None and len(fixedPoints) > 0
     parameters = itk.ParameterObject.New()
+    if settings["affineStage"]:
+        parameters.AddParameterMap(affineMap(settings, withPoints))
     parameters.AddParameterMap(parameterMap(settings, withPoints))
     with tempfile.TemporaryDirectory(prefix="mrihistoreg-elastix-") as work:
         kwargs = {}
