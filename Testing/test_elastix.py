@@ -223,3 +223,10 @@ def test_the_optional_affine_map_has_no_bending_term_and_one_weight_per_metric()
     assert "TransformBendingEnergyPenalty" not in values["Metric"]
     assert sorted(k for k in values if k.startswith("Metric") and k.endswith("Weight")) == [
         f"Metric{i}Weight" for i in range(len(values["Metric"]))]
+
+
+def test_the_affine_map_runs_when_the_landmark_fit_rests_on_few_pairs():
+    auto = elastix.elastixSettings()
+    assert elastix.useAffineStage(auto, elastix.AFFINE_BELOW_PAIRS - 1)
+    assert not elastix.useAffineStage(auto, elastix.AFFINE_BELOW_PAIRS)
+    assert elastix.useAffineStage(elastix.elastixSettings({"affineStage": True}), 50)
