@@ -105,6 +105,8 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
     from . import refine as refineLib
 
     engine, settings, fallback = _engineSettings(settings)  # invalid settings are the user's to fix: they raise
+    if engine == "elastix":
+        engine, settings, fallback = _loadedEngine(settings, progress)
     try:
         if engine == "elastix":
             result = _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress)
@@ -148,12 +150,33 @@ def _engineSettings(settings):
         present, why = elastix.available()
         if present:
             return "elastix", settings, None
-        logging.getLogger(__name__).warning("%s: the SimpleITK refinement (affine + B-spline) is used instead", why)
-        kept = {k: v for k, v in settings.items() if k in refineLib.DEFAULT_SETTINGS
-                and v != elastix.DEFAULT_SETTINGS.get(k)}
-        return "simpleitk", refineLib.refinementSettings(kept), f"{why}; the SimpleITK engine was used instead"
+        return _simpleItkInstead(settings, why)
     settings.pop("engine", None)
     return "simpleitk", refineLib.refinementSettings(settings), None
+
+
+def _simpleItkInstead(settings, why):
+    """The SimpleITK engine standing in for elastix: its own defaults plus the overrides it knows."""
+    from . import elastix
+    from . import refine as refineLib
+
+    logging.getLogger(__name__).warning("%s: the SimpleITK refinement (affine + B-spline) is used instead", why)
+    kept = {k: v for k, v in settings.items() if k in refineLib.DEFAULT_SETTINGS and v != elastix.DEFAULT_SETTINGS.get(k)}
+    return "simpleitk", refineLib.refinementSettings(kept), f"{why}; the SimpleITK engine was used instead"
+
+
+def _loadedEngine(settings, progress):
+    """elastix loaded (once per process, timed apart from the registration), or the SimpleITK engine with the
+    reason when an installed itk-elastix cannot be loaded."""
+    from . import elastix
+
+    if elastix.loadSeconds() is None:
+        progressLib.report(progress, 0.0, "loading the elastix engine (once per session)")
+    try:
+        elastix.loadEngine()
+    except RuntimeError as error:
+        return _simpleItkInstead(settings, str(error))
+    return "elastix", settings, None
 
 
 def _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress):
