@@ -161,7 +161,7 @@ class MRIHistoRegParameterNode:
     pairsPath: pathlib.Path
     # Refine
     refineEnabled: bool = False
-    refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "affine + B-spline"
+    refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "elastix B-spline + landmarks"
     refinedTransform: Optional[vtkMRMLTransformNode]
     # Resample and compare
     referenceGrid: Annotated[str, Choice(list(REFERENCE_GRIDS))] = "MRI"
@@ -200,6 +200,7 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._flickerTimer = None
         self._flickerOn = False
         self._stackInfo = None  # logic.StackInfo of the inspected stack
+        self._elastixOffered = False  # the itk-elastix install is offered once per session
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -260,6 +261,10 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                   if hasattr(widget, "property") and widget.property("SlicerParameterName")}
         with self._runner.action(_("Failed to set up the panel from its parameter node.")):
             self.initializeParameterNode()
+        # the elastix engine's one-time load (10-30 s) happens while the user loads data and places landmarks
+        from MRIHistoRegLib import elastix
+
+        elastix.preloadInBackground()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -583,8 +588,22 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- Refine ------------------------------------------------------------------------------------------
 
+    def _offerElastixEngine(self, preset) -> None:
+        """Once per session, when the preset wants itk-elastix and it is absent: ask (stating the ~1.7 GB size)
+        whether to install it; declining (or a self-test) keeps the SimpleITK engine, which the report records."""
+        from MRIHistoRegLib import deps, elastix, settings
+
+        if (settings.refineSettings(preset).get("engine") != "elastix" or elastix.available()[0]
+                or self._elastixOffered or slicer.app.testingEnabled()):
+            return
+        self._elastixOffered = True
+        if deps.installLargePackage("itk"):
+            elastix.preloadInBackground()
+
     def onRefine(self) -> None:
         p = self._parameterNode
+        with self._action(_("Could not install the elastix engine: the SimpleITK engine is used.")):
+            self._offerElastixEngine(p.refinePreset)
         with self._action(_("Intensity refinement failed."), _("Refining")) as progress:
             result = self.logic.refineRegistration(p.mriVolume, p.histologyVolume, p.landmarkTransform, p.refinePreset,
                                                    outputTransform=p.refinedTransform, mriLandmarks=p.mriLandmarks,

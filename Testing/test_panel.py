@@ -45,7 +45,7 @@ BROKEN = [
     ("a Union of nodes without None cannot hold the default None: TypeError when the panel opens",
      "mriLabels: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]",
      "mriLabels: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]", TypeError, "Unable to write value 'None'"),
-    ("a Choice default outside the choices", 'refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "affine + B-spline"',
+    ("a Choice default outside the choices", 'refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "elastix B-spline + landmarks"',
      'refinePreset: Annotated[str, Choice(list(REFINE_PRESETS))] = "B-spline"', ValueError, "must be in one of"),
     ("a default outside WithinRange", "targetSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)] = 0.1",
      "targetSpacingMm: Annotated[float, WithinRange(0.001, 10.0), Decimals(4)]", ValueError, "within range"),

@@ -295,7 +295,9 @@ def test_resultDescribesItselfWithTheSummaryKeys():
     summary = result.toDict()
     assert list(summary) == ["accepted", "reason", "metric", "metric_before", "metric_after", "iterations", "seconds",
                              "min_jacobian_determinant", "overlap_fraction", "histology_bias_corrected", "settings",
-                             "landmarks"]
+                             "landmarks", "engine", "engine_fallback_reason", "engine_load_seconds",
+                             "working_spacing_mm"]
+    assert summary["engine"] == "simpleitk" and summary["engine_fallback_reason"] is None  # built here, not by elastix
     assert summary["accepted"] is True and summary["metric_after"] == -0.6 and summary["iterations"] == 7
     assert summary["landmarks"] is None and summary["settings"]["affineShrinkFactors"] == [2, 1]
     points = refine._gridPoints(shape, m)[::40]

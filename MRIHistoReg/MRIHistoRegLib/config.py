@@ -39,7 +39,7 @@ class RunConfig:
     tpsRegularization: float = 0.0
     labels: Dict[str, str] = field(default_factory=dict)
     evaluatePoints: Dict[str, str] = field(default_factory=dict)
-    refinePreset: str = "affine + B-spline"  # a name of settings.REFINE_PRESETS
+    refinePreset: str = "elastix B-spline + landmarks"  # a name of settings.REFINE_PRESETS
     refineOverrides: Dict[str, object] = field(default_factory=dict)  # on top of the preset (CLI options)
     mriMask: Optional[str] = None
     resample: bool = True  # the `refine` command stops before the resampling

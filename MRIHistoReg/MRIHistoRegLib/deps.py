@@ -24,6 +24,10 @@ SLICER_REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
 # import name -> distribution name on PyPI
 DISTRIBUTIONS = {"tifffile": "tifffile", "nrrd": "pynrrd", "matplotlib": "matplotlib", "zarr": "zarr", "h5py": "h5py"}
 BUNDLED = ("numpy", "SimpleITK", "vtk")  # Slicer's own: pinned to what runs while installing
+# Large optional packages: never installed along with the small ones nor by requirePackage; the panel asks for
+# each separately, stating the size (the feature that needs one falls back when it is absent).
+LARGE_DISTRIBUTIONS = {"itk": "itk-elastix"}  # import name -> distribution
+INSTALL_SIZE_MB = {"itk-elastix": 1700}  # installed with its ITK wheels (~300 MB download), measured on Linux
 
 
 def _markerEnvironment(pythonVersion=None) -> Dict[str, str]:
@@ -80,8 +84,38 @@ def slicerRequirements(pythonVersion: Optional[str] = None, path: str = SLICER_R
 
 
 def requirementFor(importName: str, pythonVersion: Optional[str] = None) -> str:
-    distribution = DISTRIBUTIONS.get(importName, importName)
+    distribution = DISTRIBUTIONS.get(importName, LARGE_DISTRIBUTIONS.get(importName, importName))
     return slicerRequirements(pythonVersion).get(distribution, distribution)
+
+
+def largePackagePrompt(importName: str) -> str:
+    """The question the panel asks before installing a large package (its size stated)."""
+    requirement = requirementFor(importName)
+    size = INSTALL_SIZE_MB.get(LARGE_DISTRIBUTIONS[importName])
+    return (f"The recommended refinement engine needs '{requirement}' (about {size / 1000:.1f} GB installed, "
+            f"downloaded once; Slicer is restarted afterwards). Without it the SimpleITK engine is used. "
+            f"Install it now (internet access needed)?")
+
+
+def installLargePackage(importName: str) -> bool:
+    """Inside Slicer: ask (with the size), then install a LARGE_DISTRIBUTIONS package for Slicer's Python, keeping
+    Slicer's own numpy/SimpleITK/vtk. False when the user declines; True when installed."""
+    import slicer
+
+    if importName not in LARGE_DISTRIBUTIONS:
+        raise ValueError(f"{importName} is not a large optional package ({sorted(LARGE_DISTRIBUTIONS)})")
+    if not slicer.util.confirmOkCancelDisplay(largePackagePrompt(importName), "Install the elastix engine?"):
+        return False
+    requirement = requirementFor(importName)
+    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as constraints:
+        constraints.write("\n".join(bundledConstraints()) + "\n")
+    try:
+        log.info("installing %s", requirement)
+        slicer.util.pip_install([requirement, "-c", constraints.name])
+    finally:
+        os.remove(constraints.name)
+    importlib.invalidate_caches()
+    return True
 
 
 def bundledConstraints() -> List[str]:

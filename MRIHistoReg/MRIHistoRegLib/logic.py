@@ -618,7 +618,7 @@ class MRIHistoRegLogicCore:
         mriVolume: VolumeNode,
         histologyVolume: VolumeNode,
         transformNode: TransformNode,
-        preset: str = "affine + B-spline",
+        preset: str = "elastix B-spline + landmarks",
         outputTransform: Optional[TransformNode] = None,
         mriLandmarks: Optional[PointListNode] = None,
         histologyLandmarks: Optional[PointListNode] = None,

@@ -326,7 +326,10 @@ class RefinementResult(Mapping):
 
     def summary(self) -> str:
         state = "accepted" if self.accepted else "NOT accepted (landmark-only result kept)"
-        return (f"refinement {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
+        engine = getattr(self, "engine", "simpleitk")
+        if getattr(self, "engineFallback", None):
+            engine += f" ({self.engineFallback})"
+        return (f"refinement ({engine}) {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
                 f"{self.iterations} iterations, {self.seconds:.1f} s, min Jacobian det {self.minJacobianDeterminant:.3f}, "
                 f"histology shading {'corrected (N4)' if self.biasCorrected else 'not corrected'}")
 
@@ -341,6 +344,11 @@ class RefinementResult(Mapping):
             "overlap_fraction": self.overlapFraction, "histology_bias_corrected": self.biasCorrected,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (self.settings or {}).items()},
             "landmarks": None,
+            # set by the caller that chose the engine (workflow.refine) / by the elastix engine
+            "engine": getattr(self, "engine", "simpleitk"),
+            "engine_fallback_reason": getattr(self, "engineFallback", None),
+            "engine_load_seconds": getattr(self, "engineLoadSeconds", None),
+            "working_spacing_mm": getattr(self, "workingSpacingMm", None),
         }
         check = self.landmarkResiduals
         if check is not None:

@@ -7,10 +7,13 @@ MODELS = ("rigid", "similarity", "affine", "affine+tps")
 SPACING_UNITS = ("um", "mm")
 REFERENCE_GRIDS = ("MRI", "custom spacing")
 
-# Intensity refinement presets by name: overrides of refine.DEFAULT_SETTINGS (the values and why they were chosen
-# are in refine.py and bench/refine.py).
-REFINE_PRESETS: Dict[str, dict] = {"affine + B-spline": {}, "affine": {"bspline": False}}
-DEFAULT_REFINE_PRESET = "affine + B-spline"
+# Intensity refinement presets by name. "engine" picks the engine: "elastix" (itk-elastix, elastix.DEFAULT_SETTINGS;
+# without itk-elastix it falls back to the SimpleITK engine and the report says why) or "simpleitk" (overrides of
+# refine.DEFAULT_SETTINGS). The values and why they were chosen: elastix.py, refine.py and bench/refine.py.
+REFINE_PRESETS: Dict[str, dict] = {"elastix B-spline + landmarks": {"engine": "elastix"},
+                                   "affine + B-spline": {"engine": "simpleitk"},
+                                   "affine": {"engine": "simpleitk", "bspline": False}}
+DEFAULT_REFINE_PRESET = "elastix B-spline + landmarks"
 
 
 def refineSettings(preset: str = DEFAULT_REFINE_PRESET, overrides: Optional[dict] = None) -> dict:

@@ -104,26 +104,98 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
     reject keeps the landmark model: it never raises for the data it is given, only for invalid settings."""
     from . import refine as refineLib
 
-    settings = refineLib.refinementSettings(settings)  # invalid settings are the user's to fix: they raise
+    engine, settings, fallback = _engineSettings(settings)  # invalid settings are the user's to fix: they raise
+    if engine == "elastix":
+        engine, settings, fallback = _loadedEngine(settings, progress)
     try:
-        moving = histology if isinstance(histology, Image) else _workingHistology(histology, workingSpacingMm, progress)
-        mask = None if mriMask is None else (mriMask.array, mriMask.ijkToRas)
-        result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
-                                              fixedMask=mask, settings=settings,
-                                              progress=progressLib.scaled(progress, 0.3, 1.0))
+        if engine == "elastix":
+            result = _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress)
+        else:
+            moving = histology if isinstance(histology, Image) else _workingHistology(histology, workingSpacingMm,
+                                                                                      progress)
+            mask = None if mriMask is None else (mriMask.array, mriMask.ijkToRas)
+            result = refineLib.refineRegistration(mri.array, mri.ijkToRas, moving.array, moving.ijkToRas, fit.model,
+                                                  fixedMask=mask, settings=settings,
+                                                  progress=progressLib.scaled(progress, 0.3, 1.0))
     except progressLib.Cancelled:
         raise
     except Exception as error:  # noqa: BLE001 - whatever breaks, the landmark-only result must still be delivered
         logging.getLogger(__name__).warning("refinement failed; the landmark-only mapping is kept", exc_info=True)
         result = refineLib.failedRefinement(fit.model, mri.shape, mri.ijkToRas,
                                             f"the refinement could not run: {refineLib.failureMessage(error)}",
-                                            settings)
+                                            settings if engine == "simpleitk" else None)
+        result.settings = settings
+    result.engine = getattr(result, "engine", "simpleitk") if engine == "elastix" else "simpleitk"
+    result.engineFallback = fallback
     labels = []
     if fit.pairs is not None and len(fit.pairs.labels):
         refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
         labels = list(fit.pairs.labels)
     summary = result.toDict(labels)  # the ONE description of a refinement (report.json, panel, refine command)
     return Refinement(bool(result.accepted), result.reason, result if result.accepted else fit.model, result, summary)
+
+
+def _engineSettings(settings):
+    """(engine, its checked settings, why the SimpleITK engine stands in or None). A preset naming the elastix
+    engine falls back to the SimpleITK one (its own defaults, the overrides it knows) when itk-elastix is absent."""
+    from . import elastix
+    from . import refine as refineLib
+
+    settings = dict(settings or {})
+    engine = settings.get("engine", "simpleitk")
+    if engine not in ("elastix", "simpleitk"):
+        raise UserInputError(f"Unknown refinement engine '{engine}': choose 'elastix' or 'simpleitk'.")
+    if engine == "elastix":
+        settings = elastix.elastixSettings(settings)
+        present, why = elastix.available()
+        if present:
+            return "elastix", settings, None
+        return _simpleItkInstead(settings, why)
+    settings.pop("engine", None)
+    return "simpleitk", refineLib.refinementSettings(settings), None
+
+
+def _simpleItkInstead(settings, why):
+    """The SimpleITK engine standing in for elastix: its own defaults plus the overrides it knows."""
+    from . import elastix
+    from . import refine as refineLib
+
+    logging.getLogger(__name__).warning("%s: the SimpleITK refinement (affine + B-spline) is used instead", why)
+    kept = {k: v for k, v in settings.items() if k in refineLib.DEFAULT_SETTINGS and v != elastix.DEFAULT_SETTINGS.get(k)}
+    return "simpleitk", refineLib.refinementSettings(kept), f"{why}; the SimpleITK engine was used instead"
+
+
+def _loadedEngine(settings, progress):
+    """elastix loaded (once per process, timed apart from the registration), or the SimpleITK engine with the
+    reason when an installed itk-elastix cannot be loaded."""
+    from . import elastix
+
+    if elastix.loadSeconds() is None:
+        progressLib.report(progress, 0.0, "loading the elastix engine (once per session)")
+    try:
+        elastix.loadEngine()
+    except RuntimeError as error:
+        return _simpleItkInstead(settings, str(error))
+    return "elastix", settings, None
+
+
+def _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress):
+    """The elastix engine on the histology area-averaged to about the working spacing, in histology units (the
+    working spacing times the mapping's smallest scale: the resampling through L then does not blur it)."""
+    from . import elastix
+
+    if workingSpacingMm is None:
+        workingSpacingMm = elastix.DEFAULT_WORKING_SPACING_MM
+    if not workingSpacingMm > 0:
+        raise UserInputError(f"The working spacing must be positive (mm), got {float(workingSpacingMm):g}.")
+    if isinstance(histology, Image):
+        moving = histology
+    else:
+        linear = fit.model.linearMatrix() if hasattr(fit.model, "linearMatrix") else None
+        scale = 1.0 if linear is None else float(np.linalg.svd(np.asarray(linear)[:3, :3], compute_uv=False).min())
+        moving = _workingHistology(histology, float(workingSpacingMm) * min(scale, 1.0), progress)
+    return elastix.refineWithElastix(mri, moving, fit, settings, float(workingSpacingMm), mriMask,
+                                     progressLib.scaled(progress, 0.3, 1.0))
 
 
 def _workingHistology(source, workingSpacingMm, progress) -> Image:
