@@ -52,6 +52,10 @@ DEFAULT_SETTINGS = {
     "pointsWeight": 0.1,  # CorrespondingPointsEuclideanDistanceMetric (1+ makes the spline fit the landmark noise)
     "landmarkSdMm": None,  # stated landmark placement SD (mm, MRI and histology combined); scales pointsWeight
     "landmarkReferenceSdMm": 0.05,  # the SD pointsWeight was tuned for: weight = pointsWeight * ref / sd
+    # landmarks per mm3 of the registered footprint pointsWeight was tuned at (the sample: 12 pairs over ~160 mm3);
+    # the weight follows (density / reference)^exponent, so dense pairs on a small footprint keep their pull
+    "landmarkDensityReference": 0.075,
+    "landmarkDensityExponent": 1.0,
     "histogramBins": 32,
     "controlPointSpacingMm": 2.0,  # the B-spline's FINAL grid spacing (mm)
     "affineStage": "auto",  # an affine map (MI + landmarks) first: True, False, or "auto" = with fewer than
@@ -320,23 +324,31 @@ def writePointSet(path, rasPoints):
             f.write(f"{x:.6f} {y:.6f} {z:.6f}\n")
 
 
-def pointsWeight(settings) -> float:
+def pointsWeight(settings, density=None) -> float:
     """The landmark term's weight: pointsWeight, scaled by reference SD / stated SD when an SD is given (a sloppier
-    placement pulls less; elastix takes one weight for the whole point set)."""
+    placement pulls less; elastix takes one weight for the whole point set), and by the pairs' density over the
+    registered footprint (`density`, pairs per mm3) relative to the density it was tuned at.
+
+    Why the density: elastix averages the mutual information over its samples, so the image term's pull on each
+    control point shrinks as the footprint (and the number of control points) grows, while the landmark term is a
+    mean over the pairs; with a fixed weight, 10 pairs on a 8 mm3 footprint were outweighed by the image noise
+    (held-out error worse than landmark-only, bench/refine_matrix.py) where 12 pairs on 160 mm3 were not."""
     weight = float(settings["pointsWeight"])
     if settings["landmarkSdMm"] is not None:
         weight *= float(settings["landmarkReferenceSdMm"]) / float(settings["landmarkSdMm"])
+    if density is not None and density > 0 and settings["landmarkDensityReference"]:
+        weight *= (float(density) / float(settings["landmarkDensityReference"])) ** float(settings["landmarkDensityExponent"])
     return weight
 
 
-def parameterMap(settings, withPoints=True) -> dict:
+def parameterMap(settings, withPoints=True, density=None) -> dict:
     """The elastix parameter map (name -> list of strings) of `settings`."""
     n = int(settings["resolutions"])
     metrics = ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"]
     weights = [settings["metricWeight"], settings["bendingWeight"]]
     if withPoints:
         metrics.append("CorrespondingPointsEuclideanDistanceMetric")
-        weights.append(pointsWeight(settings))
+        weights.append(pointsWeight(settings, density))
     pyramid = [str(int(f)) for f in settings["pyramidSchedule"] for _ in range(3)]
     values = {
         "Registration": ["MultiMetricMultiResolutionRegistration"], "Metric": metrics,
@@ -369,12 +381,12 @@ def useAffineStage(settings, pairCount) -> bool:
     return bool(settings["affineStage"])
 
 
-def affineMap(settings, withPoints=True) -> dict:
+def affineMap(settings, withPoints=True, density=None) -> dict:
     """The optional first map: an affine transform on MI (+ the landmark pairs), same pyramid and optimiser."""
-    values = parameterMap(settings, withPoints)
+    values = parameterMap(settings, withPoints, density)
     values["Transform"] = ["AffineTransform"]
     values["Metric"] = [m for m in values["Metric"] if m != "TransformBendingEnergyPenalty"]
-    weights = [settings["metricWeight"]] + ([pointsWeight(settings)] if withPoints else [])
+    weights = [settings["metricWeight"]] + ([pointsWeight(settings, density)] if withPoints else [])
     for key in [k for k in values if k.startswith("Metric") and k.endswith("Weight")]:
         del values[key]
     for i, w in enumerate(weights):
@@ -394,6 +406,13 @@ def _normalised(array, mask, percentiles):
     return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def landmarkDensity(images, fixedPoints) -> Optional[float]:
+    """Landmark pairs per mm3 of the registered footprint (the fixed mask on the working grid), or None."""
+    if fixedPoints is None or not len(fixedPoints) or not images.mask.any():
+        return None
+    return len(fixedPoints) / (float(images.mask.sum()) * abs(float(np.linalg.det(images.ijkToRas[:3, :3]))))
+
+
 def runElastix(images, fixedPoints, movingPoints, settings):
     """d(x) (RAS mm, [k, j, i, 3] on the working grid) registering images.fixed to images.moving with the landmark
     pairs (RAS, both in MRI space) in the cost. elastix's exceptions reach the caller as RuntimeError."""
@@ -402,10 +421,11 @@ def runElastix(images, fixedPoints, movingPoints, settings):
     moving = _itkImage(itk, _normalised(images.moving, images.mask, settings["intensityPercentiles"]), images.ijkToRas)
     mask = _itkImage(itk, images.mask, images.ijkToRas, np.uint8)
     withPoints = fixedPoints is not None and len(fixedPoints) > 0
+    density = landmarkDensity(images, fixedPoints)
     parameters = itk.ParameterObject.New()
     if useAffineStage(settings, 0 if fixedPoints is None else len(fixedPoints)):
-        parameters.AddParameterMap(affineMap(settings, withPoints))
-    parameters.AddParameterMap(parameterMap(settings, withPoints))
+        parameters.AddParameterMap(affineMap(settings, withPoints, density))
+    parameters.AddParameterMap(parameterMap(settings, withPoints, density))
     with tempfile.TemporaryDirectory(prefix="mrihistoreg-elastix-") as work:
         kwargs = {}
         if withPoints:
