@@ -217,6 +217,23 @@ def test_the_default_refinement_meets_the_targets_on_the_sample(sampleData):
     assert rows[1]["histology_in_mri_jacobian_mm3"] == pytest.approx(truth["tumour"]["mri_volume_mm3"], rel=VOLUME_TOLERANCE)
 
 
+def test_the_landmark_weight_follows_the_pairs_density_over_the_footprint():
+    """Twice the pairs per mm3 of footprint, twice the landmark term's weight (the image term is a mean over its
+    samples, the landmark term a mean over the pairs); the reference density leaves the weight as set."""
+    import numpy as np
+
+    settings = elastix.elastixSettings()
+    reference = settings["landmarkDensityReference"]
+    assert elastix.pointsWeight(settings, reference) == pytest.approx(settings["pointsWeight"])
+    assert elastix.pointsWeight(settings, 2 * reference) == pytest.approx(2 * settings["pointsWeight"])
+    assert elastix.parameterMap(settings, density=3 * reference)["Metric2Weight"] == [
+        str(elastix.pointsWeight(settings, 3 * reference))]
+    # the density is pairs over the fixed mask's volume on the working grid (0.2 mm voxels: 0.008 mm3 each)
+    images = elastix.WorkingImages(None, None, np.ones((10, 10, 10), np.uint8), np.diag([0.2, 0.2, 0.2, 1.0]), None)
+    assert elastix.landmarkDensity(images, np.zeros((4, 3))) == pytest.approx(4 / 8.0)
+    assert elastix.landmarkDensity(images, None) is None
+
+
 def test_the_optional_affine_map_has_no_bending_term_and_one_weight_per_metric():
     values = elastix.affineMap(elastix.elastixSettings({"affineStage": True}))
     assert values["Transform"] == ["AffineTransform"]
