@@ -160,25 +160,13 @@ def _linearPart(rng):
     return rotation @ np.diag(1.0 / scales), scales, axis / np.linalg.norm(axis), angle
 
 
-class StackGrid:
-    """The stack's voxel grid: shape (ni, nj, nk), true spacing, RAS = (-i*sx, -j*sy, k*sz)."""
-
-    def __init__(self, shapeIjk, spacingMm):
-        self.shapeIjk = tuple(int(n) for n in shapeIjk)
-        self.spacingMm = np.asarray(spacingMm, float)
-        sx, sy, sz = self.spacingMm
-        self.ijkToRas = np.array([[-sx, 0, 0, 0], [0, -sy, 0, 0], [0, 0, sz, 0], [0, 0, 0, 1.0]])
-
-    def rasLow(self):
-        ni, nj, nk = self.shapeIjk
-        return np.array([-(ni - 1) * self.spacingMm[0], -(nj - 1) * self.spacingMm[1], 0.0])
-
-    def rasHigh(self):
-        return np.array([0.0, 0.0, (self.shapeIjk[2] - 1) * self.spacingMm[2]])
-
-    def contains(self, points, margin=0.0):
-        points = np.asarray(points, float).reshape(-1, 3)
-        return np.all((points >= self.rasLow() + margin) & (points <= self.rasHigh() - margin), axis=1)
+def stackGrid(shapeIjk, spacingMm):
+    """The stack's voxel grid of this shape (ni, nj, nk) and true spacing: the sample's own HistologyGrid, with
+    RAS = (-i*sx, -j*sy, k*sz)."""
+    spacing = np.asarray(spacingMm, float)
+    grid = sampledata.HistologyGrid(1.0, spacingUm=spacing * 1000.0, extentMm=np.asarray(shapeIjk, float) * spacing)
+    assert grid.shapeIjk == tuple(int(n) for n in shapeIjk), (grid.shapeIjk, shapeIjk)
+    return grid
 
 
 def _slab(pre, tumourPre, coverage):
@@ -194,7 +182,7 @@ def _slab(pre, tumourPre, coverage):
 
 
 def buildMapping(mouseData, seed, spacingMm, coverage, tumourStructure):
-    """(HistologyToMriMapping, StackGrid, description dict) for a seed: the tissue's linear image sets the grid
+    """(HistologyToMriMapping, the stack grid, description dict) for a seed: the tissue's linear image sets the grid
     (the slab along histology y), then the bumps are placed inside it."""
     rng = np.random.default_rng([seed, 11])
     linear, scales, axis, angle = _linearPart(rng)
@@ -210,7 +198,7 @@ def buildMapping(mouseData, seed, spacingMm, coverage, tumourStructure):
     low = np.array([pre[:, 0].min() - COVERAGE_MARGIN_MM, y0, pre[:, 2].min() - COVERAGE_MARGIN_MM])
     high = np.array([pre[:, 0].max() + COVERAGE_MARGIN_MM, y1, pre[:, 2].max() + COVERAGE_MARGIN_MM])
     spacingMm = np.asarray(spacingMm, float)
-    grid = StackGrid(np.ceil((high - low) / spacingMm).astype(int) + 1, spacingMm)
+    grid = stackGrid(np.ceil((high - low) / spacingMm).astype(int) + 1, spacingMm)
     origin = np.array([high[0], high[1], low[2]])  # histology y = pre - origin puts the box at x, y <= 0, z >= 0
     centres = pre[rng.choice(len(pre), BUMP_COUNT, replace=False)] - origin
     directions = rng.normal(size=(BUMP_COUNT, 3))
