@@ -8,22 +8,12 @@ import SimpleITK as sitk
 
 from MRIHistoRegLib import compare
 from MRIHistoRegLib.mapping import AffineMapping
-from helpers import SineWarp, grid
+from helpers import SineWarp, grid, ellipsoidOccupancy
 
 
 def ellipsoid(shape, ijkToRas, centre, radii, label=1, supersample=4):
     """Label map of an ellipsoid, partial-volume exact to 1/supersample^3 (voxel covered >= 50% -> label)."""
-    nk, nj, ni = shape
-    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
-    covered = np.zeros(shape)
-    kk, jj, ii = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
-    for a in offsets:
-        for b in offsets:
-            for c in offsets:
-                index = np.stack([ii + a, jj + b, kk + c], -1)
-                ras = index @ ijkToRas[:3, :3].T + ijkToRas[:3, 3]
-                covered += (((ras - centre) / radii) ** 2).sum(-1) <= 1.0
-    return np.where(covered / supersample ** 3 >= 0.5, label, 0).astype(np.uint8)
+    return np.where(ellipsoidOccupancy(shape, ijkToRas, centre, radii, supersample) >= 0.5, label, 0).astype(np.uint8)
 
 
 def test_label_volumes_use_the_voxel_volume():

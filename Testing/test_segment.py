@@ -9,33 +9,23 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from helpers import ellipsoidOccupancy
 from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib import segment, stacks
 from MRIHistoRegLib.compare import readLabelCrop
+from MRIHistoRegLib.downsample import resolveCrop
 from MRIHistoRegLib.errors import UserInputError
 from MRIHistoRegLib.geometry import flipGeometryLpsRas
 
 SPACING = (0.004, 0.004, 0.008)  # (i, j, k) mm: light-sheet-like anisotropy
 
 
-def _ellipsoidChannel(shape, spacing, centre, semiAxes, background=100.0, signal=1100.0, noise=15.0, seed=0,
-                      supersample=4):
+def _ellipsoidChannel(shape, spacing, centre, semiAxes, background=100.0, signal=1100.0, noise=15.0, seed=0):
     """A uint16 channel: background + signal x (fraction of each voxel inside the ellipsoid) + noise.
 
-    The fraction comes from supersample^3 sub-voxel samples, so a threshold half-way between the levels puts the
-    boundary where the true surface is, and the analytic volume 4/3 pi abc is the truth."""
-    nk, nj, ni = shape
-    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
-    fraction = np.zeros(shape)
-    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
-    for dk in offsets:
-        for dj in offsets:
-            for di in offsets:
-                x = ((i + di) * spacing[0] - centre[0]) / semiAxes[0]
-                y = ((j + dj) * spacing[1] - centre[1]) / semiAxes[1]
-                z = ((k + dk) * spacing[2] - centre[2]) / semiAxes[2]
-                fraction += (x * x + y * y + z * z) <= 1.0
-    fraction /= supersample ** 3
+    The fraction comes from sub-voxel samples, so a threshold half-way between the levels puts the boundary
+    where the true surface is, and the analytic volume 4/3 pi abc is the truth."""
+    fraction = ellipsoidOccupancy(shape, np.diag(list(spacing) + [1.0]), np.asarray(centre), np.asarray(semiAxes))
     rng = np.random.default_rng(seed)
     values = background + (signal - background) * fraction + rng.normal(0.0, noise, shape)
     return np.clip(np.round(values), 0, 65535).astype(np.uint16)
@@ -66,7 +56,7 @@ def test_native_volume_of_an_ellipsoid_is_within_one_percent(tumour):
 
 def test_otsu_threshold_agrees_with_simpleitk(tumour):
     array, _, _ = tumour
-    ours = segment.otsuThreshold(*segment._histogram(_source(array), segment._box(_source(array), None), None))
+    ours = segment.otsuThreshold(*segment._histogram(_source(array), resolveCrop(_source(array), None), None))
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetNumberOfHistogramBins(int(array.max()) - int(array.min()) + 1)
     otsu.SetInsideValue(0)

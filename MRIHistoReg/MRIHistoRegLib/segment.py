@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 
 from MRIHistoRegLib import progress as progressLib
 from MRIHistoRegLib.errors import UserInputError
@@ -109,8 +110,6 @@ def _foreground(source, k, box, threshold, fillHoles) -> np.ndarray:
     (i0, i1), (j0, j1), _ = box
     mask = source.readPlane(k)[j0:j1, i0:i1] >= threshold
     if fillHoles and mask.any():
-        import SimpleITK as sitk
-
         filled = sitk.BinaryFillhole(sitk.GetImageFromArray(mask.view(np.uint8)), fullyConnected=False, foregroundValue=1)
         mask = sitk.GetArrayViewFromImage(filled).astype(bool)
     return mask
@@ -118,8 +117,6 @@ def _foreground(source, k, box, threshold, fillHoles) -> np.ndarray:
 
 def _components(mask) -> np.ndarray:
     """4-connected components of a plane (0 = background), so that with overlap along k they are 6-connected."""
-    import SimpleITK as sitk
-
     return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)), False))
 
 
@@ -280,12 +277,6 @@ def _writeAndCrop(source, box, planeMask, outPath, progress) -> Tuple[np.ndarray
 
 
 # ---- the step -------------------------------------------------------------------------------------------------
-def _box(source, roi):
-    from MRIHistoRegLib.downsample import resolveCrop
-
-    return resolveCrop(source, roi)
-
-
 def _checkSeed(source, seedIjk, box):
     seed = tuple(int(round(float(v))) for v in seedIjk)
     nk, nj, ni = source.shape
@@ -310,7 +301,9 @@ def segmentStack(source, threshold: Optional[float] = None, seedIjk: Optional[Se
         if not outPath.lower().endswith(".nrrd"):
             raise UserInputError(f"Cannot write {outPath}: the label map is written as NRRD; give a .nrrd name.")
         checkWritable(outPath)
-    box = _box(source, roi)
+    from MRIHistoRegLib.downsample import resolveCrop
+
+    box = resolveCrop(source, roi)
     seed = None if seedIjk is None else _checkSeed(source, seedIjk, box)
     method = "given"
     if threshold is None:
