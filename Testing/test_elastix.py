@@ -87,15 +87,16 @@ def test_the_mri_shading_is_flattened_before_registration():
     base = dict(elastix.elastixSettings(), marginMm=0.0, histologyBiasCorrection=False)
     plain = elastix.prepareImages(mri, histology, AffineMapping(np.eye(4)), 0.1, dict(base, mriBiasCorrection=False))
     corrected = elastix.prepareImages(mri, histology, AffineMapping(np.eye(4)), 0.1, base)
+    assert np.array_equal(plain.ijkToRas, corrected.ijkToRas)  # one working grid: compare voxel by voxel
     inside = corrected.mask > 0
+    onGrid = refine._gridPoints(corrected.fixed.shape, corrected.ijkToRas)
     ratio = plain.fixed[inside] / corrected.fixed[inside]
-    sampled = elastix._sample(shading, m, refine._gridPoints(corrected.fixed.shape, corrected.ijkToRas))
-    truth = sampled.reshape(corrected.fixed.shape)[inside]
+    truth = elastix._sample(shading, m, onGrid).reshape(corrected.fixed.shape)[inside]
     assert np.corrcoef(ratio, truth)[0, 1] > 0.95
     # the ramp itself within 2 % (uncorrected, ratio / truth would vary as the 20 % ramp: ~5 % SD)
     assert np.std(ratio / truth) / np.mean(ratio / truth) < 0.02
     # switched off, the fixed image keeps the shading: its ratio to the tissue is the ramp itself
-    tissueOnGrid = elastix._sample(tissue, m, refine._gridPoints(plain.fixed.shape, plain.ijkToRas)).reshape(plain.fixed.shape)
+    tissueOnGrid = elastix._sample(tissue, m, onGrid).reshape(plain.fixed.shape)
     assert np.allclose(plain.fixed[inside] / tissueOnGrid[inside], truth, rtol=1e-3)
 
 
@@ -198,6 +199,8 @@ def test_invalid_elastix_settings_are_the_users_to_fix():
         elastix.elastixSettings({"resolutions": 2})  # schedules still have 3 entries
     with pytest.raises(UserInputError, match="Unknown elastix"):
         elastix.elastixSettings({"bsplineIterations": 3})
+    with pytest.raises(UserInputError, match="mriBiasFieldSpacingMm"):  # N4's knot count would divide by it
+        elastix.elastixSettings({"mriBiasFieldSpacingMm": 0})
 
 
 def test_a_stated_landmark_uncertainty_scales_the_landmark_term():

@@ -98,7 +98,8 @@ def elastixSettings(settings=None) -> dict:
             raise UserInputError(f"Unknown elastix refinement setting(s) {unknown}; valid names: "
                                  f"{sorted(DEFAULT_SETTINGS)}.")
         merged.update(settings)
-    for name in ("controlPointSpacingMm", "iterations", "samples", "resolutions", "histogramBins"):
+    for name in ("controlPointSpacingMm", "iterations", "samples", "resolutions", "histogramBins",
+                 "biasFieldSpacingMm", "mriBiasFieldSpacingMm"):
         if not float(merged[name]) > 0:
             raise UserInputError(f"The elastix setting {name} must be > 0, got {merged[name]}.")
     for name in ("gridSpacingSchedule", "pyramidSchedule"):
