@@ -11,7 +11,10 @@ and the change, tumour volume in MRI space (Jacobian-integrated) vs the truth, r
 The elastix engine's one-time load is timed separately (first use in the process) and printed once. Targets
 (issue 15): TRE median >= 55 % below landmark-only with 12 landmarks, volume within 2 % on every seed, <= 20 s
 per refinement at 2 cores after the load; ratios to those bounds are printed. Timings are noisy on a shared
-machine: compare engines within one run.
+machine and machines differ (the same code took 16.4 s on seed 3 one day and 32.0 s on another): each refinement
+is also printed as a multiple of a named anchor timed in the same run (ANCHOR: SimpleITK's recursive Gaussian of a
+fixed 160^3 float image, best of 3), so runs on different machines compare by that ratio. Compare engines within
+one run.
 """
 import argparse
 import logging
@@ -26,6 +29,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "MRIHistoReg"))
 
 BOUND_SECONDS = 20.0
+ANCHOR = "SimpleITK SmoothingRecursiveGaussian, 160^3 float32, sigma 2 voxels, best of 3"
+
+
+def anchorSeconds(repeats=3):
+    """Seconds of the ANCHOR workload (a machine-speed yardstick with the same thread count as the engines)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((160, 160, 160), dtype=np.float32))
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        sitk.SmoothingRecursiveGaussian(image, 2.0)
+        best = min(best, time.perf_counter() - began)
+    return best
 PRESETS = {"elastix": "elastix B-spline + landmarks", "simpleitk": "affine + B-spline"}
 
 
@@ -95,8 +112,10 @@ def main(argv=None):
         began = time.perf_counter()
         elastix.loadEngine()
         print(f"itk-elastix one-time load: {time.perf_counter() - began:.1f} s")
+    anchor = anchorSeconds()
+    print(f"anchor ({ANCHOR}): {anchor:.3f} s")
     print("seed | landmarks | engine | TRE median before -> after (change) | p90 before -> after | "
-          "tumour volume before -> after | seconds (ratio to 20 s) | verdict")
+          "tumour volume before -> after | seconds (ratio to 20 s; multiple of the anchor) | verdict")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as work:
             folder = os.path.join(work, "sample")
@@ -107,7 +126,8 @@ def main(argv=None):
                     before, after, seconds, refinement = runCase(case, count, engine, args.working_mm)
                     print(f"{seed} | {count} | {engine} | {before[0]:.4f} -> {after[0]:.4f} "
                           f"({100 * (after[0] / before[0] - 1):+.0f} %) | {before[1]:.4f} -> {after[1]:.4f} | "
-                          f"{before[2]:+.1f} % -> {after[2]:+.1f} % | {seconds:.1f} ({seconds / BOUND_SECONDS:.2f}) | "
+                          f"{before[2]:+.1f} % -> {after[2]:+.1f} % | {seconds:.1f} ({seconds / BOUND_SECONDS:.2f}; "
+                          f"{seconds / anchor:.0f}x) | "
                           f"{'accepted' if refinement.accepted else 'REJECTED'}: {refinement.reason}", flush=True)
 
 
