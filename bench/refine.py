@@ -77,12 +77,28 @@ def score(case, mapping):
     return float(np.median(tre)), float(np.percentile(tre, 90)), float(volume)
 
 
-def runCase(case, count, engine, workingMm):
-    from MRIHistoRegLib import landmarks, settings, workflow
+def generatedCase(work, seed):
+    """(folder, loadCase) of the small sample generated for `seed` under the folder `work`."""
+    from MRIHistoRegLib import sampledata
+
+    folder = os.path.join(work, "sample")
+    sampledata.generateSampleData(folder, size="small", seed=seed)
+    return folder, loadCase(folder)
+
+
+def landmarkFit(case, count):
+    """affine+TPS fitted to the case's 12 landmarks (count 12) or to every second one (count 6)."""
+    from MRIHistoRegLib import landmarks, workflow
 
     chosen = np.arange(12) if count == 12 else np.arange(0, 12, 2)
     pairs = landmarks.LandmarkPairs([case["labels"][i] for i in chosen], case["lmMri"][chosen], case["lmHist"][chosen])
-    fit = workflow.fitLandmarks(pairs, "affine+tps")
+    return workflow.fitLandmarks(pairs, "affine+tps")
+
+
+def runCase(case, count, engine, workingMm):
+    from MRIHistoRegLib import settings, workflow
+
+    fit = landmarkFit(case, count)
     before = score(case, fit.model)
     began = time.perf_counter()
     refinement = workflow.refine(case["mri"], case["source"], fit, settings.refineSettings(PRESETS[engine]),
@@ -105,7 +121,7 @@ def main(argv=None):
 
     import SimpleITK as sitk
 
-    from MRIHistoRegLib import elastix, sampledata
+    from MRIHistoRegLib import elastix
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     if "elastix" in args.engines:
@@ -118,9 +134,7 @@ def main(argv=None):
           "tumour volume before -> after | seconds (ratio to 20 s; multiple of the anchor) | verdict")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as work:
-            folder = os.path.join(work, "sample")
-            sampledata.generateSampleData(folder, size="small", seed=seed)
-            case = loadCase(folder)
+            _, case = generatedCase(work, seed)
             for count in args.landmarks:
                 for engine in args.engines:
                     before, after, seconds, refinement = runCase(case, count, engine, args.working_mm)

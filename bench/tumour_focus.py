@@ -139,21 +139,16 @@ def main(argv=None):
     import tempfile
 
     import refine as bench
-    from MRIHistoRegLib import elastix, landmarks, sampledata, settings, workflow
+    from MRIHistoRegLib import elastix, sampledata, settings, workflow
 
     elastix.loadEngine()
     print("seed | landmark-only TRE / volume | default: TRE, volume, surface bias (x y z) um, s | "
           "focused: TRE, volume, surface bias (x y z) um, s")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as work:
-            folder = os.path.join(work, "sample")
-            sampledata.generateSampleData(folder, size="small", seed=seed)
-            case = bench.loadCase(folder)
+            folder, case = bench.generatedCase(work, seed)
             truth = sampledata.GroundTruthMapping(folder)
-            chosen = np.arange(12)  # bench/refine.py's 12 landmarks
-            pairs = landmarks.LandmarkPairs([case["labels"][i] for i in chosen], case["lmMri"][chosen],
-                                            case["lmHist"][chosen])
-            fit = workflow.fitLandmarks(pairs, "affine+tps")
+            fit = bench.landmarkFit(case, 12)
             scale = float(np.linalg.svd(np.asarray(fit.model.linearMatrix())[:3, :3], compute_uv=False).min())
             histology = workflow._workingHistology(case["source"], WORKING_MM * min(scale, 1.0), None)
             before = bench.score(case, fit.model)
