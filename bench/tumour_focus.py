@@ -61,7 +61,7 @@ def surfaceBias(truthMapping, mapping):
 
 
 def focusedStage(case, histology, start, args):
-    """M2 = start followed by the tumour-focused B-spline (a refine.RefinementResult)."""
+    """M2 = start followed by the tumour-focused B-spline or, with --scale-search, the scaling (a RefinementResult)."""
     from scipy import ndimage
 
     from MRIHistoRegLib import elastix, refine
