@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "MRIHistoReg"))
 
 BOUND_SECONDS = 20.0
 ANCHOR = "SimpleITK SmoothingRecursiveGaussian, 160^3 float32, sigma 2 voxels, best of 3"
+PRESETS = {"elastix": "elastix B-spline + landmarks", "simpleitk": "affine + B-spline"}
 
 
 def anchorSeconds(repeats=3):
@@ -43,7 +44,6 @@ def anchorSeconds(repeats=3):
         sitk.SmoothingRecursiveGaussian(image, 2.0)
         best = min(best, time.perf_counter() - began)
     return best
-PRESETS = {"elastix": "elastix B-spline + landmarks", "simpleitk": "affine + B-spline"}
 
 
 def loadCase(folder):

@@ -12,9 +12,8 @@ preset) and then, on a 0.1 mm grid over the MRI tumour label's box grown by --bo
 an affine map on the same metric first), composed as M2(x) = M1(x + d2(x)) and tapered to the identity over
 0.5 mm at the box's faces. --scale-search replaces that B-spline by a one-parameter search: the isotropic
 scaling about the tumour's centre (Gaussian-weighted, so it fades out within a few mm) that maximises mutual
-information over the same mask (scaleSearch). --from-truth starts the
-focused stage from the TRUE mapping instead: whatever it moves then is the metric's own bias, not a convergence
-problem. Printed: held-out TRE median (change vs landmark-only), tumour volume in MRI space vs the truth, and the
+information over the same mask (scaleSearch). --from-truth starts the focused stage from the TRUE mapping
+instead: whatever it moves then is the metric's own bias, not a convergence problem. Printed: held-out TRE median (change vs landmark-only), tumour volume in MRI space vs the truth, and the
 tumour surface's mean radial bias (um; 1 % of volume is about 1.8 um on this tumour) against the true mapping on
 4000 surface points, with its mean displacement (x, y, z um).
 """
@@ -106,7 +105,7 @@ def scaleSearch(images, offsets, args):
     shape = images.fixed.shape
     weighted = offsets * np.exp(-np.sum(offsets ** 2, axis=1) / (2 * args.scale_sigma_mm ** 2))[:, None]
     scales = np.linspace(-args.scale_search, args.scale_search, 13) / 100
-    metric = {"histogramBins": 32}
+    metric = {"histogramBins": elastix.DEFAULT_SETTINGS["histogramBins"]}
     values = np.array([elastix._mattes(images, (s * weighted).reshape(shape + (3,)), metric)[1] for s in scales])
     best = int(np.clip(np.argmin(values), 1, len(values) - 2))
     low, mid, high = values[best - 1:best + 2]
@@ -149,8 +148,7 @@ def main(argv=None):
             folder, case = bench.generatedCase(work, seed)
             truth = sampledata.GroundTruthMapping(folder)
             fit = bench.landmarkFit(case, 12)
-            scale = float(np.linalg.svd(np.asarray(fit.model.linearMatrix())[:3, :3], compute_uv=False).min())
-            histology = workflow._workingHistology(case["source"], WORKING_MM * min(scale, 1.0), None)
+            histology = workflow.elastixHistology(case["source"], fit, WORKING_MM)  # what workflow.refine registers
             before = bench.score(case, fit.model)
             row = f"{seed} | {before[0]:.4f} / {before[2]:+.1f} % | "
             if args.from_truth:

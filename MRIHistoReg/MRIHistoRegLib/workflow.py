@@ -180,22 +180,26 @@ def _loadedEngine(settings, progress):
 
 
 def _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress):
-    """The elastix engine on the histology area-averaged to about the working spacing, in histology units (the
-    working spacing times the mapping's smallest scale: the resampling through L then does not blur it)."""
+    """The elastix engine on the stack as elastixHistology downsamples it (or on an Image given as is)."""
     from . import elastix
 
     if workingSpacingMm is None:
         workingSpacingMm = elastix.DEFAULT_WORKING_SPACING_MM
     if not workingSpacingMm > 0:
         raise UserInputError(f"The working spacing must be positive (mm), got {float(workingSpacingMm):g}.")
-    if isinstance(histology, Image):
-        moving = histology
-    else:
-        linear = fit.model.linearMatrix() if hasattr(fit.model, "linearMatrix") else None
-        scale = 1.0 if linear is None else float(np.linalg.svd(np.asarray(linear)[:3, :3], compute_uv=False).min())
-        moving = _workingHistology(histology, float(workingSpacingMm) * min(scale, 1.0), progress)
+    moving = histology if isinstance(histology, Image) else elastixHistology(histology, fit, workingSpacingMm,
+                                                                             progress)
     return elastix.refineWithElastix(mri, moving, fit, settings, float(workingSpacingMm), mriMask,
                                      progressLib.scaled(progress, 0.3, 1.0))
+
+
+def elastixHistology(source, fit: LandmarkFit, workingSpacingMm: float,
+                     progress: Optional[ProgressCallback] = None) -> Image:
+    """The stack area-averaged for the elastix engine: to the working spacing in histology units (times the landmark
+    mapping's smallest scale), so the resampling through L onto the working grid does not blur it further."""
+    linear = fit.model.linearMatrix() if hasattr(fit.model, "linearMatrix") else None
+    scale = 1.0 if linear is None else float(np.linalg.svd(np.asarray(linear)[:3, :3], compute_uv=False).min())
+    return _workingHistology(source, float(workingSpacingMm) * min(scale, 1.0), progress)
 
 
 def _workingHistology(source, workingSpacingMm, progress) -> Image:
