@@ -5,7 +5,7 @@ attempt starts from them instead of from scratch.
     .venv/bin/python bench/tumour_focus.py [--seeds 3 4] [--from-truth] [--sampler Random] [--grow-mm 0.5]
         [--box-mm 1.5] [--grid-mm 0.75] [--bending 1] [--iterations 250] [--affine]
         [--metric AdvancedMattesMutualInformation] [--scale-search 3 [--scale-sigma-mm 1] [--off-grid]]
-        [--perturb-scale 1.5]
+        [--perturb-scale 1.5] [--bins 128] [--samples 20000]
 
 Per seed (small sample, 12 landmarks): the default refinement (workflow.refine, the "elastix B-spline + landmarks"
 preset) and then, on a 0.1 mm grid over the MRI tumour label's box grown by --box-mm, elastix with one metric
@@ -98,6 +98,8 @@ def focusedStage(case, histology, start, args):
     settings = elastix.elastixSettings({
         "controlPointSpacingMm": args.grid_mm, "bendingWeight": args.bending, "iterations": args.iterations,
         "resolutions": 2, "gridSpacingSchedule": (2, 1), "pyramidSchedule": (2, 1), "affineStage": args.affine,
+        "histogramBins": args.bins or elastix.DEFAULT_SETTINGS["histogramBins"],
+        "samples": args.samples or elastix.DEFAULT_SETTINGS["samples"],
         "parameterOverrides": {"Metric": [args.metric, "TransformBendingEnergyPenalty"],
                                "ImageSampler": args.sampler}})
     displacement = elastix.runElastix(images, None, None, settings) * taper[..., None]
@@ -187,6 +189,8 @@ def main(argv=None):
     parser.add_argument("--bending", type=float, default=1.0)
     parser.add_argument("--iterations", type=int, default=250)
     parser.add_argument("--affine", action="store_true", help="an affine map of the tumour region first")
+    parser.add_argument("--bins", type=int, default=0, help="histogram bins of the focused B-spline (0: the default)")
+    parser.add_argument("--samples", type=int, default=0, help="its spatial samples per iteration (0: the default)")
     parser.add_argument("--scale-search", type=float, default=0.0, metavar="PERCENT",
                         help="instead of the B-spline: search an isotropic scaling of the tumour region over +-PERCENT")
     parser.add_argument("--scale-sigma-mm", type=float, default=1.0)
