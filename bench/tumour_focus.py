@@ -17,9 +17,11 @@ information over the same mask (scaleSearch); --off-grid evaluates that informat
 grid (see mattesOffGrid: on the grid the start is favoured by linear interpolation's cusp at d = 0).
 --from-truth starts the focused stage from the TRUE mapping instead: whatever it moves then is the metric's own
 bias, not a convergence problem. --perturb-scale PERCENT starts it from the true mapping followed by a KNOWN
-isotropic scaling of the tumour region (the same Gaussian-weighted field): what it recovers of a known error. Printed: held-out TRE median (change vs landmark-only), tumour volume in MRI space vs the truth, and the
-tumour surface's mean radial bias (um; 1 % of volume is about 1.8 um on this tumour) against the true mapping on
-4000 surface points, with its mean displacement (x, y, z um).
+isotropic scaling of the tumour region (the same Gaussian-weighted field): what it recovers of a known error.
+--bins / --samples: the focused B-spline's histogram bins and samples per iteration. Printed: held-out TRE median
+(change vs landmark-only), tumour volume in MRI space vs the truth, and the tumour surface's mean radial bias (um;
+1 % of volume is about 1.8 um on this tumour) against the true mapping on 4000 surface points, with its mean
+displacement (x, y, z um).
 """
 import argparse
 import json
@@ -138,9 +140,9 @@ def mattesOffGrid(images, displacement):
     return method.MetricEvaluate(fixed, moving)
 
 
-def perturbedTruth(case, truth, percent):
-    """The true mapping followed by the isotropic scaling `percent` (linear) of the tumour region, on a 0.1 mm grid
-    over the label's box grown by PERTURB_BOX_MM: a start whose error is known."""
+def perturbedTruth(case, truth, percent, sigmaMm):
+    """The true mapping followed by the isotropic scaling `percent` (linear, Gaussian weight of SD sigmaMm) of the
+    tumour region, on a 0.1 mm grid over the label's box grown by PERTURB_BOX_MM: a start whose error is known."""
     from MRIHistoRegLib import elastix, refine
     from MRIHistoRegLib.geometry import applyMatrix, gridPoints, spacingOf
 
@@ -151,7 +153,7 @@ def perturbedTruth(case, truth, percent):
     box = (np.maximum(ijk.min(0) - margin, -0.5), np.minimum(ijk.max(0) + margin, np.asarray(mri.shapeIjk) - 0.5))
     shape, matrix = elastix.workingGrid(mri.shape, mri.ijkToRas, WORKING_MM, box)
     offsets = gridPoints(shape, matrix) - np.mean(applyMatrix(label.ijkToRas, ijk.astype(float)), axis=0)
-    field = percent / 100 * gaussianScaling(offsets, 1.0)
+    field = percent / 100 * gaussianScaling(offsets, sigmaMm)
     return refine.RefinementResult(truth, field.reshape(shape + (3,)), matrix, accepted=True)
 
 
@@ -220,7 +222,7 @@ def main(argv=None):
             before = bench.score(case, fit.model)
             row = f"{seed} | {before[0]:.4f} / {before[2]:+.1f} % | "
             if args.perturb_scale:
-                start = perturbedTruth(case, truth, args.perturb_scale)
+                start = perturbedTruth(case, truth, args.perturb_scale, args.scale_sigma_mm)
                 row += f"(from the truth scaled by {args.perturb_scale:+g} %) " + _describe(case, truth, start, before, 0.0) + " | "
             elif args.from_truth:
                 start = truth
