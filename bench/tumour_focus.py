@@ -14,7 +14,7 @@ an affine map on the same metric first), composed as M2(x) = M1(x + d2(x)) and t
 0.5 mm at the box's faces. --scale-search replaces that B-spline by a one-parameter search: the isotropic
 scaling about the tumour's centre (Gaussian-weighted, so it fades out within a few mm) that maximises mutual
 information over the same mask (scaleSearch); --off-grid evaluates that information at points off the working
-grid (see mattesOffGrid: on the grid the start is favoured by linear interpolation's cusp at d = 0).
+grid (elastix.mattesValue: on the grid the start is favoured by linear interpolation's cusp at d = 0).
 --from-truth starts the focused stage from the TRUE mapping instead: whatever it moves then is the metric's own
 bias, not a convergence problem. --perturb-scale PERCENT starts it from the true mapping followed by a KNOWN
 isotropic scaling of the tumour region (the same Gaussian-weighted field): what it recovers of a known error.
@@ -69,20 +69,29 @@ def surfaceBias(truthMapping, mapping):
     return 1000 * float(np.mean(np.sum(offset * normals, axis=1))), 1000 * offset.mean(axis=0)
 
 
+def tumourGrid(case, marginMm):
+    """(shape, ijkToRas, box, centre RAS) of the working grid over the MRI tumour label's box grown by marginMm."""
+    from MRIHistoRegLib import elastix
+    from MRIHistoRegLib.geometry import applyMatrix, spacingOf
+
+    mri, label = case["mri"], case["mriLabels"]
+    kk, jj, ii = np.nonzero(label.array)
+    ijk = np.stack([ii, jj, kk], 1)
+    margin = marginMm / spacingOf(mri.ijkToRas)
+    box = (np.maximum(ijk.min(0) - margin, -0.5), np.minimum(ijk.max(0) + margin, np.asarray(mri.shapeIjk) - 0.5))
+    shape, matrix = elastix.workingGrid(mri.shape, mri.ijkToRas, WORKING_MM, box)
+    return shape, matrix, box, np.mean(applyMatrix(label.ijkToRas, ijk.astype(float)), axis=0)
+
+
 def focusedStage(case, histology, start, args):
     """M2 = start followed by the tumour-focused B-spline or, with --scale-search, the scaling (a RefinementResult)."""
     from scipy import ndimage
 
     from MRIHistoRegLib import elastix, refine
-    from MRIHistoRegLib.geometry import applyMatrix, gridPoints, spacingOf
+    from MRIHistoRegLib.geometry import gridPoints, spacingOf
 
     mri, label = case["mri"], case["mriLabels"]
-    kk, jj, ii = np.nonzero(label.array)
-    ijk = np.stack([ii, jj, kk], 1)
-    spacing = spacingOf(mri.ijkToRas)
-    box = (np.maximum(ijk.min(0) - args.box_mm / spacing, -0.5),
-           np.minimum(ijk.max(0) + args.box_mm / spacing, np.asarray(mri.shapeIjk) - 0.5))
-    shape, matrix = elastix.workingGrid(mri.shape, mri.ijkToRas, WORKING_MM, box)
+    shape, matrix, box, centre = tumourGrid(case, args.box_mm)
     points = gridPoints(shape, matrix)
     fixed = elastix._sample(elastix._smoothForGrid(mri.array, mri.ijkToRas, WORKING_MM), mri.ijkToRas, points)
     moving = elastix._sample(histology.array, histology.ijkToRas, elastix._mappedPoints(start, points),
@@ -94,7 +103,6 @@ def focusedStage(case, histology, start, args):
     taper = elastix._taper(shape, matrix, mri, box, TAPER_MM)
     images = elastix.WorkingImages(fixed, moving, mask.astype(np.uint8), matrix, taper)
     if args.scale_search:
-        centre = np.mean(applyMatrix(label.ijkToRas, ijk.astype(float)), axis=0)
         displacement = scaleSearch(images, points - centre, args) * taper[..., None]
         return refine.RefinementResult(start, displacement, matrix, accepted=True)
     settings = elastix.elastixSettings({
@@ -113,46 +121,14 @@ def gaussianScaling(offsets, sigmaMm):
     return offsets * np.exp(-np.sum(offsets ** 2, axis=1) / (2 * sigmaMm ** 2))[:, None]
 
 
-def mattesOffGrid(images, displacement):
-    """Mattes MI (negative) of the working images over the fixed mask under `displacement`, sampled on a virtual
-    grid of OFF_GRID_RATIO x the working spacing. At the working grid's own voxel centres the moving image (resampled
-    there through the start) is read without interpolation at d = 0 and blurred by linear interpolation at any
-    d != 0; that cusp pins a search for a few-um correction to its start (README: a known scaling was recovered by
-    half or less)."""
-    import SimpleITK as sitk
-
-    from MRIHistoRegLib import elastix
-    from MRIHistoRegLib.geometry import flipPointsLpsRas
-    from MRIHistoRegLib.volumes import sitkImageFromArray
-
-    fixed = sitkImageFromArray(images.fixed, images.ijkToRas, dtype=np.float32)
-    moving = sitkImageFromArray(images.moving, images.ijkToRas, dtype=np.float32)
-    field = flipPointsLpsRas(displacement.reshape(-1, 3)).reshape(displacement.shape)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(elastix.DEFAULT_SETTINGS["histogramBins"]))
-    method.SetMetricFixedMask(sitkImageFromArray(images.mask, images.ijkToRas, dtype=np.uint8))
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetVirtualDomain([int(np.ceil(n / OFF_GRID_RATIO)) for n in fixed.GetSize()], fixed.GetOrigin(),
-                            [s * OFF_GRID_RATIO for s in fixed.GetSpacing()], fixed.GetDirection())
-    method.SetMovingInitialTransform(sitk.DisplacementFieldTransform(
-        sitkImageFromArray(field, images.ijkToRas, dtype=np.float64, isVector=True)))
-    method.SetInitialTransform(sitk.TranslationTransform(3))
-    return method.MetricEvaluate(fixed, moving)
-
-
 def perturbedTruth(case, truth, percent, sigmaMm):
     """The true mapping followed by the isotropic scaling `percent` (linear, Gaussian weight of SD sigmaMm) of the
     tumour region, on a 0.1 mm grid over the label's box grown by PERTURB_BOX_MM: a start whose error is known."""
-    from MRIHistoRegLib import elastix, refine
-    from MRIHistoRegLib.geometry import applyMatrix, gridPoints, spacingOf
+    from MRIHistoRegLib import refine
+    from MRIHistoRegLib.geometry import gridPoints
 
-    mri, label = case["mri"], case["mriLabels"]
-    kk, jj, ii = np.nonzero(label.array)
-    ijk = np.stack([ii, jj, kk], 1)
-    margin = PERTURB_BOX_MM / spacingOf(mri.ijkToRas)
-    box = (np.maximum(ijk.min(0) - margin, -0.5), np.minimum(ijk.max(0) + margin, np.asarray(mri.shapeIjk) - 0.5))
-    shape, matrix = elastix.workingGrid(mri.shape, mri.ijkToRas, WORKING_MM, box)
-    offsets = gridPoints(shape, matrix) - np.mean(applyMatrix(label.ijkToRas, ijk.astype(float)), axis=0)
+    shape, matrix, _, centre = tumourGrid(case, PERTURB_BOX_MM)
+    offsets = gridPoints(shape, matrix) - centre
     field = percent / 100 * gaussianScaling(offsets, sigmaMm)
     return refine.RefinementResult(truth, field.reshape(shape + (3,)), matrix, accepted=True)
 
@@ -160,17 +136,16 @@ def perturbedTruth(case, truth, percent, sigmaMm):
 def scaleSearch(images, offsets, args):
     """d(x) = s (x - c) g(x): the isotropic scaling s about the tumour's centre c (Gaussian weight g of SD
     --scale-sigma-mm) that maximises Mattes MI over the mask, searched on 13 values over +-(--scale-search) % and
-    refined by a parabola through the best three; with --off-grid the MI is mattesOffGrid's."""
+    refined by a parabola through the best three; with --off-grid the MI is sampled off the working grid
+    (elastix.mattesValue's virtual grid of OFF_GRID_RATIO x the working spacing)."""
     from MRIHistoRegLib import elastix
 
     shape = images.fixed.shape
     weighted = gaussianScaling(offsets, args.scale_sigma_mm)
     scales = np.linspace(-args.scale_search, args.scale_search, 13) / 100
-    metric = {"histogramBins": elastix.DEFAULT_SETTINGS["histogramBins"]}
-    if args.off_grid:
-        values = np.array([mattesOffGrid(images, (s * weighted).reshape(shape + (3,))) for s in scales])
-    else:
-        values = np.array([elastix._mattes(images, (s * weighted).reshape(shape + (3,)), metric)[1] for s in scales])
+    bins, ratio = elastix.DEFAULT_SETTINGS["histogramBins"], OFF_GRID_RATIO if args.off_grid else None
+    values = np.array([elastix.mattesValue(images, (s * weighted).reshape(shape + (3,)), bins, ratio)
+                       for s in scales])
     best = int(np.clip(np.argmin(values), 1, len(values) - 2))
     low, mid, high = values[best - 1:best + 2]
     curvature = low - 2 * mid + high
@@ -197,7 +172,7 @@ def main(argv=None):
                         help="instead of the B-spline: search an isotropic scaling of the tumour region over +-PERCENT")
     parser.add_argument("--scale-sigma-mm", type=float, default=1.0)
     parser.add_argument("--off-grid", action="store_true",
-                        help="the scale search's MI sampled off the working grid (mattesOffGrid)")
+                        help="the scale search's MI sampled off the working grid (elastix.mattesValue)")
     parser.add_argument("--perturb-scale", type=float, default=0.0, metavar="PERCENT",
                         help="start from the true mapping followed by this known isotropic scaling of the tumour")
     parser.add_argument("--default-overrides", default="{}",

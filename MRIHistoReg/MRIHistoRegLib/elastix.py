@@ -455,23 +455,32 @@ def runElastix(images, fixedPoints, movingPoints, settings):
 def _mattes(images, displacement, settings):
     """Mattes MI (SimpleITK, negative: lower is better) of the working images over the fixed mask, for d = 0 and
     for `displacement`: the guard rails' before/after figures, measured the same way as the SimpleITK engine's."""
+    bins = int(settings["histogramBins"])
+    return [mattesValue(images, np.zeros_like(displacement), bins), mattesValue(images, displacement, bins)]
+
+
+def mattesValue(images, displacement, bins, virtualSpacingRatio=None):
+    """Mattes MI (negative) of the working images over the fixed mask under `displacement` (RAS mm, [k, j, i, 3]),
+    sampled at the working grid's voxel centres, or with virtualSpacingRatio on a grid of that many times the
+    working spacing, off the grid for both images: at the voxel centres d = 0 reads the moving image without
+    interpolation and any d != 0 blurs it, a cusp that favours small corrections' start (bench/tumour_focus.py)."""
     from .volumes import sitkImageFromArray
 
     fixed = sitkImageFromArray(images.fixed, images.ijkToRas, dtype=np.float32)
     moving = sitkImageFromArray(images.moving, images.ijkToRas, dtype=np.float32)
-    mask = sitkImageFromArray(images.mask, images.ijkToRas, dtype=np.uint8)
-    values = []
-    for field in (np.zeros_like(displacement), displacement):
-        image = sitkImageFromArray(flipPointsLpsRas(field.reshape(-1, 3)).reshape(field.shape), images.ijkToRas,
-                                   dtype=np.float64, isVector=True)
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogramBins"]))
-        method.SetMetricFixedMask(mask)
-        method.SetInterpolator(sitk.sitkLinear)
-        method.SetMovingInitialTransform(sitk.DisplacementFieldTransform(image))
-        method.SetInitialTransform(sitk.TranslationTransform(3))
-        values.append(method.MetricEvaluate(fixed, moving))
-    return values
+    field = sitkImageFromArray(flipPointsLpsRas(displacement.reshape(-1, 3)).reshape(displacement.shape),
+                               images.ijkToRas, dtype=np.float64, isVector=True)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    method.SetMetricFixedMask(sitkImageFromArray(images.mask, images.ijkToRas, dtype=np.uint8))
+    method.SetInterpolator(sitk.sitkLinear)
+    if virtualSpacingRatio is not None:
+        ratio = float(virtualSpacingRatio)
+        method.SetVirtualDomain([int(np.ceil(n / ratio)) for n in fixed.GetSize()], fixed.GetOrigin(),
+                                [s * ratio for s in fixed.GetSpacing()], fixed.GetDirection())
+    method.SetMovingInitialTransform(sitk.DisplacementFieldTransform(field))
+    method.SetInitialTransform(sitk.TranslationTransform(3))
+    return method.MetricEvaluate(fixed, moving)
 
 
 def refineWithElastix(mri, histology, fit, settings, workingSpacingMm, mriMask=None, progress=None):
