@@ -41,7 +41,6 @@ SHIFT_BOUND_MM = 0.15
 
 
 class FocusResult(NamedTuple):
-    displacement: np.ndarray  # RAS mm on the working grid [k, j, i, 3]
     strain: np.ndarray  # E (3 x 3, RAS)
     shiftMm: np.ndarray  # t (3, RAS)
     gain: float  # cost at the start minus cost at the end (>= 0)
@@ -175,7 +174,7 @@ def focusTumour(fixed, moving, start, mask, workingIjkToRas, centreRas, sigmaMm,
     for value, (a, b) in zip(parameters[:6], pairs):
         strain[a, b] = strain[b, a] = value * STRAIN_UNIT
     shift = parameters[6:] * SHIFT_UNIT_MM
-    return FocusResult(None, strain, shift, float(startCost - min(found.fun, startCost)), evaluations[0])
+    return FocusResult(strain, shift, float(startCost - min(found.fun, startCost)), evaluations[0])
 
 
 def focusField(result, pointsRas, centreRas, sigmaMm):
