@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from MRIHistoRegLib.geometry import ijkToRasPoints, rasToIjkPoints
+
 # the virtual grid's spacing over the working one: not a ratio of small integers, so the samples' fractional
 # offsets in both images run through [0, 1) whatever the displacement
 VIRTUAL_SPACING_RATIO = 0.7321
@@ -92,13 +94,7 @@ class _VirtualGrid:
         k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
         self.shape = k.shape
         self.workingIjk = np.stack([i, j, k], axis=-1).reshape(-1, 3)
-        matrix = np.asarray(ijkToRas, float)
-        self.ras = self.workingIjk @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def _indices(ijkToRas, ras):
-    matrix = np.asarray(ijkToRas, float)
-    return (np.asarray(ras) - matrix[:3, 3]) @ np.linalg.inv(matrix[:3, :3]).T
+        self.ras = ijkToRasPoints(ijkToRas, self.workingIjk)
 
 
 def _interpolate(array, ijk, order=1):
@@ -119,16 +115,16 @@ def focusTumour(fixed, moving, start, mask, workingIjkToRas, centreRas, sigmaMm,
     grid = _VirtualGrid(mask, workingIjkToRas, radius)
     fixedArray, fixedMatrix = np.asarray(fixed[0], np.float64), fixed[1]
     movingArray, movingMatrix = np.asarray(moving[0], np.float64), moving[1]
-    fixedVirtual = _interpolate(fixedArray, _indices(fixedMatrix, grid.ras)).reshape(grid.shape)
+    fixedVirtual = _interpolate(fixedArray, rasToIjkPoints(fixedMatrix, grid.ras)).reshape(grid.shape)
     fixedVirtual = fixedVirtual / (float(np.std(fixedVirtual)) or 1.0)
     # moving indices of start(x) and their derivative by x (forward differences of the start mapping)
     step = 0.01
-    base = _indices(movingMatrix, start.transformPoints(grid.ras))
+    base = rasToIjkPoints(movingMatrix, start.transformPoints(grid.ras))
     jacobian = np.empty((len(base), 3, 3))  # d moving-ijk / d RAS
     for axis in range(3):
         bumped = grid.ras.copy()
         bumped[:, axis] += step
-        jacobian[:, :, axis] = (_indices(movingMatrix, start.transformPoints(bumped)) - base) / step
+        jacobian[:, :, axis] = (rasToIjkPoints(movingMatrix, start.transformPoints(bumped)) - base) / step
     movingArray = movingArray / (float(np.std(_interpolate(movingArray, base))) or 1.0)
     # forward differences along each axis: the exact derivative of the trilinear interpolant inside a cell is
     # the other two axes' interpolation of them at the cell's lower index, so cost and gradient agree
@@ -136,7 +132,7 @@ def focusTumour(fixed, moving, start, mask, workingIjkToRas, centreRas, sigmaMm,
                    for axis in (2, 1, 0)]  # d/di, d/dj, d/dk
     weights = _interpolate(np.asarray(mask, np.float64), grid.workingIjk, order=0).reshape(grid.shape)
     offsets = grid.ras - np.asarray(centreRas, float)
-    g = np.exp(-np.sum(offsets ** 2, axis=1) / (2.0 * sigmaMm ** 2))
+    g = _gaussianWeight(offsets, sigmaMm)
     pairs = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
     # d (RAS mm) per parameter: strain in STRAIN_UNIT, shift in SHIFT_UNIT_MM; then in moving indices
     basis = np.zeros((9,) + offsets.shape)
@@ -177,11 +173,14 @@ def focusTumour(fixed, moving, start, mask, workingIjkToRas, centreRas, sigmaMm,
     return FocusResult(strain, shift, float(startCost - min(found.fun, startCost)), evaluations[0])
 
 
+def _gaussianWeight(offsets, sigmaMm):
+    return np.exp(-np.sum(offsets ** 2, axis=1) / (2.0 * sigmaMm ** 2))
+
+
 def focusField(result, pointsRas, centreRas, sigmaMm):
     """The focus displacement d(x) (RAS mm, [N, 3]) at `pointsRas`."""
     offsets = np.asarray(pointsRas, float) - np.asarray(centreRas, float)
-    g = np.exp(-np.sum(offsets ** 2, axis=1) / (2.0 * sigmaMm ** 2))
-    return g[:, None] * (offsets @ result.strain.T + result.shiftMm)
+    return _gaussianWeight(offsets, sigmaMm)[:, None] * (offsets @ result.strain.T + result.shiftMm)
 
 
 def mriNear(mri, box, workingSpacingMm):
