@@ -2,7 +2,8 @@
 # MRIHistoReg's two entry points on a fresh machine. Each creates .venv/ (pinned requirements) when missing.
 #   ./run.sh demo [OUT_DIR]    generate the sample data and run the whole headless pipeline, writing a report
 #   ./run.sh test               run the whole test suite twice: on the pinned stack (.venv) and on the oldest
-#                               supported Slicer's numpy/SimpleITK/tifffile (.venv-slicer-stack)
+#                               supported Slicer's numpy/SimpleITK/tifffile (.venv-slicer-stack), each on
+#                               TEST_WORKERS pytest-xdist processes (default 2)
 #   ./run.sh test PYTEST_ARGS   only the files/options given, on .venv (e.g. Testing/test_fitting.py -q)
 #   ./run.sh test --slicer-stack [PYTEST_ARGS]   only on .venv-slicer-stack
 set -euo pipefail
@@ -60,14 +61,17 @@ case "$command" in
       run_suite .venv "$@"
       exit $?
     fi
-    echo "run.sh: test suite on the pinned stack (.venv)" >&2
+    # Most tests are single-threaded numpy, so one worker process per core nearly halves their wall time; the
+    # threaded elastix/SimpleITK refinements share the cores either way.
+    workers=(-n "${TEST_WORKERS:-2}")
+    echo "run.sh: test suite on the pinned stack (.venv), ${TEST_WORKERS:-2} workers" >&2
     status=0
-    run_suite .venv || status=$?
+    run_suite .venv "${workers[@]}" || status=$?
     ensure_venv .venv-slicer-stack requirements-slicer-stack.txt
     # The minutes-long B-spline refinements (their accuracy targets) ran above; here the same calls into
     # numpy/SimpleITK/tifffile run in every other test, the affine and small B-spline refinements included.
-    echo "run.sh: test suite on the oldest supported Slicer's stack (.venv-slicer-stack)" >&2
-    run_suite .venv-slicer-stack -m "not bspline_refinement" || status=$?
+    echo "run.sh: test suite on the oldest supported Slicer's stack (.venv-slicer-stack), ${TEST_WORKERS:-2} workers" >&2
+    run_suite .venv-slicer-stack "${workers[@]}" -m "not bspline_refinement" || status=$?
     exit $status
     ;;
   *)
