@@ -173,6 +173,13 @@ def focusTumour(fixed, moving, start, mask, workingIjkToRas, centreRas, sigmaMm,
     return FocusResult(strain, shift, float(startCost - min(found.fun, startCost)), evaluations[0])
 
 
+def logCounts(array):
+    """The log of a microscopy image's counts (floored at 1). Its speckle, striping, shadows and attenuation
+    multiply the signal, so on the counts a bright tumour carries more noise than its neighbours, and a window's
+    correlation rises where the mapping takes fewer bright voxels in; on the log they are additive and alike."""
+    return np.log(np.maximum(np.asarray(array, np.float64), 1.0))
+
+
 def _gaussianWeight(offsets, sigmaMm):
     return np.exp(-np.sum(offsets ** 2, axis=1) / (2.0 * sigmaMm ** 2))
 
