@@ -23,8 +23,8 @@ isotropic scaling of the tumour region (the same Gaussian-weighted field): what 
 the B-spline by bench/local_focus.py's Gaussian-weighted strain + shift of the tumour region (mask grown by
 --grow-mm), --shared-grid reading both images on the working grid, --log-histology on the log of the histology's
 counts (its speckle, stripes, shadows and depth attenuation are multiplicative: the log makes them additive and
-of one size over bright and dim tissue, where a bright tumour's larger noise otherwise biases the correlation). Printed: held-out TRE median
-(change vs landmark-only), tumour volume in MRI space vs the truth, and the tumour surface's mean radial bias (um;
+of one size over bright and dim tissue, where a bright tumour's larger noise otherwise biases the correlation).
+Printed: held-out TRE median (change vs landmark-only), tumour volume in MRI space vs the truth, and the tumour surface's mean radial bias (um;
 1 % of volume is about 1.8 um on this tumour) against the true mapping on 4000 surface points, with its mean
 displacement (x, y, z um). --real-mri MOUSE: Testing/realmri.py's case (the real 0.15 mm MRI of that mouse, seeds
 as given) instead of the sample; no surface bias there (its tumour is a real structure, no ellipsoid).
@@ -218,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--default-overrides", default="{}",
                         help="JSON parameterOverrides of the default stage, e.g. '{\"ImageSampler\": \"Random\"}'")
     args = parser.parse_args(argv)
+    if args.log_histology and (args.shared_grid or not args.local_correlation):
+        parser.error("--log-histology applies to --local-correlation on the images' own grids (not --shared-grid)")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 
     import tempfile
