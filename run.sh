@@ -61,17 +61,17 @@ case "$command" in
       run_suite .venv "$@"
       exit $?
     fi
-    # Most tests are single-threaded numpy, so one worker process per core nearly halves their wall time; the
-    # threaded elastix/SimpleITK refinements share the cores either way.
-    workers=(-n "${TEST_WORKERS:-2}")
-    echo "run.sh: test suite on the pinned stack (.venv), ${TEST_WORKERS:-2} workers" >&2
+    # Most tests are single-threaded numpy, so one worker process per core shortens the run; the threaded
+    # elastix/SimpleITK refinements share the cores either way.
+    workers=${TEST_WORKERS:-2}
+    echo "run.sh: test suite on the pinned stack (.venv), $workers workers" >&2
     status=0
-    run_suite .venv "${workers[@]}" || status=$?
+    run_suite .venv -n "$workers" || status=$?
     ensure_venv .venv-slicer-stack requirements-slicer-stack.txt
     # The minutes-long B-spline refinements (their accuracy targets) ran above; here the same calls into
     # numpy/SimpleITK/tifffile run in every other test, the affine and small B-spline refinements included.
-    echo "run.sh: test suite on the oldest supported Slicer's stack (.venv-slicer-stack), ${TEST_WORKERS:-2} workers" >&2
-    run_suite .venv-slicer-stack "${workers[@]}" -m "not bspline_refinement" || status=$?
+    echo "run.sh: test suite on the oldest supported Slicer's stack (.venv-slicer-stack), $workers workers" >&2
+    run_suite .venv-slicer-stack -n "$workers" -m "not bspline_refinement" || status=$?
     exit $status
     ;;
   *)
