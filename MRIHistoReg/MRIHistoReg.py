@@ -607,7 +607,8 @@ class MRIHistoRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self._action(_("Intensity refinement failed."), _("Refining")) as progress:
             result = self.logic.refineRegistration(p.mriVolume, p.histologyVolume, p.landmarkTransform, p.refinePreset,
                                                    outputTransform=p.refinedTransform, mriLandmarks=p.mriLandmarks,
-                                                   histologyLandmarks=p.histologyLandmarks, progress=progress)
+                                                   histologyLandmarks=p.histologyLandmarks, progress=progress,
+                                                   mriLabels=p.mriLabels)
             if result.accepted:
                 p.refinedTransform = result.transformNode
             self.ui.refineResultLabel.text = result.summary

@@ -17,7 +17,7 @@ needsElastix = pytest.mark.skipif(not HAS_ELASTIX, reason="itk-elastix is not in
 # 2 %; the engine reaches -57 to -71 % (seed 0: -57 %) and -3.6 to +6.0 % over seeds 0-4 (bench/refine.py,
 # README): the test holds the TRE to the issue's bar and the volume to what seed 0 reaches (-3.5 %), so that a
 # regression fails and the gap to the volume target stays visible.
-ISSUE_TRE_REDUCTION, VOLUME_TOLERANCE = 0.55, 0.04
+ISSUE_TRE_REDUCTION, VOLUME_TOLERANCE = 0.55, 0.02  # the issue's targets (issue 15)
 FAST = {"resolutions": 2, "gridSpacingSchedule": (2, 1), "pyramidSchedule": (2, 1), "iterations": 60,
         "samples": 2000, "controlPointSpacingMm": 1.5, "histologyBiasCorrection": False, "marginMm": 0.6,
         "minOverlapVoxels": 500}
@@ -253,17 +253,19 @@ def test_the_default_refinement_meets_the_targets_on_the_sample(sampleData):
     lmHist, evalMri, evalHist = (read(n)[1] for n in ("landmarks_histology.csv", "eval_points_mri.csv",
                                                        "eval_points_histology.csv"))
     fit = workflow.fitLandmarks(landmarks.LandmarkPairs(labels, lmMri, lmHist), "affine+tps")
-    refinement = workflow.refine(mri, source, fit, settings=settings.refineSettings(), workingSpacingMm=0.1)
+    mriLabels = workflow.Image(volumes.arrayFromVolume(volumes.loadVolume(scene, str(sampleData / "mri_tumour_label.nrrd"),
+                                                                          labelmap=True)), mri.ijkToRas)
+    refinement = workflow.refine(mri, source, fit, settings=settings.refineSettings(), workingSpacingMm=0.1,
+                                 tumourLabels=mriLabels)
     assert refinement.accepted, refinement.reason
     assert refinement.summary["engine"] == "elastix" and refinement.summary["min_jacobian_determinant"] > 0
+    assert refinement.summary["tumour_focus"]["applied"], refinement.summary["tumour_focus"]
 
     def tre(mapping):
         return np.median(np.linalg.norm(compare.InverseMapping(mapping).transformPoints(evalHist) - evalMri, axis=1))
 
     before, after = tre(fit.model), tre(refinement.mapping)
     assert after < (1 - ISSUE_TRE_REDUCTION) * before, (before, after)
-    mriLabels = workflow.Image(volumes.arrayFromVolume(volumes.loadVolume(scene, str(sampleData / "mri_tumour_label.nrrd"),
-                                                                          labelmap=True)), mri.ijkToRas)
     histLabels = workflow.Image(volumes.arrayFromVolume(volumes.loadVolume(
         scene, str(sampleData / "histology_tumour_label.nrrd"), labelmap=True)), np.array(truth["histology"]["true_ijk_to_ras"]))
     rows, _ = workflow.compareLabels(mriLabels, histLabels, refinement.mapping)

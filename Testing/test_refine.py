@@ -296,7 +296,7 @@ def test_resultDescribesItselfWithTheSummaryKeys():
     assert list(summary) == ["accepted", "reason", "metric", "metric_before", "metric_after", "iterations", "seconds",
                              "min_jacobian_determinant", "overlap_fraction", "histology_bias_corrected", "settings",
                              "landmarks", "engine", "engine_fallback_reason", "engine_load_seconds",
-                             "working_spacing_mm"]
+                             "working_spacing_mm", "tumour_focus"]
     assert summary["engine"] == "simpleitk" and summary["engine_fallback_reason"] is None  # built here, not by elastix
     assert summary["accepted"] is True and summary["metric_after"] == -0.6 and summary["iterations"] == 7
     assert summary["landmarks"] is None and summary["settings"]["affineShrinkFactors"] == [2, 1]

@@ -20,7 +20,8 @@ grid (elastix.mattesValue: on the grid the start is favoured by linear interpola
 bias, not a convergence problem. --perturb-scale PERCENT starts it from the true mapping followed by a KNOWN
 isotropic scaling of the tumour region (the same Gaussian-weighted field): what it recovers of a known error.
 --bins / --samples: the focused B-spline's histogram bins and samples per iteration. --local-correlation replaces
-the B-spline by bench/local_focus.py's Gaussian-weighted strain + shift of the tumour region (mask grown by
+the B-spline by the product's tumour focus (MRIHistoRegLib/tumourfocus.py, which workflow.refine runs when given the
+MRI tumour labels; here the default stage runs without them) - its Gaussian-weighted strain + shift of the tumour region (mask grown by
 --grow-mm), --shared-grid reading both images on the working grid, --log-histology on the log of the histology's
 counts (its speckle, stripes, shadows and depth attenuation are multiplicative: the log makes them additive and
 of one size over bright and dim tissue, where a bright tumour's larger noise otherwise biases the correlation).
@@ -127,24 +128,23 @@ def focusedStage(case, histology, start, args):
 
 
 def localFocus(case, histology, start, images, grid, args):
-    """--local-correlation: bench/local_focus.py's strain + shift (local squared correlation, sigma 1 mm), each
+    """--local-correlation: tumourfocus.py's strain + shift (local squared correlation, sigma 1 mm), each
     image read on its own grid (the MRI's, the working histology's through `start`), or with --shared-grid both
     on the working grid (the histology resampled through `start` first: the cusp at d = 0)."""
-    import local_focus
-
     from MRIHistoRegLib import refine
+    from MRIHistoRegLib import tumourfocus
     from MRIHistoRegLib.mapping import AffineMapping
 
     fixed, moving, mask = images
     shape, matrix, box, centre, points, taper = grid
     if args.shared_grid:
-        found = local_focus.focusTumour((fixed, matrix), (moving, matrix), AffineMapping(np.eye(4)), mask, matrix,
+        found = tumourfocus.focusTumour((fixed, matrix), (moving, matrix), AffineMapping(np.eye(4)), mask, matrix,
                                         centre, FOCUS_SIGMA_MM)
     else:
-        moving = local_focus.logCounts(histology.array) if args.log_histology else histology.array
-        found = local_focus.focusTumour(local_focus.mriNear(case["mri"], box, WORKING_MM),
+        moving = tumourfocus.logCounts(histology.array) if args.log_histology else histology.array
+        found = tumourfocus.focusTumour(tumourfocus.mriNear(case["mri"], box, WORKING_MM),
                                         (moving, histology.ijkToRas), start, mask, matrix, centre, FOCUS_SIGMA_MM)
-    displacement = local_focus.focusField(found, points, centre, FOCUS_SIGMA_MM).reshape(shape + (3,))
+    displacement = tumourfocus.focusField(found, points, centre, FOCUS_SIGMA_MM).reshape(shape + (3,))
     return refine.RefinementResult(start, displacement * taper[..., None], matrix, accepted=True)
 
 
@@ -208,7 +208,7 @@ def main(argv=None):
     parser.add_argument("--perturb-scale", type=float, default=0.0, metavar="PERCENT",
                         help="start from the true mapping followed by this known isotropic scaling of the tumour")
     parser.add_argument("--local-correlation", action="store_true",
-                        help="instead of the B-spline: bench/local_focus.py's strain + shift (local squared correlation)")
+                        help="instead of the B-spline: tumourfocus.py's strain + shift (local squared correlation)")
     parser.add_argument("--log-histology", action="store_true",
                         help="--local-correlation on the log of the working histology (multiplicative noise made even)")
     parser.add_argument("--shared-grid", action="store_true",

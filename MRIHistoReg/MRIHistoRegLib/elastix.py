@@ -81,6 +81,11 @@ DEFAULT_SETTINGS = {
     "landmarkToleranceMm": 0.2,
     "metricTolerance": 0.05,
     "parameterOverrides": None,  # {elastix parameter: value or list} written on top of the map (expert use)
+    # after an accepted refinement, with MRI tumour labels given: tumourfocus.py's strain + shift of each label's
+    # region (measured: README, "Intensity refinement"); its Gaussian's SD and the mask's margin beyond the label
+    "tumourFocus": True,
+    "tumourFocusSigmaMm": 1.0,
+    "tumourFocusGrowMm": 0.5,
 }
 
 AFFINE_BELOW_PAIRS = 9  # "auto" affine map below this many landmark pairs (measured at 6: on, 12: off)
@@ -108,6 +113,13 @@ def elastixSettings(settings=None) -> dict:
                                  f"got {list(merged[name])}.")
     if merged["affineStage"] not in (True, False, "auto"):
         raise UserInputError(f"affineStage must be true, false or \"auto\", got {merged['affineStage']!r}.")
+    from .tumourfocus import settingsProblem
+
+    problem = settingsProblem(merged)
+    if problem:
+        raise UserInputError(f"The elastix setting {problem}.")
+    if not isinstance(merged["tumourFocus"], bool):
+        raise UserInputError(f"tumourFocus must be true or false, got {merged['tumourFocus']!r}.")
     sd = merged["landmarkSdMm"]
     if sd is not None and not float(sd) > 0:
         raise UserInputError(f"landmarkSdMm must be a positive number of mm (or null), got {sd}.")

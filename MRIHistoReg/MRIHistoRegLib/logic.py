@@ -623,11 +623,14 @@ class MRIHistoRegLogicCore:
         mriLandmarks: Optional[PointListNode] = None,
         histologyLandmarks: Optional[PointListNode] = None,
         progress: Optional[ProgressCallback] = None,
+        mriLabels: Optional[LabelsNode] = None,
     ) -> RefinementOutcome:
-        """Refine the landmark transform by intensity registration (SimpleITK, Mattes MI) of the MRI and the
+        """Refine the landmark transform by intensity registration (the preset's engine) of the MRI and the
         (downsampled) histology volume, started from `transformNode`.
 
         With both point lists the result is also checked against the landmarks and rejected if it moves them away.
+        With `mriLabels` (the MRI tumour label map or segmentation) an accepted elastix refinement is followed by
+        the tumour focus of each label (tumourfocus.py); the report's tumour_focus says what it did.
         An accepted refinement is stored as 'Intensity refinement' (grid transform) and the whole chain
         (refinement, then landmarks) in `outputTransform` (created when None); a rejected one leaves the landmark
         result in use. Returns a RefinementOutcome (its nodes None when rejected)."""
@@ -647,8 +650,14 @@ class MRIHistoRegLogicCore:
             pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
         fit = workflow.LandmarkFit(initial, transformNode.GetAttribute("MRIHistoReg.landmarkModel") or "",
                                    {}, pairs if pairs is not None and pairs.count else None)
+        tumours = None
+        if mriLabels is not None:
+            from . import compare
+
+            tumours = workflow.Image(*compare.labelArrayFromNode(mriLabels, mriVolume, self.scene))
         refinement = workflow.refine(self._image(mriVolume), self._image(histologyVolume), fit,
-                                     settings=settings.refineSettings(preset), progress=progress)
+                                     settings=settings.refineSettings(preset), progress=progress,
+                                     tumourLabels=tumours)
         result = refinement.result
         answer = RefinementOutcome(
             accepted=result.accepted,

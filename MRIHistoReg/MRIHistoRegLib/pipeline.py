@@ -136,6 +136,7 @@ def _runInto(config: RunConfig, work, scene, progress):
 class _Inputs:
     def __init__(self):
         self.mri = self.source = self.verdict = None
+        self.mriLabels = None  # workflow.Image of labels.mri, on the MRI's grid (pipeline._mriLabels)
         self.otherChannels = []  # indices of the stack's channels resampled besides the registration channel
 
 
@@ -204,9 +205,10 @@ class _Run:
             if self.config.mriMask:
                 maskNode = volumes.loadVolume(self.scene, self.config.mriMask, "MRI mask", labelmap=True)
                 mask = workflow.Image(volumes.arrayFromVolume(maskNode), volumes.ijkToRas(maskNode))
+            tumours = _mriLabels(self.scene, self.config, inputs) if (self.config.labels or {}).get("mri") else None
             refinement = workflow.refine(inputs.mri, inputs.source, fit, settings=self.config.refineSettings,
                                          workingSpacingMm=self.config.workingSpacingMm, mriMask=mask,
-                                         progress=progressLib.scaled(self.progress, 0.1, 0.5))
+                                         progress=progressLib.scaled(self.progress, 0.1, 0.5), tumourLabels=tumours)
         if not refinement.accepted:
             self.warn(f"refinement not used: {refinement.reason}")
         return refinement
@@ -361,11 +363,8 @@ def _compareLabels(scene, config, inputs, mapping, fit, refinement, work, progre
     (uncertainty.py), through the refined mapping when a refinement was accepted."""
     from MRIHistoRegLib import compare, stacks, uncertainty, workflow
 
-    mriLabelNode = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
-    mriLabels = volumes.arrayFromVolume(mriLabelNode)
-    if inputs.mri is not None and mriLabels.shape != inputs.mri.shape:
-        raise UserInputError(f"labels.mri has shape {mriLabels.shape[::-1]} (i, j, k) but the MRI has "
-                             f"{inputs.mri.shapeIjk}: the MRI label map must be on the MRI's grid.")
+    mriImage = _mriLabels(scene, config, inputs)
+    mriLabels = mriImage.array
     source, segmentation = inputs.source, None
     if config.histologySegmentation is not None:
         segmentation = _segmentHistology(config, inputs, work, progress)
@@ -381,12 +380,27 @@ def _compareLabels(scene, config, inputs, mapping, fit, refinement, work, progre
     for name, array in (("labels.mri", mriLabels), ("labels.histology", histologyLabels)):
         if not np.any(array):
             raise UserInputError(f"{name} is empty (no labelled voxel). Check the label file.")
-    mriImage = workflow.Image(mriLabels, inputs.mri.ijkToRas if inputs.mri is not None else volumes.ijkToRas(mriLabelNode))
     rows, transferred = workflow.compareLabels(mriImage, workflow.Image(histologyLabels, histologyIjkToRas), mapping)
     refined = refinement is not None and refinement.accepted
     uncertainty.addVolumeIntervals(rows, histologyLabels, histologyIjkToRas, fit.pairs.fixed, fit.pairs.moving,
                                    fit.modelName, fit.model.regularization, finalMapping=mapping if refined else None)
     return rows, transferred, segmentation
+
+
+def _mriLabels(scene, config, inputs):
+    """labels.mri as an Image on the MRI's grid (loaded once: the refinement's tumour focus and the comparison
+    both read it)."""
+    from MRIHistoRegLib import workflow
+
+    if inputs.mriLabels is None:
+        node = volumes.loadVolume(scene, config.labels["mri"], "MRI labels", labelmap=True)
+        array = volumes.arrayFromVolume(node)
+        if inputs.mri is not None and array.shape != inputs.mri.shape:
+            raise UserInputError(f"labels.mri has shape {array.shape[::-1]} (i, j, k) but the MRI has "
+                                 f"{inputs.mri.shapeIjk}: the MRI label map must be on the MRI's grid.")
+        inputs.mriLabels = workflow.Image(array, inputs.mri.ijkToRas if inputs.mri is not None
+                                          else volumes.ijkToRas(node))
+    return inputs.mriLabels
 
 
 def _segmentHistology(config, inputs, work, progress):

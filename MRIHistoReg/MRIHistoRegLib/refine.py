@@ -289,14 +289,18 @@ class RefinementResult(Mapping):
     timings: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        # the field is validated (and held as float arrays) once, by the mapping that applies it
-        self.refinement = DisplacementFieldMapping(self.displacement, self.fieldIjkToRas)
-        self.displacement, self.fieldIjkToRas = self.refinement.displacement, self.refinement.ijkToRas
+        self.setDisplacement(self.displacement)
         self.metricBefore, self.metricAfter = float(self.metricBefore), float(self.metricAfter)
         self.iterations, self.seconds = int(self.iterations), float(self.seconds)
         self.accepted, self.reason = bool(self.accepted), str(self.reason)
         self.refinementAffine = (np.eye(4) if self.refinementAffine is None
                                  else np.asarray(self.refinementAffine, float))
+
+    def setDisplacement(self, displacement):
+        """A new field on the same grid (the tumour focus folds its correction in): the mapping follows it."""
+        # the field is validated (and held as float arrays) once, by the mapping that applies it
+        self.refinement = DisplacementFieldMapping(displacement, self.fieldIjkToRas)
+        self.displacement, self.fieldIjkToRas = self.refinement.displacement, self.refinement.ijkToRas
         self._composed = ComposedMapping([self.refinement, self.initialMapping])
 
     def linearMatrix(self):
@@ -331,7 +335,8 @@ class RefinementResult(Mapping):
             engine += f" ({self.engineFallback})"
         return (f"refinement ({engine}) {state}: {self.reason}; metric {self.metricBefore:.4f} -> {self.metricAfter:.4f}, "
                 f"{self.iterations} iterations, {self.seconds:.1f} s, min Jacobian det {self.minJacobianDeterminant:.3f}, "
-                f"histology shading {'corrected (N4)' if self.biasCorrected else 'not corrected'}")
+                f"histology shading {'corrected (N4)' if self.biasCorrected else 'not corrected'}"
+                + _focusSummary(getattr(self, "tumourFocus", None)))
 
     def toDict(self, labels: Sequence[str] = ()) -> dict:
         """The refinement as JSON-ready-ish values (numpy arrays as lists; outputs.jsonReady cleans NaN): the keys
@@ -349,6 +354,8 @@ class RefinementResult(Mapping):
             "engine_fallback_reason": getattr(self, "engineFallback", None),
             "engine_load_seconds": getattr(self, "engineLoadSeconds", None),
             "working_spacing_mm": getattr(self, "workingSpacingMm", None),
+            # set by workflow.refine (tumourfocus.focusOnTumours), None where it did not run
+            "tumour_focus": getattr(self, "tumourFocus", None),
         }
         check = self.landmarkResiduals
         if check is not None:
@@ -357,6 +364,14 @@ class RefinementResult(Mapping):
                                     "median_before_mm": check["medianBefore"], "median_after_mm": check["medianAfter"],
                                     "tolerance_mm": check["toleranceMm"]}
         return summary
+
+
+def _focusSummary(section) -> str:
+    if not section:
+        return ""
+    if section["applied"]:
+        return f"; tumour focus {section['reason']}"
+    return f"; tumour focus not applied: {section['reason']}"
 
 
 def _identityResult(initialMapping, fixedShape, fixedIjkToRas, settings, reason, start, metricBefore=float("nan")):

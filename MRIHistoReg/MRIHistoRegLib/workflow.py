@@ -96,9 +96,11 @@ def fitLandmarks(pairs, modelName: str, regularization: float = 0.0, grid: Optio
 
 def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = None,
            workingSpacingMm: Optional[float] = None, mriMask: Optional[Image] = None,
-           progress: Optional[ProgressCallback] = None) -> Refinement:
+           progress: Optional[ProgressCallback] = None, tumourLabels: Optional[Image] = None) -> Refinement:
     """Intensity refinement started from `fit`: `histology` is a stack source (streamed down to `workingSpacingMm`,
     kept at its own spacing along axes where it is already coarser) or an Image already at a working resolution.
+    With `tumourLabels` (the MRI tumour label map, any grid) an accepted elastix refinement is followed by the
+    tumour focus (tumourfocus.py) of each label; the summary's "tumour_focus" says what it did or why not.
 
     A refinement that fails (ITK exception, NaN metric, no overlap, divergence, folding) or that the guard rails
     reject keeps the landmark model: it never raises for the data it is given, only for invalid settings."""
@@ -107,9 +109,14 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
     engine, settings, fallback = _engineSettings(settings)  # invalid settings are the user's to fix: they raise
     if engine == "elastix":
         engine, settings, fallback = _loadedEngine(settings, progress)
+    if engine == "elastix":
+        workingSpacingMm = _workingSpacing(workingSpacingMm)
+    moving = None
     try:
         if engine == "elastix":
-            result = _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress)
+            moving = histology if isinstance(histology, Image) else elastixHistology(histology, fit, workingSpacingMm,
+                                                                                     progress)
+            result = _refineElastix(mri, moving, fit, settings, workingSpacingMm, mriMask, progress)
         else:
             moving = histology if isinstance(histology, Image) else _workingHistology(histology, workingSpacingMm,
                                                                                       progress)
@@ -127,6 +134,8 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
         result.settings = settings
     result.engine = getattr(result, "engine", "simpleitk") if engine == "elastix" else "simpleitk"
     result.engineFallback = fallback
+    result.tumourFocus = _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine,
+                                      progressLib.scaled(progress, 0.95, 1.0))
     labels = []
     if fit.pairs is not None and len(fit.pairs.labels):
         refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
@@ -179,18 +188,55 @@ def _loadedEngine(settings, progress):
     return "elastix", settings, None
 
 
-def _refineElastix(mri, histology, fit, settings, workingSpacingMm, mriMask, progress):
-    """The elastix engine on the stack as elastixHistology downsamples it (or on an Image given as is)."""
+def _workingSpacing(workingSpacingMm) -> float:
     from . import elastix
 
     if workingSpacingMm is None:
-        workingSpacingMm = elastix.DEFAULT_WORKING_SPACING_MM
+        return elastix.DEFAULT_WORKING_SPACING_MM
     if not workingSpacingMm > 0:
         raise UserInputError(f"The working spacing must be positive (mm), got {float(workingSpacingMm):g}.")
-    moving = histology if isinstance(histology, Image) else elastixHistology(histology, fit, workingSpacingMm,
-                                                                             progress)
-    return elastix.refineWithElastix(mri, moving, fit, settings, float(workingSpacingMm), mriMask,
-                                     progressLib.scaled(progress, 0.3, 1.0))
+    return float(workingSpacingMm)
+
+
+def _refineElastix(mri, moving, fit, settings, workingSpacingMm, mriMask, progress):
+    """The elastix engine on the working histology (elastixHistology's, or an Image given as is)."""
+    from . import elastix
+
+    return elastix.refineWithElastix(mri, moving, fit, settings, workingSpacingMm, mriMask,
+                                     progressLib.scaled(progress, 0.3, 0.95))
+
+
+def _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine, progress) -> dict:
+    """tumourfocus.focusOnTumours on an accepted elastix refinement (in place), or why it did not run. Whatever
+    goes wrong, the refinement stands as it was."""
+    from . import refine as refineLib
+    from . import tumourfocus
+
+    if engine != "elastix":
+        return tumourfocus.notRun("the tumour focus follows the elastix engine only (measured there)")
+    if not settings["tumourFocus"]:
+        return tumourfocus.notRun("turned off (tumourFocus false)")
+    if tumourLabels is None:
+        return tumourfocus.notRun("no MRI tumour labels were given")
+    if not result.accepted:
+        return tumourfocus.notRun("the refinement was not accepted")
+    refined = result.displacement.copy()
+    try:
+        section = tumourfocus.focusOnTumours(result, mri, moving, tumourLabels, workingSpacingMm, settings, progress)
+        if section["applied"]:
+            determinants = refineLib.jacobianDeterminants(result.displacement, result.fieldIjkToRas,
+                                                          settings["jacobianSubsample"])
+            if not determinants.min() > 0:
+                raise RuntimeError(f"the focused mapping folds (Jacobian determinant {determinants.min():.3f})")
+            result.minJacobianDeterminant = float(determinants.min())
+    except progressLib.Cancelled:
+        result.setDisplacement(refined)
+        raise
+    except Exception as error:  # noqa: BLE001 - the refinement without the focus is still the answer
+        logging.getLogger(__name__).warning("tumour focus failed; the refinement is kept without it", exc_info=True)
+        result.setDisplacement(refined)
+        return tumourfocus.notRun(f"the focus could not run: {refineLib.failureMessage(error)}")
+    return section
 
 
 def elastixHistology(source, fit: LandmarkFit, workingSpacingMm: float,
