@@ -42,6 +42,7 @@ def test_relative_paths_resolve_against_the_config_folder(subject, monkeypatch, 
     ({"model": "tps"}, "model"),
     ({"refine": "yes"}, "refine"),
     ({"working_spacing_mm": -1}, "working_spacing_mm"),
+    ({"tumour_focus": "no"}, "tumour_focus"),
     ({"landmarks": {"mri": "a.csv"}}, "landmarks"),
     ({"labels": {"mri": "a.csv", "histology": "nope.nrrd"}}, "labels.histology"),
     ({"spacing": [1, 1, 1]}, "spacing"),
@@ -102,6 +103,22 @@ def test_refine_preset_and_mask_are_read_and_checked(tmp_path):
     assert config.mriMask == str(tmp_path / "mask.nrrd")
     with pytest.raises(ValueError, match="refine_preset"):
         parseConfig(dict(raw, refine_preset="B-spline only"), str(tmp_path / "c.json"))
+
+
+def test_tumour_focus_is_on_by_default_and_can_be_turned_off_for_any_engine(tmp_path):
+    """tumour_focus false reaches the elastix engine's settings; the SimpleITK presets (no focus) still resolve."""
+    from MRIHistoRegLib import workflow
+
+    for name in ("mri.nrrd", "hist.tif", "a.csv", "b.csv"):
+        (tmp_path / name).write_text("x")
+    raw = {"mri": "mri.nrrd", "histology": "hist.tif", "landmarks": {"mri": "a.csv", "histology": "b.csv"}}
+    path = str(tmp_path / "c.json")
+    assert workflow._engineSettings(parseConfig(raw, path).refineSettings)[1].get("tumourFocus", True) is True
+    off = parseConfig(dict(raw, tumour_focus=False), path)
+    engine, settings, _ = workflow._engineSettings(off.refineSettings)
+    assert engine == "simpleitk" or settings["tumourFocus"] is False
+    assert workflow._engineSettings(parseConfig(dict(raw, tumour_focus=False, refine_preset="affine"), path)
+                                    .refineSettings)[0] == "simpleitk"
 
 
 @pytest.mark.parametrize("channel", [0, 1, "autofluorescence"])

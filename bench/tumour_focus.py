@@ -5,7 +5,7 @@ attempt starts from them instead of from scratch.
     .venv/bin/python bench/tumour_focus.py [--seeds 3 4] [--from-truth] [--sampler Random] [--grow-mm 0.5]
         [--box-mm 1.5] [--grid-mm 0.75] [--bending 1] [--iterations 250] [--affine]
         [--metric AdvancedMattesMutualInformation] [--scale-search 3 [--scale-sigma-mm 1] [--off-grid]]
-        [--perturb-scale 1.5] [--bins 128] [--samples 20000] [--local-correlation [--shared-grid | --log-histology]]
+        [--perturb-scale 1.5] [--bins 128] [--samples 20000] [--local-correlation [--shared-grid | --log-histology [--smoothing 0.8]]]
         [--real-mri 1]
 
 Per seed (small sample, 12 landmarks): the default refinement (workflow.refine, the "elastix B-spline + landmarks"
@@ -24,7 +24,8 @@ the B-spline by the product's tumour focus (MRIHistoRegLib/tumourfocus.py, which
 MRI tumour labels; here the default stage runs without them) - its Gaussian-weighted strain + shift of the tumour region (mask grown by
 --grow-mm), --shared-grid reading both images on the working grid, --log-histology on the log of the histology's
 counts (its speckle, stripes, shadows and depth attenuation are multiplicative: the log makes them additive and
-of one size over bright and dim tissue, where a bright tumour's larger noise otherwise biases the correlation).
+of one size over bright and dim tissue, where a bright tumour's larger noise otherwise biases the correlation),
+--smoothing both images blurred equally first (not in the product; its focus is --log-histology).
 Printed: held-out TRE median (change vs landmark-only), tumour volume in MRI space vs the truth, and the tumour surface's mean radial bias (um;
 1 % of volume is about 1.8 um on this tumour) against the true mapping on 4000 surface points, with its mean
 displacement (x, y, z um). --real-mri MOUSE: Testing/realmri.py's case (the real 0.15 mm MRI of that mouse, seeds
@@ -128,9 +129,11 @@ def focusedStage(case, histology, start, args):
 
 
 def localFocus(case, histology, start, images, grid, args):
-    """--local-correlation: tumourfocus.py's strain + shift (local squared correlation, sigma 1 mm), each
-    image read on its own grid (the MRI's, the working histology's through `start`), or with --shared-grid both
-    on the working grid (the histology resampled through `start` first: the cusp at d = 0)."""
+    """--local-correlation: tumourfocus.py's strain + shift (local squared correlation, sigma 1 mm) with the
+    product's region and images (tumourfocus.focusImages: each image on its own grid, --log-histology, both
+    smoothed by --smoothing working voxels), or with --shared-grid both on the working grid (the histology
+    resampled through `start` first: the cusp at d = 0). Tapered at the box's faces here (the product folds it
+    into the refinement's own field instead)."""
     from MRIHistoRegLib import refine
     from MRIHistoRegLib import tumourfocus
     from MRIHistoRegLib.mapping import AffineMapping
@@ -141,9 +144,12 @@ def localFocus(case, histology, start, images, grid, args):
         found = tumourfocus.focusTumour((fixed, matrix), (moving, matrix), AffineMapping(np.eye(4)), mask, matrix,
                                         centre, FOCUS_SIGMA_MM)
     else:
-        moving = tumourfocus.logCounts(histology.array) if args.log_histology else histology.array
-        found = tumourfocus.focusTumour(tumourfocus.mriNear(case["mri"], box, WORKING_MM),
-                                        (moving, histology.ijkToRas), start, mask, matrix, centre, FOCUS_SIGMA_MM)
+        region = tumourfocus._Label(case["mriLabels"], 1, case["mri"], WORKING_MM, args.grow_mm)
+        fixedImage, movingImage = tumourfocus.focusImages(case["mri"], histology, start, region, WORKING_MM,
+                                                          log=args.log_histology,
+                                                          smoothingWorkingVoxels=args.smoothing)
+        found = tumourfocus.focusTumour(fixedImage, movingImage, start, region.mask, region.ijkToRas, centre,
+                                        FOCUS_SIGMA_MM)
     displacement = tumourfocus.focusField(found, points, centre, FOCUS_SIGMA_MM).reshape(shape + (3,))
     return refine.RefinementResult(start, displacement * taper[..., None], matrix, accepted=True)
 
@@ -211,6 +217,9 @@ def main(argv=None):
                         help="instead of the B-spline: tumourfocus.py's strain + shift (local squared correlation)")
     parser.add_argument("--log-histology", action="store_true",
                         help="--local-correlation on the log of the working histology (multiplicative noise made even)")
+    parser.add_argument("--smoothing", type=float, nargs="+", default=[0.0], metavar="VOXELS",
+                        help="with --local-correlation: both images' equal Gaussian blur, SD in working voxels (the "
+                             "product: none); several values: one line each")
     parser.add_argument("--shared-grid", action="store_true",
                         help="with --local-correlation: both images on the working grid (shows the cusp at d = 0)")
     parser.add_argument("--real-mri", type=int, default=0, metavar="MOUSE",
@@ -218,8 +227,9 @@ def main(argv=None):
     parser.add_argument("--default-overrides", default="{}",
                         help="JSON parameterOverrides of the default stage, e.g. '{\"ImageSampler\": \"Random\"}'")
     args = parser.parse_args(argv)
-    if args.log_histology and (args.shared_grid or not args.local_correlation):
-        parser.error("--log-histology applies to --local-correlation on the images' own grids (not --shared-grid)")
+    if (args.log_histology or any(args.smoothing)) and (args.shared_grid or not args.local_correlation):
+        parser.error("--log-histology and --smoothing apply to --local-correlation on the images' own grids "
+                     "(not --shared-grid)")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
 
     import tempfile
@@ -261,9 +271,12 @@ def main(argv=None):
                 began = time.perf_counter()
                 start = workflow.refine(case["mri"], histology, fit, preset, workingSpacingMm=WORKING_MM).mapping
                 row += _describe(case, truth, start, before, time.perf_counter() - began) + " | "
-            began = time.perf_counter()
-            focused = focusedStage(case, histology, start, args)
-            print(row + _describe(case, truth, focused, before, time.perf_counter() - began), flush=True)
+            for smoothing in args.smoothing:  # one line per value, all from the same default result
+                began = time.perf_counter()
+                focused = focusedStage(case, histology, start, argparse.Namespace(**dict(vars(args),
+                                                                                         smoothing=smoothing)))
+                label = f"(smoothing {smoothing:g}) " if len(args.smoothing) > 1 else ""
+                print(row + label + _describe(case, truth, focused, before, time.perf_counter() - began), flush=True)
 
 
 def _describe(case, truth, mapping, before, seconds):

@@ -304,6 +304,9 @@ def _addRefine(subparsers):
     p.add_argument("--model", default="affine+tps", help="landmark model the refinement starts from (default affine+tps)")
     p.add_argument("--working-mm", type=float, default=0.1, help="spacing the stack is streamed down to (default 0.1)")
     p.add_argument("--mri-mask", help="optional MRI brain mask (label map on the MRI grid)")
+    p.add_argument("--mri-labels", help="optional MRI tumour label map (on the MRI grid): the elastix engine then "
+                   "refines each tumour's region (the tumour focus, report.json refinement.tumour_focus)")
+    p.add_argument("--no-tumour-focus", action="store_true", help="no tumour focus even with --mri-labels")
     p.add_argument("--preset", default=DEFAULT_REFINE_PRESET, choices=list(REFINE_PRESETS),
                    help=f"refinement preset (default {DEFAULT_REFINE_PRESET!r})")
     p.add_argument("--control-spacing-mm", type=float, help="B-spline control-point spacing (default: the preset's)")
@@ -321,13 +324,16 @@ def _runRefine(args):
 
     spacing = _spacingFromArgs(args)
     overrides = {} if args.control_spacing_mm is None else {"controlPointSpacingMm": args.control_spacing_mm}
+    if args.no_tumour_focus:
+        overrides["tumourFocus"] = False
     config = RunConfig(path=None, name="refine", mri=os.path.abspath(args.mri), histology=os.path.abspath(args.histology),
                        landmarks={"mri": os.path.abspath(args.fixed_points), "histology": os.path.abspath(args.moving_points)},
                        histologySpacingMm=None if spacing is None else tuple(spacing), model=args.model,
                        refine=True, workingSpacingMm=args.working_mm, refinePreset=args.preset,
                        histologyChannel=args.channel,
                        refineOverrides=overrides, mriMask=os.path.abspath(args.mri_mask) if args.mri_mask else None,
-                       resample=False, bigWarpFlipXY=not args.bigwarp_no_flip)
+                       resample=False, bigWarpFlipXY=not args.bigwarp_no_flip,
+                       labels={"mri": os.path.abspath(args.mri_labels)} if args.mri_labels else {})
     report = pipeline.runPipeline(config, args.out, progress=TerminalProgress("refine"))
     summary = report["refinement"]
     landmarks = summary["landmarks"] or {}

@@ -22,7 +22,7 @@ from .settings import DEFAULT_REFINE_PRESET, MODELS, REFINE_PRESETS  # noqa: E40
 from .errors import UserInputError
 _KNOWN_FIELDS = {"mri", "histology", "histology_spacing_um", "landmarks", "model", "refine", "refine_preset",
                  "mri_mask", "working_spacing_mm", "histology_channel", "resample_channels", "ome_zarr_outputs",
-                 "labels", "evaluate_points", "name", "tps_regularization"}
+                 "labels", "evaluate_points", "name", "tps_regularization", "tumour_focus"}
 
 
 @dataclass
@@ -102,6 +102,8 @@ def parseConfig(raw, path) -> RunConfig:
         labels=fields.pair("labels", required=False, segmentable=True),
         evaluatePoints=fields.pair("evaluate_points", required=False),
         refinePreset=_refinePreset(raw.get("refine_preset", DEFAULT_REFINE_PRESET), path),
+        # the elastix engine's tumour focus on labels.mri (tumourfocus.py), on unless turned off
+        refineOverrides={} if _flag(raw, "tumour_focus", path, default=True) else {"tumourFocus": False},
         mriMask=fields.existingPath("mri_mask", raw["mri_mask"]) if raw.get("mri_mask") is not None else None,
         histologyChannel=_histologyChannel(raw.get("histology_channel"), path),
         resampleChannels=resampleChannels(raw.get("resample_channels"), f"Config {path}: field 'resample_channels'"),
@@ -110,8 +112,8 @@ def parseConfig(raw, path) -> RunConfig:
     )
 
 
-def _flag(raw, key, path) -> bool:
-    value = raw.get(key, False)
+def _flag(raw, key, path, default=False) -> bool:
+    value = raw.get(key, default)
     if not isinstance(value, bool):
         raise UserInputError(f"Config {path}: field '{key}' must be true or false, got {value!r}.")
     return value

@@ -126,7 +126,9 @@ def _runInto(config: RunConfig, work, scene, progress):
     if resampled is not None and inputs.otherChannels:  # config resample_channels: the same mapping, grid and path
         resampled[1]["other_channels"] = run.resampleOtherChannels(inputs, mapping)
     evaluation = run.evaluatePoints(mapping) if config.evaluatePoints else None
-    labels = run.compareLabels(inputs, mapping, fit, refinement) if config.labels else None
+    # labels.mri alone (the refine command's --mri-labels) serves the tumour focus; the comparison needs both sides
+    compared = config.labels and ("histology" in config.labels or config.histologySegmentation is not None)
+    labels = run.compareLabels(inputs, mapping, fit, refinement) if compared else None
     run.writeFiles(inputs, fit, refinement, resampled, labels)
     report = run.report(inputs, fit, refinement, mapping, resampled, evaluation, labels)
     progressLib.report(progress, 1.0, "done")

@@ -37,7 +37,7 @@ from .geometry import gridPoints, ijkToRasPoints, rasToIjkPoints, spacingOf
 from .progress import Cancelled, report
 
 METHOD = ("Gaussian-weighted strain + shift per MRI label (sigma tumourFocusSigmaMm) by local squared correlation "
-          "of the MRI with the log of the histology, over the label grown by tumourFocusGrowMm")
+          "of the MRI with the log of the histology, both equally smoothed, over the label grown by tumourFocusGrowMm")
 # the virtual grid's spacing over the working one: not a ratio of small integers, so the samples' fractional
 # offsets in both images run through [0, 1) whatever the displacement
 VIRTUAL_SPACING_RATIO = 0.7321
@@ -207,6 +207,40 @@ def focusField(result, pointsRas, centreRas, sigmaMm):
     return _gaussianWeight(offsets, sigmaMm)[:, None] * (offsets @ result.strain.T + result.shiftMm)
 
 
+def _gaussian(array, sigmaMm, ijkToRas):
+    from scipy import ndimage
+
+    sigma = float(sigmaMm) / spacingOf(ijkToRas)[::-1]
+    return ndimage.gaussian_filter(array, sigma, mode="nearest") if sigmaMm > 0 else array
+
+
+def focusImages(mri, histology, start, region, workingSpacingMm, log=True, smoothingWorkingVoxels=0.0):
+    """The focus's (fixed, moving) images for `region`, each (array [k, j, i], ijkToRas) on its own grid: the MRI
+    near the region (mriNear) and the working histology near where `start` takes it, as the log of its counts.
+    `smoothingWorkingVoxels` > 0 (bench/tumour_focus.py --smoothing only) blurs both by the same Gaussian in MRI
+    space (SD that many working voxels; in histology mm times the start mapping's local scale): on a phantom with
+    per-voxel speckle it took out the noise's outward bias, on the sample it added one (README), so the product
+    does not."""
+    from .mapping import jacobianOf
+
+    sigmaMm = float(smoothingWorkingVoxels) * float(workingSpacingMm)
+    fixedArray, fixedMatrix = mriNear(mri, region.box, workingSpacingMm)
+    fixedArray = _gaussian(np.asarray(fixedArray, np.float64), sigmaMm, fixedMatrix)
+    scale = abs(float(np.linalg.det(jacobianOf(start, region.centre[None])[0]))) ** (1 / 3)
+    corners = np.array(np.meshgrid(*zip(region.box[0], region.box[1]), indexing="ij")).reshape(3, -1).T
+    ijk = rasToIjkPoints(histology.ijkToRas, start.transformPoints(ijkToRasPoints(mri.ijkToRas, corners)))
+    spacing = spacingOf(histology.ijkToRas)
+    pad = np.ceil(3 * sigmaMm * scale / spacing).astype(int) + 3
+    shapeIjk = np.asarray(histology.array.shape[::-1])
+    low = np.clip(np.floor(ijk.min(0)).astype(int) - pad, 0, shapeIjk - 1)
+    high = np.clip(np.ceil(ijk.max(0)).astype(int) + pad + 1, low + 1, shapeIjk)
+    crop = np.asarray(histology.array[low[2]:high[2], low[1]:high[1], low[0]:high[0]], np.float64)
+    matrix = np.array(histology.ijkToRas, float)
+    matrix[:3, 3] = matrix[:3, :3] @ low + matrix[:3, 3]
+    moving = logCounts(crop) if log else crop
+    return (fixedArray, fixedMatrix), (_gaussian(moving, sigmaMm * scale, matrix), matrix)
+
+
 def mriNear(mri, box, workingSpacingMm):
     """(array, ijkToRas) of the MRI cropped to `box` (continuous MRI indices (lo, hi) along i, j, k) and, where it
     is finer than the working spacing, anti-aliased to it."""
@@ -293,7 +327,6 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     if not values:
         section["reason"] = "the MRI tumour labels are empty"
         return section
-    moving = (logCounts(histology.array), np.asarray(histology.ijkToRas, float))
     for number, value in enumerate(values):
         report(progress, number / len(values), f"tumour focus: label {value:g}")
         row = {"label": float(value) if np.issubdtype(type(value), np.floating) else int(value), "applied": False}
@@ -304,7 +337,7 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
             continue
         began = time.perf_counter()
         try:
-            _focusOneLabel(row, result, mri, moving, labels, value, workingSpacingMm, sigma, grow)
+            _focusOneLabel(row, result, mri, histology, labels, value, workingSpacingMm, sigma, grow)
         except Cancelled:
             raise
         except Exception as error:  # noqa: BLE001 - the refinement stands without this label's focus
@@ -319,7 +352,7 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     return section
 
 
-def _focusOneLabel(row, result, mri, moving, labels, value, workingSpacingMm, sigma, grow):
+def _focusOneLabel(row, result, mri, histology, labels, value, workingSpacingMm, sigma, grow):
     region = _Label(labels, value, mri, workingSpacingMm, grow)
     row["centre_ras_mm"] = region.centre.tolist()
     row["mri_volume_mm3"] = region.volumeMm3
@@ -332,8 +365,8 @@ def _focusOneLabel(row, result, mri, moving, labels, value, workingSpacingMm, si
         row["reason"] = (f"its centre lies within {EDGE_RAMP_MM:g} mm of the refined region's edge (or outside it): "
                          f"the refinement's field cannot carry a correction there")
         return
-    found = focusTumour(mriNear(mri, region.box, workingSpacingMm), moving, result, region.mask, region.ijkToRas,
-                        region.centre, sigma)
+    fixed, moving = focusImages(mri, histology, result, region, workingSpacingMm)
+    found = focusTumour(fixed, moving, result, region.mask, region.ijkToRas, region.centre, sigma)
     row.update({"strain_percent": (100 * found.strain).tolist(), "shift_um": (1000 * found.shiftMm).tolist(),
                 "volume_change_at_centre_percent": 100 * (float(np.linalg.det(np.eye(3) + found.strain)) - 1),
                 "correlation_gain": found.gain, "evaluations": found.evaluations})

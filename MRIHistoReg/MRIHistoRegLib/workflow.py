@@ -161,6 +161,8 @@ def _engineSettings(settings):
             return "elastix", settings, None
         return _simpleItkInstead(settings, why)
     settings.pop("engine", None)
+    for key in ("tumourFocus", "tumourFocusSigmaMm", "tumourFocusGrowMm"):  # the focus follows elastix only
+        settings.pop(key, None)
     return "simpleitk", refineLib.refinementSettings(settings), None
 
 
