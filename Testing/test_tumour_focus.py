@@ -181,6 +181,14 @@ def test_empty_labels_leave_the_refinement_with_the_reason():
                          "empty")
 
 
+def test_an_mri_with_thick_slices_is_not_focused():
+    mri, histology, labels, start = _stage()
+    mri.ijkToRas = mri.ijkToRas.copy()
+    mri.ijkToRas[:3, 2] *= 2.5  # 0.25 mm along k
+    _unchangedWithReason(start, tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings()),
+                         "coarsest spacing (0.25 mm)")
+
+
 def test_a_tumour_at_the_refined_regions_edge_is_not_focused():
     mri, histology, labels, start = _stage()
     labels.array[:] = 0

@@ -52,6 +52,9 @@ MAX_EVALUATIONS = 200
 REACH_SIGMAS = 4.5  # beyond this many sigma the field is below 1e-4 of its peak: left out
 EDGE_RAMP_MM = 1.0  # the field fades to 0 over this distance inside the refinement grid's faces
 MAX_LABELS = 16  # one search per label value (~1 s each); a structure atlas is not a set of tumours
+# an MRI coarser than this many working voxels along any axis blurs a ~1 mm tumour's edges along it past what the
+# search can use (measured on thick slices: README, "Intensity refinement")
+MAX_MRI_SPACING_RATIO = 2.0
 MIN_MASK_VOXELS = 27
 CROP_MARGIN_MM = 0.5
 
@@ -323,6 +326,12 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     cancelling raises progress.Cancelled."""
     sigma, grow = float(settings["tumourFocusSigmaMm"]), float(settings["tumourFocusGrowMm"])
     section = {"applied": False, "method": METHOD, "sigma_mm": sigma, "grow_mm": grow, "labels": []}
+    coarsest = float(spacingOf(mri.ijkToRas).max())
+    if coarsest > MAX_MRI_SPACING_RATIO * float(workingSpacingMm):
+        section["reason"] = (f"the MRI's coarsest spacing ({coarsest:g} mm) is over {MAX_MRI_SPACING_RATIO:g} x the "
+                             f"working grid's ({float(workingSpacingMm):g} mm): the tumour's edges along it are too "
+                             f"blurred for the focus, so the refinement stands as it is")
+        return section
     values = [v for v in np.unique(np.asarray(labels.array)) if v != 0]
     if not values:
         section["reason"] = "the MRI tumour labels are empty"
