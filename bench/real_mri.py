@@ -1,7 +1,7 @@
 """Benchmark: the pipeline on the real in-vivo mouse T2 MRIs seen through a known mapping (run by hand).
 
     .venv/bin/python bench/real_mri.py [--mice 1 2] [--seeds 0 1 2] [--spacing-um 40 40 80] [--coverage 0.6]
-                                       [--threads 2] [--no-mask] [--keep DIR]
+                                       [--threads 2] [--no-mask] [--no-tumour-focus] [--keep DIR]
     .venv/bin/python bench/real_mri.py --table DIR   # the table again from a --keep folder (runs nothing)
 
 For each mouse and seed, Testing/realmri.py builds the case (the real 0.15 mm MRI, a light-sheet-like stack at
@@ -41,7 +41,7 @@ def _row(report, truthMm3):
             "folded": report["jacobian"]["folded_fraction"]}
 
 
-def runCase(work, mouse, seed, spacingUm, coverage, useMask=True):
+def runCase(work, mouse, seed, spacingUm, coverage, useMask=True, tumourFocus=True):
     import realmri
     from MRIHistoRegLib import config as configLib, pipeline
 
@@ -54,7 +54,9 @@ def runCase(work, mouse, seed, spacingUm, coverage, useMask=True):
     truthMm3 = case["truth"]["tumour"]["mri_volume_mm3"]
     rows = {}
     for name, refine in (("landmarks", False), ("refined", True)):
-        report = pipeline.runPipeline(dataclasses.replace(config, refine=refine), os.path.join(folder, name))
+        overrides = {} if tumourFocus else {"tumourFocus": False}
+        report = pipeline.runPipeline(dataclasses.replace(config, refine=refine, refineOverrides=overrides),
+                                      os.path.join(folder, name))
         rows[name] = _row(report, truthMm3)
     truth = case["truth"]
     return {"mouse": mouse, "seed": seed, "build_s": buildSeconds, "shape": truth["histology"]["shape_ijk"],
@@ -110,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--coverage", type=float, default=0.6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-mask", action="store_true", help="leave the brain mask out of the run config")
+    parser.add_argument("--no-tumour-focus", action="store_true",
+                        help="the refined run without the tumour focus (config tumour_focus false)")
     parser.add_argument("--table", help="print the table of the cases kept in this --keep folder and stop")
     parser.add_argument("--keep", help="write the cases and reports here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -130,7 +134,8 @@ def main(argv=None):
         work = args.keep or temporary
         for mouse in args.mice:
             for seed in args.seeds:
-                results.append(runCase(work, mouse, seed, args.spacing_um, args.coverage, not args.no_mask))
+                results.append(runCase(work, mouse, seed, args.spacing_um, args.coverage, not args.no_mask,
+                                       not args.no_tumour_focus))
                 r = results[-1]
                 print(f"mouse {mouse} seed {seed}: built in {r['build_s']:.1f} s; held-out median "
                       f"{r['landmarks']['median']:.3f} -> {r['refined']['median']:.3f} mm, tumour "
