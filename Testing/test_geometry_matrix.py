@@ -126,8 +126,13 @@ def test_geometry_case_runs_refines_and_does_not_fold(name, tmp_path, caplog, sc
         report = pipeline.runPipeline(config, tmp_path / "report")
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert not tracebacks, f"{name}: a traceback was logged: {tracebacks}"
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["refinement"] is not None
+    written = json.loads((tmp_path / "report" / "report.json").read_text())["refinement"]
+    assert written is not None
     refinement = report["refinement"]
+    # the MRI tumour label reaches the refinement: its focus either ran or says why not, in the written report
+    focus = written["tumour_focus"]
+    assert focus["reason"] and (focus["applied"] or not refinement["accepted"]
+                                or all(row.get("reason") for row in focus["labels"]) or not focus["labels"]), focus
 
     baseline = _landmarkOnlyMedian(config, scene)
     refined = report["evaluation"]["tre_median_mm"]

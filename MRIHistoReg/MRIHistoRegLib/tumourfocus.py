@@ -270,13 +270,12 @@ class _Label:
         from . import elastix
 
         kk, jj, ii = np.nonzero(labels.array == value)
-        points = ijkToRasPoints(labels.ijkToRas, np.stack([ii, jj, kk], 1).astype(float))
-        self.centre = points.mean(axis=0)
-        self.volumeMm3 = float(len(points) * np.prod(spacingOf(labels.ijkToRas)))
-        # the label's voxel corners in MRI indices, grown by the mask's margin plus a window
-        corners = points[:, None, :] + (np.array(np.meshgrid(*[[-0.5, 0.5]] * 3)).reshape(3, -1).T
-                                        @ np.asarray(labels.ijkToRas, float)[:3, :3].T)[None]
-        inMri = rasToIjkPoints(mri.ijkToRas, corners.reshape(-1, 3))
+        ijk = np.stack([ii, jj, kk], 1).astype(float)
+        self.centre = ijkToRasPoints(labels.ijkToRas, ijk.mean(axis=0))
+        self.volumeMm3 = float(len(ijk) * np.prod(spacingOf(labels.ijkToRas)))
+        # the corners of the label's voxel box in MRI indices, grown by the mask's margin plus a window
+        corners = np.array(np.meshgrid(*zip(ijk.min(0) - 0.5, ijk.max(0) + 0.5), indexing="ij")).reshape(3, -1).T
+        inMri = rasToIjkPoints(mri.ijkToRas, ijkToRasPoints(labels.ijkToRas, corners))
         # room beyond the mask for the windows and for the MRI crop's anti-aliasing edge (mriNear)
         margin = (float(growMm) + max(CROP_MARGIN_MM, 5 * float(workingSpacingMm))) / spacingOf(mri.ijkToRas)
         self.box = (inMri.min(0) - margin, inMri.max(0) + margin)
@@ -302,15 +301,23 @@ def _edgeWeight(points, fieldShape, fieldIjkToRas):
 def _foldInto(result, found, centre, sigmaMm):
     """result's mapping M1(x) = L(x + d1(x)) becomes M1(x + d(x)) = L(x + d(x) + d1(x + d(x))) on its own grid."""
     shape = result.displacement.shape[:3]
-    points = gridPoints(shape, result.fieldIjkToRas)
-    near = np.flatnonzero(np.sum((points - centre) ** 2, axis=1) <= (REACH_SIGMAS * sigmaMm) ** 2)
-    if not len(near):
+    reach = REACH_SIGMAS * sigmaMm
+    # the field's voxels within the reach: its index box first (the field can be far larger than the tumour)
+    box = np.array(np.meshgrid(*zip(centre - reach, centre + reach), indexing="ij")).reshape(3, -1).T
+    ijk = rasToIjkPoints(result.fieldIjkToRas, box)
+    low = np.clip(np.floor(ijk.min(0)).astype(int), 0, np.asarray(shape[::-1]) - 1)
+    high = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, low + 1, np.asarray(shape[::-1]))
+    kk, jj, ii = np.meshgrid(*(np.arange(low[a], high[a]) for a in (2, 1, 0)), indexing="ij")
+    index = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], 1)
+    points = ijkToRasPoints(result.fieldIjkToRas, index.astype(float))
+    near = np.sum((points - centre) ** 2, axis=1) <= reach ** 2
+    if not near.any():
         return
-    focus = focusField(found, points[near], centre, sigmaMm)
-    focus *= _edgeWeight(points[near], shape, result.fieldIjkToRas)[:, None]
-    field = result.displacement.reshape(-1, 3).copy()
-    field[near] = focus + result.refinement.displacementAt(points[near] + focus)
-    result.setDisplacement(field.reshape(result.displacement.shape))
+    index, points = index[near], points[near]
+    focus = focusField(found, points, centre, sigmaMm) * _edgeWeight(points, shape, result.fieldIjkToRas)[:, None]
+    field = result.displacement.copy()
+    field[index[:, 2], index[:, 1], index[:, 0]] = focus + result.refinement.displacementAt(points + focus)
+    result.setDisplacement(field)
 
 
 def notRun(reason) -> dict:
