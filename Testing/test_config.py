@@ -113,12 +113,15 @@ def test_tumour_focus_is_on_by_default_and_can_be_turned_off_for_any_engine(tmp_
         (tmp_path / name).write_text("x")
     raw = {"mri": "mri.nrrd", "histology": "hist.tif", "landmarks": {"mri": "a.csv", "histology": "b.csv"}}
     path = str(tmp_path / "c.json")
-    assert workflow._engineSettings(parseConfig(raw, path).refineSettings)[1].get("tumourFocus", True) is True
-    off = parseConfig(dict(raw, tumour_focus=False), path)
-    engine, settings, _ = workflow._engineSettings(off.refineSettings)
-    assert engine == "simpleitk" or settings["tumourFocus"] is False
-    assert workflow._engineSettings(parseConfig(dict(raw, tumour_focus=False, refine_preset="affine"), path)
-                                    .refineSettings)[0] == "simpleitk"
+    assert "tumourFocus" not in parseConfig(raw, path).refineSettings  # the engine's default (on) applies
+    assert parseConfig(dict(raw, tumour_focus=False), path).refineSettings["tumourFocus"] is False
+    # the elastix engine checks and keeps it; the SimpleITK presets, which have no focus, still resolve
+    from MRIHistoRegLib import elastix
+
+    assert elastix.elastixSettings({"tumourFocus": False})["tumourFocus"] is False
+    engine, simple, _ = workflow._engineSettings(parseConfig(dict(raw, tumour_focus=False, refine_preset="affine"),
+                                                             path).refineSettings)
+    assert engine == "simpleitk" and "tumourFocus" not in simple
 
 
 @pytest.mark.parametrize("channel", [0, 1, "autofluorescence"])

@@ -162,7 +162,9 @@ def test_the_focus_recovers_a_known_strain_and_shift_of_the_tumour_region():
 
 def test_without_an_error_the_focus_leaves_the_mapping_nearly_as_it_is():
     mri, histology, labels, start = _stage(error=False)
-    tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings())
+    row = tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings())["labels"][0]
+    assert "strain_percent" in row, row  # it searched
+    assert abs(row["volume_change_at_centre_percent"]) < 0.6, row
     surface = CENTRE + np.eye(3) * [0.65, 0.55, 0.5]
     assert np.abs(start.transformPoints(surface) - surface).max() < 0.004
 
@@ -189,12 +191,30 @@ def test_an_mri_with_thick_slices_is_not_focused():
                          "coarsest spacing (0.25 mm)")
 
 
-def test_a_tumour_at_the_refined_regions_edge_is_not_focused():
-    mri, histology, labels, start = _stage()
-    labels.array[:] = 0
-    labels.array[1:4, 20:24, 20:24] = 1  # 0.1-0.4 mm from the grid's face: the field cannot carry it there
+@pytest.mark.parametrize("side", [-1, 1])
+def test_a_tumour_at_the_refined_regions_edge_is_not_focused(side):
+    """A refinement field whose grid ends 0.05 mm beyond the tumour's centre (its lower or its upper faces): the
+    field cannot carry a correction there."""
+    from MRIHistoRegLib import refine
+    from MRIHistoRegLib.mapping import AffineMapping
+
+    mri, histology, labels, _ = _stage()
+    matrix = np.diag([SPACING_MM] * 3 + [1.0])
+    # an 11^3 field grid starting 0.05 mm below the centre (side -1) or ending 0.05 mm above it (side +1)
+    matrix[:3, 3] = CENTRE - (0.05 if side < 0 else 0.95)
+    start = refine.RefinementResult(AffineMapping(np.eye(4)), np.zeros((11, 11, 11, 3)), matrix, accepted=True)
     _unchangedWithReason(start, tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings()),
                          "edge")
+
+
+def test_a_tumour_outside_the_stacks_imaged_footprint_is_not_focused():
+    """The stack imaged only up to a plane 0.3 mm past the tumour's centre (filled with 0 beyond): the windows
+    there would compare the MRI with the fill value."""
+    mri, histology, labels, start = _stage()
+    points = gridPoints(histology.array.shape, histology.ijkToRas)
+    histology.array[((points - CENTRE)[:, 0] > 0.3).reshape(histology.array.shape)] = 0
+    _unchangedWithReason(start, tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings()),
+                         "imaged footprint")
 
 
 def test_a_label_too_small_for_the_working_grid_is_not_focused():
@@ -274,3 +294,68 @@ def test_impossible_focus_settings_are_the_users_to_fix(changes, words):
 
     with pytest.raises(UserInputError, match=words):
         elastix.elastixSettings(changes)
+
+
+def test_the_focus_is_folded_in_as_the_refined_mapping_after_the_focus_field():
+    """M2(x) = M1(x + w(x) d(x)) from a refinement with a field of its own and a non-identity landmark mapping:
+    checked against M1 (a copy taken before) at points near the tumour, where w = 1."""
+    import copy
+
+    from MRIHistoRegLib import refine
+    from MRIHistoRegLib.mapping import AffineMapping
+
+    matrix = _matrix()
+    points = gridPoints(SHAPE, matrix)
+    field = 0.03 * np.sin(points[:, [1, 2, 0]] * 2.0)  # a smooth field of up to 30 um
+    landmark = np.array([[0.7, 0.1, 0.0, 0.3], [-0.05, 0.65, 0.02, -0.2], [0.0, 0.03, 0.6, 0.1], [0, 0, 0, 1.0]])
+    result = refine.RefinementResult(AffineMapping(landmark), field.reshape(SHAPE + (3,)), matrix, accepted=True)
+    before = copy.deepcopy(result)
+    found = tumourfocus.FocusResult(TRUE_STRAIN, TRUE_SHIFT_MM, 0.1, 1, False)
+    tumourfocus._foldInto(result, found, CENTRE, 1.0)
+    rng = np.random.default_rng(3)
+    near = CENTRE + rng.uniform(-0.6, 0.6, (200, 3))
+    expected = before.transformPoints(near + tumourfocus.focusField(found, near, CENTRE, 1.0))
+    # the folded field is sampled on the refinement's 0.1 mm grid: trilinear error of a smooth field only
+    assert np.abs(result.transformPoints(near) - expected).max() < 1e-3
+    assert np.abs(before.transformPoints(near) - expected).max() > 0.01  # the focus moved them
+
+
+def test_a_label_map_on_a_grid_of_its_own_gives_the_same_focus():
+    """The MRI tumour label resampled (nearest) onto a finer grid with permuted axes: the same region, so about
+    the same correction as on the MRI's own grid."""
+    mri, histology, labels, start = _stage()
+    onMri = tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings())["labels"][0]
+    matrix = np.zeros((4, 4))
+    matrix[:3, :3] = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]]) * 0.05  # i along A, j along S, k along R
+    matrix[:3, 3], matrix[3, 3] = CENTRE - 0.05 * 30, 1.0
+    shape = (61, 61, 61)
+    fine = gridPoints(shape, matrix)
+    inside = np.linalg.norm((fine - CENTRE) / [0.65, 0.55, 0.5], axis=1) <= 1.0
+    from MRIHistoRegLib import workflow
+
+    _, _, _, other = _stage()
+    row = tumourfocus.focusOnTumours(other, mri, histology, workflow.Image(inside.reshape(shape).astype(np.uint8),
+                                                                          matrix), SPACING_MM, _settings())["labels"][0]
+    assert row["applied"], row
+    assert row["volume_change_at_centre_percent"] == pytest.approx(onMri["volume_change_at_centre_percent"], abs=0.3)
+    assert np.allclose(row["centre_ras_mm"], onMri["centre_ras_mm"], atol=0.01)
+
+
+def test_a_focus_that_moves_the_landmarks_away_is_undone_by_the_workflow():
+    """The refinement's landmark check applies to the focused mapping too: landmarks on the tumour's surface that
+    the refinement maps exactly (tolerance 1 um) reject the focused mapping, and the refinement stands as it was."""
+    from MRIHistoRegLib import refine, workflow
+
+    mri, histology, labels, start = _stage()
+    surface = CENTRE + np.vstack([np.eye(3), -np.eye(3)]) * [0.65, 0.55, 0.5]
+    start.reason = "similarity improved"
+
+    def check():
+        refine.evaluateAgainstLandmarks(start, surface, surface, toleranceMm=0.001)
+
+    check()
+    assert start.accepted
+    section = workflow._tumourFocus(start, mri, histology, labels, _settings(), SPACING_MM, "elastix", None, check)
+    _unchangedWithReason(start, section, "with the focus")
+    assert start.accepted and start.reason == "similarity improved"
+    assert section["labels"][0]["strain_percent"], "the rows keep what the search found"

@@ -650,15 +650,23 @@ class MRIHistoRegLogicCore:
             pairs = landmarks.pairLandmarks(mriLandmarks, histologyLandmarks)
         fit = workflow.LandmarkFit(initial, transformNode.GetAttribute("MRIHistoReg.landmarkModel") or "",
                                    {}, pairs if pairs is not None and pairs.count else None)
-        tumours = None
+        tumours, labelProblem = None, None
         if mriLabels is not None:
             from . import compare
 
-            tumours = workflow.Image(*compare.labelArrayFromNode(mriLabels, mriVolume, self.scene))
+            try:  # labels the focus cannot use must not cost the refinement
+                tumours = workflow.Image(*compare.labelArrayFromNode(mriLabels, mriVolume, self.scene))
+            except UserInputError as error:
+                labelProblem = str(error)
         refinement = workflow.refine(self._image(mriVolume), self._image(histologyVolume), fit,
                                      settings=settings.refineSettings(preset), progress=progress,
                                      tumourLabels=tumours)
         result = refinement.result
+        if labelProblem is not None and result.tumourFocus.get("reason") == workflow.NO_TUMOUR_LABELS:
+            from . import tumourfocus
+
+            result.tumourFocus = tumourfocus.notRun(f"the MRI labels could not be used: {labelProblem}", searched=True)
+            refinement.summary["tumour_focus"] = result.tumourFocus
         answer = RefinementOutcome(
             accepted=result.accepted,
             reason=result.reason,

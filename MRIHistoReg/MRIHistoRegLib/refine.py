@@ -354,7 +354,7 @@ class RefinementResult(Mapping):
             "engine_fallback_reason": getattr(self, "engineFallback", None),
             "engine_load_seconds": getattr(self, "engineLoadSeconds", None),
             "working_spacing_mm": getattr(self, "workingSpacingMm", None),
-            # set by workflow.refine (tumourfocus.focusOnTumours), None where it did not run
+            # set by workflow.refine (tumourfocus: what the focus did, or why not); None outside workflow.refine
             "tumour_focus": getattr(self, "tumourFocus", None),
         }
         check = self.landmarkResiduals
@@ -367,7 +367,7 @@ class RefinementResult(Mapping):
 
 
 def _focusSummary(section) -> str:
-    if not section:
+    if not section or not section.get("searched"):  # no labels given, another engine, turned off, not accepted
         return ""
     if section["applied"]:
         return f"; tumour focus {section['reason']}"

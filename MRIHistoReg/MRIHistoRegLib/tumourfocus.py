@@ -37,7 +37,8 @@ from .geometry import gridPoints, ijkToRasPoints, rasToIjkPoints, spacingOf
 from .progress import Cancelled, report
 
 METHOD = ("Gaussian-weighted strain + shift per MRI label (sigma tumourFocusSigmaMm) by local squared correlation "
-          "of the MRI with the log of the histology, both equally smoothed, over the label grown by tumourFocusGrowMm")
+          "of the MRI with the log of the histology, over the label grown by tumourFocusGrowMm where the stack was "
+          "imaged")
 # the virtual grid's spacing over the working one: not a ratio of small integers, so the samples' fractional
 # offsets in both images run through [0, 1) whatever the displacement
 VIRTUAL_SPACING_RATIO = 0.7321
@@ -57,6 +58,8 @@ MAX_LABELS = 16  # one search per label value (~1 s each); a structure atlas is 
 MAX_MRI_SPACING_RATIO = 2.0
 MIN_MASK_VOXELS = 27
 CROP_MARGIN_MM = 0.5
+MIN_COVERED_FRACTION = 0.9  # of a label's grown region inside the stack's imaged footprint
+LOG_FLOOR_FRACTION = 1e-3  # the log's floor, as a fraction of the image's 99.5th percentile
 
 
 class FocusResult(NamedTuple):
@@ -196,8 +199,11 @@ _STRAIN_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
 def logCounts(array):
-    """The log of a microscopy image's counts (floored at 1): its multiplicative noise made additive."""
-    return np.log(np.maximum(np.asarray(array, np.float64), 1.0))
+    """The log of a microscopy image's intensities (floored at LOG_FLOOR_FRACTION of its 99.5th percentile, so
+    counts and intensities scaled to [0, 1] alike): its multiplicative noise made additive."""
+    array = np.asarray(array, np.float64)
+    floor = max(LOG_FLOOR_FRACTION * float(np.percentile(array, 99.5)), 1e-12) if array.size else 1.0
+    return np.log(np.maximum(array, floor))
 
 
 def _gaussianWeight(offsets, sigmaMm):
@@ -320,9 +326,17 @@ def _foldInto(result, found, centre, sigmaMm):
     result.setDisplacement(field)
 
 
-def notRun(reason) -> dict:
-    """The tumour_focus section of a focus that did not run, with why."""
-    return {"applied": False, "reason": reason, "method": METHOD, "labels": []}
+def notRun(reason, searched=False) -> dict:
+    """The tumour_focus section of a focus that did not run, with why (`searched`: labels reached it)."""
+    return {"applied": False, "searched": bool(searched), "reason": reason, "method": METHOD, "labels": []}
+
+
+def undo(section, reason):
+    """Mark a section whose focus was taken back out of the field (its rows kept, for what they found)."""
+    section["applied"], section["reason"] = False, reason
+    for row in section["labels"]:
+        if row["applied"]:
+            row["applied"], row["reason"] = False, f"{row['reason']}; undone: {reason}"
 
 
 def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, progress=None) -> dict:
@@ -331,8 +345,11 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     Returns report.json's refinement.tumour_focus section: per label whether it was applied, why (not), the
     strain (%) and shift (um) found. Never raises for the data (each label's failure is its row's reason);
     cancelling raises progress.Cancelled."""
+    from .refine import histologyFootprint
+
     sigma, grow = float(settings["tumourFocusSigmaMm"]), float(settings["tumourFocusGrowMm"])
-    section = {"applied": False, "method": METHOD, "sigma_mm": sigma, "grow_mm": grow, "labels": []}
+    section = {"applied": False, "searched": True, "method": METHOD, "sigma_mm": sigma, "grow_mm": grow,
+               "labels": []}
     coarsest = float(spacingOf(mri.ijkToRas).max())
     if coarsest > MAX_MRI_SPACING_RATIO * float(workingSpacingMm):
         section["reason"] = (f"the MRI's coarsest spacing ({coarsest:g} mm) is over {MAX_MRI_SPACING_RATIO:g} x the "
@@ -343,6 +360,7 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     if not values:
         section["reason"] = "the MRI tumour labels are empty"
         return section
+    footprint = histologyFootprint(histology.array, int(settings.get("footprintErosionVoxels", 2)))
     for number, value in enumerate(values):
         report(progress, number / len(values), f"tumour focus: label {value:g}")
         row = {"label": float(value) if np.issubdtype(type(value), np.floating) else int(value), "applied": False}
@@ -353,7 +371,7 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
             continue
         began = time.perf_counter()
         try:
-            _focusOneLabel(row, result, mri, histology, labels, value, workingSpacingMm, sigma, grow)
+            _focusOneLabel(row, result, mri, (histology, footprint), labels, value, workingSpacingMm, sigma, grow)
         except Cancelled:
             raise
         except Exception as error:  # noqa: BLE001 - the refinement stands without this label's focus
@@ -368,10 +386,22 @@ def focusOnTumours(result, mri, histology, labels, workingSpacingMm, settings, p
     return section
 
 
-def _focusOneLabel(row, result, mri, histology, labels, value, workingSpacingMm, sigma, grow):
+def _focusOneLabel(row, result, mri, histologyAndFootprint, labels, value, workingSpacingMm, sigma, grow):
+    from . import elastix
+
+    histology, footprint = histologyAndFootprint
     region = _Label(labels, value, mri, workingSpacingMm, grow)
     row["centre_ras_mm"] = region.centre.tolist()
     row["mri_volume_mm3"] = region.volumeMm3
+    # only where the stack was imaged: a window over its fill value would pull the tumour towards empty space
+    mapped = result.transformPoints(gridPoints(region.shape, region.ijkToRas))
+    imaged = elastix._sample(footprint, histology.ijkToRas, mapped, order=0).reshape(region.shape) > 0.5
+    covered = float(imaged[region.mask].mean()) if region.mask.any() else 0.0
+    if covered < MIN_COVERED_FRACTION:
+        row["reason"] = (f"the stack's imaged footprint covers {100 * covered:.0f} % of its region (under "
+                         f"{100 * MIN_COVERED_FRACTION:.0f} %): too little of the tumour's surroundings to compare")
+        return
+    region.mask &= imaged
     if int(region.mask.sum()) < MIN_MASK_VOXELS:
         row["reason"] = (f"its region covers {int(region.mask.sum())} working voxels (fewer than {MIN_MASK_VOXELS}): "
                          f"too small to measure at a {float(workingSpacingMm):g} mm working grid")

@@ -16,6 +16,7 @@ from . import progress as progressLib
 from .errors import UserInputError
 
 ProgressCallback = Callable[[float, str], Optional[bool]]
+NO_TUMOUR_LABELS = "no MRI tumour labels were given"  # the tumour focus's reason (the panel refines it)
 
 
 @dataclass
@@ -134,12 +135,17 @@ def refine(mri: Image, histology, fit: LandmarkFit, settings: Optional[dict] = N
         result.settings = settings
     result.engine = getattr(result, "engine", "simpleitk") if engine == "elastix" else "simpleitk"
     result.engineFallback = fallback
-    result.tumourFocus = _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine,
-                                      progressLib.scaled(progress, 0.95, 1.0))
-    labels = []
+    labels, checkLandmarks = [], None
     if fit.pairs is not None and len(fit.pairs.labels):
-        refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
         labels = list(fit.pairs.labels)
+
+        def checkLandmarks():
+            refineLib.evaluateAgainstLandmarks(result, fit.pairs.fixed, fit.pairs.moving)  # may reject the result
+
+        checkLandmarks()
+    # after the landmark check, so the focus can only refine an accepted refinement, and is checked the same way
+    result.tumourFocus = _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine,
+                                      progressLib.scaled(progress, 0.95, 1.0), checkLandmarks)
     summary = result.toDict(labels)  # the ONE description of a refinement (report.json, panel, refine command)
     return Refinement(bool(result.accepted), result.reason, result if result.accepted else fit.model, result, summary)
 
@@ -208,9 +214,11 @@ def _refineElastix(mri, moving, fit, settings, workingSpacingMm, mriMask, progre
                                      progressLib.scaled(progress, 0.3, 0.95))
 
 
-def _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine, progress) -> dict:
-    """tumourfocus.focusOnTumours on an accepted elastix refinement (in place), or why it did not run. Whatever
-    goes wrong, the refinement stands as it was."""
+def _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, engine, progress,
+                 checkLandmarks=None) -> dict:
+    """tumourfocus.focusOnTumours on an accepted elastix refinement (in place), or why it did not run. The focused
+    field must not fold and must pass the landmark check (`checkLandmarks`) the refinement passed; whatever goes
+    wrong, the refinement stands as it was."""
     from . import refine as refineLib
     from . import tumourfocus
 
@@ -219,17 +227,28 @@ def _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, 
     if not settings["tumourFocus"]:
         return tumourfocus.notRun("turned off (tumourFocus false)")
     if tumourLabels is None:
-        return tumourfocus.notRun("no MRI tumour labels were given")
+        return tumourfocus.notRun(NO_TUMOUR_LABELS)
     if not result.accepted:
         return tumourfocus.notRun("the refinement was not accepted")
-    refined = result.displacement.copy()
+    refined, reason = result.displacement.copy(), result.reason
     try:
         section = tumourfocus.focusOnTumours(result, mri, moving, tumourLabels, workingSpacingMm, settings, progress)
         if section["applied"]:
             determinants = refineLib.jacobianDeterminants(result.displacement, result.fieldIjkToRas,
                                                           settings["jacobianSubsample"])
             if not determinants.min() > 0:
-                raise RuntimeError(f"the focused mapping folds (Jacobian determinant {determinants.min():.3f})")
+                result.setDisplacement(refined)
+                tumourfocus.undo(section, f"the focused mapping folds (Jacobian determinant {determinants.min():.3f})")
+                return section
+            if checkLandmarks is not None:
+                checkLandmarks()
+                if not result.accepted:  # the focus moved the landmarks away: the refinement stands without it
+                    why = result.reason
+                    result.setDisplacement(refined)
+                    result.accepted, result.reason = True, reason
+                    checkLandmarks()  # the residuals of the mapping that stands
+                    tumourfocus.undo(section, f"with the focus {why}")
+                    return section
             result.minJacobianDeterminant = float(determinants.min())
     except progressLib.Cancelled:
         result.setDisplacement(refined)
@@ -237,7 +256,10 @@ def _tumourFocus(result, mri, moving, tumourLabels, settings, workingSpacingMm, 
     except Exception as error:  # noqa: BLE001 - the refinement without the focus is still the answer
         logging.getLogger(__name__).warning("tumour focus failed; the refinement is kept without it", exc_info=True)
         result.setDisplacement(refined)
-        return tumourfocus.notRun(f"the focus could not run: {refineLib.failureMessage(error)}")
+        result.accepted, result.reason = True, reason
+        if checkLandmarks is not None:
+            checkLandmarks()
+        return tumourfocus.notRun(f"the focus could not run: {refineLib.failureMessage(error)}", searched=True)
     return section
 
 
