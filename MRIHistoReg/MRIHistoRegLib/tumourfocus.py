@@ -235,9 +235,9 @@ def focusImages(mri, histology, start, region, workingSpacingMm, log=True, smoot
     sigmaMm = float(smoothingWorkingVoxels) * float(workingSpacingMm)
     fixedArray, fixedMatrix = mriNear(mri, region.box, workingSpacingMm)
     fixedArray = _gaussian(np.asarray(fixedArray, np.float64), sigmaMm, fixedMatrix)
-    scale = abs(float(np.linalg.det(jacobianOf(start, region.centre[None])[0]))) ** (1 / 3)
-    corners = np.array(np.meshgrid(*zip(region.box[0], region.box[1]), indexing="ij")).reshape(3, -1).T
-    ijk = rasToIjkPoints(histology.ijkToRas, start.transformPoints(ijkToRasPoints(mri.ijkToRas, corners)))
+    scale = abs(float(np.linalg.det(jacobianOf(start, region.centre[None])[0]))) ** (1 / 3) if sigmaMm > 0 else 1.0
+    # where the region's whole grid goes (a warped mapping can take interior points beyond its corners' images)
+    ijk = rasToIjkPoints(histology.ijkToRas, start.transformPoints(gridPoints(region.shape, region.ijkToRas)))
     spacing = spacingOf(histology.ijkToRas)
     pad = np.ceil(3 * sigmaMm * scale / spacing).astype(int) + 3
     shapeIjk = np.asarray(histology.array.shape[::-1])
