@@ -207,14 +207,29 @@ def test_a_tumour_at_the_refined_regions_edge_is_not_focused(side):
                          "edge")
 
 
-def test_a_tumour_outside_the_stacks_imaged_footprint_is_not_focused():
-    """The stack imaged only up to a plane 0.3 mm past the tumour's centre (filled with 0 beyond): the windows
-    there would compare the MRI with the fill value."""
-    mri, histology, labels, start = _stage()
+def _imagedUpTo(histology, planeMm):
+    """The stack imaged only up to a plane planeMm along +x past the tumour's centre (filled with 0 beyond)."""
     points = gridPoints(histology.array.shape, histology.ijkToRas)
-    histology.array[((points - CENTRE)[:, 0] > 0.3).reshape(histology.array.shape)] = 0
+    histology.array[((points - CENTRE)[:, 0] > planeMm).reshape(histology.array.shape)] = 0
+
+
+@pytest.mark.parametrize("planeMm", [0.3, 0.9])
+def test_a_tumour_whose_surroundings_the_stack_did_not_image_is_not_focused(planeMm):
+    """The footprint's edge through the tumour, or through its grown region: one side of its boundary unseen."""
+    mri, histology, labels, start = _stage()
+    _imagedUpTo(histology, planeMm)
     _unchangedWithReason(start, tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings()),
                          "imaged footprint")
+
+
+def test_a_footprint_edge_beyond_the_region_leaves_the_focus_as_on_a_full_stack():
+    mri, histology, labels, start = _stage()
+    full = tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings())["labels"][0]
+    mri, histology, labels, start = _stage()
+    _imagedUpTo(histology, 1.5)
+    row = tumourfocus.focusOnTumours(start, mri, histology, labels, SPACING_MM, _settings())["labels"][0]
+    assert row["applied"], row
+    assert row["volume_change_at_centre_percent"] == pytest.approx(full["volume_change_at_centre_percent"], abs=0.1)
 
 
 def test_a_label_too_small_for_the_working_grid_is_not_focused():
